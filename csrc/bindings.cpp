@@ -1,0 +1,667 @@
+// sparsekit._C: Python bindings. The ONLY file that includes pybind11; all argument validation
+// lives here, so the kernels can trust sizes, dtypes and contiguity.
+#include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "common/format.h"
+#include "cpu/cpu_features.h"
+#include "cpu/spmm_cpu.h"
+// ---- CUDA bindings (owned by the GPU engineer; see also the block before PYBIND11_MODULE) ----
+#ifdef SPARSEKIT_WITH_CUDA
+#include "cuda/spmm_cuda.h"
+#endif
+// ---- end CUDA block ----
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using sparsekit::DType;
+using sparsekit::IndexType;
+using sparsekit::SpmmParams;
+
+namespace {
+
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+
+std::string type_name(const py::handle& obj) {
+  return py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  if (a.ndim() == 1) {
+    s << "length " << a.shape(0);
+    return s.str();
+  }
+  s << "shape (";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+// "int64 array of length 1233" / "float32 array of shape (3, 4)"
+std::string describe(const py::array& a) {
+  if (a.ndim() == 1) return dtype_str(a) + " array of " + shape_str(a);
+  std::ostringstream s;
+  s << dtype_str(a) << " " << a.ndim() << "-d array of " << shape_str(a);
+  return s.str();
+}
+
+py::array as_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj))
+    type_error(std::string(name) + ": expected a numpy.ndarray, got " + type_name(obj));
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+bool is_c_contig(const py::array& a) {
+  return (a.flags() & py::array::c_style) != 0;
+}
+
+// Fast dtype test (this runs on every kernel call): kind + itemsize + native byte order read
+// straight from the descriptor, no dtype objects created.
+bool dtype_is(const py::array& a, char kind, py::ssize_t size) {
+  const auto* d = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr);
+  const char bo = d->byteorder;
+  return d->kind == kind && a.itemsize() == size && (bo == '=' || bo == '|' || bo == '<');
+}
+template <class T> bool has_dtype(const py::array& a);
+template <> bool has_dtype<float>(const py::array& a) { return dtype_is(a, 'f', 4); }
+template <> bool has_dtype<uint16_t>(const py::array& a) { return dtype_is(a, 'u', 2); }
+template <> bool has_dtype<int32_t>(const py::array& a) { return dtype_is(a, 'i', 4); }
+template <> bool has_dtype<int64_t>(const py::array& a) { return dtype_is(a, 'i', 8); }
+
+DType parse_dtype(const std::string& s, const char* name) {
+  if (s == "f32" || s == "float32") return DType::F32;
+  if (s == "bf16" || s == "bfloat16") return DType::BF16;
+  if (s == "f16" || s == "float16") return DType::F16;
+  value_error(std::string(name) + ": expected one of 'f32', 'bf16', 'f16', got '" + s + "'");
+}
+
+// numpy dtypes accepted for a sparsekit dtype code (bf16 travels as a uint16 view).
+bool dtype_matches(const py::array& a, DType t) {
+  switch (t) {
+    case DType::F32: return has_dtype<float>(a);
+    case DType::BF16: return has_dtype<uint16_t>(a);
+    case DType::F16:
+      return has_dtype<uint16_t>(a) || dtype_is(a, 'f', 2);
+  }
+  return false;
+}
+
+const char* expected_numpy(DType t) {
+  switch (t) {
+    case DType::F32: return "float32";
+    case DType::BF16: return "uint16 (bfloat16 bits)";
+    case DType::F16: return "float16 or uint16 (float16 bits)";
+  }
+  return "?";
+}
+
+IndexType indptr_type(const py::array& a, int64_t len) {
+  if (a.ndim() == 1 && is_c_contig(a) && a.shape(0) == len) {
+    if (has_dtype<int32_t>(a)) return IndexType::I32;
+    if (has_dtype<int64_t>(a)) return IndexType::I64;
+  }
+  std::ostringstream s;
+  s << "indptr: expected contiguous int32 or int64 array of length " << len << ", got "
+    << (is_c_contig(a) ? "" : "non-contiguous ") << describe(a);
+  value_error(s.str());
+}
+
+IndexType indices_type(const py::array& a, int64_t len, const char* what) {
+  if (a.ndim() == 1 && is_c_contig(a) && a.shape(0) == len) {
+    if (has_dtype<uint16_t>(a)) return IndexType::U16;
+    if (has_dtype<int32_t>(a)) return IndexType::I32;
+  }
+  std::ostringstream s;
+  s << "indices: expected contiguous uint16 or int32 array of length " << len << what << ", got "
+    << (is_c_contig(a) ? "" : "non-contiguous ") << describe(a);
+  value_error(s.str());
+}
+
+int64_t read_index(const py::array& a, IndexType t, int64_t i) {
+  switch (t) {
+    case IndexType::I32: return static_cast<const int32_t*>(a.data())[i];
+    case IndexType::I64: return static_cast<const int64_t*>(a.data())[i];
+    case IndexType::U16: return static_cast<const uint16_t*>(a.data())[i];
+  }
+  return 0;
+}
+
+void check_dim(int64_t v, const char* name) {
+  if (v < 0) value_error(std::string(name) + ": expected a non-negative integer, got " + std::to_string(v));
+}
+
+void check_2d(const py::array& a, const char* name, int64_t rows, int64_t cols, DType t,
+              const char* shape_desc) {
+  std::ostringstream s;
+  if (!dtype_matches(a, t)) {
+    s << name << ": expected " << expected_numpy(t) << " array (dtype code '"
+      << sparsekit::dtype_name(t) << "'), got " << describe(a);
+    type_error(s.str());
+  }
+  if (a.ndim() != 2 || a.shape(0) != rows || a.shape(1) != cols) {
+    s << name << ": expected array of shape (" << rows << ", " << cols << ") " << shape_desc
+      << ", got " << describe(a);
+    value_error(s.str());
+  }
+  if (!is_c_contig(a)) {
+    s << name << ": expected a C-contiguous array, got strides (" << a.strides(0) << ", "
+      << a.strides(1) << ")";
+    value_error(s.str());
+  }
+}
+
+struct Common {
+  SpmmParams p;
+  sparsekit::cpu::Isa isa;
+  py::array keep[6];
+};
+
+// Validates everything shared by csr_linear and bsr_linear and fills the params.
+// Structure arrays: indptr length n_ptr + 1, indices length nnz (read from indptr[-1]).
+void fill_common(Common& c, const py::handle& indptr_o, const py::handle& indices_o,
+                 const py::handle& values_o, const std::string& value_dtype,
+                 const py::handle& x_o, const std::string& x_dtype, const py::handle& bias_o,
+                 const py::handle& out_o, const std::string& out_dtype, int64_t n_rows,
+                 int64_t n_cols, int64_t n_ptr, int64_t num_threads, const std::string& isa) {
+  check_dim(n_rows, "n_rows");
+  check_dim(n_cols, "n_cols");
+  if (num_threads < 1)
+    value_error("num_threads: expected an integer >= 1, got " + std::to_string(num_threads));
+  SpmmParams& p = c.p;
+  p.M = n_rows;
+  p.K = n_cols;
+  p.num_threads = static_cast<int>(num_threads > 4096 ? 4096 : num_threads);
+  p.value_dtype = parse_dtype(value_dtype, "value_dtype");
+  p.x_dtype = parse_dtype(x_dtype, "x_dtype");
+  DType od = parse_dtype(out_dtype, "out_dtype");
+  if (p.x_dtype != DType::F32 && p.x_dtype != p.value_dtype)
+    value_error(std::string("x_dtype: expected 'f32' or the value dtype '") +
+                sparsekit::dtype_name(p.value_dtype) + "', got '" + x_dtype + "'");
+  if (od != p.x_dtype)
+    value_error(std::string("out_dtype: expected the x dtype '") + sparsekit::dtype_name(p.x_dtype) +
+                "', got '" + out_dtype + "'");
+  c.isa = sparsekit::cpu::resolve_isa(isa, "isa");
+
+  py::array indptr = as_array(indptr_o, "indptr");
+  py::array indices = as_array(indices_o, "indices");
+  py::array values = as_array(values_o, "values");
+  py::array x = as_array(x_o, "x");
+  py::array out = as_array(out_o, "out");
+  p.indptr_type = indptr_type(indptr, n_ptr + 1);
+  const int64_t first = read_index(indptr, p.indptr_type, 0);
+  const int64_t nnz = read_index(indptr, p.indptr_type, n_ptr);
+  if (first != 0) value_error("indptr: expected indptr[0] == 0, got " + std::to_string(first));
+  if (nnz < 0)
+    value_error("indptr: expected a non-negative last value, got " + std::to_string(nnz));
+  p.index_type = indices_type(indices, nnz, " (= indptr[-1])");
+
+  if (!dtype_matches(values, p.value_dtype)) {
+    std::ostringstream s;
+    s << "values: expected " << expected_numpy(p.value_dtype) << " array for value_dtype '"
+      << value_dtype << "', got " << describe(values);
+    type_error(s.str());
+  }
+  if (!is_c_contig(values)) value_error("values: expected a C-contiguous array, got " + describe(values));
+
+  if (x.ndim() != 2) value_error("x: expected a 2-d array (N, " + std::to_string(n_cols) + "), got " + describe(x));
+  const int64_t N = x.shape(0);
+  p.N = N;
+  check_2d(x, "x", N, n_cols, p.x_dtype, "(N, n_cols)");
+  check_2d(out, "out", N, n_rows, od, "(N, n_rows)");
+  if (!out.writeable()) value_error("out: expected a writeable array, got a read-only array");
+  p.ldx = n_cols;
+  p.ldy = n_rows;
+  p.indptr = indptr.data();
+  p.indices = indices.data();
+  p.values = values.data();
+  p.x = x.data();
+  p.y = out.mutable_data();
+  {  // out must not alias any input (the kernels read inputs while writing out)
+    const char* o0 = static_cast<const char*>(p.y);
+    const char* o1 = o0 + out.nbytes();
+    const py::array* ins[] = {&x, &values, &indices, &indptr};
+    const char* names[] = {"x", "values", "indices", "indptr"};
+    for (int i = 0; i < 4; ++i) {
+      const char* a0 = static_cast<const char*>(ins[i]->data());
+      const char* a1 = a0 + ins[i]->nbytes();
+      if (out.nbytes() > 0 && ins[i]->nbytes() > 0 && a0 < o1 && o0 < a1)
+        value_error(std::string("out: expected memory not overlapping ") + names[i] +
+                    ", got overlapping arrays");
+    }
+  }
+  if (!bias_o.is_none()) {
+    py::array bias = as_array(bias_o, "bias");
+    if (!has_dtype<float>(bias) || bias.ndim() != 1 || bias.shape(0) != n_rows || !is_c_contig(bias))
+      value_error("bias: expected contiguous float32 array of length " + std::to_string(n_rows) +
+                  " or None, got " + describe(bias));
+    p.bias = static_cast<const float*>(bias.data());
+    c.keep[5] = bias;
+  }
+  c.keep[0] = indptr; c.keep[1] = indices; c.keep[2] = values; c.keep[3] = x; c.keep[4] = out;
+}
+
+void csr_linear(const py::handle& indptr, const py::handle& indices, const py::handle& values,
+                const std::string& value_dtype, const py::handle& x, const std::string& x_dtype,
+                const py::handle& bias, const py::handle& out, const std::string& out_dtype,
+                int64_t n_rows, int64_t n_cols, int64_t num_threads, const std::string& isa) {
+  Common c;
+  fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
+              n_cols, n_rows, num_threads, isa);
+  const int64_t nnz = c.keep[1].shape(0);
+  if (c.keep[2].ndim() != 1 || c.keep[2].shape(0) != nnz)
+    value_error("values: expected array of length " + std::to_string(nnz) + " (= indptr[-1]), got " +
+                describe(c.keep[2]));
+  py::gil_scoped_release nogil;
+  sparsekit::cpu::csr_linear(c.p, c.isa);
+}
+
+void bsr_linear(const py::handle& indptr, const py::handle& indices, const py::handle& values,
+                const std::string& value_dtype, const py::handle& x, const std::string& x_dtype,
+                const py::handle& bias, const py::handle& out, const std::string& out_dtype,
+                int64_t n_rows, int64_t n_cols, int64_t block_r, int64_t block_c,
+                int64_t num_threads, const std::string& isa) {
+  if (block_r < 1 || block_r > 4096)
+    value_error("block_r: expected an integer in [1, 4096], got " + std::to_string(block_r));
+  if (block_c < 1 || block_c > 4096)
+    value_error("block_c: expected an integer in [1, 4096], got " + std::to_string(block_c));
+  check_dim(n_rows, "n_rows");
+  check_dim(n_cols, "n_cols");
+  const int64_t Mb = (n_rows + block_r - 1) / block_r;
+  Common c;
+  fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
+              n_cols, Mb, num_threads, isa);
+  const int64_t nnzb = c.keep[1].shape(0);
+  const py::array& v = c.keep[2];
+  if (v.ndim() != 3 || v.shape(0) != nnzb || v.shape(1) != block_r || v.shape(2) != block_c) {
+    std::ostringstream s;
+    s << "values: expected array of shape (" << nnzb << ", " << block_r << ", " << block_c
+      << ") (= (indptr[-1], block_r, block_c)), got " << describe(v);
+    value_error(s.str());
+  }
+  c.p.block_r = static_cast<int>(block_r);
+  c.p.block_c = static_cast<int>(block_c);
+  py::gil_scoped_release nogil;
+  sparsekit::cpu::bsr_linear(c.p, c.isa);
+}
+
+// O(nnz) structural check; returns an empty string when valid. Same checks, order and messages
+// as the numpy path in sparsekit/formats.py (_validate_structure_numpy), so both paths report the
+// same first violation.
+template <class PT, class IT>
+std::string validate_impl(const PT* indptr, const IT* idx, int64_t rows, int64_t cols, int64_t nnz) {
+  std::ostringstream s;
+  if (indptr[0] != 0) {
+    s << "indptr: expected indptr[0] == 0, got " << static_cast<int64_t>(indptr[0]);
+    return s.str();
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (indptr[r + 1] < indptr[r]) {
+      s << "indptr: expected non-decreasing values, got indptr[" << r + 1 << "] = "
+        << static_cast<int64_t>(indptr[r + 1]) << " < indptr[" << r << "] = "
+        << static_cast<int64_t>(indptr[r]);
+      return s.str();
+    }
+  }
+  if (static_cast<int64_t>(indptr[rows]) != nnz) {
+    s << "indptr: expected indptr[-1] == len(indices) = " << nnz << ", got "
+      << static_cast<int64_t>(indptr[rows]);
+    return s.str();
+  }
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t v = static_cast<int64_t>(idx[j]);
+    if (v < 0 || v >= cols) {
+      s << "indices: expected values in [0, " << cols << "), got " << v << " at position " << j;
+      return s.str();
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t a = indptr[r], b = indptr[r + 1];
+    for (int64_t j = a + 1; j < b; ++j) {
+      if (static_cast<int64_t>(idx[j]) <= static_cast<int64_t>(idx[j - 1])) {
+        s << "indices: expected sorted unique values within each row, got "
+          << static_cast<int64_t>(idx[j]) << " after " << static_cast<int64_t>(idx[j - 1])
+          << " at position " << j << " (row " << r << ")";
+        return s.str();
+      }
+    }
+  }
+  return std::string();
+}
+
+// ix_code: 0 uint16, 1 int32, 2 int64. Runs without the GIL (touches no Python object).
+template <class PT>
+std::string validate_dispatch(const PT* ip, const void* ix, int ix_code, int64_t nnz, int64_t rows,
+                              int64_t cols) {
+  if (ix_code == 0) return validate_impl(ip, static_cast<const uint16_t*>(ix), rows, cols, nnz);
+  if (ix_code == 1) return validate_impl(ip, static_cast<const int32_t*>(ix), rows, cols, nnz);
+  return validate_impl(ip, static_cast<const int64_t*>(ix), rows, cols, nnz);
+}
+
+// Dtype problems raise TypeError (formats.py then falls back to its numpy path); structural
+// problems raise ValueError.
+void validate(const py::handle& indptr_o, const py::handle& indices_o, int64_t rows, int64_t cols) {
+  check_dim(rows, "n_rows");
+  check_dim(cols, "n_cols");
+  py::array indptr = as_array(indptr_o, "indptr");
+  py::array indices = as_array(indices_o, "indices");
+  if (!(has_dtype<int32_t>(indptr) || has_dtype<int64_t>(indptr)) || !is_c_contig(indptr))
+    type_error("indptr: expected a contiguous int32 or int64 array, got " +
+               std::string(is_c_contig(indptr) ? "" : "non-contiguous ") + describe(indptr));
+  if (!(has_dtype<uint16_t>(indices) || has_dtype<int32_t>(indices) ||
+        has_dtype<int64_t>(indices)) || !is_c_contig(indices))
+    type_error("indices: expected a contiguous uint16, int32 or int64 array, got " +
+               std::string(is_c_contig(indices) ? "" : "non-contiguous ") + describe(indices));
+  if (indptr.ndim() != 1 || indptr.shape(0) != rows + 1)
+    value_error("indptr: expected a 1-D array of length n_rows + 1 = " + std::to_string(rows + 1) +
+                ", got " + shape_str(indptr));
+  if (indices.ndim() != 1)
+    value_error("indices: expected a 1-D array, got " + describe(indices));
+  const int ix_code = has_dtype<uint16_t>(indices) ? 0 : (has_dtype<int32_t>(indices) ? 1 : 2);
+  const bool ip32 = has_dtype<int32_t>(indptr);
+  const void* ip = indptr.data();
+  const void* ix = indices.data();
+  const int64_t nnz = indices.shape(0);
+  std::string err;
+  {
+    py::gil_scoped_release nogil;
+    if (ip32)
+      err = validate_dispatch(static_cast<const int32_t*>(ip), ix, ix_code, nnz, rows, cols);
+    else
+      err = validate_dispatch(static_cast<const int64_t*>(ip), ix, ix_code, nnz, rows, cols);
+  }
+  if (!err.empty()) value_error(err);
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = "0.1.0";
+  d["compiler"] = SPARSEKIT_CXX_COMPILER;
+  d["build_type"] = SPARSEKIT_BUILD_TYPE;
+  d["cxx_standard"] = 17;
+  py::list isas;
+  std::string csv = SPARSEKIT_ISAS_BUILT;
+  size_t pos = 0;
+  while (pos <= csv.size()) {
+    size_t q = csv.find(',', pos);
+    if (q == std::string::npos) q = csv.size();
+    if (q > pos) isas.append(csv.substr(pos, q - pos));
+    pos = q + 1;
+  }
+  d["isa_compiled"] = isas;
+  d["isa_flags"] = py::dict(py::arg("generic") = "", py::arg("avx2") = "-mavx2 -mfma -mf16c",
+                            py::arg("avx512") = "-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c");
+  d["isa_hardware"] = sparsekit::cpu::isa_name(sparsekit::cpu::hardware_isa());
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_version"] = static_cast<int>(_OPENMP);
+#else
+  d["openmp"] = false;
+#endif
+#ifdef SPARSEKIT_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+  d["sanitize"] = true;
+#else
+  d["sanitize"] = false;
+#endif
+  return d;
+}
+
+}  // namespace
+
+
+// ---- CUDA bindings: validation helpers (owned by the GPU engineer) -------------------------
+#ifdef SPARSEKIT_WITH_CUDA
+namespace {
+
+IndexType parse_index_dtype(const std::string& s, const char* name, bool allow_u16,
+                            bool allow_i64) {
+  if (allow_u16 && (s == "u16" || s == "uint16")) return IndexType::U16;
+  if (s == "i32" || s == "int32") return IndexType::I32;
+  if (allow_i64 && (s == "i64" || s == "int64")) return IndexType::I64;
+  value_error(std::string(name) + ": expected " + (allow_u16 ? "'uint16' or 'int32'" : "'int32' or 'int64'") +
+              ", got '" + s + "'");
+}
+
+// Device pointers arrive as Python ints: reject null (when the array is non-empty) and
+// pointers not aligned to the element size (the kernels would fault with a misaligned access).
+const void* device_ptr(uint64_t v, const char* name, int64_t n_elems, int elem_size) {
+  if (n_elems > 0 && v == 0)
+    value_error(std::string(name) + ": expected a non-null device pointer for " +
+                std::to_string(n_elems) + " elements, got 0 (null)");
+  if (v % static_cast<uint64_t>(elem_size) != 0)
+    value_error(std::string(name) + ": expected a device pointer aligned to " +
+                std::to_string(elem_size) + " bytes, got 0x" + [&] {
+                  std::ostringstream s; s << std::hex << v; return s.str(); }());
+  return reinterpret_cast<const void*>(static_cast<uintptr_t>(v));
+}
+
+int index_size(IndexType t) { return t == IndexType::U16 ? 2 : (t == IndexType::I32 ? 4 : 8); }
+
+// Fills and validates the parameters shared by cuda_csr_linear / cuda_bsr_linear.
+// n_ptr: entries of indptr minus one (M for CSR, Mb for BSR); nnz_elems: values elements.
+SpmmParams cuda_params(uint64_t indptr, uint64_t indices, uint64_t values, uint64_t x,
+                       uint64_t out, uint64_t bias, int64_t n_rows, int64_t n_cols,
+                       int64_t batch, int64_t nnz, int64_t n_ptr, int64_t nnz_elems,
+                       const std::string& value_dtype, const std::string& x_dtype,
+                       const std::string& out_dtype, const std::string& indptr_dtype,
+                       const std::string& index_dtype, int64_t ldx, int64_t ldy) {
+  check_dim(n_rows, "n_rows");
+  check_dim(n_cols, "n_cols");
+  check_dim(batch, "batch");
+  check_dim(nnz, "nnz");
+  SpmmParams p;
+  p.M = n_rows;
+  p.K = n_cols;
+  p.N = batch;
+  p.value_dtype = parse_dtype(value_dtype, "value_dtype");
+  p.x_dtype = parse_dtype(x_dtype, "x_dtype");
+  const DType od = parse_dtype(out_dtype, "out_dtype");
+  if (p.x_dtype != DType::F32 && p.x_dtype != p.value_dtype)
+    value_error(std::string("x_dtype: expected 'f32' or the value dtype '") +
+                sparsekit::dtype_name(p.value_dtype) + "', got '" + x_dtype + "'");
+  if (od != p.x_dtype)
+    value_error(std::string("out_dtype: expected the x dtype '") +
+                sparsekit::dtype_name(p.x_dtype) + "', got '" + out_dtype + "'");
+  p.indptr_type = parse_index_dtype(indptr_dtype, "indptr_dtype", false, true);
+  p.index_type = parse_index_dtype(index_dtype, "index_dtype", true, false);
+  if (p.indptr_type == IndexType::I32 && nnz > INT32_MAX)
+    value_error("indptr_dtype: expected 'int64' for nnz > 2**31 - 1, got 'int32' with nnz = " +
+                std::to_string(nnz));
+  if (ldx < n_cols) value_error("ldx: expected >= n_cols = " + std::to_string(n_cols) +
+                                ", got " + std::to_string(ldx));
+  if (ldy < n_rows) value_error("ldy: expected >= n_rows = " + std::to_string(n_rows) +
+                                ", got " + std::to_string(ldy));
+  p.ldx = ldx;
+  p.ldy = ldy;
+  p.indptr = device_ptr(indptr, "indptr", n_ptr + 1, index_size(p.indptr_type));
+  p.indices = device_ptr(indices, "indices", nnz, index_size(p.index_type));
+  p.values = device_ptr(values, "values", nnz_elems, sparsekit::dtype_size(p.value_dtype));
+  p.x = device_ptr(x, "x", batch * n_cols, sparsekit::dtype_size(p.x_dtype));
+  p.y = const_cast<void*>(device_ptr(out, "out", batch * n_rows, sparsekit::dtype_size(od)));
+  p.bias = static_cast<const float*>(device_ptr(bias, "bias", 0, 4));  // 0 = no bias
+  return p;
+}
+
+void raise_cuda(const sparsekit::cuda::Status& st, const char* fn) {
+  if (st.ok()) return;
+  if (st.code == -1) value_error(std::string(fn) + ": " + st.message);
+  throw std::runtime_error(std::string(fn) + ": CUDA error in " + st.message);
+}
+
+}  // namespace
+#endif
+// ---- end CUDA block ----
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparsekit compiled kernels (CPU: OpenMP + runtime-dispatched SIMD).";
+
+  m.def("cpu_isa", [] { return std::string(sparsekit::cpu::isa_name(sparsekit::cpu::default_isa())); },
+        "ISA the CPU kernels use by default: 'avx512' | 'avx2' | 'generic' (runtime detected, "
+        "capped by the SPARSEKIT_ISA environment variable).");
+  m.def("build_info", &build_info, "Compiler, flags, OpenMP, CUDA and compiled ISAs of this build.");
+  m.def("validate_csr", &validate, py::arg("indptr"), py::arg("indices"), py::arg("n_rows"),
+        py::arg("n_cols"),
+        "Checks a CSR structure in O(nnz): indptr (int32/int64, length n_rows + 1) starts at 0, is "
+        "non-decreasing and ends at len(indices); indices (uint16/int32) lie in [0, n_cols) and "
+        "strictly increase within each row. Raises ValueError naming the first violation.");
+  m.def(
+      "validate_bsr",
+      [](const py::handle& indptr, const py::handle& indices, int64_t n_rows, int64_t n_cols,
+         int64_t block_r, int64_t block_c) {
+        if (block_r < 1) value_error("block_r: expected an integer >= 1, got " + std::to_string(block_r));
+        if (block_c < 1) value_error("block_c: expected an integer >= 1, got " + std::to_string(block_c));
+        check_dim(n_rows, "n_rows");
+        check_dim(n_cols, "n_cols");
+        validate(indptr, indices, (n_rows + block_r - 1) / block_r, (n_cols + block_c - 1) / block_c);
+      },
+      py::arg("indptr"), py::arg("indices"), py::arg("n_rows"), py::arg("n_cols"), py::arg("block_r"),
+      py::arg("block_c"),
+      "validate_csr over block rows/columns: indptr has ceil(n_rows / block_r) + 1 entries and "
+      "indices are block-column ids in [0, ceil(n_cols / block_c)).");
+  m.def("csr_linear", &csr_linear, py::arg("indptr"), py::arg("indices"), py::arg("values"),
+        py::arg("value_dtype"), py::arg("x"), py::arg("x_dtype"), py::arg("bias"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("num_threads"),
+        py::arg("isa") = "auto",
+        "out (N, n_rows) = x (N, n_cols) @ W.T + bias for W in CSR (fp32 accumulation). "
+        "The structure must have passed validate_csr. Releases the GIL.");
+  m.def("bsr_linear", &bsr_linear, py::arg("indptr"), py::arg("indices"), py::arg("values"),
+        py::arg("value_dtype"), py::arg("x"), py::arg("x_dtype"), py::arg("bias"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("block_r"),
+        py::arg("block_c"), py::arg("num_threads"), py::arg("isa") = "auto",
+        "out (N, n_rows) = x (N, n_cols) @ W.T + bias for W in BSR with (block_r, block_c) blocks, "
+        "values of shape (nnzb, block_r, block_c). The structure must have passed validate_bsr.");
+
+  // ---- CUDA bindings (owned by the GPU engineer) ----------------------------------------
+  // cuda_built() / cuda_device_count() / cuda_available() exist in every build (False / 0
+  // without CUDA); the kernels only when compiled with SPARSEKIT_WITH_CUDA.
+#ifdef SPARSEKIT_WITH_CUDA
+  m.def("cuda_built", [] { return true; }, "True: this module was compiled with CUDA kernels.");
+  m.def("cuda_device_count", [] {
+        std::string why;
+        return sparsekit::cuda::device_count(&why);
+      },
+      "Number of visible CUDA devices (0 without driver/GPU). Lazy: creates no CUDA context.");
+  m.def("cuda_available", [] { return sparsekit::cuda::device_count(nullptr) > 0; },
+        "True when built with CUDA and at least one CUDA device is visible.");
+  m.def("cuda_info", [] {
+        py::dict d;
+        std::string why;
+        d["built"] = true;
+        d["runtime_version"] = sparsekit::cuda::runtime_version();
+        d["archs"] = std::string(sparsekit::cuda::archs_compiled());
+        d["device_count"] = sparsekit::cuda::device_count(&why);
+        d["device_error"] = why;
+        return d;
+      },
+      "CUDA build facts: runtime version, archs compiled, device count (and why 0).");
+  // @@CUDA_BINDINGS@@
+  m.def(
+      "cuda_csr_linear",
+      [](uint64_t indptr, uint64_t indices, uint64_t values, uint64_t x, uint64_t out,
+         uint64_t bias, uint64_t row_order, int64_t n_rows, int64_t n_cols, int64_t batch,
+         int64_t nnz, const std::string& value_dtype, const std::string& x_dtype,
+         const std::string& out_dtype, const std::string& indptr_dtype,
+         const std::string& index_dtype, int64_t ldx, int64_t ldy, uint64_t stream) {
+        SpmmParams p = cuda_params(indptr, indices, values, x, out, bias, n_rows, n_cols, batch,
+                                   nnz, n_rows, nnz, value_dtype, x_dtype, out_dtype,
+                                   indptr_dtype, index_dtype, ldx < 0 ? n_cols : ldx,
+                                   ldy < 0 ? n_rows : ldy);
+        const auto* ro = static_cast<const int32_t*>(device_ptr(row_order, "row_order", 0, 4));
+        sparsekit::cuda::Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = sparsekit::cuda::csr_linear(p, ro, static_cast<uintptr_t>(stream));
+        }
+        raise_cuda(st, "cuda_csr_linear");
+      },
+      py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("x"), py::arg("out"),
+      py::arg("bias"), py::arg("row_order"), py::arg("n_rows"), py::arg("n_cols"),
+      py::arg("batch"), py::arg("nnz"), py::arg("value_dtype"), py::arg("x_dtype"),
+      py::arg("out_dtype"), py::arg("indptr_dtype"), py::arg("index_dtype"),
+      py::arg("ldx") = -1, py::arg("ldy") = -1, py::arg("stream") = 0,
+      "CUDA CSR: out (batch, n_rows) = x (batch, n_cols) @ W.T + bias. All arrays are raw device "
+      "pointers (ints) on the current device; bias / row_order may be 0 (none); row_order is an "
+      "int32 permutation of the rows (row swizzle). Enqueued on `stream` (cudaStream_t as int), "
+      "asynchronous. The structure is trusted (validated when the matrix was built).");
+  m.def(
+      "cuda_bsr_linear",
+      [](uint64_t indptr, uint64_t indices, uint64_t values, uint64_t x, uint64_t out,
+         uint64_t bias, int64_t n_rows, int64_t n_cols, int64_t batch, int64_t nnz_blocks,
+         int64_t block_r, int64_t block_c, const std::string& value_dtype,
+         const std::string& x_dtype, const std::string& out_dtype,
+         const std::string& indptr_dtype, const std::string& index_dtype, int64_t ldx,
+         int64_t ldy, uint64_t stream) {
+        if (block_r < 1 || block_r > 4096)
+          value_error("block_r: expected an integer in [1, 4096], got " + std::to_string(block_r));
+        if (block_c < 1 || block_c > 4096)
+          value_error("block_c: expected an integer in [1, 4096], got " + std::to_string(block_c));
+        check_dim(n_rows, "n_rows");
+        check_dim(nnz_blocks, "nnz_blocks");
+        const int64_t Mb = (n_rows + block_r - 1) / block_r;
+        SpmmParams p = cuda_params(indptr, indices, values, x, out, bias, n_rows, n_cols, batch,
+                                   nnz_blocks, Mb, nnz_blocks * block_r * block_c, value_dtype,
+                                   x_dtype, out_dtype, indptr_dtype, index_dtype,
+                                   ldx < 0 ? n_cols : ldx, ldy < 0 ? n_rows : ldy);
+        p.block_r = static_cast<int>(block_r);
+        p.block_c = static_cast<int>(block_c);
+        sparsekit::cuda::Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = sparsekit::cuda::bsr_linear(p, static_cast<uintptr_t>(stream));
+        }
+        raise_cuda(st, "cuda_bsr_linear");
+      },
+      py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("x"), py::arg("out"),
+      py::arg("bias"), py::arg("n_rows"), py::arg("n_cols"), py::arg("batch"),
+      py::arg("nnz_blocks"), py::arg("block_r"), py::arg("block_c"), py::arg("value_dtype"),
+      py::arg("x_dtype"), py::arg("out_dtype"), py::arg("indptr_dtype"), py::arg("index_dtype"),
+      py::arg("ldx") = -1, py::arg("ldy") = -1, py::arg("stream") = 0,
+      "CUDA BSR: out (batch, n_rows) = x @ W.T + bias, W in (block_r, block_c) blocks "
+      "(values: nnz_blocks * block_r * block_c elements, row-major blocks). Tensor cores for "
+      "fp16/bf16 with x of the value dtype, blocks multiple of 16 and batch >= 16.");
+  m.def(
+      "cuda_bsr_path",
+      [](int64_t block_r, int64_t block_c, int64_t batch, const std::string& value_dtype,
+         const std::string& x_dtype, uint64_t values) {
+        SpmmParams p;
+        p.block_r = static_cast<int>(block_r);
+        p.block_c = static_cast<int>(block_c);
+        p.N = batch;
+        p.value_dtype = parse_dtype(value_dtype, "value_dtype");
+        p.x_dtype = parse_dtype(x_dtype, "x_dtype");
+        p.values = reinterpret_cast<const void*>(static_cast<uintptr_t>(values));
+        return std::string(sparsekit::cuda::bsr_path(p));
+      },
+      py::arg("block_r"), py::arg("block_c"), py::arg("batch"), py::arg("value_dtype"),
+      py::arg("x_dtype"), py::arg("values") = 0,
+      "Which kernel cuda_bsr_linear picks: 'tensor_core' or 'cuda_core'.");
+#else
+  m.def("cuda_built", [] { return false; }, "False: this module was compiled without CUDA.");
+  m.def("cuda_device_count", [] { return 0; }, "0: this module was compiled without CUDA.");
+  m.def("cuda_available", [] { return false; }, "False: this module was compiled without CUDA.");
+  m.def("cuda_info", [] {
+        py::dict d;
+        d["built"] = false;
+        return d;
+      },
+      "CUDA build facts ({'built': False} without CUDA).");
+#endif
+  // ---- end CUDA bindings ----
+}

@@ -1,0 +1,63 @@
+// sparsekit: the one parameter struct shared by every CPU and CUDA kernel.
+//
+// Math: y (N, M) = x (N, K) @ W^T + bias, W (M, K) sparse in CSR or BSR.
+// Accumulation is always fp32. Kernels trust the sparse structure (validated once by
+// validate_csr / validate_bsr when the matrix is built) and the sizes below (checked by
+// csrc/bindings.cpp); they never allocate the output and never keep state between calls.
+#pragma once
+
+#include <cstdint>
+
+namespace sparsekit {
+
+// Element type of values / activations / outputs.
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+// Element type of indptr (I32/I64) and of indices (U16/I32).
+enum class IndexType : int { U16 = 0, I32 = 1, I64 = 2 };
+
+// 16-bit storage types; distinct structs so templates can dispatch on them.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline int dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+inline const char* dtype_name(DType t) {
+  return t == DType::F32 ? "f32" : (t == DType::BF16 ? "bf16" : "f16");
+}
+
+struct SpmmParams {
+  // Problem size: W is (M, K) = (out_features, in_features); x has N rows.
+  int64_t M = 0;  // rows of W = columns of y
+  int64_t K = 0;  // columns of W = columns of x
+  int64_t N = 0;  // rows of x and y (batch)
+
+  // Sparse structure.
+  //  CSR:  indptr  [M + 1]   (indptr_type: I32 | I64), indptr[0] = 0, indptr[M] = nnz
+  //        indices [nnz]     (index_type: U16 | I32), column ids, sorted per row, in [0, K)
+  //        values  [nnz]     (value_dtype)
+  //  BSR (block_r x block_c, Mb = ceil(M / block_r), Kb = ceil(K / block_c)):
+  //        indptr  [Mb + 1]  over blocks, indices [nnzb] block-column ids in [0, Kb),
+  //        values  [nnzb * block_r * block_c], each block row-major; entries of blocks on
+  //        the ragged right/bottom edge that fall outside (M, K) are zero padding.
+  // All arrays are host pointers for CPU kernels and device pointers for CUDA kernels.
+  const void* indptr = nullptr;
+  const void* indices = nullptr;
+  const void* values = nullptr;
+
+  // Dense operands, row-major.
+  const void* x = nullptr;  // [N, ldx] (x_dtype), only the first K columns are read
+  int64_t ldx = 0;          // row stride of x in elements (>= K)
+  void* y = nullptr;        // [N, ldy] (y_dtype == x_dtype), only the first M columns written
+  int64_t ldy = 0;          // row stride of y in elements (>= M)
+  const float* bias = nullptr;  // [M] fp32, or nullptr
+
+  DType value_dtype = DType::F32;  // F32 | BF16 | F16
+  DType x_dtype = DType::F32;      // F32 or == value_dtype; y has the same dtype
+  IndexType indptr_type = IndexType::I32;  // I32 | I64
+  IndexType index_type = IndexType::U16;   // U16 | I32
+
+  int block_r = 1;  // BSR block shape (1 x 1 for CSR)
+  int block_c = 1;
+  int num_threads = 1;  // CPU: OpenMP threads for this call (>= 1); ignored by CUDA
+};
+
+}  // namespace sparsekit

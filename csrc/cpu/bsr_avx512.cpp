@@ -1,0 +1,6 @@
+// BSR kernels compiled for the avx512 ISA (flags set per file in CMakeLists.txt).
+#define SPARSEKIT_ISA_AVX512 1
+#include "cpu/kernels_impl.h"
+#include "cpu/spmm_cpu.h"
+
+SPARSEKIT_DEFINE_BSR_ENTRY(bsr_linear_avx512)

@@ -1,0 +1,73 @@
+#include "cpu/cpu_features.h"
+
+#include <cstdlib>
+#include <stdexcept>
+
+namespace sparsekit {
+namespace cpu {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::AVX512: return "avx512";
+    case Isa::AVX2: return "avx2";
+    default: return "generic";
+  }
+}
+
+Isa parse_isa(const std::string& name, const char* what) {
+  if (name == "generic") return Isa::Generic;
+  if (name == "avx2") return Isa::AVX2;
+  if (name == "avx512") return Isa::AVX512;
+  throw std::invalid_argument(std::string(what) +
+                              ": expected one of 'generic', 'avx2', 'avx512', got '" + name + "'");
+}
+
+static Isa detect() {
+  Isa best = Isa::Generic;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV).
+#if defined(SPARSEKIT_HAVE_ISA_avx2)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    best = Isa::AVX2;
+#endif
+#if defined(SPARSEKIT_HAVE_ISA_avx512)
+  if (best == Isa::AVX2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    best = Isa::AVX512;
+#endif
+#endif
+  return best;
+}
+
+Isa hardware_isa() {
+  static const Isa hw = detect();  // immutable after first use
+  return hw;
+}
+
+static Isa env_isa() {
+  const char* env = std::getenv("SPARSEKIT_ISA");
+  Isa hw = hardware_isa();
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return hw;
+  Isa want = parse_isa(env, "SPARSEKIT_ISA");
+  return static_cast<int>(want) < static_cast<int>(hw) ? want : hw;
+}
+
+Isa default_isa() {
+  static const Isa isa = env_isa();  // throws (and retries next call) on a bad value
+  return isa;
+}
+
+Isa resolve_isa(const std::string& name, const char* what) {
+  if (name == "auto") return default_isa();
+  Isa want = parse_isa(name, what);
+  Isa hw = hardware_isa();
+  if (static_cast<int>(want) > static_cast<int>(hw))
+    throw std::invalid_argument(std::string(what) + ": expected an ISA supported by this CPU (up to '" +
+                                isa_name(hw) + "'), got '" + name + "'");
+  return want;
+}
+
+}  // namespace cpu
+}  // namespace sparsekit

@@ -1,0 +1,31 @@
+// Runtime CPU feature detection and ISA selection for the CPU kernels.
+#pragma once
+
+#include <string>
+
+namespace sparsekit {
+namespace cpu {
+
+// Ordered: a higher level implies every lower one is usable.
+enum class Isa : int { Generic = 0, AVX2 = 1, AVX512 = 2 };
+
+const char* isa_name(Isa isa);
+
+// Parses "generic" | "avx2" | "avx512"; throws std::invalid_argument otherwise,
+// naming `what` (e.g. "SPARSEKIT_ISA" or "isa").
+Isa parse_isa(const std::string& name, const char* what);
+
+// Best ISA this CPU + OS supports AND this binary was compiled for (ignores SPARSEKIT_ISA).
+Isa hardware_isa();
+
+// hardware_isa() capped by the SPARSEKIT_ISA environment variable (read once, at first use;
+// a value above the hardware level is capped to it). Throws std::invalid_argument for an
+// unknown value.
+Isa default_isa();
+
+// Resolves a per-call request: "auto" -> default_isa(); otherwise the named ISA, which must
+// not exceed hardware_isa() (std::invalid_argument naming `what` if it does).
+Isa resolve_isa(const std::string& name, const char* what);
+
+}  // namespace cpu
+}  // namespace sparsekit

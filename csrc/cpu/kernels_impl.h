@@ -1,0 +1,492 @@
+// CSR / BSR SpMM kernels, written once against the Vec wrapper of csrc/cpu/simd.h and compiled
+// once per ISA (csrc/cpu/{csr,bsr}_{generic,avx2,avx512}.cpp). Internal linkage throughout;
+// each TU exports only its csr_linear_<isa> / bsr_linear_<isa> entry point.
+//
+// Strategy (y (N, M) = x (N, K) @ W^T + bias, fp32 accumulation):
+//  * Threads own nnz-balanced contiguous row ranges (binary search in indptr, a small per-row
+//    cost added so many short rows are balanced too). No shared scratch is written after the
+//    packing barrier, no global state; every buffer is allocated per call.
+//  * N == 1 (SpMV, memory bound): one pass over (indices, values); CSR uses gathers of x
+//    (AVX2/AVX-512) with 2 independent accumulators and masked tails (AVX-512).
+//  * N > 1: x is packed once per call, transposed and converted to fp32, into tiles
+//    xt[tile][k][0..NT) (NT = V * W batch columns, zero-padded), so that one nonzero w_mk
+//    updates NT outputs with V broadcast-FMAs from one contiguous row of xt. Rows are walked in
+//    chunks small enough for their weights to stay in L2 while every tile is applied, so the
+//    weights stream from memory once. BSR uses an RB x V register-blocked micro-kernel that
+//    reuses each loaded xt vector for RB block rows.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common/dispatch.h"
+#include "common/format.h"
+#include "cpu/simd.h"
+
+namespace sparsekit {
+namespace cpu {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Per-call aligned scratch, freed on scope exit (no STL containers in ISA-specific TUs).
+struct Scratch {
+  float* p = nullptr;
+  explicit Scratch(size_t n) {
+    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+    if (bytes == 0) bytes = 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (p == nullptr) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// Runs body(tid, nthreads) on up to `threads` OpenMP threads (serially when 1).
+template <class F>
+inline void parallel_run(int threads, F&& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  body(0, 1);
+}
+
+inline void barrier(int nthreads) {
+#ifdef _OPENMP
+  if (nthreads > 1) {
+#pragma omp barrier
+  }
+#endif
+}
+
+// First row r in [0, rows] with cost(r) = indptr[r] + r * kRowCost >= target.
+// Monotone in r, so a binary search gives contiguous, nnz(+rows)-balanced partitions.
+template <class PT>
+inline int64_t split_point(const PT* indptr, int64_t rows, int64_t part, int64_t parts) {
+  constexpr int64_t kRowCost = 8;
+  if (part <= 0) return 0;
+  if (part >= parts) return rows;
+  const int64_t total = static_cast<int64_t>(indptr[rows]) + rows * kRowCost;
+  const int64_t target = static_cast<int64_t>(static_cast<double>(total) * part / parts);
+  int64_t lo = 0, hi = rows;
+  while (lo < hi) {
+    int64_t mid = lo + (hi - lo) / 2;
+    if (static_cast<int64_t>(indptr[mid]) + mid * kRowCost < target) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Threads worth using for `work` multiply-adds (a parallel region costs a few microseconds).
+inline int threads_for(int requested, int64_t work) {
+  constexpr int64_t kMinWorkPerThread = 16384;
+  int64_t t = work / kMinWorkPerThread;
+  if (t < 1) t = 1;
+  return static_cast<int>(imin(t, requested < 1 ? 1 : requested));
+}
+
+inline float bias_at(const float* bias, int64_t m) { return bias ? bias[m] : 0.f; }
+
+// Converts `n` activations of dtype t starting at x to fp32.
+inline float x_at(const void* x, DType t, int64_t off) {
+  switch (t) {
+    case DType::BF16: return to_f32(static_cast<const bf16_t*>(x)[off]);
+    case DType::F16: return to_f32(static_cast<const f16_t*>(x)[off]);
+    default: return static_cast<const float*>(x)[off];
+  }
+}
+
+// Fills xs[0..len) from x row 0 converted to fp32, zero-padded beyond K. O(len).
+inline void load_x_row(const SpmmParams& p, float* xs, int64_t len, int64_t k0, int64_t k1) {
+  const int64_t kend = imin(k1, p.K);
+  if (p.x_dtype == DType::F32) {
+    const float* x = static_cast<const float*>(p.x);
+    for (int64_t k = k0; k < kend; ++k) xs[k] = x[k];
+  } else {
+    for (int64_t k = k0; k < kend; ++k) xs[k] = x_at(p.x, p.x_dtype, k);
+  }
+  for (int64_t k = imax(k0, p.K); k < imin(k1, len); ++k) xs[k] = 0.f;
+}
+
+// Packs x rows [n0, n0 + NT) for k in [k0, k1) into xt[k * NT + t] (fp32, zero-padded for rows
+// >= N and for k >= K, up to k < kpad). O((k1 - k0) * NT).
+inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int64_t k0,
+                        int64_t k1) {
+  const int64_t nn = imin(NT, p.N - n0);
+  const int64_t kend = imin(k1, p.K);
+  constexpr int64_t KB = 64;  // k block: NT x KB reads stay in L1 while transposing
+  for (int64_t kb = k0; kb < kend; kb += KB) {
+    const int64_t ke = imin(kb + KB, kend);
+    for (int64_t t = 0; t < nn; ++t) {
+      const int64_t row = (n0 + t) * p.ldx;
+      if (p.x_dtype == DType::F32) {
+        const float* x = static_cast<const float*>(p.x) + row;
+        for (int64_t k = kb; k < ke; ++k) xt[k * NT + t] = x[k];
+      } else {
+        for (int64_t k = kb; k < ke; ++k) xt[k * NT + t] = x_at(p.x, p.x_dtype, row + k);
+      }
+    }
+    for (int64_t t = nn; t < NT; ++t)
+      for (int64_t k = kb; k < ke; ++k) xt[k * NT + t] = 0.f;
+  }
+  for (int64_t k = imax(k0, p.K); k < k1; ++k)
+    for (int64_t t = 0; t < NT; ++t) xt[k * NT + t] = 0.f;
+}
+
+// Batch tile width (in vectors) for N > 1: as wide as the batch needs (<= 4 vectors) while one
+// packed tile (kpad x NT fp32) stays within ~1.5 MiB of L2.
+inline int choose_v(int64_t N, int64_t kpad) {
+  const int64_t W = Vec::W;
+  int v = N > 2 * W ? 4 : (N > W ? 2 : 1);
+  while (v > 1 && kpad * v * W * 4 > (int64_t(3) << 19)) v /= 2;
+  return v;
+}
+
+// ============================================================================================
+// CSR
+// ============================================================================================
+
+// SpMV for rows [r0, r1): y[m] = sum_j values[j] * x[indices[j]] + bias[m]. O(nnz in range).
+template <class VT, class PT, class IT>
+void csr_spmv_rows(const SpmmParams& p, const float* x, int64_t r0, int64_t r1) {
+  const PT* indptr = static_cast<const PT*>(p.indptr);
+  const IT* idx = static_cast<const IT*>(p.indices);
+  const VT* val = static_cast<const VT*>(p.values);
+  for (int64_t m = r0; m < r1; ++m) {
+    int64_t j = static_cast<int64_t>(indptr[m]);
+    const int64_t e = static_cast<int64_t>(indptr[m + 1]);
+    float sum;
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+    {
+      constexpr int W = Vec::W;
+      typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+      for (; j + 2 * W <= e; j += 2 * W) {
+        a0 = Vec::fma(Vec::load_vals(val + j), Vec::gather(x, idx + j), a0);
+        a1 = Vec::fma(Vec::load_vals(val + j + W), Vec::gather(x, idx + j + W), a1);
+      }
+      if (j + W <= e) {
+        a0 = Vec::fma(Vec::load_vals(val + j), Vec::gather(x, idx + j), a0);
+        j += W;
+      }
+#if defined(SPARSEKIT_ISA_AVX512)
+      if (j < e) {
+        const int n = static_cast<int>(e - j);
+        a1 = Vec::fma(Vec::load_vals_n(val + j, n), Vec::gather_n(x, idx + j, n), a1);
+        j = e;
+      }
+#endif
+      sum = Vec::reduce(Vec::add(a0, a1));
+      for (; j < e; ++j) sum += to_f32(val[j]) * x[idx_of(idx[j])];
+    }
+#else
+    {
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      for (; j + 4 <= e; j += 4) {
+        s0 += to_f32(val[j]) * x[idx_of(idx[j])];
+        s1 += to_f32(val[j + 1]) * x[idx_of(idx[j + 1])];
+        s2 += to_f32(val[j + 2]) * x[idx_of(idx[j + 2])];
+        s3 += to_f32(val[j + 3]) * x[idx_of(idx[j + 3])];
+      }
+      for (; j < e; ++j) s0 += to_f32(val[j]) * x[idx_of(idx[j])];
+      sum = (s0 + s1) + (s2 + s3);
+    }
+#endif
+    store_out(p.y, m, sum + bias_at(p.bias, m), p.x_dtype);
+  }
+}
+
+// One CSR row against one packed tile: out[0..NT) = sum_j values[j] * xt[indices[j]][0..NT).
+// U nonzeros in flight x V vectors = independent accumulator chains (hides FMA latency).
+template <int V, class VT, class IT>
+inline void csr_row_tile(const IT* idx, const VT* val, int64_t j, int64_t e, const float* xt,
+                         float* out) {
+  constexpr int W = Vec::W;
+  constexpr int NT = V * W;
+  constexpr int U = V >= 4 ? 2 : 4;
+  typename Vec::T acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < V; ++v) acc[u][v] = Vec::zero();
+  for (; j + U <= e; j += U) {
+    for (int u = 0; u < U; ++u) {
+      const typename Vec::T b = Vec::set1(to_f32(val[j + u]));
+      const float* xr = xt + idx_of(idx[j + u]) * NT;
+      for (int v = 0; v < V; ++v) acc[u][v] = Vec::fma(b, Vec::load(xr + v * W), acc[u][v]);
+    }
+  }
+  for (; j < e; ++j) {
+    const typename Vec::T b = Vec::set1(to_f32(val[j]));
+    const float* xr = xt + idx_of(idx[j]) * NT;
+    for (int v = 0; v < V; ++v) acc[0][v] = Vec::fma(b, Vec::load(xr + v * W), acc[0][v]);
+  }
+  for (int v = 0; v < V; ++v) {
+    typename Vec::T s = acc[0][v];
+    for (int u = 1; u < U; ++u) s = Vec::add(s, acc[u][v]);
+    Vec::store(out + v * W, s);
+  }
+}
+
+template <int V, class VT, class PT, class IT>
+void csr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int64_t r0,
+                    int64_t r1) {
+  constexpr int NT = V * Vec::W;
+  constexpr int64_t kChunkNnz = 8192;  // ~48-64 KiB of weights: stays in L2 across tiles
+  const PT* indptr = static_cast<const PT*>(p.indptr);
+  const IT* idx = static_cast<const IT*>(p.indices);
+  const VT* val = static_cast<const VT*>(p.values);
+  const int64_t ntiles = (p.N + NT - 1) / NT;
+  alignas(64) float out[NT];
+  int64_t c0 = r0;
+  while (c0 < r1) {
+    int64_t c1 = c0 + 1;
+    const int64_t lim = static_cast<int64_t>(indptr[c0]) + kChunkNnz;
+    while (c1 < r1 && static_cast<int64_t>(indptr[c1 + 1]) <= lim && c1 - c0 < 256) ++c1;
+    for (int64_t tile = 0; tile < ntiles; ++tile) {
+      const float* xt = xt_all + tile * kpad * NT;
+      const int64_t n0 = tile * NT;
+      const int64_t nn = imin(NT, p.N - n0);
+      for (int64_t m = c0; m < c1; ++m) {
+        csr_row_tile<V>(idx, val, static_cast<int64_t>(indptr[m]),
+                        static_cast<int64_t>(indptr[m + 1]), xt, out);
+        const float b = bias_at(p.bias, m);
+        for (int64_t t = 0; t < nn; ++t) store_out(p.y, (n0 + t) * p.ldy + m, out[t] + b, p.x_dtype);
+      }
+    }
+    c0 = c1;
+  }
+}
+
+template <class VT, class PT, class IT>
+void csr_linear_t(const SpmmParams& p) {
+  const PT* indptr = static_cast<const PT*>(p.indptr);
+  const int64_t nnz = static_cast<int64_t>(indptr[p.M]);
+  if (p.N == 1) {
+    const int threads = threads_for(p.num_threads, nnz + p.M);
+    const bool direct = p.x_dtype == DType::F32;
+    Scratch xs(direct ? 1 : static_cast<size_t>(p.K));
+    if (!direct) load_x_row(p, xs.p, p.K, 0, p.K);
+    const float* x = direct ? static_cast<const float*>(p.x) : xs.p;
+    parallel_run(threads, [&](int tid, int nt) {
+      csr_spmv_rows<VT, PT, IT>(p, x, split_point(indptr, p.M, tid, nt),
+                                split_point(indptr, p.M, tid + 1, nt));
+    });
+    return;
+  }
+  const int V = choose_v(p.N, p.K);
+  const int64_t NT = V * Vec::W;
+  const int64_t ntiles = (p.N + NT - 1) / NT;
+  Scratch xt(static_cast<size_t>(ntiles * p.K * NT));
+  const int threads = threads_for(p.num_threads, (nnz + p.M) * p.N + p.N * p.K);
+  parallel_run(threads, [&](int tid, int nt) {
+    const int64_t k0 = p.K * tid / nt, k1 = p.K * (tid + 1) / nt;
+    for (int64_t tile = 0; tile < ntiles; ++tile)
+      pack_x_tile(p, xt.p + tile * p.K * NT, static_cast<int>(NT), tile * NT, k0, k1);
+    barrier(nt);
+    const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
+    switch (V) {
+      case 4: csr_batch_rows<4, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
+      case 2: csr_batch_rows<2, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
+      default: csr_batch_rows<1, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
+    }
+  });
+}
+
+// ============================================================================================
+// BSR
+// ============================================================================================
+
+// N == 1, one block row: out[i] = sum over blocks b, j < c of B_b[i0 + i][j] * xs[col_b + j]
+// for i < rows. acc holds rows x CC partial sums (CC = compile-time c, or c when 0) so the
+// inner loop is a contiguous, vectorisable multiply-add; reduced once per block row.
+template <int CC, class VT, class IT>
+inline void bsr_spmv_blockrow(const IT* idx, const VT* val, int64_t s, int64_t e, int r, int c_rt,
+                              int rows, const float* xs, float* acc, float* out) {
+  const int c = CC > 0 ? CC : c_rt;
+  for (int i = 0; i < rows * c; ++i) acc[i] = 0.f;
+  for (int64_t b = s; b < e; ++b) {
+    const VT* B = val + b * static_cast<int64_t>(r) * c;
+    const float* xb = xs + idx_of(idx[b]) * c;
+    for (int i = 0; i < rows; ++i) {
+      float* a = acc + i * c;
+      const VT* Bi = B + i * c;
+      for (int j = 0; j < c; ++j) a[j] += to_f32(Bi[j]) * xb[j];
+    }
+  }
+  for (int i = 0; i < rows; ++i) {
+    float sum = 0.f;
+    for (int j = 0; j < c; ++j) sum += acc[i * c + j];
+    out[i] = sum;
+  }
+}
+
+// N > 1 micro-kernel: block rows [i0, i0 + RB) of the blocks [s, e) of one block row against
+// one packed tile: out[i][0..NT) = sum_b sum_j B_b[i0 + i][j] * xt[col_b + j][0..NT).
+// RB x V accumulators; each xt vector is loaded once and used RB times.
+template <int RB, int V, class VT, class IT>
+inline void bsr_tile_rows(const IT* idx, const VT* val, int64_t s, int64_t e, int r, int c,
+                          int i0, const float* xt, float* out) {
+  constexpr int W = Vec::W;
+  constexpr int NT = V * W;
+  typename Vec::T acc[RB][V];
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = Vec::zero();
+  const int64_t bsz = static_cast<int64_t>(r) * c;
+  for (int64_t b = s; b < e; ++b) {
+    const VT* B = val + b * bsz + static_cast<int64_t>(i0) * c;
+    const float* xb = xt + idx_of(idx[b]) * c * NT;
+    for (int j = 0; j < c; ++j) {
+      typename Vec::T xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = Vec::load(xb + j * NT + v * W);
+      for (int i = 0; i < RB; ++i) {
+        const typename Vec::T w = Vec::set1(to_f32(B[i * c + j]));
+        for (int v = 0; v < V; ++v) acc[i][v] = Vec::fma(w, xv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < V; ++v) Vec::store(out + i * NT + v * W, acc[i][v]);
+}
+
+// Largest register block for V vectors given the register file (32 zmm / 16 ymm).
+template <int V>
+constexpr int max_rb() {
+#if defined(SPARSEKIT_ISA_AVX512)
+  return V >= 4 ? 4 : 8;
+#else
+  return V >= 4 ? 2 : (V == 2 ? 4 : 8);
+#endif
+}
+
+template <int V, class VT, class PT, class IT>
+void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int64_t br0,
+                    int64_t br1) {
+  constexpr int NT = V * Vec::W;
+  constexpr int RBM = max_rb<V>();
+  const PT* indptr = static_cast<const PT*>(p.indptr);
+  const IT* idx = static_cast<const IT*>(p.indices);
+  const VT* val = static_cast<const VT*>(p.values);
+  const int r = p.block_r, c = p.block_c;
+  const int64_t ntiles = (p.N + NT - 1) / NT;
+  alignas(64) float out[RBM * NT];
+  for (int64_t br = br0; br < br1; ++br) {
+    const int64_t s = static_cast<int64_t>(indptr[br]), e = static_cast<int64_t>(indptr[br + 1]);
+    const int rows = static_cast<int>(imin(r, p.M - br * r));  // ragged bottom edge
+    for (int64_t tile = 0; tile < ntiles; ++tile) {
+      const float* xt = xt_all + tile * kpad * NT;
+      const int64_t n0 = tile * NT;
+      const int64_t nn = imin(NT, p.N - n0);
+      int i0 = 0;
+      while (i0 < rows) {
+        const int rem = rows - i0;
+        int rb;
+        if (RBM >= 8 && rem >= 8) { bsr_tile_rows<(RBM >= 8 ? 8 : 1), V>(idx, val, s, e, r, c, i0, xt, out); rb = 8; }
+        else if (RBM >= 4 && rem >= 4) { bsr_tile_rows<(RBM >= 4 ? 4 : 1), V>(idx, val, s, e, r, c, i0, xt, out); rb = 4; }
+        else if (rem >= 2) { bsr_tile_rows<2, V>(idx, val, s, e, r, c, i0, xt, out); rb = 2; }
+        else { bsr_tile_rows<1, V>(idx, val, s, e, r, c, i0, xt, out); rb = 1; }
+        for (int i = 0; i < rb; ++i) {
+          const int64_t m = br * r + i0 + i;
+          const float b = bias_at(p.bias, m);
+          for (int64_t t = 0; t < nn; ++t)
+            store_out(p.y, (n0 + t) * p.ldy + m, out[i * NT + t] + b, p.x_dtype);
+        }
+        i0 += rb;
+      }
+    }
+  }
+}
+
+template <class VT, class PT, class IT>
+void bsr_linear_t(const SpmmParams& p) {
+  const PT* indptr = static_cast<const PT*>(p.indptr);
+  const int r = p.block_r, c = p.block_c;
+  const int64_t Mb = (p.M + r - 1) / r, Kb = (p.K + c - 1) / c;
+  const int64_t kpad = Kb * c;  // x is zero-padded to whole blocks: no edge tests in kernels
+  const int64_t nnzb = static_cast<int64_t>(indptr[Mb]);
+  const int64_t work_per_n = nnzb * r * c + p.M;
+  const IT* idx = static_cast<const IT*>(p.indices);
+  const VT* val = static_cast<const VT*>(p.values);
+  if (p.N == 1) {
+    Scratch xs(static_cast<size_t>(kpad));
+    load_x_row(p, xs.p, kpad, 0, kpad);
+    const int threads = threads_for(p.num_threads, work_per_n);
+    parallel_run(threads, [&](int tid, int nt) {
+      Scratch acc(static_cast<size_t>(r) * c);
+      Scratch out(static_cast<size_t>(r));
+      const int64_t b0 = split_point(indptr, Mb, tid, nt), b1 = split_point(indptr, Mb, tid + 1, nt);
+      for (int64_t br = b0; br < b1; ++br) {
+        const int64_t s = static_cast<int64_t>(indptr[br]), e = static_cast<int64_t>(indptr[br + 1]);
+        const int rows = static_cast<int>(imin(r, p.M - br * r));
+        switch (c) {
+          case 1: bsr_spmv_blockrow<1>(idx, val, s, e, r, c, rows, xs.p, acc.p, out.p); break;
+          case 2: bsr_spmv_blockrow<2>(idx, val, s, e, r, c, rows, xs.p, acc.p, out.p); break;
+          case 4: bsr_spmv_blockrow<4>(idx, val, s, e, r, c, rows, xs.p, acc.p, out.p); break;
+          case 8: bsr_spmv_blockrow<8>(idx, val, s, e, r, c, rows, xs.p, acc.p, out.p); break;
+          case 16: bsr_spmv_blockrow<16>(idx, val, s, e, r, c, rows, xs.p, acc.p, out.p); break;
+          default: bsr_spmv_blockrow<0>(idx, val, s, e, r, c, rows, xs.p, acc.p, out.p); break;
+        }
+        for (int i = 0; i < rows; ++i) {
+          const int64_t m = br * r + i;
+          store_out(p.y, m, out.p[i] + bias_at(p.bias, m), p.x_dtype);
+        }
+      }
+    });
+    return;
+  }
+  const int V = choose_v(p.N, kpad);
+  const int64_t NT = V * Vec::W;
+  const int64_t ntiles = (p.N + NT - 1) / NT;
+  Scratch xt(static_cast<size_t>(ntiles * kpad * NT));
+  const int threads = threads_for(p.num_threads, work_per_n * p.N + p.N * p.K);
+  parallel_run(threads, [&](int tid, int nt) {
+    const int64_t k0 = kpad * tid / nt, k1 = kpad * (tid + 1) / nt;
+    for (int64_t tile = 0; tile < ntiles; ++tile)
+      pack_x_tile(p, xt.p + tile * kpad * NT, static_cast<int>(NT), tile * NT, k0, k1);
+    barrier(nt);
+    const int64_t b0 = split_point(indptr, Mb, tid, nt), b1 = split_point(indptr, Mb, tid + 1, nt);
+    switch (V) {
+      case 4: bsr_batch_rows<4, VT, PT, IT>(p, xt.p, kpad, b0, b1); break;
+      case 2: bsr_batch_rows<2, VT, PT, IT>(p, xt.p, kpad, b0, b1); break;
+      default: bsr_batch_rows<1, VT, PT, IT>(p, xt.p, kpad, b0, b1); break;
+    }
+  });
+}
+
+// Zero nonzeros: y = bias broadcast (or 0). O(N * M).
+inline bool handle_trivial(const SpmmParams& p) {
+  if (p.N == 0 || p.M == 0) return true;
+  return false;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sparsekit
+
+// Defines the exported entry points for this TU's ISA.
+#define SPARSEKIT_DEFINE_CSR_ENTRY(NAME)                                              \
+  namespace sparsekit { namespace cpu {                                              \
+  void NAME(const SpmmParams& p) {                                                   \
+    if (handle_trivial(p)) return;                                                   \
+    SPARSEKIT_VALUE_SWITCH(p.value_dtype, VT, [&] {                                  \
+      SPARSEKIT_INDEX_SWITCH(p.indptr_type, p.index_type, PT, IT,                    \
+                             [&] { csr_linear_t<VT, PT, IT>(p); });                  \
+    });                                                                              \
+  } } }
+
+#define SPARSEKIT_DEFINE_BSR_ENTRY(NAME)                                              \
+  namespace sparsekit { namespace cpu {                                              \
+  void NAME(const SpmmParams& p) {                                                   \
+    if (handle_trivial(p)) return;                                                   \
+    SPARSEKIT_VALUE_SWITCH(p.value_dtype, VT, [&] {                                  \
+      SPARSEKIT_INDEX_SWITCH(p.indptr_type, p.index_type, PT, IT,                    \
+                             [&] { bsr_linear_t<VT, PT, IT>(p); });                  \
+    });                                                                              \
+  } } }

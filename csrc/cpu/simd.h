@@ -1,0 +1,194 @@
+// Thin SIMD wrappers used by csrc/cpu/kernels_impl.h. Included ONLY from a per-ISA
+// translation unit that defines exactly one of SPARSEKIT_ISA_AVX512 / _AVX2 / _GENERIC and is
+// compiled with the matching flags (see CMakeLists.txt). Everything here has internal linkage
+// (anonymous namespace) so code built for one ISA can never be merged into another's by the
+// linker (the classic ODR hazard of per-file -m flags).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "common/format.h"
+
+namespace sparsekit {
+namespace cpu {
+namespace {
+
+// ---- scalar conversions ------------------------------------------------------------------
+inline float bits_to_f32(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
+inline uint32_t f32_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(bf16_t v) { return bits_to_f32(static_cast<uint32_t>(v.bits) << 16); }
+
+// IEEE half -> float, portable (exact, handles subnormals, inf, nan).
+inline float half_to_f32_portable(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  if (exp == 0) {  // zero / subnormal: man * 2^-24
+    float f = static_cast<float>(man) * 5.9604644775390625e-08f;
+    return bits_to_f32(f32_to_bits(f) | sign);
+  }
+  if (exp == 31) return bits_to_f32(sign | 0x7f800000u | (man << 13));
+  return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// float -> IEEE half, round to nearest even, portable.
+inline uint16_t f32_to_half_portable(float f) {
+  uint32_t x = f32_to_bits(f);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (ax < 0x38800000u) {  // result is subnormal or zero: round(|f| * 2^24) with RNE
+    float a = bits_to_f32(ax) * 16777216.0f;  // exact scaling
+    // RNE via the 2^23 trick (a < 1024 here).
+    float r = (a + 8388608.0f) - 8388608.0f;
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(r));
+  }
+  uint32_t mant_odd = (ax >> 13) & 1u;
+  ax += 0xfffu + mant_odd;  // round to nearest even on the 13 dropped bits
+  return static_cast<uint16_t>(sign | ((ax - 0x38000000u) >> 13));
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t x = f32_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet nan
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+inline float to_f32(f16_t v) { return _cvtsh_ss(v.bits); }
+inline uint16_t f32_to_half(float f) {
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+#else
+inline float to_f32(f16_t v) { return half_to_f32_portable(v.bits); }
+inline uint16_t f32_to_half(float f) { return f32_to_half_portable(f); }
+#endif
+
+// Writes one fp32 result into the output array in its dtype.
+inline void store_out(void* y, int64_t off, float v, DType t) {
+  switch (t) {
+    case DType::F32: static_cast<float*>(y)[off] = v; break;
+    case DType::BF16: static_cast<uint16_t*>(y)[off] = f32_to_bf16(v); break;
+    case DType::F16: static_cast<uint16_t*>(y)[off] = f32_to_half(v); break;
+  }
+}
+
+inline int64_t idx_of(uint16_t i) { return static_cast<int64_t>(i); }
+inline int64_t idx_of(int32_t i) { return static_cast<int64_t>(i); }
+
+// ---- vector type ---------------------------------------------------------------------------
+#if defined(SPARSEKIT_ISA_AVX512)
+struct Vec {
+  static constexpr int W = 16;
+  static constexpr bool kSimd = true;
+  using T = __m512;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float a) { return _mm512_set1_ps(a); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T a) { _mm512_storeu_ps(p, a); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static float reduce(T a) { return _mm512_reduce_add_ps(a); }
+  // W consecutive values -> fp32
+  static T load_vals(const float* p) { return _mm512_loadu_ps(p); }
+  static T load_vals(const bf16_t* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static T load_vals(const f16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __m512i load_idx(const uint16_t* p) {
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __m512i load_idx(const int32_t* p) { return _mm512_loadu_si512(p); }
+  template <class I>
+  static T gather(const float* x, const I* idx) {
+    return _mm512_i32gather_ps(load_idx(idx), x, 4);
+  }
+  // Masked tails: only the first n (< W) lanes are read; the others are zero.
+  static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static T load_vals_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static T load_vals_n(const bf16_t* p, int n) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask(n), p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static T load_vals_n(const f16_t* p, int n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p));
+  }
+  static __m512i load_idx_n(const uint16_t* p, int n) {
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask(n), p));
+  }
+  static __m512i load_idx_n(const int32_t* p, int n) { return _mm512_maskz_loadu_epi32(mask(n), p); }
+  template <class I>
+  static T gather_n(const float* x, const I* idx, int n) {
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask(n), load_idx_n(idx, n), x, 4);
+  }
+};
+#elif defined(SPARSEKIT_ISA_AVX2)
+struct Vec {
+  static constexpr int W = 8;
+  static constexpr bool kSimd = true;
+  using T = __m256;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float a) { return _mm256_set1_ps(a); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T a) { _mm256_storeu_ps(p, a); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static float reduce(T a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static T load_vals(const float* p) { return _mm256_loadu_ps(p); }
+  static T load_vals(const bf16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static T load_vals(const f16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static __m256i load_idx(const uint16_t* p) {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static __m256i load_idx(const int32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  template <class I>
+  static T gather(const float* x, const I* idx) {
+    return _mm256_i32gather_ps(x, load_idx(idx), 4);
+  }
+};
+#else  // generic: plain arrays; the compiler vectorises with the baseline ISA (SSE2 on x86-64)
+struct Vec {
+  static constexpr int W = 8;
+  static constexpr bool kSimd = false;
+  struct T { float v[8]; };
+  static T zero() { T r; for (int i = 0; i < 8; ++i) r.v[i] = 0.f; return r; }
+  static T set1(float a) { T r; for (int i = 0; i < 8; ++i) r.v[i] = a; return r; }
+  static T load(const float* p) { T r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
+  static void store(float* p, T a) { for (int i = 0; i < 8; ++i) p[i] = a.v[i]; }
+  static T add(T a, T b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+  static T fma(T a, T b, T c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+  static float reduce(T a) {
+    float s = 0.f;
+    for (int i = 0; i < 8; ++i) s += a.v[i];
+    return s;
+  }
+};
+#endif
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sparsekit

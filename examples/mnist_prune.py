@@ -1,0 +1,358 @@
+"""Gradual magnitude pruning of LeNet-300-100 on MNIST, then sparse inference with sparsekit.
+
+Steps:
+
+1. Train LeNet-300-100 (784-300-100-10, ReLU) densely with a fixed seed.
+2. Fine-tune a "dense twin" for the same number of extra epochs with the same learning-rate
+   schedule, without pruning (the fair baseline for the pruned models).
+3. For each target sparsity (80 %, 90 %, 95 %), start from the trained dense model and prune
+   gradually while fine-tuning (``sparsekit.prune.GradualPruner``, cubic schedule).  The final
+   classifier (fc3, 1 010 parameters) is kept dense; sparsity is that of fc1 + fc2.
+4. Convert each pruned model's pruned Linear layers to sparsekit CSR layers, assert that they
+   predict exactly the same classes as the masked dense model, and time both at batch 1 and a
+   larger batch (median of repeated runs, dense and sparse measured in the same run).
+
+Usage::
+
+    python examples/mnist_prune.py --data ../shared/data/mnist.npz \
+        --out examples/results/mnist_prune.json
+    python examples/mnist_prune.py --quick          # digits fallback, < 1 minute
+
+Without ``--data`` (and without ``SPARSEKIT_MNIST``) scikit-learn's 8x8 digits are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from sparsekit.datasets import load_mnist  # noqa: E402
+from sparsekit.formats import CSRMatrix  # noqa: E402
+from sparsekit.prune import GradualPruner, evaluate  # noqa: E402
+
+PRUNED_LAYERS = ("fc1", "fc2")  # fc3, the classifier, stays dense
+
+
+class LeNet300100(nn.Module):
+    """LeNet-300-100 (LeCun et al., 1998): two hidden ReLU layers of 300 and 100 units."""
+
+    def __init__(self, n_in: int = 784, n_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(n_in, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+# ----------------------------------------------------------------------------- sparse layers
+def _sparse_linear(lin: nn.Linear) -> nn.Module:
+    """A CSR version of a pruned ``nn.Linear``.
+
+    Uses ``sparsekit.nn.SparseLinear`` when it is available, else a minimal module calling
+    ``sparsekit.linear`` on a ``CSRMatrix`` (the contract's functional API).
+    """
+    try:
+        from sparsekit.nn.linear import SparseLinear
+    except ImportError:
+        return _FunctionalCSRLinear(lin)
+    return SparseLinear.from_dense(lin, format="csr")
+
+
+class _FunctionalCSRLinear(nn.Module):
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        import sparsekit
+
+        self._linear = sparsekit.linear
+        self.matrix = CSRMatrix.from_dense(lin.weight.detach())
+        self.bias = None if lin.bias is None else lin.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.matrix, self.bias)
+
+
+def to_sparse(model: nn.Module, names: tuple[str, ...] = PRUNED_LAYERS) -> nn.Module:
+    """A copy of ``model`` with the named Linear layers replaced by CSR layers."""
+    sparse = copy.deepcopy(model)
+    for n in names:
+        setattr(sparse, n, _sparse_linear(getattr(model, n)))
+    return sparse.eval()
+
+
+def model_bytes(model: nn.Module, names: tuple[str, ...] = PRUNED_LAYERS) -> tuple[int, int]:
+    """(dense bytes, bytes with the named layers stored as CSR); weights + biases."""
+    dense = compressed = 0
+    for n, m in model.named_children():
+        wb = sum(p.numel() * p.element_size() for p in m.parameters())
+        dense += wb
+        if n in names:
+            mat = CSRMatrix.from_dense(m.weight.detach())
+            compressed += mat.nbytes + (0 if m.bias is None else m.bias.numel() * 4)
+        else:
+            compressed += wb
+    return dense, compressed
+
+
+# ----------------------------------------------------------------------------- training
+def lr_at(step: int, total: int, base: float) -> float:
+    """Cosine decay from ``base`` to 0 over ``total`` steps."""
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
+          batch_size: int, seed: int, pruner_kwargs: dict | None = None
+          ) -> GradualPruner | None:
+    """SGD (momentum 0.9, nesterov, weight decay 1e-4) with a cosine schedule; optional pruning."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=1e-4)
+    steps_per_epoch = math.ceil(x.shape[0] / batch_size)
+    total = epochs * steps_per_epoch
+    pruner = None
+    if pruner_kwargs is not None:
+        pruner = GradualPruner(model, optimizer=opt, **pruner_kwargs)
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=gen)
+        for i in range(0, x.shape[0], batch_size):
+            idx = perm[i:i + batch_size]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, lr)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if pruner is not None:
+                pruner.step()
+            step += 1
+    model.eval()
+    return pruner
+
+
+# ----------------------------------------------------------------------------- timing
+@torch.inference_mode()
+def median_latency(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
+    """Median seconds per forward of each model, interleaved so all see the same conditions."""
+    for m in models.values():
+        for _ in range(max(3, reps // 10)):
+            m(x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(reps):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "torch_threads": torch.get_num_threads()}
+    try:
+        import sparsekit._C as C  # noqa: N812
+
+        info["sparsekit_isa"] = C.cpu_isa()
+    except ImportError:
+        info["sparsekit_isa"] = "extension not built"
+    return info
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=None,
+                    help="MNIST .npz or IDX directory (default: $SPARSEKIT_MNIST, else "
+                         "scikit-learn digits); dev/CI copy: ../shared/data/mnist.npz")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="dense training epochs (default 12; 10 with --quick)")
+    ap.add_argument("--finetune-epochs", type=int, default=None,
+                    help="fine-tuning epochs while pruning (default 10; 5 with --quick)")
+    ap.add_argument("--sparsities", default="0.8,0.9,0.95")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--large-batch", type=int, default=256, help="second latency batch size")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smoke test: few epochs, few timings")
+    ap.add_argument("--out", default=None, help="write results JSON here (and a .md table)")
+    args = ap.parse_args(argv)
+
+    epochs = args.epochs if args.epochs is not None else (10 if args.quick else 12)
+    ft_epochs = (args.finetune_epochs if args.finetune_epochs is not None
+                 else (5 if args.quick else 10))
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    reps = 20 if args.quick else 300
+    torch.set_num_threads(args.threads)
+    try:
+        from sparsekit.threads import set_num_threads
+
+        set_num_threads(args.threads)
+    except ImportError:
+        pass
+    t_start = time.perf_counter()
+
+    data = load_mnist(args.data)
+    xtr, ytr = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    xte, yte = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    if args.quick:  # small, fixed subset keeps the smoke test well under a minute
+        xtr, ytr = xtr[:5000], ytr[:5000]
+    print(f"data: {data.source}; train {tuple(xtr.shape)}, test {tuple(xte.shape)}")
+
+    torch.manual_seed(args.seed)
+    dense = LeNet300100(n_in=xtr.shape[1])
+    train(dense, xtr, ytr, epochs=epochs, lr=0.05, batch_size=args.batch_size, seed=args.seed)
+    dense_eval = evaluate(dense, (xte, yte))
+    print(f"dense ({epochs} epochs): test accuracy {dense_eval.accuracy:.4f}")
+
+    ft_lr = 0.01
+    twin = copy.deepcopy(dense)
+    train(twin, xtr, ytr, epochs=ft_epochs, lr=ft_lr, batch_size=args.batch_size,
+          seed=args.seed + 1)
+    twin_eval = evaluate(twin, (xte, yte))
+    print(f"dense twin (+{ft_epochs} epochs, no pruning): test accuracy {twin_eval.accuracy:.4f}")
+
+    steps = ft_epochs * math.ceil(xtr.shape[0] / args.batch_size)
+    end_step = max(1, int(0.6 * steps))  # prune over 60 % of fine-tuning, then recover
+    frequency = max(1, end_step // 30)
+    dense_bytes, _ = model_bytes(dense)
+    xb1, xbl = xte[:1].contiguous(), xte[:args.large_batch].contiguous()
+    rows = []
+    for s in sparsities:
+        model = copy.deepcopy(dense)
+        pruner = train(model, xtr, ytr, epochs=ft_epochs, lr=ft_lr, batch_size=args.batch_size,
+                       seed=args.seed + 1,
+                       pruner_kwargs=dict(final_sparsity=s, start_step=0, end_step=end_step,
+                                          frequency=frequency, schedule="cubic",
+                                          criterion="l1", scope="layer",
+                                          include=list(PRUNED_LAYERS)))
+        report = pruner.finalize()
+        ev = evaluate(model, (xte, yte))
+
+        sparse = to_sparse(model)
+        with torch.inference_mode():
+            logits_d, logits_s = model(xte), sparse(xte)
+        pred_d, pred_s = logits_d.argmax(1), logits_s.argmax(1)
+        n_diff = int((pred_d != pred_s).sum())
+        max_logit_diff = float((logits_d - logits_s).abs().max())
+        assert n_diff == 0, (f"sparse model disagrees with the masked dense model on {n_diff} "
+                             f"test samples (max |logit diff| {max_logit_diff:.3g})")
+
+        lat1 = median_latency({"dense": dense, "sparse": sparse}, xb1, reps)
+        latl = median_latency({"dense": dense, "sparse": sparse}, xbl, max(5, reps // 10))
+        _, comp_bytes = model_bytes(model)
+        nnz_all = sum(int(torch.count_nonzero(p)) for n, p in model.named_parameters()
+                      if n.endswith("weight"))
+        n_all = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+        row = {
+            "target_sparsity": s,
+            "pruned_layers_sparsity": report.sparsity,
+            "layer_sparsity": {la.name: la.sparsity for la in report.layers},
+            "all_weights_sparsity": 1.0 - nnz_all / n_all,
+            "accuracy": ev.accuracy, "loss": ev.loss,
+            "delta_vs_twin_points": 100.0 * (ev.accuracy - twin_eval.accuracy),
+            "delta_vs_dense_points": 100.0 * (ev.accuracy - dense_eval.accuracy),
+            "nonzero_weights": nnz_all, "weights": n_all,
+            "bytes_dense": dense_bytes, "bytes_compressed": comp_bytes,
+            "sparse_predictions_equal": n_diff == 0, "max_abs_logit_diff": max_logit_diff,
+            "latency_s": {"batch1": lat1, f"batch{xbl.shape[0]}": latl},
+            "sparse_layer_type": type(sparse.fc1).__name__,
+        }
+        rows.append(row)
+        print(f"sparsity {s:.2f}: accuracy {ev.accuracy:.4f} "
+              f"({row['delta_vs_twin_points']:+.2f} pts vs twin), fc1+fc2 sparsity "
+              f"{report.sparsity:.4f}, predictions equal: {n_diff == 0}, max|dlogit| "
+              f"{max_logit_diff:.2e}")
+
+    result = {
+        "example": "examples/mnist_prune.py",
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "data_source": data.source, "quick": args.quick, "seed": args.seed,
+        "dense_epochs": epochs, "finetune_epochs": ft_epochs, "batch_size": args.batch_size,
+        "model": "LeNet-300-100 (784-300-100-10, ReLU)" if xtr.shape[1] == 784
+        else f"LeNet-300-100 variant ({xtr.shape[1]}-300-100-10, ReLU)",
+        "pruning": {"method": "GradualPruner, cubic schedule (Zhu & Gupta), l1, unstructured, "
+                              "per-layer targets", "pruned_layers": list(PRUNED_LAYERS),
+                    "dense_layers": ["fc3 (final classifier, kept dense)"],
+                    "start_step": 0, "end_step": end_step, "frequency": frequency,
+                    "finetune_steps": steps},
+        "optimizer": "SGD momentum 0.9 nesterov, weight decay 1e-4, cosine LR "
+                     "(dense lr 0.05, fine-tune lr 0.01)",
+        "dense": {"accuracy": dense_eval.accuracy, "loss": dense_eval.loss},
+        "dense_twin": {"accuracy": twin_eval.accuracy, "loss": twin_eval.loss,
+                       "note": f"dense model fine-tuned {ft_epochs} more epochs, no pruning"},
+        "pruned": rows,
+        "machine": machine_info(),
+        "runtime_s": time.perf_counter() - t_start,
+    }
+    md = markdown_table(result)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(md + "\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return result
+
+
+def markdown_table(r: dict) -> str:
+    big = [k for k in r["pruned"][0]["latency_s"] if k != "batch1"][0] if r["pruned"] else ""
+    lines = [
+        f"# LeNet-300-100 pruning on {r['data_source']}",
+        "",
+        f"seed {r['seed']}, {r['dense_epochs']} dense epochs + {r['finetune_epochs']} "
+        f"fine-tuning epochs, torch {r['machine']['torch']}, {r['machine']['torch_threads']} "
+        f"threads, {r['machine']['cpu']}, {r['date_utc']}. Gradual l1 pruning of fc1+fc2 "
+        f"(fc3, the classifier, kept dense). Dense accuracy {100 * r['dense']['accuracy']:.2f} %, "
+        f"dense twin (same extra epochs, no pruning) {100 * r['dense_twin']['accuracy']:.2f} %.",
+        "",
+        f"| target sparsity (fc1+fc2) | all-weights sparsity | accuracy % | vs twin (pts) "
+        f"| nonzero weights | bytes dense | bytes CSR | batch 1 dense / sparse (us) "
+        f"| {big} dense / sparse (us) | same predictions |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in r["pruned"]:
+        l1, lb = p["latency_s"]["batch1"], p["latency_s"][big]
+        lines.append(
+            f"| {p['target_sparsity']:.2f} ({p['pruned_layers_sparsity']:.4f}) "
+            f"| {p['all_weights_sparsity']:.4f} | {100 * p['accuracy']:.2f} "
+            f"| {p['delta_vs_twin_points']:+.2f} | {p['nonzero_weights']} / {p['weights']} "
+            f"| {p['bytes_dense']} | {p['bytes_compressed']} "
+            f"| {1e6 * l1['dense']:.1f} / {1e6 * l1['sparse']:.1f} "
+            f"({l1['dense'] / l1['sparse']:.2f}x) "
+            f"| {1e6 * lb['dense']:.1f} / {1e6 * lb['sparse']:.1f} "
+            f"({lb['dense'] / lb['sparse']:.2f}x) | {p['sparse_predictions_equal']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""``linear`` and ``spmm``: the thin layer of check -> choose backend -> allocate -> launch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .formats import BSRMatrix, CSRMatrix
+from .kernels import select_backend
+
+__all__ = ["linear", "spmm"]
+
+_SPARSE = (CSRMatrix, BSRMatrix)
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    """dtype the kernel sees for x (and writes): fp32, or the weight's half dtype."""
+    if x_dtype == torch.float32:
+        return torch.float32
+    if x_dtype in _HALF:
+        return x_dtype if x_dtype == w_dtype else torch.float32
+    raise TypeError(
+        f"x: expected dtype float32, bfloat16 or float16, got {x_dtype} "
+        "(sparsekit computes in fp32; convert with x.float())"
+    )
+
+
+def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
+           backend: str = "auto") -> Any:
+    """Sparse ``y = x @ weight.T + bias``, like :func:`torch.nn.functional.linear`.
+
+    Parameters
+    ----------
+    x : torch.Tensor or numpy.ndarray, shape (..., K)
+        Any number of leading dims (including a 0-size batch); need not be contiguous (made
+        contiguous once). dtype float32, bfloat16 or float16.
+    weight : CSRMatrix or BSRMatrix, shape (M, K)
+        On the same device as ``x``.
+    bias : torch.Tensor or numpy.ndarray, shape (M,), optional
+        dtype float32, x's dtype or the weight's dtype; on x's device.
+    backend : str
+        ``"auto"`` (cuda for CUDA tensors; on CPU cpp, then numba, then torch) or a name from
+        :func:`sparsekit.backends`.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray, shape (..., M)
+        Same dtype as ``x`` (numpy in -> numpy out).
+
+    Notes
+    -----
+    Accumulation is always fp32. Supported (x, weight) dtypes: fp32 x with any weight
+    (fp32 out); bf16 x with bf16 weights (bf16 out); fp16 x with fp16 weights (fp16 out).
+    Other half combinations (e.g. bf16 x with fp32 or fp16 weights) are computed with x
+    converted to fp32 and the result rounded back to x's dtype. float64 / integer x raise
+    ``TypeError`` (convert explicitly). Not differentiable: use ``sparsekit.nn.SparseLinear``
+    for autograd. Per-call cost: O(nnz * N) kernel work + a few microseconds of checks.
+
+    Examples
+    --------
+    >>> import torch, sparsekit
+    >>> w = torch.tensor([[0., 2.], [3., 0.]])
+    >>> sparsekit.linear(torch.tensor([[1., 1.]]), sparsekit.CSRMatrix.from_dense(w))
+    tensor([[2., 3.]])
+    """
+    if not isinstance(weight, _SPARSE):
+        raise TypeError(
+            f"weight: expected a sparsekit CSRMatrix or BSRMatrix, got {type(weight).__name__}"
+            + (" (convert with CSRMatrix.from_dense(w))" if isinstance(weight, torch.Tensor)
+               else "")
+        )
+    is_np = isinstance(x, np.ndarray)
+    if is_np:
+        if x.dtype not in (np.float32, np.float16):
+            raise TypeError(
+                f"x: expected dtype float32 or float16, got {x.dtype} "
+                "(convert with x.astype(np.float32))"
+            )
+        x = torch.from_numpy(x)
+        if isinstance(bias, np.ndarray):
+            bias = torch.from_numpy(bias)
+    elif not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    M, K = weight._shape
+    shape = x.shape
+    if x.dim() == 0 or shape[-1] != K:
+        raise ValueError(
+            f"x: expected last dimension == weight in_features = {K}, got shape {tuple(shape)}"
+        )
+    if x.device != weight.values.device:
+        raise ValueError(
+            f"x: expected a tensor on the weight's device {weight.values.device}, got {x.device}"
+        )
+    cdt = _compute_dtype(x.dtype, weight.values.dtype)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (M,):
+            raise ValueError(f"bias: expected shape ({M},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: expected a tensor on {x.device}, got {bias.device}")
+        if bias.dtype != torch.float32:
+            if bias.dtype not in (x.dtype, weight.values.dtype) or bias.dtype not in _HALF:
+                raise TypeError(
+                    f"bias: expected dtype float32, x's dtype or the weight's dtype, "
+                    f"got {bias.dtype}"
+                )
+            bias = bias.float()
+        elif not bias.is_contiguous():
+            bias = bias.contiguous()
+        bias = bias.detach()
+    x2d = x.detach().reshape(-1, K)
+    if cdt != x2d.dtype:
+        x2d = x2d.to(cdt)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    N = x2d.shape[0]
+    out = torch.empty((N, M), dtype=cdt, device=x.device)
+    if N:
+        be = select_backend(weight, x2d, backend)
+        be.linear(weight, x2d, bias, out)
+    elif backend != "auto":
+        select_backend(weight, x2d, backend)  # still validate the name
+    if cdt != x.dtype:
+        out = out.to(x.dtype)
+    y = out.reshape(*shape[:-1], M)
+    return y.numpy() if is_np else y
+
+
+def spmm(a: CSRMatrix | BSRMatrix, b: Any, *, backend: str = "auto") -> Any:
+    """Sparse @ dense: ``a (M, K) @ b (K, N) -> (M, N)`` (C-contiguous).
+
+    Runs the linear kernel on ``b.T`` (so ``b`` is transposed once and the result once).
+    Accepts torch tensors or numpy arrays like :func:`linear`.
+    """
+    if not isinstance(a, _SPARSE):
+        raise TypeError(f"a: expected a sparsekit CSRMatrix or BSRMatrix, got {type(a).__name__}")
+    is_np = isinstance(b, np.ndarray)
+    bt = torch.from_numpy(b) if is_np else b
+    if not isinstance(bt, torch.Tensor):
+        raise TypeError(f"b: expected a torch.Tensor or numpy.ndarray, got {type(b).__name__}")
+    if bt.dim() != 2 or bt.shape[0] != a.shape[1]:
+        raise ValueError(
+            f"b: expected a 2-D array of shape ({a.shape[1]}, N), got shape {tuple(bt.shape)}"
+        )
+    y = linear(bt.t(), a, backend=backend).t().contiguous()
+    return y.numpy() if is_np else y

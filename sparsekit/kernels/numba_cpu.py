@@ -1,0 +1,350 @@
+"""Numba CPU backend: CSR and BSR ``linear`` kernels (the fallback when ``sparsekit._C`` is
+missing, so it accepts everything the C++ backend accepts).
+
+Design
+------
+* ``nopython``, ``nogil``, ``parallel`` (``prange`` over nnz-balanced row chunks, one chunk per
+  thread), ``cache=True`` (compiled machine code is reused across processes), fp32 accumulation.
+  Kernels are compiled lazily on first use, never at import.
+* Half-precision values: Numba's CPU target has no float16/bfloat16 type, so the value buffer is
+  passed as raw 16-bit words and decoded to fp32 in registers inside the inner loop:
+  bfloat16 as ``uint16`` (``bits << 16`` reinterpreted as fp32: exact, one shift) and float16 as
+  ``int16`` (branch-light bit conversion handling subnormals, Inf, NaN: exact). The array
+  element type selects the decoder at compile time. We decode in-kernel rather than keep a
+  cached fp32 copy because a copy doubles the weight's memory (and the memory traffic the
+  packed format exists to save); the decode costs a couple of integer ops per nonzero.
+* Activations: the kernels take fp32 ``x``; bf16/fp16 activations are converted to fp32 once
+  per call (O(N*K)), and a bf16/fp16 output is rounded from an fp32 buffer by torch (RNE).
+* N == 1 uses a gather-dot kernel per row. N > 1 uses ``xT`` (K, N) contiguous, so the inner
+  loop over the batch is contiguous and vectorises; each nonzero is loaded once per call.
+* Threading layer: see :func:`configure_threading`. Thread count: ``sparsekit.threads``.
+
+Complexity: O(nnz * N) flops (BSR: O(nnz_blocks * r * c * N)), plus O(N * (K + M)) for the
+activation/output layout conversion when N > 1.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..formats import BSRMatrix, CSRMatrix
+from ..threads import get_num_threads
+
+try:
+    import numba
+    from llvmlite import ir as _llir
+    from numba import njit, prange
+    from numba.core import types as _nbtypes
+    from numba.extending import intrinsic, overload
+
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # pragma: no cover - exercised only where numba is broken/missing
+    numba = None  # type: ignore[assignment]
+    _IMPORT_ERROR = f"numba is not importable: {type(e).__name__}: {e}"
+
+_ROW_COST = 2  # relative cost of visiting a (possibly empty) row, in nonzeros, for balancing
+_FASTMATH = {"reassoc", "contract"}  # allow vectorised reductions + FMA; keep NaN/Inf semantics
+
+# --------------------------------------------------------------------------- threading layer
+_layer_lock = threading.Lock()
+_layer_configured = False
+_launch_lock: threading.Lock | None = None  # only used with the (non thread-safe) workqueue
+
+
+def _pick_layer() -> str:
+    for name, mod in (("omp", "numba.np.ufunc.omppool"), ("tbb", "numba.np.ufunc.tbbpool")):
+        try:
+            __import__(mod)
+            return name
+        except Exception:
+            continue
+    return "workqueue"
+
+
+def configure_threading() -> str:
+    """Select a Numba threading layer safe under concurrent calls; returns the layer name.
+
+    Numba's ``workqueue`` layer aborts the process when two Python threads launch parallel
+    kernels at once, so before our first parallel launch we set ``numba.config.THREADING_LAYER``
+    to ``omp`` (this numba wheel ships the OpenMP pool; with GNU OpenMP it is not fork-safe
+    *after* first use: fork workers before the first call, or use spawn) or else ``tbb``.
+    A user-set ``NUMBA_THREADING_LAYER`` is respected. If only workqueue is available, or the
+    layer was already fixed to workqueue by earlier Numba use in the process, our launches are
+    serialised with a lock instead (correct, but calls from several threads do not overlap).
+    """
+    global _layer_configured, _launch_lock
+    if _layer_configured:
+        return str(numba.config.THREADING_LAYER)
+    with _layer_lock:
+        if _layer_configured:
+            return str(numba.config.THREADING_LAYER)
+        from numba.np.ufunc import parallel as _par
+
+        if not getattr(_par, "_is_initialized", False) and not os.environ.get(
+            "NUMBA_THREADING_LAYER"
+        ):
+            numba.config.THREADING_LAYER = _pick_layer()
+        _par._launch_threads()
+        layer = numba.threading_layer()
+        if layer == "workqueue":
+            _launch_lock = threading.Lock()
+        _layer_configured = True
+        return layer
+
+
+# --------------------------------------------------------------------------- kernels
+if numba is not None:
+
+    @intrinsic
+    def _u32_as_f32(typingctx, u):
+        """Reinterpret the low 32 bits of an integer as float32 (LLVM trunc + bitcast, free)."""
+        if not isinstance(u, _nbtypes.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            v = args[0]
+            i32 = _llir.IntType(32)
+            if u.bitwidth > 32:
+                v = builder.trunc(v, i32)
+            elif u.bitwidth < 32:
+                v = builder.zext(v, i32)
+            return builder.bitcast(v, _llir.FloatType())
+
+        return _nbtypes.float32(u), codegen
+
+    @njit(inline="always", cache=True)
+    def _fp16_bits_to_f32(h):
+        # IEEE binary16 -> binary32, exact for all inputs (normal, subnormal, Inf, NaN)
+        h = np.uint32(h) & np.uint32(0xFFFF)
+        sign = (h & np.uint32(0x8000)) << np.uint32(16)
+        exp = (h >> np.uint32(10)) & np.uint32(0x1F)
+        mant = h & np.uint32(0x3FF)
+        if exp == np.uint32(0):
+            # zero or subnormal: mant * 2**-24, exact in fp32
+            f = np.float32(mant) * np.float32(5.9604644775390625e-08)
+            return -f if sign else f
+        if exp == np.uint32(0x1F):
+            return _u32_as_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
+        return _u32_as_f32(
+            sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
+        )
+
+    def _ld(a, i):  # pragma: no cover - replaced by the overload inside jitted code
+        raise NotImplementedError
+
+    @overload(_ld, inline="always")
+    def _ld_impl(a, i):
+        """Load element i of a value buffer as fp32 (dtype picks the decoder at compile time)."""
+        dt = a.dtype
+        if dt == _nbtypes.float32:
+            return lambda a, i: a[i]
+        if dt == _nbtypes.uint16:  # bfloat16 bits
+            return lambda a, i: _u32_as_f32(np.uint32(a[i]) << np.uint32(16))
+        if dt == _nbtypes.int16:  # float16 bits
+            return lambda a, i: _fp16_bits_to_f32(np.uint16(a[i]))
+        return None
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
+    def _csr_gemv(indptr, indices, values, x, bias, has_bias, out, bounds):
+        # indptr int64[M+1], indices uint16|int32[nnz], values f32|u16|i16[nnz], x f32[K],
+        # bias f32[M or 1], out f32[M], bounds int64[nchunks+1] (row ranges per chunk)
+        for ch in prange(bounds.shape[0] - 1):
+            for i in range(bounds[ch], bounds[ch + 1]):
+                acc = np.float32(0.0)
+                for j in range(indptr[i], indptr[i + 1]):
+                    acc += _ld(values, j) * x[indices[j]]
+                if has_bias:
+                    acc += bias[i]
+                out[i] = acc
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
+    def _csr_gemm(indptr, indices, values, xT, bias, has_bias, out, bounds):
+        # xT f32[K, N] C-contiguous, out f32[N, M] C-contiguous
+        N = xT.shape[1]
+        for ch in prange(bounds.shape[0] - 1):
+            acc = np.empty(N, np.float32)
+            for i in range(bounds[ch], bounds[ch + 1]):
+                b0 = bias[i] if has_bias else np.float32(0.0)
+                for n in range(N):
+                    acc[n] = b0
+                for j in range(indptr[i], indptr[i + 1]):
+                    v = _ld(values, j)
+                    col = indices[j]
+                    for n in range(N):
+                        acc[n] += v * xT[col, n]
+                for n in range(N):
+                    out[n, i] = acc[n]
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
+    def _bsr_gemv(indptr, indices, values, x, bias, has_bias, out, bounds, M, K, r, c):
+        # values flattened (nnzb*r*c); rows >= M and columns >= K (ragged edges) never touched
+        for ch in prange(bounds.shape[0] - 1):
+            acc = np.empty(r, np.float32)
+            for bi in range(bounds[ch], bounds[ch + 1]):
+                row0 = bi * r
+                rh = min(r, M - row0)
+                for rr in range(rh):
+                    acc[rr] = bias[row0 + rr] if has_bias else np.float32(0.0)
+                for j in range(indptr[bi], indptr[bi + 1]):
+                    col0 = np.int64(indices[j]) * c
+                    cw = min(c, K - col0)
+                    base = j * r * c
+                    for rr in range(rh):
+                        s = np.float32(0.0)
+                        o = base + rr * c
+                        for cc in range(cw):
+                            s += _ld(values, o + cc) * x[col0 + cc]
+                        acc[rr] += s
+                for rr in range(rh):
+                    out[row0 + rr] = acc[rr]
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
+    def _bsr_gemm(indptr, indices, values, xT, bias, has_bias, out, bounds, M, K, r, c):
+        N = xT.shape[1]
+        for ch in prange(bounds.shape[0] - 1):
+            acc = np.empty((r, N), np.float32)
+            for bi in range(bounds[ch], bounds[ch + 1]):
+                row0 = bi * r
+                rh = min(r, M - row0)
+                for rr in range(rh):
+                    b0 = bias[row0 + rr] if has_bias else np.float32(0.0)
+                    for n in range(N):
+                        acc[rr, n] = b0
+                for j in range(indptr[bi], indptr[bi + 1]):
+                    col0 = np.int64(indices[j]) * c
+                    cw = min(c, K - col0)
+                    base = j * r * c
+                    for rr in range(rh):
+                        o = base + rr * c
+                        for cc in range(cw):
+                            v = _ld(values, o + cc)
+                            xc = col0 + cc
+                            for n in range(N):
+                                acc[rr, n] += v * xT[xc, n]
+                for rr in range(rh):
+                    for n in range(N):
+                        out[n, row0 + rr] = acc[rr, n]
+
+
+# --------------------------------------------------------------------------- host side
+def _np_values(t: torch.Tensor) -> np.ndarray:
+    """Value buffer as a flat numpy array numba can type (bf16 -> uint16, fp16 -> int16)."""
+    t = t.reshape(-1)
+    if t.dtype == torch.float32:
+        return t.numpy()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy()
+    return t.view(torch.int16).numpy()  # float16
+
+
+def _np_index(t: torch.Tensor) -> np.ndarray:
+    return t.numpy()  # uint16 or int32
+
+
+def _partition(indptr64: np.ndarray, nchunks: int) -> np.ndarray:
+    """Row boundaries splitting rows into ``nchunks`` contiguous ranges of ~equal cost
+    (nonzeros + a per-row overhead). O(M) once per (matrix, thread count); cached."""
+    n_rows = indptr64.shape[0] - 1
+    nchunks = max(1, min(nchunks, n_rows))
+    cost = indptr64 + _ROW_COST * np.arange(n_rows + 1, dtype=np.int64)
+    targets = np.linspace(0, cost[-1], nchunks + 1)
+    b = np.searchsorted(cost, targets, side="left").astype(np.int64)
+    b[0], b[-1] = 0, n_rows
+    return np.maximum.accumulate(b)
+
+
+def _prepared(mat) -> dict:
+    """numpy views of the matrix buffers + int64 indptr, cached on the matrix."""
+
+    def build():
+        return {
+            "indptr": mat.indptr.numpy().astype(np.int64),
+            "indices": _np_index(mat.indices),
+            "values": _np_values(mat.values),
+        }
+
+    return mat._cached(("numba_cpu", "prep"), build)
+
+
+class NumbaCPUBackend:
+    """Numba CPU backend object (see module docstring)."""
+
+    name = "numba"
+
+    def available(self) -> bool:
+        """True when numba imports."""
+        return numba is not None
+
+    def describe(self) -> str:
+        """Numba version and threading layer, or why it is unavailable."""
+        if numba is None:
+            return str(_IMPORT_ERROR)
+        return f"numba {numba.__version__}"
+
+    def supports(self, mat: Any, x: torch.Tensor) -> bool:
+        """CPU tensors, fp32/bf16/fp16 values, x fp32 or the weight's value dtype."""
+        return (
+            x.device.type == "cpu"
+            and mat.values.device.type == "cpu"
+            and (x.dtype == torch.float32 or x.dtype == mat.values.dtype)
+        )
+
+    def linear(self, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None,
+               out: torch.Tensor) -> None:
+        """out = x2d @ W.T + bias.
+
+        Parameters
+        ----------
+        mat : CSRMatrix or BSRMatrix, CPU
+        x2d : torch.Tensor (N, K) C-contiguous, fp32 or the weight's value dtype
+        bias : torch.Tensor (M,) fp32 contiguous, or None
+        out : torch.Tensor (N, M) C-contiguous, same dtype as x2d (written, not read)
+        """
+        if numba is None:
+            raise RuntimeError(f"numba backend unavailable: {_IMPORT_ERROR}")
+        configure_threading()
+        N = x2d.shape[0]
+        M, K = mat.shape
+        if N == 0:
+            return
+        nthreads = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(nthreads)  # thread-local in numba: set on every call
+        p = _prepared(mat)
+        bounds = mat._cached(("numba_cpu", "bounds", nthreads),
+                             lambda: _partition(p["indptr"], nthreads))
+        has_bias = bias is not None
+        b = bias.numpy() if has_bias else np.zeros(1, np.float32)
+        direct = out.dtype == torch.float32
+        o = out if direct else torch.empty(out.shape, dtype=torch.float32)
+        is_bsr = isinstance(mat, BSRMatrix)
+        if not is_bsr and not isinstance(mat, CSRMatrix):
+            raise TypeError(f"weight: expected CSRMatrix or BSRMatrix, got {type(mat).__name__}")
+        if N == 1:
+            xv = x2d.reshape(K)
+            xv = (xv if xv.dtype == torch.float32 else xv.float()).numpy()
+            ov = o.reshape(M).numpy()
+            args = (p["indptr"], p["indices"], p["values"], xv, b, has_bias, ov, bounds)
+            kern = _bsr_gemv if is_bsr else _csr_gemv
+        else:
+            xT = x2d.t().contiguous()
+            xT = (xT if xT.dtype == torch.float32 else xT.float()).numpy()
+            args = (p["indptr"], p["indices"], p["values"], xT, b, has_bias, o.numpy(), bounds)
+            kern = _bsr_gemm if is_bsr else _csr_gemm
+        if is_bsr:
+            r, c = mat.blocksize
+            args = (*args, M, K, r, c)
+        if _launch_lock is not None:
+            with _launch_lock:
+                kern(*args)
+        else:
+            kern(*args)
+        if not direct:
+            out.copy_(o)
+
+
+backend = NumbaCPUBackend()

@@ -1,0 +1,451 @@
+"""SparseLinear: a drop-in, inference-oriented replacement for :class:`torch.nn.Linear`."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsekit.nn import _ops
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+except ImportError:  # pragma: no cover - very old torch: always take the op path
+
+    def _current_dispatch_mode():
+        return True
+
+__all__ = ["SparseLinear", "FORMATS"]
+
+#: Storage formats SparseLinear understands.
+FORMATS = ("csr", "bsr")
+
+# Candidate block shapes for ``format="auto"`` / ``format="bsr"`` without an explicit blocksize.
+_AUTO_BLOCKSIZES: tuple[tuple[int, int], ...] = ((16, 16), (8, 8), (4, 4), (1, 16), (1, 8))
+# "auto" picks BSR only when the blocks are this full (stored entries / true nonzeros).
+_AUTO_MAX_FILL = 1.25
+
+_BUFFERS = ("weight_indptr", "weight_indices", "weight_values")
+
+# module -> its CSRMatrix/BSRMatrix view of the buffers. Kept outside the module's __dict__ so
+# deepcopy/pickle-free state handling never copies backend caches; dies with the module.
+_MODULE_MATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _formats():
+    from sparsekit.formats import BSRMatrix, CSRMatrix
+
+    return CSRMatrix, BSRMatrix
+
+
+def block_fill(mask: Tensor, blocksize: tuple[int, int]) -> tuple[int, int]:
+    """Return ``(nnz_blocks, nnz)`` of a boolean ``(M, K)`` mask tiled with ``blocksize``.
+
+    ``nnz_blocks * r * c / nnz`` is the fill ratio of BSR storage (1.0 = blocks fully dense).
+    O(M*K).
+    """
+    r, c = blocksize
+    m, k = mask.shape
+    mb, kb = -(-m // r), -(-k // c)
+    padded = torch.zeros((mb * r, kb * c), dtype=torch.bool, device=mask.device)
+    padded[:m, :k] = mask
+    blocks = padded.reshape(mb, r, kb, c).any(dim=3).any(dim=1)
+    return int(blocks.sum()), int(mask.sum())
+
+
+def choose_format_heuristic(
+    mask: Tensor, blocksizes=_AUTO_BLOCKSIZES, max_fill: float = _AUTO_MAX_FILL
+) -> tuple[str, tuple[int, int] | None]:
+    """The measurement-free choice used by ``format="auto"`` (and ``sparsify(tune=False)``).
+
+    BSR with the largest block (by area, then the order of ``blocksizes``) whose fill ratio
+    (stored entries / true nonzeros) is at most ``max_fill``; otherwise CSR. Block storage
+    wins when the pattern really is blocky because it amortises one index over r*c values and
+    vectorises along c; with more fill it multiplies zeros.
+    """
+    best: tuple[int, tuple[int, int]] | None = None
+    for bs in blocksizes:
+        nnzb, nnz = block_fill(mask, bs)
+        if nnz == 0:
+            break
+        if nnzb * bs[0] * bs[1] <= max_fill * nnz and bs[0] * bs[1] > 1:
+            area = bs[0] * bs[1]
+            if best is None or area > best[0]:
+                best = (area, bs)
+    if best is None:
+        return "csr", None
+    return "bsr", best[1]
+
+
+class SparseLinear(nn.Module):
+    r"""Linear layer ``y = x W^T + b`` with a frozen CSR or BSR weight.
+
+    Same forward contract as :class:`torch.nn.Linear`: ``x`` of shape ``(*, in_features)``,
+    output ``(*, out_features)`` in ``x``'s dtype (accumulation in fp32). The forward pass goes
+    through the ``sparsekit::csr_linear`` / ``sparsekit::bsr_linear`` custom ops, so the module
+    works under ``torch.compile(fullgraph=True)`` and ``torch.export``.
+
+    The compressed weight is stored as **buffers** (``weight_indptr``, ``weight_indices``,
+    ``weight_values`` plus the int64 ``weight_meta = [out_features, in_features, r, c]``, with
+    ``r = c = 0`` for CSR): it is not trained. Gradients flow to the input (via the sparse
+    transpose, computed lazily and cached) and to ``bias`` if it requires grad.
+
+    Parameters
+    ----------
+    weight : CSRMatrix or BSRMatrix
+        The sparse weight, shape ``(out_features, in_features)``.
+    bias : Tensor or None
+        ``(out_features,)`` bias; wrapped in a :class:`~torch.nn.Parameter`.
+    backend : str
+        Kernel backend name passed to the ops (``"auto"``: cuda for CUDA tensors, then cpp,
+        numba, torch).
+
+    Attributes
+    ----------
+    in_features, out_features : int
+    format : str
+        ``"csr"`` or ``"bsr"``.
+    blocksize : tuple of int or None
+        BSR block shape ``(r, c)``; None for CSR.
+
+    Examples
+    --------
+    >>> lin = torch.nn.Linear(64, 32)
+    >>> sl = SparseLinear.from_dense(lin, format="csr")
+    >>> sl(torch.randn(4, 64)).shape
+    torch.Size([4, 32])
+    """
+
+    weight_indptr: Tensor
+    weight_indices: Tensor
+    weight_values: Tensor
+    weight_meta: Tensor
+
+    def __init__(self, weight: Any, bias: Tensor | None = None, *, backend: str = "auto") -> None:
+        super().__init__()
+        CSRMatrix, BSRMatrix = _formats()
+        if not isinstance(weight, (CSRMatrix, BSRMatrix)):
+            raise TypeError(
+                f"weight: expected a sparsekit CSRMatrix or BSRMatrix, got {type(weight).__name__}"
+                " (use SparseLinear.from_dense(nn.Linear) for dense weights)"
+            )
+        if not isinstance(backend, str):
+            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+        self.backend = backend
+        self._set_matrix(weight)
+        if bias is not None:
+            if not isinstance(bias, Tensor):
+                raise TypeError(f"bias: expected a Tensor or None, got {type(bias).__name__}")
+            if bias.shape != (self.out_features,):
+                raise ValueError(
+                    f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}"
+                )
+            if not bias.is_floating_point():
+                raise TypeError(f"bias: expected a floating-point tensor, got {bias.dtype}")
+            if bias.device != self.weight_values.device:
+                raise ValueError(
+                    f"bias: expected device {self.weight_values.device}, got {bias.device}"
+                )
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    def _set_matrix(self, mat: Any) -> None:
+        _, BSRMatrix = _formats()
+        m, k = (int(s) for s in mat.shape)
+        if isinstance(mat, BSRMatrix):
+            r, c = (int(b) for b in mat.blocksize)
+            self.format, self.blocksize = "bsr", (r, c)
+        else:
+            r = c = 0
+            self.format, self.blocksize = "csr", None
+        self.out_features, self.in_features = m, k
+        dev = mat.values.device
+        # Buffers are (re)registered so a new nnz replaces the old storage wholesale.
+        self.register_buffer("weight_indptr", mat.indptr)
+        self.register_buffer("weight_indices", mat.indices)
+        self.register_buffer("weight_values", mat.values)
+        self.register_buffer(
+            "weight_meta", torch.tensor([m, k, r, c], dtype=torch.int64, device=dev)
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        format: str = "auto",
+        blocksize: tuple[int, int] | None = None,
+        value_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+    ) -> SparseLinear:
+        """Build from a (pruned) :class:`torch.nn.Linear`; exact zeros are dropped.
+
+        Parameters
+        ----------
+        linear : nn.Linear
+            Source layer; its weight is read, not modified.
+        format : {"auto", "csr", "bsr"}
+            ``"auto"`` uses :func:`choose_format_heuristic` (BSR when blocks are nearly full).
+        blocksize : (int, int), optional
+            BSR block shape; with ``format="bsr"`` and no blocksize, the heuristic's best block
+            (or ``(4, 4)``) is used.
+        value_dtype : torch.dtype, optional
+            float32, bfloat16 or float16; default: the weight's dtype if supported, else float32.
+        backend : str
+            Kernel backend (see class docs).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
+        if format not in ("auto", *FORMATS):
+            raise ValueError(f"format: expected one of 'auto', 'csr', 'bsr', got {format!r}")
+        w = linear.weight.detach()
+        if value_dtype is None:
+            value_dtype = w.dtype if w.dtype in _ops.FLOAT_DTYPES else torch.float32
+        if value_dtype not in _ops.FLOAT_DTYPES:
+            raise TypeError(
+                f"value_dtype: expected one of float32, bfloat16, float16, got {value_dtype}"
+            )
+        if blocksize is not None:
+            if format == "csr":
+                raise ValueError("blocksize: only valid with format='bsr' or 'auto', got CSR")
+            format = "bsr"
+        if format == "auto":
+            format, blocksize = choose_format_heuristic(w != 0)
+        elif format == "bsr" and blocksize is None:
+            fmt, bs = choose_format_heuristic(w != 0)
+            blocksize = bs if fmt == "bsr" else (4, 4)
+        CSRMatrix, BSRMatrix = _formats()
+        if format == "csr":
+            mat = CSRMatrix.from_dense(w, value_dtype=value_dtype)
+        else:
+            mat = BSRMatrix.from_dense(w, blocksize=tuple(blocksize), value_dtype=value_dtype)
+        bias = None if linear.bias is None else linear.bias.detach()
+        out = cls(mat, bias, backend=backend)
+        if out.bias is not None:
+            out.bias.requires_grad_(linear.bias.requires_grad)
+        return out
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        format: str = "csr",
+        blocksize: tuple[int, int] | None = None,
+        value_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> SparseLinear:
+        """An all-zero (nnz = 0) layer of the given shape, e.g. as a ``load_state_dict`` target.
+
+        ``load_state_dict`` replaces the compressed buffers wholesale (any nnz, CSR or BSR).
+        """
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        w = torch.zeros((out_features, in_features), dtype=value_dtype, device=device)
+        lin = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=value_dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if lin.bias is not None:
+                lin.bias.zero_()
+        return cls.from_dense(
+            lin, format=format, blocksize=blocksize, value_dtype=value_dtype, backend=backend
+        )
+
+    # ------------------------------------------------------------------ inspection
+    def _registered_matrix(self):
+        """This module's matrix object over its current buffers, registered with the ops so
+        backend caches persist across forward calls (rebuilt when buffers are replaced)."""
+        mat = _MODULE_MATS.get(self)
+        ip, ix, v = self.weight_indptr, self.weight_indices, self.weight_values
+        if mat is None or mat.indptr is not ip or mat.indices is not ix or mat.values is not v:
+            mat = _ops._make_matrix(
+                ip, ix, v, (self.out_features, self.in_features), self.blocksize
+            )
+            _ops.register_matrix(mat)
+            _MODULE_MATS[self] = mat
+        return mat
+
+    @property
+    def matrix(self):
+        """The weight as a CSRMatrix / BSRMatrix sharing this module's buffers (no copy)."""
+        return self._registered_matrix()
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense ``(out_features, in_features)`` weight, **materialised** on every access.
+
+        For inspection and tests only: it allocates ``out_features * in_features`` values.
+        """
+        return self.matrix.to_dense()
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries (CSR) / nonzero values inside the stored blocks (BSR; the zero fill
+        of partially empty blocks is excluded, like ``BSRMatrix.nnz``)."""
+        if self.blocksize is None:
+            return int(self.weight_values.numel())
+        return int(torch.count_nonzero(self.weight_values))
+
+    @property
+    def density(self) -> float:
+        """``nnz / (out_features * in_features)``."""
+        return self.nnz / float(self.out_features * self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compressed weight (indptr + indices + values; bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in self._weight_tensors())
+
+    def _weight_tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.weight_indptr, self.weight_indices, self.weight_values
+
+    def extra_repr(self) -> str:
+        bs = f", blocksize={self.blocksize}" if self.blocksize is not None else ""
+        dt = str(self.weight_values.dtype).replace("torch.", "")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, format={self.format}{bs}, "
+            f"density={self.density:.4f}, value_dtype={dt}, bytes={self.nbytes}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():
+            mat = self._registered_matrix()  # keeps backend caches warm in eager mode
+            if self._eager_fast_path_ok(x):
+                # Plain eager inference: call the kernels directly. Going through the
+                # dispatcher and the autograd wrapper of the custom op costs tens of
+                # microseconds per layer, which is the whole product at batch 1.
+                return _ops.linear_matrix(x, mat, self.bias, self.backend, "SparseLinear")
+        if self.blocksize is None:
+            return torch.ops.sparsekit.csr_linear(
+                x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
+                self.out_features, self.in_features, self.backend,
+            )
+        r, c = self.blocksize
+        return torch.ops.sparsekit.bsr_linear(
+            x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
+            self.out_features, self.in_features, r, c, self.backend,
+        )
+
+    def _eager_fast_path_ok(self, x: Tensor) -> bool:
+        if type(x) is not Tensor or _current_dispatch_mode() is not None:
+            return False  # tensor subclasses / tracing modes (make_fx, fake tensors): use the op
+        if not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+
+    def to_linear(self) -> nn.Linear:
+        """A :class:`torch.nn.Linear` with the exact dense weight (dtype of the values)."""
+        w = self.weight
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias = nn.Parameter(
+                    self.bias.detach().clone(), requires_grad=self.bias.requires_grad
+                )
+        return lin
+
+    # ------------------------------------------------------------------ device/dtype moves
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype)/half()/bfloat16() already skip integer tensors, but a custom
+        # fn may not: index buffers only ever follow the device, never the dtype. Values may
+        # only become one of the kernel value dtypes.
+        old = {n: getattr(self, n) for n in (*_BUFFERS, "weight_meta")}
+        super()._apply(fn, recurse)
+        for n in ("weight_indptr", "weight_indices", "weight_meta"):
+            new = getattr(self, n)
+            if new.dtype != old[n].dtype:
+                self._buffers[n] = old[n].to(device=new.device)
+        vals = self.weight_values
+        if vals.dtype not in _ops.FLOAT_DTYPES:
+            # Undo (keep module consistent) and explain.
+            for n in (*_BUFFERS, "weight_meta"):
+                self._buffers[n] = old[n]
+            raise TypeError(
+                f"SparseLinear: values can be float32, bfloat16 or float16, got {vals.dtype} "
+                "(from a .to()/.double()-style conversion); convert the rest of the model only, "
+                "or call sparsekit.densify first"
+            )
+        return self
+
+    # ------------------------------------------------------------------ state dict
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ):
+        keys = [prefix + n for n in (*_BUFFERS, "weight_meta")]
+        present = [k in state_dict for k in keys]
+        if all(present):
+            try:
+                mat = matrix_from_state(
+                    state_dict[keys[0]], state_dict[keys[1]], state_dict[keys[2]],
+                    state_dict[keys[3]], prefix=prefix,
+                    expect_shape=(self.out_features, self.in_features),
+                )
+            except (ValueError, TypeError) as e:
+                error_msgs.append(str(e))
+                mat = None
+            if mat is not None:
+                dev = self.weight_values.device
+                self._set_matrix(mat.to(device=dev))
+        # The base class copies parameters (bias) and reports missing/unexpected keys; our
+        # buffers now have the incoming sizes, so its per-tensor copy_ is exact.
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            error_msgs,
+        )
+
+
+def matrix_from_state(
+    indptr: Tensor,
+    indices: Tensor,
+    values: Tensor,
+    meta: Tensor,
+    *,
+    prefix: str = "",
+    expect_shape: tuple[int, int] | None = None,
+):
+    """Validate raw compressed arrays + ``weight_meta`` and build the CSR/BSR matrix.
+
+    Validation (indices in range, monotone indptr, dtypes, lengths) is done by the format
+    constructors; this checks the metadata and that it agrees with ``values``.
+    """
+    CSRMatrix, BSRMatrix = _formats()
+    name = f"{prefix}weight_meta"
+    if not isinstance(meta, Tensor) or meta.dtype != torch.int64 or meta.shape != (4,):
+        got = (meta.dtype, tuple(meta.shape)) if isinstance(meta, Tensor) else type(meta).__name__
+        raise ValueError(f"{name}: expected an int64 tensor of shape (4,), got {got}")
+    m, k, r, c = (int(v) for v in meta.tolist())
+    if m <= 0 or k <= 0 or r < 0 or c < 0 or (r == 0) != (c == 0):
+        raise ValueError(f"{name}: expected [M>0, K>0, r, c] with r=c=0 (CSR) or r,c>0 (BSR), "
+                         f"got {[m, k, r, c]}")
+    if expect_shape is not None and (m, k) != tuple(expect_shape):
+        raise ValueError(
+            f"{name}: shape (out_features, in_features) = {(m, k)} does not match the module's "
+            f"{tuple(expect_shape)}"
+        )
+    if r == 0:
+        if values.dim() != 1:
+            raise ValueError(f"{prefix}weight_values: expected 1-D values for CSR, got "
+                             f"shape {tuple(values.shape)}")
+        return CSRMatrix(indptr.cpu(), indices.cpu(), values.cpu(), (m, k)).to(
+            device=values.device
+        )
+    if values.dim() != 3 or tuple(values.shape[1:]) != (r, c):
+        raise ValueError(f"{prefix}weight_values: expected shape (nnzb, {r}, {c}) for BSR, got "
+                         f"{tuple(values.shape)}")
+    return BSRMatrix(indptr.cpu(), indices.cpu(), values.cpu(), (m, k), blocksize=(r, c)).to(
+        device=values.device
+    )

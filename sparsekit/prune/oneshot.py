@@ -1,0 +1,91 @@
+"""One-shot pruning: score, select exactly, zero in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ._core import Engine, Filter, PruneReport, apply_masks, count_nonzero
+
+__all__ = ["prune"]
+
+
+def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None, *,
+          criterion: str | Callable[[torch.Tensor, nn.Module], torch.Tensor] = "l1",
+          granularity: str | tuple[int, int] = "unstructured", scope: str = "layer",
+          include: Filter = None, exclude: Filter = None,
+          types: type | tuple[type, ...] = (nn.Linear, nn.Conv2d),
+          calibration: Iterable[object] | None = None) -> PruneReport:
+    """Prune ``model``'s weights in place, once, to an exact sparsity.
+
+    Pruned weights are set to exactly ``+0.0``; no hook or parametrization is left behind, so the
+    result is a plain model ready for :func:`sparsekit.sparsify` / ``CSRMatrix.from_dense``.
+    Biases are never pruned.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Modified in place.
+    sparsity : float or dict of str to float, optional
+        Fraction of weights to zero, in [0, 1).  A float applies to every selected module
+        (``scope='layer'``) or to all of them together (``scope='global'``).  A dict maps module
+        names or glob patterns to per-module targets (only those modules are pruned; an exact name
+        wins over patterns).  May be None only for N:M granularity, whose sparsity is fixed.
+    criterion : {"l1", "l2", "mean", "wanda"} or callable
+        Importance score, see :mod:`sparsekit.prune.criteria`.  For groups, ``l1`` is the sum of
+        ``|w|``, ``l2`` the L2 norm and ``mean`` the mean ``|w|``.  A callable
+        ``fn(weight, module) -> scores`` (weight's shape, higher = kept) is summed per group.
+    granularity : str or (int, int)
+        ``"unstructured"``; a block ``(r, c)`` (whole r x c blocks of the 2-D weight view are
+        zeroed so it maps onto BSR with that block size; edge blocks may be ragged); ``"N:M"``
+        (at most N nonzeros in every M consecutive weights along the input dimension; when K is
+        not a multiple of M the last, shorter group keeps at most N); ``"row"`` (alias
+        ``"channel"``: whole output rows / output channels).  Convolution weights are viewed as
+        ``(out_channels, in_channels/groups * prod(kernel_size))``.
+    scope : {"layer", "global"}
+        ``"layer"``: every module reaches its own target.  ``"global"``: one ranking across all
+        selected modules, so layers are pruned unevenly (compare scores across layers with care:
+        group sums favour layers with larger groups; ``mean`` does not).
+    include, exclude : str, type or iterable of them, optional
+        Glob patterns on qualified module names (``"encoder.*"``) or module types.  Each item must
+        match some module of ``model``.  Use ``exclude`` to keep e.g. the final classifier dense.
+    types : type or tuple of types
+        Module types to consider: ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (and subclasses).
+    calibration : iterable, optional
+        Input batches for ``criterion='wanda'``: tensors, ``(inputs, targets)`` tuples (as a
+        ``DataLoader`` yields) or dicts of keyword inputs.  Run in eval mode under ``no_grad``.
+
+    Returns
+    -------
+    PruneReport
+        Per-layer target, reached sparsity, parameters and nonzeros before/after.
+
+    Raises
+    ------
+    ValueError
+        For bad arguments (the message names the argument and the value).
+
+    Notes
+    -----
+    Selection ranks groups by ``(score, position)`` with a stable sort and prunes the lowest ones
+    until the pruned element count is closest to ``sparsity * numel``: exact to within one element
+    (unstructured) or one group, and deterministic under ties.  Cost: one sort of the scores,
+    ``O(n log n)`` for ``n`` groups.
+
+    Examples
+    --------
+    >>> report = prune(model, 0.9, exclude="fc3")                      # doctest: +SKIP
+    >>> report = prune(model, granularity="2:4")                       # doctest: +SKIP
+    >>> report = prune(model, {"fc1": 0.95, "fc2": 0.8}, granularity=(1, 4))  # doctest: +SKIP
+    """
+    engine = Engine(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
+                    include=include, exclude=exclude, types=types, calibration=calibration)
+    before = count_nonzero(engine.modules)
+    targets = engine.targets_for(sparsity)
+    masks = engine.compute_masks(float(sparsity) if scope == "global" else targets)
+    apply_masks(engine.modules, masks)
+    target = engine.gran.fixed_sparsity if sparsity is None else (
+        dict(sparsity) if isinstance(sparsity, Mapping) else float(sparsity))
+    return engine.report(masks, before, None if scope == "global" else targets, target)

@@ -1,0 +1,198 @@
+"""Tests of the shared benchmark harness (sparsekit.bench.harness)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sparsekit.bench import harness as h
+
+
+def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_contenders_match_float64_reference_and_rotate(dtype, with_bias):
+    gen = torch.Generator().manual_seed(7 + int(with_bias))
+    m, k, n_copies = 67, 130, 3  # odd sizes: no contender may rely on nice multiples
+    ws = [torch.randn(m, k, generator=gen).to(dtype) for _ in range(n_copies)]
+    b = torch.randn(m, generator=gen).to(dtype) if with_bias else None
+    cont = h.dense_contenders(ws, b, batch_size=5)
+    assert "F.linear" in cont and "torch.matmul" in cont
+    if dtype == torch.float32:
+        # fp32 runs everywhere these builds run; all formulations must be offered
+        assert {"onednn", "numpy"} <= set(cont), cont.skipped
+    else:
+        assert "numpy" in cont.skipped
+    # every name is either offered or explained
+    assert set(cont) | set(cont.skipped) >= {"F.linear", "torch.matmul", "onednn", "numpy"}
+    for batch in (1, 5, 9):
+        x = torch.randn(batch, k, generator=gen).to(dtype)
+        for i in range(n_copies + 1):  # i == n_copies wraps to copy 0
+            ref = _ref(x, ws[i % n_copies], b)
+            for name, fn in cont.items():
+                y = fn(x, i)
+                assert y.shape == (batch, m), name
+                ok, err = h.check_close(y, ref, dtype, k)
+                assert ok, f"{name} copy {i}: rel err {err}"
+
+
+def test_dense_contenders_rejects_bad_weights():
+    with pytest.raises(ValueError, match="weights"):
+        h.dense_contenders([])
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        h.dense_contenders([torch.randn(4, 5), torch.randn(4, 6)])
+    with pytest.raises(ValueError, match="bias"):
+        h.dense_contenders([torch.randn(4, 5)], torch.randn(3))
+    with pytest.raises(ValueError, match="batch_size"):
+        h.dense_contenders([torch.randn(4, 5)], batch_size=0)
+
+
+def test_check_close_flags_wrong_results():
+    ref = torch.randn(4, 8, dtype=torch.float64)
+    assert h.check_close(ref.float(), ref, torch.float32, 8)[0]
+    bad = ref.clone()
+    bad[2, 3] += 1e-2 * ref.abs().max()
+    assert not h.check_close(bad, ref, torch.float32, 8)[0]
+    nan = ref.clone()
+    nan[0, 0] = math.nan
+    assert not h.check_close(nan, ref, torch.float32, 8)[0]
+    assert not h.check_close(ref[:, :7], ref, torch.float32, 8)[0]
+
+
+def test_rotation_count_arithmetic():
+    llc = 260 * 2**20
+    # 64 MiB weights: 2 * 260 / 64 = 8.125 -> 9 copies (576 MiB > 520 MiB, 8 copies would not)
+    assert h.rotation_count(64 * 2**20, llc=llc) == 9
+    # exactly 2 x LLC must be *exceeded*, so equality needs one more copy
+    assert h.rotation_count(llc, llc=llc) == 3
+    assert h.rotation_count(2 * llc, llc=llc) == 2
+    assert h.rotation_count(2 * llc + 1, llc=llc) == 1
+    assert h.rotation_count(10 * llc, llc=llc) == 1
+    assert h.rotation_count(1000, factor=1.0, llc=10_000) == 11
+    for nbytes in (1, 4096, 3 * 2**20, 123_457_000):
+        c = h.rotation_count(nbytes, llc=llc)
+        assert c * nbytes > 2 * llc and (c - 1) * nbytes <= 2 * llc
+    # default LLC comes from sysfs
+    assert h.rotation_count(1 << 20) == h.rotation_count(1 << 20, llc=h.llc_bytes())
+    for bad in (0, -5, 1.5, None):
+        with pytest.raises(ValueError, match="bytes_per_copy"):
+            h.rotation_count(bad, llc=llc)
+    with pytest.raises(ValueError, match="factor"):
+        h.rotation_count(10, factor=0, llc=llc)
+
+
+def test_llc_bytes_parses_sysfs(tmp_path):
+    for idx, (level, size, kind) in enumerate(
+        [(1, "48K", "Data"), (1, "32K", "Instruction"), (2, "2048K", "Unified"),
+         (3, "266240K", "Unified")]
+    ):
+        d = tmp_path / f"index{idx}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+        (d / "type").write_text(f"{kind}\n")
+    assert h.llc_bytes(tmp_path) == 266240 * 1024
+    # an instruction cache larger than everything else is ignored
+    big = tmp_path / "index9"
+    big.mkdir()
+    (big / "size").write_text("1G\n")
+    (big / "type").write_text("Instruction\n")
+    assert h.llc_bytes(tmp_path) == 266240 * 1024
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    assert h.llc_bytes(empty) == 32 * 2**20
+    assert h.llc_bytes() > 0
+
+
+def test_measure_counts_and_ordered_stats():
+    calls: list[int] = []
+    st = h.measure(lambda i: calls.append(i), warmup=4, min_reps=25, min_time_s=0.0)
+    assert st.reps == 25
+    assert calls == list(range(4 + 25))  # warm-up indices first, then a running index
+    assert 0 < st.min_s <= st.p10_s <= st.median_s <= st.p90_s
+    assert st.min_s <= st.mean_s
+
+    # min_time_s keeps going past min_reps: 3 ms per call for >= 30 ms needs >= 10 calls
+    import time
+
+    st = h.measure(lambda i: time.sleep(0.003), warmup=0, min_reps=2, min_time_s=0.03)
+    assert st.reps >= 10
+    assert st.median_s >= 0.003  # the clock measures at least the sleep
+    # max_reps caps the loop even when min_time_s is not reached
+    st = h.measure(lambda i: None, warmup=0, min_reps=3, max_reps=7, min_time_s=100.0)
+    assert st.reps == 7
+    # max_time_s stops after min_reps
+    st = h.measure(lambda i: time.sleep(0.002), warmup=0, min_reps=3, min_time_s=100.0,
+                   max_time_s=0.01)
+    assert 3 <= st.reps <= 10
+    synced: list[int] = []
+    h.measure(lambda i: None, warmup=1, min_reps=5, min_time_s=0, sync=lambda: synced.append(1))
+    assert len(synced) == 1 + 5  # once after warm-up, once per timed call
+    d = st.to_dict()
+    assert set(d) >= {"median_s", "p10_s", "p90_s", "reps"}
+
+
+def test_measure_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="fn"):
+        h.measure(42)
+    with pytest.raises(ValueError, match="min_reps"):
+        h.measure(lambda i: None, min_reps=0)
+    with pytest.raises(ValueError, match="max_reps"):
+        h.measure(lambda i: None, min_reps=5, max_reps=2)
+    with pytest.raises(ValueError, match="warmup"):
+        h.measure(lambda i: None, warmup=-1)
+    with pytest.raises(ValueError, match="min_time_s"):
+        h.measure(lambda i: None, min_time_s=-1)
+
+
+def test_stats_percentiles_and_best_dense():
+    st = h.Stats.from_samples([float(v) for v in range(1, 102)])  # 1..101
+    assert st.median_s == 51 and st.p10_s == 11 and st.p90_s == 91 and st.reps == 101
+    a = h.Stats(2.0, 1.0, 3.0, 10)
+    b = h.Stats(1.5, 1.0, 3.0, 10)
+    assert h.best_dense({"x": a, "y": b, "z": None}) == ("y", b)
+    with pytest.raises(ValueError, match="stats_by_name"):
+        h.best_dense({"z": None})
+    with pytest.raises(ValueError, match="samples_s"):
+        h.Stats.from_samples([])
+
+
+def test_threads_for_all_sets_and_restores():
+    before = torch.get_num_threads()
+    with h.threads_for_all(1) as n:
+        assert n == 1
+        assert torch.get_num_threads() == 1
+        from threadpoolctl import threadpool_info
+
+        blas = [d for d in threadpool_info() if d["user_api"] == "blas"]
+        assert all(d["num_threads"] == 1 for d in blas)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="n:"):
+        with h.threads_for_all(0):
+            pass
+
+
+def test_machine_info_keys_and_json():
+    info = h.machine_info(num_threads=1, bandwidth=False)
+    for key in ("cpu_model", "isa_flags", "cores_logical", "affinity", "num_threads",
+                "llc_bytes", "copy_bandwidth_gbs", "load_avg", "os", "python", "versions",
+                "sparsekit", "blas", "env", "gpu", "date_utc", "git"):
+        assert key in info, key
+    assert info["num_threads"] == 1
+    assert info["llc_bytes"] == h.llc_bytes()
+    assert set(info["versions"]) >= {"torch", "numpy", "scipy", "numba"}
+    assert set(info["sparsekit"]) >= {"version", "backends", "cpp_isa"}
+    assert info["date_utc"].endswith("Z")
+    json.dumps(info)  # must be serialisable as-is
+    # bandwidth on a small buffer (cached per arguments) is a positive finite number
+    bw = h.copy_bandwidth_gbs(nbytes=8 * 2**20, num_threads=1)
+    assert math.isfinite(bw) and bw > 0
+    with pytest.raises(ValueError, match="nbytes"):
+        h.copy_bandwidth_gbs(nbytes=0)
