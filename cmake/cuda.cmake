@@ -39,6 +39,8 @@ function(sparsekit_add_cuda target)
     message(STATUS "sparsekit: *** CUDA kernels NOT built: no CUDA compiler (nvcc) found.    ***")
     message(STATUS "sparsekit: *** sparsekit._C.cuda_built() will return False.              ***")
     message(STATUS "sparsekit: ***************************************************************")
+    # Recorded so tests can tell "AUTO found no nvcc" from "CUDA explicitly OFF".
+    target_compile_definitions(${target} PRIVATE SPARSEKIT_CUDA_REQUESTED="${SPARSEKIT_CUDA}")
     set(SPARSEKIT_CUDA_BUILT OFF PARENT_SCOPE)
     return()
   endif()
@@ -54,6 +56,7 @@ function(sparsekit_add_cuda target)
   string(REPLACE ";" "," _sk_archs_csv "${SPARSEKIT_CUDA_ARCHS}")
   target_compile_definitions(${target} PRIVATE
     SPARSEKIT_WITH_CUDA=1
+    SPARSEKIT_CUDA_REQUESTED="${SPARSEKIT_CUDA}"
     SPARSEKIT_CUDA_ARCHS="${_sk_archs_csv}")
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -O3 -lineinfo -Xcompiler=-fvisibility=hidden>)

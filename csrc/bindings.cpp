@@ -16,6 +16,9 @@
 #ifdef SPARSEKIT_WITH_CUDA
 #include "cuda/spmm_cuda.h"
 #endif
+#ifndef SPARSEKIT_CUDA_REQUESTED  // set by cmake/cuda.cmake: "AUTO" | "ON"; absent when OFF
+#define SPARSEKIT_CUDA_REQUESTED "OFF"
+#endif
 // ---- end CUDA block ----
 
 #ifdef _OPENMP
@@ -564,6 +567,7 @@ PYBIND11_MODULE(_C, m) {
         py::dict d;
         std::string why;
         d["built"] = true;
+        d["requested"] = SPARSEKIT_CUDA_REQUESTED;
         d["runtime_version"] = sparsekit::cuda::runtime_version();
         d["archs"] = std::string(sparsekit::cuda::archs_compiled());
         d["device_count"] = sparsekit::cuda::device_count(&why);
@@ -659,6 +663,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_info", [] {
         py::dict d;
         d["built"] = false;
+        d["requested"] = SPARSEKIT_CUDA_REQUESTED;  // "OFF", or "AUTO" when no nvcc was found
         return d;
       },
       "CUDA build facts ({'built': False} without CUDA).");

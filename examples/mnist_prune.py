@@ -149,6 +149,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
 
 
 # ----------------------------------------------------------------------------- timing
+def use_threads(n: int) -> None:
+    """Set torch's and sparsekit's intra-op thread counts."""
+    torch.set_num_threads(n)
+    try:
+        from sparsekit.threads import set_num_threads
+    except ImportError:
+        return
+    set_num_threads(n)
+
+
 @torch.inference_mode()
 def median_latency(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
     """Median seconds per forward of each model, interleaved so all see the same conditions."""
@@ -176,7 +186,9 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "torch_threads": torch.get_num_threads()}
+            "numpy": np.__version__,
+            # Timings are only as good as the machine was quiet: record how busy it was.
+            "loadavg_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     try:
         import sparsekit._C as C  # noqa: N812
 
@@ -200,7 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sparsities", default="0.8,0.9,0.95")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--large-batch", type=int, default=256, help="second latency batch size")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads for the latency measurements")
+    ap.add_argument("--train-threads", type=int, default=1,
+                    help="threads for training (1: bit-reproducible across machines, and robust "
+                         "on a shared, oversubscribed machine)")
     ap.add_argument("--quick", action="store_true", help="smoke test: few epochs, few timings")
     ap.add_argument("--out", default=None, help="write results JSON here (and a .md table)")
     args = ap.parse_args(argv)
@@ -210,13 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                  else (5 if args.quick else 10))
     sparsities = [float(s) for s in args.sparsities.split(",")]
     reps = 20 if args.quick else 300
-    torch.set_num_threads(args.threads)
-    try:
-        from sparsekit.threads import set_num_threads
-
-        set_num_threads(args.threads)
-    except ImportError:
-        pass
+    use_threads(args.train_threads)
     t_start = time.perf_counter()
 
     data = load_mnist(args.data)
@@ -230,14 +239,16 @@ def main(argv: list[str] | None = None) -> dict:
     dense = LeNet300100(n_in=xtr.shape[1])
     train(dense, xtr, ytr, epochs=epochs, lr=0.05, batch_size=args.batch_size, seed=args.seed)
     dense_eval = evaluate(dense, (xte, yte))
-    print(f"dense ({epochs} epochs): test accuracy {dense_eval.accuracy:.4f}")
+    print(f"dense ({epochs} epochs): test accuracy {dense_eval.accuracy:.4f} "
+          f"[{time.perf_counter() - t_start:.0f} s]")
 
     ft_lr = 0.01
     twin = copy.deepcopy(dense)
     train(twin, xtr, ytr, epochs=ft_epochs, lr=ft_lr, batch_size=args.batch_size,
           seed=args.seed + 1)
     twin_eval = evaluate(twin, (xte, yte))
-    print(f"dense twin (+{ft_epochs} epochs, no pruning): test accuracy {twin_eval.accuracy:.4f}")
+    print(f"dense twin (+{ft_epochs} epochs, no pruning): test accuracy "
+          f"{twin_eval.accuracy:.4f} [{time.perf_counter() - t_start:.0f} s]")
 
     steps = ft_epochs * math.ceil(xtr.shape[0] / args.batch_size)
     end_step = max(1, int(0.6 * steps))  # prune over 60 % of fine-tuning, then recover
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     xb1, xbl = xte[:1].contiguous(), xte[:args.large_batch].contiguous()
     rows = []
     for s in sparsities:
+        use_threads(args.train_threads)
         model = copy.deepcopy(dense)
         pruner = train(model, xtr, ytr, epochs=ft_epochs, lr=ft_lr, batch_size=args.batch_size,
                        seed=args.seed + 1,
@@ -256,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = pruner.finalize()
         ev = evaluate(model, (xte, yte))
 
+        use_threads(args.threads)
         sparse = to_sparse(model)
         with torch.inference_mode():
             logits_d, logits_s = model(xte), sparse(xte)
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"sparsity {s:.2f}: accuracy {ev.accuracy:.4f} "
               f"({row['delta_vs_twin_points']:+.2f} pts vs twin), fc1+fc2 sparsity "
               f"{report.sparsity:.4f}, predictions equal: {n_diff == 0}, max|dlogit| "
-              f"{max_logit_diff:.2e}")
+              f"{max_logit_diff:.2e} [{time.perf_counter() - t_start:.0f} s]")
 
     result = {
         "example": "examples/mnist_prune.py",
@@ -297,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "data_source": data.source, "quick": args.quick, "seed": args.seed,
         "dense_epochs": epochs, "finetune_epochs": ft_epochs, "batch_size": args.batch_size,
+        "train_threads": args.train_threads, "latency_threads": args.threads,
+        "latency_reps": {"batch1": reps, f"batch{xbl.shape[0]}": max(5, reps // 10)},
         "model": "LeNet-300-100 (784-300-100-10, ReLU)" if xtr.shape[1] == 784
         else f"LeNet-300-100 variant ({xtr.shape[1]}-300-100-10, ReLU)",
         "pruning": {"method": "GradualPruner, cubic schedule (Zhu & Gupta), l1, unstructured, "
@@ -330,8 +345,10 @@ def markdown_table(r: dict) -> str:
         f"# LeNet-300-100 pruning on {r['data_source']}",
         "",
         f"seed {r['seed']}, {r['dense_epochs']} dense epochs + {r['finetune_epochs']} "
-        f"fine-tuning epochs, torch {r['machine']['torch']}, {r['machine']['torch_threads']} "
-        f"threads, {r['machine']['cpu']}, {r['date_utc']}. Gradual l1 pruning of fc1+fc2 "
+        f"fine-tuning epochs ({r['train_threads']} training thread), torch "
+        f"{r['machine']['torch']}, latency with {r['latency_threads']} threads (median of "
+        f"{r['latency_reps']['batch1']} / {r['latency_reps'][big]} runs), "
+        f"{r['machine']['cpu']}, {r['date_utc']}. Gradual l1 pruning of fc1+fc2 "
         f"(fc3, the classifier, kept dense). Dense accuracy {100 * r['dense']['accuracy']:.2f} %, "
         f"dense twin (same extra epochs, no pruning) {100 * r['dense_twin']['accuracy']:.2f} %.",
         "",

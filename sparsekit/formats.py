@@ -23,7 +23,8 @@ otherwise) produce, for the first violation found, exactly::
     indptr: expected non-decreasing values, got indptr[{i+1}] = {b} < indptr[{i}] = {a}
     indptr: expected indptr[-1] == len(indices) = {nnz}, got {v}
     indices: expected values in [0, {K}), got {v} at position {p}
-    indices: expected sorted unique values within each row, got {v} after {u} at position {p} (row {r})
+    indices: expected sorted unique values within each row, got {v} after {u} at position {p}
+      (row {r})      [one line in the actual message]
 
 NaN and Inf values are allowed: they are data and propagate through the kernels like in dense
 matmul.
@@ -90,9 +91,8 @@ def _resolve_value_dtype(value_dtype: Any, src: torch.dtype, name: str = "value_
     if isinstance(value_dtype, np.dtype) or (
         isinstance(value_dtype, type) and issubclass(value_dtype, np.generic)
     ):
-        value_dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}.get(
-            np.dtype(value_dtype), value_dtype
-        )
+        np_map = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+        value_dtype = np_map.get(np.dtype(value_dtype), value_dtype)
     if isinstance(value_dtype, str):
         value_dtype = {
             "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -161,7 +161,9 @@ def _values_tensor(values: Any, name: str = "values") -> torch.Tensor:
             )
         t = torch.from_numpy(np.ascontiguousarray(values))
     else:
-        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(values).__name__}")
+        raise TypeError(
+            f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(values).__name__}"
+        )
     if t.dtype not in VALUE_DTYPES:
         raise TypeError(
             f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype} "
@@ -239,7 +241,9 @@ def _validate_structure_numpy(indptr: np.ndarray, indices: np.ndarray, n_rows: i
     bad = np.flatnonzero((ix < 0) | (ix >= n_cols))
     if bad.size:
         p = int(bad[0])
-        raise ValueError(f"indices: expected values in [0, {n_cols}), got {int(ix[p])} at position {p}")
+        raise ValueError(
+            f"indices: expected values in [0, {n_cols}), got {int(ix[p])} at position {p}"
+        )
     if nnz > 1:
         dd = np.diff(ix) <= 0
         # a decrease is fine exactly where a new row starts (position p == indptr[r] for some r)
@@ -399,7 +403,9 @@ class CSRMatrix(_SparseBase):
         M, K = _check_shape(shape)
         vals = _values_tensor(values)
         if vals.dim() != 1:
-            raise ValueError(f"values: expected a 1-D array of length nnz, got shape {tuple(vals.shape)}")
+            raise ValueError(
+                f"values: expected a 1-D array of length nnz, got shape {tuple(vals.shape)}"
+            )
         device = _tensor_device(indptr, indices, vals)
         ip = _to_numpy_int(indptr, "indptr")
         ix = _to_numpy_int(indices, "indices")
@@ -483,13 +489,13 @@ class CSRMatrix(_SparseBase):
         return cls(c.indptr, c.indices, vals, c.shape)
 
     def to_scipy(self):
-        """``scipy.sparse.csr_array`` copy on CPU. scipy has no bfloat16: bf16 values are
-        converted to float32 (exact); float32/float16 keep their dtype."""
+        """``scipy.sparse.csr_array`` copy on CPU with float32 data.
+
+        scipy has no bfloat16 and its sparse kernels reject float16, so half-precision values
+        are converted to float32 (exact; ``from_scipy(s, value_dtype=...)`` converts back)."""
         import scipy.sparse as sps
 
-        vals = self.values.detach().cpu()
-        if vals.dtype == torch.bfloat16:
-            vals = vals.float()
+        vals = self.values.detach().cpu().float()
         idx_dt = np.int32 if self.nnz < 2**31 else np.int64
         return sps.csr_array(
             (
@@ -713,7 +719,9 @@ class BSRMatrix(_SparseBase):
             raise TypeError(f"sp: expected a scipy.sparse array or matrix, got {type(sp).__name__}")
         if blocksize is None:
             if sp.format != "bsr":
-                raise ValueError("blocksize: expected (r, c) when sp is not in BSR format, got None")
+                raise ValueError(
+                    "blocksize: expected (r, c) when sp is not in BSR format, got None"
+                )
             blocksize = sp.blocksize
         r, c = _check_shape(blocksize, "blocksize")
         M, K = sp.shape
@@ -732,15 +740,13 @@ class BSRMatrix(_SparseBase):
         return cls(b.indptr, b.indices, vals, (M, K), (r, c))
 
     def to_scipy(self):
-        """``scipy.sparse.bsr_array`` copy on CPU. scipy has no bfloat16: bf16 values are
-        converted to float32 (exact). Raises ValueError for ragged shapes (scipy requires the
-        shape to be a multiple of the blocksize)."""
+        """``scipy.sparse.bsr_array`` copy on CPU with float32 data (bf16/fp16 are converted,
+        exactly: scipy has no bfloat16 and rejects float16). Raises ValueError for ragged
+        shapes (scipy requires the shape to be a multiple of the blocksize)."""
         import scipy.sparse as sps
 
         self._check_scipy_torch_shape("to_scipy")
-        vals = self.values.detach().cpu()
-        if vals.dtype == torch.bfloat16:
-            vals = vals.float()
+        vals = self.values.detach().cpu().float()
         idx_dt = np.int32 if self.nnz_blocks < 2**31 else np.int64
         return sps.bsr_array(
             (

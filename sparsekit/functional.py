@@ -111,8 +111,12 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
             bias = bias.float()
         elif not bias.is_contiguous():
             bias = bias.contiguous()
-        bias = bias.detach()
-    x2d = x.detach().reshape(-1, K)
+        if bias.requires_grad:
+            bias = bias.detach()
+    if x.requires_grad:
+        x = x.detach()
+    # reshape only when needed: a no-op reshape still costs microseconds at N=1
+    x2d = x if x.dim() == 2 else x.reshape(-1, K)
     if cdt != x2d.dtype:
         x2d = x2d.to(cdt)
     if not x2d.is_contiguous():
@@ -120,13 +124,12 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
     N = x2d.shape[0]
     out = torch.empty((N, M), dtype=cdt, device=x.device)
     if N:
-        be = select_backend(weight, x2d, backend)
-        be.linear(weight, x2d, bias, out)
+        select_backend(weight, x2d, backend).linear(weight, x2d, bias, out)
     elif backend != "auto":
         select_backend(weight, x2d, backend)  # still validate the name
     if cdt != x.dtype:
         out = out.to(x.dtype)
-    y = out.reshape(*shape[:-1], M)
+    y = out if len(shape) == 2 else out.reshape(*shape[:-1], M)
     return y.numpy() if is_np else y
 
 

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
+from _nn_models import Block, linear_reference, magnitude_prune, mlp
 from torch import nn
 
 from sparsekit.formats import BSRMatrix, CSRMatrix
 from sparsekit.nn import SparseLinear, densify, sparsify
-from _nn_models import Block, linear_reference, magnitude_prune, mlp
 
 # the module (sparsekit.nn.sparsify the attribute is the function)
 sparsify_mod = importlib.import_module("sparsekit.nn.sparsify")
@@ -39,7 +39,9 @@ def _pruned_linear(m, k, sparsity, seed, bias=True, dtype=torch.float32):
 # ------------------------------------------------------------------------------ SparseLinear
 
 
-@pytest.mark.parametrize("fmt,bs", [("csr", None), ("bsr", (4, 4)), ("bsr", (3, 5)), ("bsr", (1, 8))])
+@pytest.mark.parametrize(
+    "fmt,bs", [("csr", None), ("bsr", (4, 4)), ("bsr", (3, 5)), ("bsr", (1, 8))]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_sparse_linear_matches_dense_float64(fmt, bs, bias):
     lin = _pruned_linear(37, 70, 0.7, seed=1, bias=bias)  # ragged vs every block shape
@@ -172,10 +174,14 @@ def test_apply_moves_and_casts_values_only():
 @pytest.mark.parametrize("src_fmt,dst_fmt", [("csr", "csr"), ("bsr", "csr"), ("csr", "bsr")])
 def test_state_dict_round_trip_into_fresh_module(src_fmt, dst_fmt):
     lin = _pruned_linear(20, 48, 0.8, seed=8)
-    sl = SparseLinear.from_dense(lin, format=src_fmt, blocksize=(4, 4) if src_fmt == "bsr" else None)
+    sl = SparseLinear.from_dense(
+        lin, format=src_fmt, blocksize=(4, 4) if src_fmt == "bsr" else None
+    )
     sd = sl.state_dict()
     assert set(sd) == {"weight_indptr", "weight_indices", "weight_values", "weight_meta", "bias"}
-    fresh = SparseLinear.empty(48, 20, format=dst_fmt, blocksize=(2, 2) if dst_fmt == "bsr" else None)
+    fresh = SparseLinear.empty(
+        48, 20, format=dst_fmt, blocksize=(2, 2) if dst_fmt == "bsr" else None
+    )
     fresh.load_state_dict(sd)
     assert fresh.format == src_fmt
     for k, v in fresh.state_dict().items():

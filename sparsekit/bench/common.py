@@ -82,6 +82,8 @@ def check_and_time(
     timing: dict[str, Any],
     sync: Callable[[], Any] | None = None,
     slow_call_s: float = 0.25,
+    tol: float | None = None,
+    threads: int | None = None,
 ) -> Outcome:
     """Build a contender, verify it against ``ref`` (float64) and time it only if correct.
 
@@ -100,11 +102,17 @@ def check_and_time(
         Keyword arguments for :func:`harness.measure`.
     sync : callable, optional
         Device synchronisation for asynchronous (CUDA) contenders.
+    tol : float, optional
+        Tolerance on ``max|y - ref| / max|ref|``; default :func:`harness.tolerance_for`.
+    threads : int, optional
+        torch thread count to re-assert after the first call: starting a library's OpenMP pool
+        (numba's "omp" threading layer) can reset the process-wide OpenMP thread count.
     slow_call_s : float
         If the verification call took longer than this, time with 1 warm-up and 3 reps only,
         so a slow contender (e.g. single-threaded scipy on a large BSR) cannot blow the budget.
     """
-    tol = h.tolerance_for(dtype, k)
+    if tol is None:
+        tol = h.tolerance_for(dtype, k)
     try:
         fn = make()
         t0 = time.perf_counter()
@@ -112,13 +120,15 @@ def check_and_time(
         if sync is not None:
             sync()
         first_s = time.perf_counter() - t0
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     except Exception as exc:  # classify: cannot run vs crashed
         reason = unsupported_reason(exc)
         if reason is not None:
             return Outcome(UNSUPPORTED, message=reason)
         return Outcome(ERROR, message=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                        if str(exc) else type(exc).__name__)
-    ok, err = h.check_close(y, ref, dtype, k)
+    ok, err = h.check_close(y, ref, dtype, k, tol=tol)
     del y
     if not ok:
         return Outcome(WRONG, max_rel_err=err, tol=tol,

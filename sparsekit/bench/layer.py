@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -117,7 +118,7 @@ class LayerSweep:
     warmup: int = 2
     min_reps: int = 5
     min_time_s: float = 0.1
-    rotate_factor: float = 2.0
+    rotate_factor: float = 2.0  # rotating set > rotate_factor x LLC; 0 disables (tests only)
     seed: int = 0
 
     def validate(self) -> None:
@@ -151,8 +152,9 @@ class LayerSweep:
             raise ValueError(f"threads: expected an int >= 1, got {self.threads}")
         if self.min_reps < 1 or self.warmup < 0 or self.min_time_s < 0:
             raise ValueError("timing: expected warmup >= 0, min_reps >= 1, min_time_s >= 0")
-        if not self.rotate_factor > 0:
-            raise ValueError(f"rotate_factor: expected > 0, got {self.rotate_factor}")
+        if not (self.rotate_factor >= 0 and math.isfinite(self.rotate_factor)):
+            raise ValueError(f"rotate_factor: expected a number >= 0 (0 = no rotation), got "
+                             f"{self.rotate_factor}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly configuration."""
@@ -236,6 +238,11 @@ def _torch_sparse_factory(wd: torch.Tensor, fmt: FormatSpec, x: torch.Tensor,
                           bias: torch.Tensor | None, n_copies: Callable[[int], int],
                           info: dict[str, Any]):
     def make():
+        with warnings.catch_warnings():  # "sparse CSR support is in beta" on every conversion
+            warnings.simplefilter("ignore", UserWarning)
+            return _make()
+
+    def _make():
         if fmt.name == "csr":
             t = wd.to_sparse_csr()
             parts = (t.crow_indices(), t.col_indices(), t.values())
@@ -391,6 +398,8 @@ def _run_shape_dtype(cfg, device, m, k, dname, threads, timing, sk, records, bar
     llc = _gpu_l2(device) if device.type == "cuda" else None
 
     def n_copies(nbytes: int) -> int:
+        if cfg.rotate_factor == 0:  # smoke tests only: weights stay cache-resident
+            return 1
         return h.rotation_count(max(int(nbytes), 1), cfg.rotate_factor, llc=llc)
 
     bias = None if b32 is None else b32.to(device=device, dtype=dtype)
@@ -414,7 +423,7 @@ def _run_shape_dtype(cfg, device, m, k, dname, threads, timing, sk, records, bar
                 if name in conts:
                     fn = conts[name]
                     out = check_and_time(lambda fn=fn, x=x: (lambda i: fn(x, i)), ref, dtype, k,
-                                         timing=timing, sync=sync_fn)
+                                         timing=timing, sync=sync_fn, threads=threads)
                 else:
                     reason = conts.skipped.get(name, "not offered")
                     status = UNAVAILABLE if "built without" in reason else UNSUPPORTED
@@ -425,7 +434,8 @@ def _run_shape_dtype(cfg, device, m, k, dname, threads, timing, sk, records, bar
                 bar.advance(f"{label0} N={batch} dense:{name}")
             del conts
         del copies, wd
-        gc.collect()
+        if cfg.rotate_factor:
+            gc.collect()  # hand the rotating set (> 2 x LLC) back before the sparse cells
 
     # ---- sparse contenders -------------------------------------------------------------
     usable, skipped = sk
@@ -464,17 +474,17 @@ def _run_shape_dtype(cfg, device, m, k, dname, threads, timing, sk, records, bar
                         else:
                             out = check_and_time(
                                 _sparsekit_factory(arg, mat, x, bias, n_copies, info),
-                                ref, dtype, k, timing=timing, sync=sync_fn)
+                                ref, dtype, k, timing=timing, sync=sync_fn, threads=threads)
                     elif family == "torch.sparse":
                         out = check_and_time(
                             _torch_sparse_factory(wd, fmt, x, bias, n_copies, info),
-                            ref, dtype, k, timing=timing, sync=sync_fn)
+                            ref, dtype, k, timing=timing, sync=sync_fn, threads=threads)
                     else:
-                        out = check_and_time(_scipy_factory(wd, fmt, x, bias, n_copies, info),
-                                             ref, dtype, k, timing=timing, sync=sync_fn)
+                        out = check_and_time(
+                            _scipy_factory(wd, fmt, x, bias, n_copies, info),
+                            ref, dtype, k, timing=timing, sync=sync_fn, threads=threads)
                     records.append(_fill(rec, family, cname, out, info))
                     bar.advance(f"{label} {cname}")
-                    gc.collect()
             del mat, wd
 
 

@@ -10,8 +10,8 @@ Kernels (see csrc/cuda/spmm_cuda.h):
 
 * CSR: warp per row with 128-bit streaming loads of values/indices and x gathered through the
   read-only cache; N <= 8 in one pass (1/2/4/8 accumulators per lane), larger N tiled by 8.
-  Rows are visited longest-first (row swizzle, after Sputnik); the permutation is computed on
-  the device once per matrix and cached on it.
+  Rows are visited longest-first (row swizzle, after Sputnik) when their lengths are skewed;
+  the permutation is computed on the device once per matrix and cached on it.
 * BSR: tensor cores (wmma m16n16k16, fp32 accumulation) for fp16/bf16 weights with x of the
   same dtype, blocks that are multiples of 16 and N >= 16; a CUDA-core kernel otherwise.
 
@@ -46,15 +46,28 @@ def built() -> bool:
     return _C is not None and bool(_C.cuda_built())
 
 
-def row_order(mat: CSRMatrix) -> torch.Tensor:
-    """Row-swizzle permutation of a CUDA CSR matrix: rows by decreasing length (int32 (M,)).
+#: row swizzle only pays when row lengths are skewed (longest row > this x the mean): on
+#: uniform rows it only adds a dependent load in front of every row
+SWIZZLE_SKEW = 2.0
 
-    Long rows start first and neighbouring warps get rows of similar length, which evens out
-    the tail of the launch on skewed matrices. Computed on the matrix's device, cached on it.
+
+def row_order(mat: CSRMatrix) -> torch.Tensor | None:
+    """Row-swizzle permutation of a CUDA CSR matrix (int32 (M,)), or None when not worth it.
+
+    Rows by decreasing length: long rows start first and neighbouring warps get rows of
+    similar length, which evens out the tail of the launch on skewed matrices (Sputnik's row
+    swizzle). Computed on the matrix's device once (one host sync) and cached on the matrix;
+    None when the longest row is at most ``SWIZZLE_SKEW`` times the mean length.
     """
 
-    def build() -> torch.Tensor:
+    def build() -> torch.Tensor | None:
         lengths = mat.indptr[1:] - mat.indptr[:-1]
+        M = lengths.numel()
+        if M < 2:
+            return None
+        mx = int(lengths.max())
+        if mx * M <= SWIZZLE_SKEW * int(mat.indptr[-1]):
+            return None
         order = torch.argsort(lengths, descending=True, stable=True)
         return order.to(torch.int32).contiguous()
 
@@ -76,7 +89,8 @@ class CudaBackend:
             return str(_IMPORT_ERROR)
         info = dict(_C.cuda_info())
         if not info.get("built"):
-            return "sparsekit._C was built without CUDA (SPARSEKIT_CUDA=OFF or no nvcc at build time)"
+            return ("sparsekit._C was built without CUDA "
+                    "(SPARSEKIT_CUDA=OFF or no nvcc at build time)")
         rt = int(info["runtime_version"])
         desc = f"CUDA {rt // 1000}.{rt % 1000 // 10}, sm {info['archs']}"
         if not torch.cuda.is_available():
@@ -132,7 +146,7 @@ class CudaBackend:
                     r, c, vcode, code, code, _IDX[mat.indptr.dtype], _IDX[mat.indices.dtype],
                     K, M, stream)
             else:
-                ro = row_order(mat) if M > 1 else None
+                ro = row_order(mat)
                 _C.cuda_csr_linear(
                     mat.indptr.data_ptr(), mat.indices.data_ptr(), mat.values.data_ptr(),
                     x2d.data_ptr(), out.data_ptr(), bptr, 0 if ro is None else ro.data_ptr(),

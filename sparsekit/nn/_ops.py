@@ -112,6 +112,15 @@ def register_matrix(mat) -> None:
         _MATS[key] = weakref.ref(mat, _drop)
 
 
+def refresh_if_modified(mat) -> None:
+    """Drop the backends' cached data of a registered matrix whose buffers were modified in
+    place since it was registered (version counters changed)."""
+    v = _versions((mat.indptr, mat.indices, mat.values))
+    if v != mat._nn_versions:
+        mat._invalidate()
+        mat._nn_versions = v
+
+
 def _make_matrix(
     indptr: Tensor,
     indices: Tensor,
@@ -129,7 +138,6 @@ def _make_matrix(
     """
     from sparsekit.formats import BSRMatrix, CSRMatrix
 
-    tensors = (indptr, indices, values)
     ref = _MATS.get((id(indptr), id(indices), id(values)))
     mat = ref() if ref is not None else None
     if (
@@ -137,13 +145,10 @@ def _make_matrix(
         and mat.indptr is indptr
         and mat.indices is indices
         and mat.values is values
-        and tuple(mat.shape) == tuple(shape)
-        and getattr(mat, "blocksize", None) == blocksize
+        and mat._shape == tuple(shape)
+        and getattr(mat, "_blocksize", None) == blocksize
     ):
-        v = _versions(tensors)
-        if v != mat._nn_versions:
-            mat._invalidate()
-            mat._nn_versions = v
+        refresh_if_modified(mat)
         return mat
     if blocksize is None:
         return CSRMatrix._from_parts(indptr, indices, values, shape)

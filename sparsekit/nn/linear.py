@@ -261,15 +261,19 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------ inspection
     def _registered_matrix(self):
         """This module's matrix object over its current buffers, registered with the ops so
-        backend caches persist across forward calls (rebuilt when buffers are replaced)."""
+        backend caches persist across forward calls (rebuilt when buffers are replaced,
+        invalidated when they are modified in place)."""
+        b = self._buffers  # direct dict access: Module.__getattr__ costs ~1 us per lookup
+        ip, ix, v = b["weight_indptr"], b["weight_indices"], b["weight_values"]
         mat = _MODULE_MATS.get(self)
-        ip, ix, v = self.weight_indptr, self.weight_indices, self.weight_values
-        if mat is None or mat.indptr is not ip or mat.indices is not ix or mat.values is not v:
+        if mat is None or mat.values is not v or mat.indices is not ix or mat.indptr is not ip:
             mat = _ops._make_matrix(
                 ip, ix, v, (self.out_features, self.in_features), self.blocksize
             )
             _ops.register_matrix(mat)
             _MODULE_MATS[self] = mat
+        else:
+            _ops.refresh_if_modified(mat)
         return mat
 
     @property
@@ -319,11 +323,15 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.compiler.is_compiling():
             mat = self._registered_matrix()  # keeps backend caches warm in eager mode
-            if self._eager_fast_path_ok(x):
-                # Plain eager inference: call the kernels directly. Going through the
-                # dispatcher and the autograd wrapper of the custom op costs tens of
-                # microseconds per layer, which is the whole product at batch 1.
-                return _ops.linear_matrix(x, mat, self.bias, self.backend, "SparseLinear")
+            bias = self._parameters["bias"]
+            if type(x) is Tensor and _current_dispatch_mode() is None and (
+                not torch.is_grad_enabled()
+                or not (x.requires_grad or (bias is not None and bias.requires_grad))
+            ):
+                # Plain eager inference (no autograd, no tracing mode, no tensor subclass):
+                # call the kernels directly. The dispatcher + autograd wrapper of the custom
+                # op cost tens of microseconds per layer -- the whole product at batch 1.
+                return _ops.linear_matrix(x, mat, bias, self.backend, "SparseLinear")
         if self.blocksize is None:
             return torch.ops.sparsekit.csr_linear(
                 x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
@@ -334,13 +342,6 @@ class SparseLinear(nn.Module):
             x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
             self.out_features, self.in_features, r, c, self.backend,
         )
-
-    def _eager_fast_path_ok(self, x: Tensor) -> bool:
-        if type(x) is not Tensor or _current_dispatch_mode() is not None:
-            return False  # tensor subclasses / tracing modes (make_fx, fake tensors): use the op
-        if not torch.is_grad_enabled():
-            return True
-        return not (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
 
     def to_linear(self) -> nn.Linear:
         """A :class:`torch.nn.Linear` with the exact dense weight (dtype of the values)."""

@@ -1,0 +1,394 @@
+"""The ``sparsekit`` command line (also ``python -m sparsekit``).
+
+``sparsekit bench [layer]``    sweep one linear layer over shapes/batches/sparsities/formats/dtypes
+``sparsekit bench model``      a whole model, dense vs pruned + sparsified
+``sparsekit bench compare``    diff two ``--out`` JSON files; exit status 1 on regression
+``sparsekit info``             machine, versions and built backends as JSON
+
+Exit status: 0 success, 1 regression found by ``compare`` or a run-time failure, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+PROG = "sparsekit"
+
+
+# --------------------------------------------------------------------------------------------
+# Argument types
+# --------------------------------------------------------------------------------------------
+def _list_of(conv: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, "
+                                             f"got {text!r}")
+        out = []
+        for t in items:
+            try:
+                out.append(conv(t))
+            except (ValueError, TypeError) as exc:
+                raise argparse.ArgumentTypeError(f"expected {what}, got {t!r} ({exc})") from None
+        return out
+
+    return parse
+
+
+def _pos_int(t: str) -> int:
+    v = int(t)
+    if v < 1:
+        raise ValueError("must be >= 1")
+    return v
+
+
+def _fraction(t: str) -> float:
+    v = float(t)
+    if not (0.0 <= v < 1.0):
+        raise ValueError("must be in [0, 1)")
+    return v
+
+
+def _nonneg_float(t: str) -> float:
+    v = float(t)
+    if not v >= 0:
+        raise ValueError("must be >= 0")
+    return v
+
+
+def _shape(t: str) -> tuple[int, int]:
+    from sparsekit.bench.layer import parse_shape
+
+    return parse_shape(t)
+
+
+def _fmt(t: str):
+    from sparsekit.bench.layer import FormatSpec
+
+    if t.strip().lower() == "auto":
+        return FormatSpec("auto")
+    return FormatSpec.parse(t)
+
+
+def _dtype(t: str) -> str:
+    from sparsekit.bench.common import DTYPE_NAMES, parse_dtype
+
+    return DTYPE_NAMES[parse_dtype(t)]
+
+
+def _device(t: str) -> str:
+    if t not in ("cpu", "cuda"):
+        raise ValueError("expected cpu or cuda")
+    return t
+
+
+def _default_devices() -> list[str]:
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser, *, batches: str, sparsities: str, formats: str,
+                dtypes: str) -> None:
+    g = p.add_argument_group("sweep")
+    g.add_argument("--batches", type=_list_of(_pos_int, "positive ints"), default=batches,
+                   help=f"batch sizes N (rows of x) (default {batches})")
+    g.add_argument("--sparsities", type=_list_of(_fraction, "fractions in [0, 1)"),
+                   default=sparsities, help=f"fraction of zero weights (default {sparsities})")
+    g.add_argument("--formats", type=_list_of(_fmt, "csr or bsr<r>x<c>"), default=formats,
+                   help=f"sparse formats: csr, bsr<r>x<c> (default {formats})")
+    g.add_argument("--dtypes", type=_list_of(_dtype, "fp32, bf16 or fp16"), default=dtypes,
+                   help=f"compute dtypes (default {dtypes})")
+    g.add_argument("--devices", type=_list_of(_device, "cpu or cuda"), default=None,
+                   help="devices (default: cpu, plus cuda when available)")
+    g.add_argument("--backends", type=_list_of(str, "backend names"), default=None,
+                   help="sparsekit backends to time (default: every built one except the "
+                        "float64 'torch' reference)")
+    t = p.add_argument_group("method")
+    t.add_argument("--threads", type=_pos_int, default=None,
+                   help="threads for every contender (default: CPUs in the affinity mask)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    t.add_argument("--min-reps", type=_pos_int, default=5, help="timed calls, at least "
+                   "(default 5)")
+    t.add_argument("--min-time", type=_nonneg_float, default=0.1,
+                   help="seconds of timed calls per contender, at least (default 0.1)")
+    t.add_argument("--rotate-factor", type=_nonneg_float, default=2.0,
+                   help="rotate weight copies totalling more than this x LLC (default 2; 0 "
+                        "disables rotation -- smoke tests only, numbers are then optimistic)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--clean-blas-env", action="store_true",
+                   help="re-run without OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE (they can slow the "
+                        "numpy baseline); both are recorded in the output either way")
+    t.add_argument("--no-bandwidth", action="store_true",
+                   help="skip measuring copy bandwidth for the machine info (saves ~2 s and "
+                        "4 x LLC of memory)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="JSON", help="write all records + machine info as JSON")
+    o.add_argument("--csv", metavar="CSV", help="write one CSV row per record")
+    o.add_argument("--plot", metavar="PNG",
+                   help="speedup vs sparsity plot, a line per batch size (needs matplotlib)")
+    o.add_argument("--table", choices=("pivot", "long"), default="pivot",
+                   help="console table: one row per case (pivot) or per contender (long)")
+    o.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar and no table (files are still written)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``sparsekit`` command."""
+    from sparsekit.bench import layer as L
+
+    parser = argparse.ArgumentParser(prog=PROG, description="sparsekit command line")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+    sub.required = True
+    bench = sub.add_parser(
+        "bench", help="benchmarks (layer sweep, model, compare)",
+        description="Benchmarks with one method for every contender: identical inputs, a "
+                    "float64 correctness check before timing, weight rotation beyond 2x LLC, "
+                    "medians with p10/p90, the same thread count everywhere. 'sparsekit bench' "
+                    "alone runs 'bench layer' with its defaults.")
+    modes = bench.add_subparsers(dest="mode", metavar="{layer,model,compare}")
+    modes.required = True
+
+    lp = modes.add_parser(
+        "layer", help="sweep one linear layer",
+        description="y = x @ W.T for W (M x K) pruned at random to each sparsity, against dense "
+                    "torch (F.linear and the fastest dense formulation), sparsekit backends, "
+                    "torch.sparse and scipy.sparse.")
+    lp.add_argument("--shapes", type=_list_of(_shape, "MxK shapes"),
+                    default=",".join(f"{m}x{k}" for m, k in L.DEFAULT_SHAPES),
+                    help="weight shapes MxK = out_features x in_features (default "
+                         + ",".join(f"{m}x{k}" for m, k in L.DEFAULT_SHAPES) + ")")
+    lp.add_argument("--contenders", type=_list_of(str, "contender families"),
+                    default="dense,sparsekit,torch.sparse,scipy",
+                    help="families to run (default dense,sparsekit,torch.sparse,scipy)")
+    lp.add_argument("--bias", action="store_true", help="add a bias (default: none)")
+    _add_common(lp, batches=",".join(map(str, L.DEFAULT_BATCHES)),
+                sparsities=",".join(f"{s:g}" for s in L.DEFAULT_SPARSITIES),
+                formats=",".join(L.DEFAULT_FORMATS), dtypes=",".join(L.DEFAULT_DTYPES))
+
+    mp = modes.add_parser(
+        "model", help="a whole model, dense vs pruned + sparsified",
+        description="Built-ins mnist-mlp and bert-base, hf:<name> (needs transformers), or "
+                    "pkg.mod:factory; --weights loads a sparsekit.save file into it.")
+    mp.add_argument("--model", default="mnist-mlp",
+                    help="mnist-mlp | bert-base | hf:<name or path> | pkg.mod:factory "
+                         "(default mnist-mlp)")
+    mp.add_argument("--weights", help="safetensors file written by sparsekit.save, loaded into "
+                                      "the model first")
+    mp.add_argument("--data", help="MNIST .npz (mnist-mlp inputs from real test images)")
+    mp.add_argument("--input-shape", type=_list_of(_pos_int, "positive ints"), default=None,
+                    help="per-sample input shape, e.g. 784 or 128,768 (default: from the model)")
+    mp.add_argument("--layers", type=_pos_int, default=4, help="bert-base layers (default 4)")
+    mp.add_argument("--seq-len", type=_pos_int, default=128,
+                    help="sequence length for bert-base / hf models (default 128)")
+    mp.add_argument("--dense", type=_list_of(str, "dense formulations"),
+                    default="F.linear,torch.matmul,onednn,mkl_packed,numpy",
+                    help="dense formulations of every nn.Linear to time")
+    _add_common(mp, batches="1,8,32", sparsities="0.7,0.9", formats="csr,bsr4x4",
+                dtypes="fp32,bf16")
+
+    cp = modes.add_parser(
+        "compare", help="diff two runs; exit 1 on regression",
+        description="Match the measurements of two --out JSON files and flag those that got "
+                    "slower by more than --threshold (or went from ok to failing).")
+    cp.add_argument("old", help="baseline JSON")
+    cp.add_argument("new", help="new JSON")
+    cp.add_argument("--threshold", type=_nonneg_float, default=0.10,
+                    help="relative slowdown treated as noise (default 0.10 = 10%%)")
+    cp.add_argument("--metric", choices=("median_s", "speedup_vs_best_dense",
+                                         "speedup_vs_flinear"), default="median_s",
+                    help="what to compare; speedups (ratios within one run) suit runs from "
+                         "different machines (default median_s)")
+    cp.add_argument("--all", action="store_true", help="also list unchanged measurements")
+
+    sub.add_parser("info", help="machine, versions and backends as JSON",
+                   description="Print sparsekit's view of this machine as JSON.")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+def _machine(args: argparse.Namespace, threads: int | None) -> dict[str, Any]:
+    from sparsekit.bench import harness as h
+
+    return h.machine_info(threads if threads is not None else h._default_threads(),
+                          bandwidth=not args.no_bandwidth)
+
+
+def _emit(mode: str, args: argparse.Namespace, records: list[dict[str, Any]],
+          config: dict[str, Any], machine: dict[str, Any], elapsed: float,
+          argv: Sequence[str], header: str = "") -> None:
+    from sparsekit.bench import report
+
+    if args.out:
+        report.write_json(report.make_document(mode, records, config=config, machine=machine,
+                                               argv=argv, elapsed_s=round(elapsed, 2)),
+                          args.out)
+    if args.csv:
+        report.write_csv(records, args.csv, machine)
+    if args.plot:
+        report.plot_speedup(records, args.plot)
+    if not args.quiet:
+        text = report.console_report(records, table=args.table, machine=machine)
+        sys.stdout.write((header + "\n" if header else "") + text)
+        written = [p for p in (args.out, args.csv, args.plot) if p]
+        sys.stdout.write(f"({len(records)} measurements in {elapsed:.0f} s"
+                         + (f"; wrote {', '.join(written)}" if written else "") + ")\n")
+
+
+def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for opt in ("out", "csv", "plot"):
+        path = getattr(args, opt, None)
+        if path:
+            d = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(d):
+                parser.error(f"--{opt}: directory {d!r} does not exist")
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot: needs matplotlib, which is not installed "
+                         "(pip install matplotlib)")
+
+
+def _cmd_layer(parser, args, argv) -> int:
+    from sparsekit.bench.layer import LayerSweep, run_layer_sweep
+
+    cfg = LayerSweep(
+        shapes=args.shapes, batches=args.batches, sparsities=args.sparsities,
+        formats=args.formats, dtypes=args.dtypes,
+        devices=args.devices or _default_devices(), backends=args.backends,
+        contenders=args.contenders, bias=args.bias, threads=args.threads, warmup=args.warmup,
+        min_reps=args.min_reps, min_time_s=args.min_time, rotate_factor=args.rotate_factor,
+        seed=args.seed,
+    )
+    if any(f.name == "auto" for f in cfg.formats):
+        parser.error("--formats: 'auto' is only meaningful for 'bench model'")
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    t0 = time.perf_counter()
+    machine = _machine(args, cfg.threads)
+    records = run_layer_sweep(cfg, progress=not args.quiet)
+    _emit("layer", args, records, cfg.to_dict(), machine, time.perf_counter() - t0, argv)
+    return 0
+
+
+def _cmd_model(parser, args, argv) -> int:
+    from sparsekit.bench.model import ModelBench, run_model_bench
+
+    cfg = ModelBench(
+        model=args.model, weights=args.weights, data=args.data, input_shape=args.input_shape,
+        bert_layers=args.layers, seq_len=args.seq_len, batches=args.batches,
+        sparsities=args.sparsities, formats=args.formats, dtypes=args.dtypes,
+        devices=args.devices or _default_devices(), backends=args.backends, dense=args.dense,
+        threads=args.threads, warmup=args.warmup, min_reps=args.min_reps,
+        min_time_s=args.min_time, rotate_factor=args.rotate_factor, seed=args.seed,
+    )
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    t0 = time.perf_counter()
+    machine = _machine(args, cfg.threads)
+    try:
+        records, desc = run_model_bench(cfg, progress=not args.quiet)
+    except ValueError as exc:  # bad --model / --weights / --input-shape
+        parser.error(str(exc))
+    config = cfg.to_dict()
+    config["model_description"] = desc
+    _emit("model", args, records, config, machine, time.perf_counter() - t0, argv,
+          header=f"model: {desc}")
+    return 0
+
+
+def _cmd_compare(parser, args) -> int:
+    from sparsekit.bench.compare import compare_runs, format_comparison
+    from sparsekit.bench.report import load_json
+
+    try:
+        old = load_json(args.old, "old")
+        new = load_json(args.new, "new")
+    except ValueError as exc:
+        parser.error(str(exc))
+    changes, only_old, only_new = compare_runs(old, new, threshold=args.threshold,
+                                               metric=args.metric)
+    ma, mb = old.get("machine") or {}, new.get("machine") or {}
+    for key in ("cpu_model", "num_threads"):
+        if ma.get(key) != mb.get(key):
+            sys.stdout.write(f"warning: runs differ in {key}: {ma.get(key)!r} vs "
+                             f"{mb.get(key)!r}; consider --metric speedup_vs_best_dense\n")
+    sys.stdout.write(format_comparison(changes, only_old, only_new, metric=args.metric,
+                                       threshold=args.threshold, show_all=args.all))
+    if not changes:
+        sys.stdout.write("warning: no measurement appears in both files\n")
+    return 1 if any(c.kind in ("regression", "status") for c in changes) else 0
+
+
+def _cmd_info() -> int:
+    from sparsekit.bench import harness as h
+
+    json.dump(h.machine_info(bandwidth=False), sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """``sparsekit bench [options]`` without a mode means ``sparsekit bench layer [options]``."""
+    if argv and argv[0] == "bench":
+        rest = argv[1:]
+        if not rest or (rest[0].startswith("-") and rest[0] not in ("-h", "--help")):
+            return ["bench", "layer", *rest]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparsekit`` console script; returns the exit status."""
+    args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command == "info":
+        return _cmd_info()
+    mode_parser = _subparser(parser, "bench", args.mode)
+    if args.mode == "compare":
+        return _cmd_compare(mode_parser, args)
+    if args.clean_blas_env:
+        from sparsekit.bench.harness import reexec_without_openblas_overrides
+
+        # re-run as ``python -m sparsekit ...``: works for the console script and for -m alike
+        reexec_without_openblas_overrides(
+            ["-m", "sparsekit", *[a for a in args_list if a != "--clean-blas-env"]])
+    _check_outputs(mode_parser, args)
+    try:
+        if args.mode == "layer":
+            return _cmd_layer(mode_parser, args, args_list)
+        return _cmd_model(mode_parser, args, args_list)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+    except RuntimeError as exc:
+        sys.stderr.write(f"{PROG} bench {args.mode}: error: {exc}\n")
+        return 1
+
+
+def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.ArgumentParser:
+    p = parser
+    for name in path:
+        action = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        p = action.choices[name]
+    return p
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

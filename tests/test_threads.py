@@ -1,0 +1,224 @@
+"""Thread-count control: env var, set/get, context manager, affinity/cgroup parsing, and
+bit-identical results across thread counts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cpu_backends
+from reference import random_block_pruned, random_pruned, random_x
+
+import sparsekit
+from sparsekit import BSRMatrix, CSRMatrix
+from sparsekit import threads as th
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    th._reset_default()
+    yield
+    th._reset_default()
+
+
+# --------------------------------------------------------------------------- parsers
+@pytest.mark.parametrize("text,expected", [
+    ("max 100000\n", None),
+    ("200000 100000\n", 2.0),
+    ("150000 100000", 1.5),
+    ("50000 100000", 0.5),
+    ("", None),
+    ("garbage", None),
+    ("-1 100000", None),
+])
+def test_parse_cgroup_v2(text, expected):
+    assert th.parse_cgroup_v2_cpu_max(text) == expected
+
+
+@pytest.mark.parametrize("quota,period,expected", [
+    ("-1\n", "100000\n", None),
+    ("300000\n", "100000\n", 3.0),
+    ("25000", "100000", 0.25),
+    ("x", "100000", None),
+    ("100000", "0", None),
+])
+def test_parse_cgroup_v1(quota, period, expected):
+    assert th.parse_cgroup_v1_quota(quota, period) == expected
+
+
+def _write(p: Path, text: str) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+
+
+def test_cgroup_v2_tree(tmp_path):
+    """Limit found in the process's own cgroup and in a parent; the smaller wins."""
+    root = tmp_path / "cg"
+    _write(root / "cpu.max", "max 100000\n")
+    _write(root / "kubepods" / "cpu.max", "400000 100000\n")
+    _write(root / "kubepods" / "pod1" / "cpu.max", "250000 100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/kubepods/pod1\n")
+    assert th.cgroup_cpu_limit(str(root), str(proc)) == 2.5
+    _write(root / "kubepods" / "cpu.max", "100000 100000\n")  # parent tighter
+    assert th.cgroup_cpu_limit(str(root), str(proc)) == 1.0
+
+
+def test_cgroup_v1_tree(tmp_path):
+    root = tmp_path / "cg"
+    _write(root / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "300000\n")
+    _write(root / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    _write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
+    _write(root / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert th.cgroup_cpu_limit(str(root), str(proc)) == 3.0
+
+
+def test_cgroup_unlimited_or_missing(tmp_path):
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/\n")
+    assert th.cgroup_cpu_limit(str(tmp_path / "nothing"), str(proc)) is None
+    assert th.cgroup_cpu_limit(str(tmp_path / "nothing"), str(tmp_path / "nofile")) is None
+
+
+def test_default_respects_affinity_and_quota(monkeypatch):
+    monkeypatch.delenv("SPARSEKIT_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "affinity_cpu_count", lambda: 8)
+    monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: 2.5)
+    assert th.default_num_threads() == 3  # ceil(2.5), below the 8 allowed CPUs
+    monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: None)
+    assert th.default_num_threads() == 8
+    monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: 0.3)
+    assert th.default_num_threads() == 1
+    monkeypatch.setattr(th, "affinity_cpu_count", lambda: 2)
+    monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: 16.0)
+    assert th.default_num_threads() == 2
+
+
+def test_affinity_count_matches_os():
+    assert th.affinity_cpu_count() == len(os.sched_getaffinity(0))
+
+
+# --------------------------------------------------------------------------- API
+def test_env_var(monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_NUM_THREADS", "3")
+    th._reset_default()
+    assert sparsekit.get_num_threads() == 3
+    monkeypatch.setenv("SPARSEKIT_NUM_THREADS", "zero")
+    th._reset_default()
+    with pytest.raises(ValueError, match="SPARSEKIT_NUM_THREADS: expected a positive integer, "
+                                         "got 'zero'"):
+        sparsekit.get_num_threads()
+    monkeypatch.setenv("SPARSEKIT_NUM_THREADS", "0")
+    th._reset_default()
+    with pytest.raises(ValueError, match="got '0'"):
+        sparsekit.get_num_threads()
+
+
+def test_env_var_in_fresh_process():
+    env = dict(os.environ, SPARSEKIT_NUM_THREADS="5", PYTHONPATH=str(ROOT))
+    code = "import sparsekit; print(sparsekit.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code],
+                         env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "5"
+
+
+def test_set_get_and_errors(monkeypatch):
+    monkeypatch.delenv("SPARSEKIT_NUM_THREADS", raising=False)
+    th._reset_default()
+    assert sparsekit.get_num_threads() == th.default_num_threads()
+    sparsekit.set_num_threads(1)
+    assert sparsekit.get_num_threads() == 1
+    sparsekit.set_num_threads(7)
+    assert sparsekit.get_num_threads() == 7
+    for bad in (0, -2, 1.5, "2", None, True):
+        with pytest.raises(ValueError, match=f"n: expected a positive int number of threads, "
+                                             f"got {bad!r}"):
+            sparsekit.set_num_threads(bad)
+    assert sparsekit.get_num_threads() == 7
+
+
+def test_context_manager_is_thread_local_and_nests():
+    sparsekit.set_num_threads(4)
+    seen = {}
+
+    def other():
+        seen["other"] = sparsekit.get_num_threads()
+
+    with th.threads(2):
+        assert sparsekit.get_num_threads() == 2
+        with th.threads(1):
+            assert sparsekit.get_num_threads() == 1
+        assert sparsekit.get_num_threads() == 2
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen["other"] == 4  # other threads see the process-wide value
+    assert sparsekit.get_num_threads() == 4
+    with pytest.raises(ValueError, match="n: expected a positive int"):
+        with th.threads(0):
+            pass
+
+
+def test_setting_while_other_threads_compute():
+    """Changing the count from one thread while others run kernels neither crashes nor
+    changes results."""
+    w = random_pruned(257, 1025, 0.9, seed=3)
+    mat = CSRMatrix.from_dense(w)
+    x = random_x((4, 1025), seed=4)
+    expected = {be: sparsekit.linear(x, mat, backend=be) for be in cpu_backends()}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def compute(be):
+        try:
+            for _ in range(15):
+                torch.testing.assert_close(sparsekit.linear(x, mat, backend=be), expected[be],
+                                           rtol=0, atol=1e-5)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def flip():
+        n = 0
+        while not stop.is_set():
+            sparsekit.set_num_threads(1 + n % 2)
+            n += 1
+
+    f = threading.Thread(target=flip)
+    f.start()
+    ws = [threading.Thread(target=compute, args=(be,)) for be in cpu_backends() for _ in (0, 1)]
+    for t in ws:
+        t.start()
+    for t in ws:
+        t.join()
+    stop.set()
+    f.join()
+    assert not errors, errors[0]
+
+
+# --------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "torch"])
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+@pytest.mark.parametrize("N", [1, 5])
+def test_results_identical_across_thread_counts(backend, fmt, N):
+    """Each output row is computed by one thread in a fixed order, so results are bitwise
+    identical whatever the thread count."""
+    M, K = 301, 777
+    w = random_block_pruned(M, K, (4, 4), 0.7, seed=7, inner_sparsity=0.3)
+    mat = CSRMatrix.from_dense(w) if fmt == "csr" else BSRMatrix.from_dense(w, (4, 4))
+    x = random_x((N, K), seed=8)
+    b = random_x((M,), seed=9)
+    outs = []
+    for n in (1, 2, 3, 4):
+        with th.threads(n):
+            outs.append(sparsekit.linear(x, mat, b, backend=backend))
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
