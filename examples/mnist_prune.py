@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -160,8 +159,12 @@ def use_threads(n: int) -> None:
 
 
 @torch.inference_mode()
-def median_latency(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
-    """Median seconds per forward of each model, interleaved so all see the same conditions."""
+def latency(models: dict[str, nn.Module], x: torch.Tensor, reps: int
+            ) -> dict[str, dict[str, float]]:
+    """Seconds per forward of each model: median, p10 and p90 of ``reps`` runs.
+
+    The models run interleaved (dense, sparse, dense, ...) so both see the same machine load.
+    """
     for m in models.values():
         for _ in range(max(3, reps // 10)):
             m(x)
@@ -171,7 +174,15 @@ def median_latency(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> 
             t0 = time.perf_counter()
             m(x)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {}
+    for k, v in times.items():
+        q = np.quantile(np.asarray(v), [0.1, 0.5, 0.9])
+        out[k] = {"median": float(q[1]), "p10": float(q[0]), "p90": float(q[2])}
+    return out
+
+
+def _loadavg() -> list[float] | None:
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def machine_info() -> dict:
@@ -188,7 +199,7 @@ def machine_info() -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__,
             # Timings are only as good as the machine was quiet: record how busy it was.
-            "loadavg_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "loadavg_at_end": _loadavg()}
     try:
         import sparsekit._C as C  # noqa: N812
 
@@ -212,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sparsities", default="0.8,0.9,0.95")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--large-batch", type=int, default=256, help="second latency batch size")
-    ap.add_argument("--threads", type=int, default=2, help="threads for the latency measurements")
+    ap.add_argument("--threads", default="1,2",
+                    help="comma-separated thread counts for the latency measurements")
     ap.add_argument("--train-threads", type=int, default=1,
                     help="threads for training (1: bit-reproducible across machines, and robust "
                          "on a shared, oversubscribed machine)")
@@ -225,8 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
                  else (5 if args.quick else 10))
     sparsities = [float(s) for s in args.sparsities.split(",")]
     reps = 20 if args.quick else 300
+    lat_threads = [int(t) for t in str(args.threads).split(",")]
     use_threads(args.train_threads)
     t_start = time.perf_counter()
+    load_start = _loadavg()
 
     data = load_mnist(args.data)
     xtr, ytr = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
@@ -268,7 +282,6 @@ def main(argv: list[str] | None = None) -> dict:
         report = pruner.finalize()
         ev = evaluate(model, (xte, yte))
 
-        use_threads(args.threads)
         sparse = to_sparse(model)
         with torch.inference_mode():
             logits_d, logits_s = model(xte), sparse(xte)
@@ -278,8 +291,13 @@ def main(argv: list[str] | None = None) -> dict:
         assert n_diff == 0, (f"sparse model disagrees with the masked dense model on {n_diff} "
                              f"test samples (max |logit diff| {max_logit_diff:.3g})")
 
-        lat1 = median_latency({"dense": dense, "sparse": sparse}, xb1, reps)
-        latl = median_latency({"dense": dense, "sparse": sparse}, xbl, max(5, reps // 10))
+        timings = {}
+        for nt in lat_threads:
+            use_threads(nt)
+            timings[f"threads{nt}"] = {
+                "batch1": latency({"dense": dense, "sparse": sparse}, xb1, reps),
+                f"batch{xbl.shape[0]}": latency({"dense": dense, "sparse": sparse}, xbl,
+                                                max(5, reps // 10))}
         _, comp_bytes = model_bytes(model)
         nnz_all = sum(int(torch.count_nonzero(p)) for n, p in model.named_parameters()
                       if n.endswith("weight"))
@@ -295,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
             "nonzero_weights": nnz_all, "weights": n_all,
             "bytes_dense": dense_bytes, "bytes_compressed": comp_bytes,
             "sparse_predictions_equal": n_diff == 0, "max_abs_logit_diff": max_logit_diff,
-            "latency_s": {"batch1": lat1, f"batch{xbl.shape[0]}": latl},
+            "latency_s": timings,
+            "speedup_median": {t: {b: v["dense"]["median"] / v["sparse"]["median"]
+                                   for b, v in d.items()} for t, d in timings.items()},
             "sparse_layer_type": type(sparse.fc1).__name__,
         }
         rows.append(row)
@@ -310,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "data_source": data.source, "quick": args.quick, "seed": args.seed,
         "dense_epochs": epochs, "finetune_epochs": ft_epochs, "batch_size": args.batch_size,
-        "train_threads": args.train_threads, "latency_threads": args.threads,
+        "train_threads": args.train_threads, "latency_threads": lat_threads,
         "latency_reps": {"batch1": reps, f"batch{xbl.shape[0]}": max(5, reps // 10)},
         "model": "LeNet-300-100 (784-300-100-10, ReLU)" if xtr.shape[1] == 784
         else f"LeNet-300-100 variant ({xtr.shape[1]}-300-100-10, ReLU)",
@@ -325,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dense_twin": {"accuracy": twin_eval.accuracy, "loss": twin_eval.loss,
                        "note": f"dense model fine-tuned {ft_epochs} more epochs, no pruning"},
         "pruned": rows,
-        "machine": machine_info(),
+        "machine": {**machine_info(), "loadavg_at_start": load_start},
         "runtime_s": time.perf_counter() - t_start,
     }
     md = markdown_table(result)
@@ -339,35 +359,55 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _lat(d: dict) -> str:
+    de, sp = d["dense"], d["sparse"]
+    return (f"{1e6 * de['median']:.1f} [{1e6 * de['p10']:.0f}-{1e6 * de['p90']:.0f}] / "
+            f"{1e6 * sp['median']:.1f} [{1e6 * sp['p10']:.0f}-{1e6 * sp['p90']:.0f}] "
+            f"(**{de['median'] / sp['median']:.2f}x**)")
+
+
 def markdown_table(r: dict) -> str:
-    big = [k for k in r["pruned"][0]["latency_s"] if k != "batch1"][0] if r["pruned"] else ""
+    m = r["machine"]
+    reps = r["latency_reps"]
     lines = [
         f"# LeNet-300-100 pruning on {r['data_source']}",
         "",
         f"seed {r['seed']}, {r['dense_epochs']} dense epochs + {r['finetune_epochs']} "
-        f"fine-tuning epochs ({r['train_threads']} training thread), torch "
-        f"{r['machine']['torch']}, latency with {r['latency_threads']} threads (median of "
-        f"{r['latency_reps']['batch1']} / {r['latency_reps'][big]} runs), "
-        f"{r['machine']['cpu']}, {r['date_utc']}. Gradual l1 pruning of fc1+fc2 "
-        f"(fc3, the classifier, kept dense). Dense accuracy {100 * r['dense']['accuracy']:.2f} %, "
-        f"dense twin (same extra epochs, no pruning) {100 * r['dense_twin']['accuracy']:.2f} %.",
+        f"fine-tuning epochs ({r['train_threads']} training thread), batch {r['batch_size']}; "
+        f"torch {m['torch']}, {m['cpu']} ({m['logical_cpus']} logical CPUs, sparsekit ISA "
+        f"{m['sparsekit_isa']}), {r['date_utc']}, runtime {r['runtime_s']:.0f} s. Gradual l1 "
+        f"pruning of fc1+fc2 (cubic schedule over 60 % of fine-tuning); fc3, the classifier, "
+        f"kept dense. Dense accuracy {100 * r['dense']['accuracy']:.2f} %, dense twin (same "
+        f"extra epochs, no pruning) {100 * r['dense_twin']['accuracy']:.2f} %.",
         "",
-        f"| target sparsity (fc1+fc2) | all-weights sparsity | accuracy % | vs twin (pts) "
-        f"| nonzero weights | bytes dense | bytes CSR | batch 1 dense / sparse (us) "
-        f"| {big} dense / sparse (us) | same predictions |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| target sparsity (fc1+fc2) | reached | all-weights sparsity | accuracy % "
+        "| vs twin (pts) | nonzero weights | bytes dense | bytes CSR | same predictions |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in r["pruned"]:
-        l1, lb = p["latency_s"]["batch1"], p["latency_s"][big]
         lines.append(
-            f"| {p['target_sparsity']:.2f} ({p['pruned_layers_sparsity']:.4f}) "
+            f"| {p['target_sparsity']:.2f} | {p['pruned_layers_sparsity']:.4f} "
             f"| {p['all_weights_sparsity']:.4f} | {100 * p['accuracy']:.2f} "
             f"| {p['delta_vs_twin_points']:+.2f} | {p['nonzero_weights']} / {p['weights']} "
-            f"| {p['bytes_dense']} | {p['bytes_compressed']} "
-            f"| {1e6 * l1['dense']:.1f} / {1e6 * l1['sparse']:.1f} "
-            f"({l1['dense'] / l1['sparse']:.2f}x) "
-            f"| {1e6 * lb['dense']:.1f} / {1e6 * lb['sparse']:.1f} "
-            f"({lb['dense'] / lb['sparse']:.2f}x) | {p['sparse_predictions_equal']} |")
+            f"| {p['bytes_dense']} | {p['bytes_compressed']} | {p['sparse_predictions_equal']} |")
+    batches = list(reps)
+    lines += [
+        "",
+        f"Latency per forward of the whole model, dense (`nn.Linear`) vs sparse (fc1, fc2 as "
+        f"`{r['pruned'][0]['sparse_layer_type'] if r['pruned'] else ''}` CSR), median "
+        f"[p10-p90] in microseconds of {' / '.join(str(reps[b]) for b in batches)} interleaved "
+        f"runs; load average at start {m.get('loadavg_at_start')}, at end "
+        f"{m.get('loadavg_at_end')} (a load above the core count makes multi-thread timings "
+        f"unreliable).",
+        "",
+        "| target sparsity | threads | " + " | ".join(f"{b} dense / sparse (speedup)"
+                                                     for b in batches) + " |",
+        "|---|---|" + "---|" * len(batches),
+    ]
+    for p in r["pruned"]:
+        for t, d in p["latency_s"].items():
+            lines.append(f"| {p['target_sparsity']:.2f} | {t.removeprefix('threads')} | "
+                         + " | ".join(_lat(d[b]) for b in batches) + " |")
     return "\n".join(lines)
 
 

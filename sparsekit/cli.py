@@ -3,6 +3,7 @@
 ``sparsekit bench [layer]``    sweep one linear layer over shapes/batches/sparsities/formats/dtypes
 ``sparsekit bench model``      a whole model, dense vs pruned + sparsified
 ``sparsekit bench compare``    diff two ``--out`` JSON files; exit status 1 on regression
+``sparsekit bench show``       print the tables of a saved ``--out`` JSON (``--markdown`` for docs)
 ``sparsekit info``             machine, versions and built backends as JSON
 
 Exit status: 0 success, 1 regression found by ``compare`` or a run-time failure, 2 bad usage.
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "float64 correctness check before timing, weight rotation beyond 2x LLC, "
                     "medians with p10/p90, the same thread count everywhere. 'sparsekit bench' "
                     "alone runs 'bench layer' with its defaults.")
-    modes = bench.add_subparsers(dest="mode", metavar="{layer,model,compare}")
+    modes = bench.add_subparsers(dest="mode", metavar="{layer,model,compare,show}")
     modes.required = True
 
     lp = modes.add_parser(
@@ -209,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what to compare; speedups (ratios within one run) suit runs from "
                          "different machines (default median_s)")
     cp.add_argument("--all", action="store_true", help="also list unchanged measurements")
+
+    sp = modes.add_parser("show", help="print the tables of a saved run",
+                          description="Re-render the console (or markdown) report of an --out "
+                                      "JSON file, optionally re-plotting it.")
+    sp.add_argument("path", help="JSON written by --out")
+    sp.add_argument("--table", choices=("pivot", "long"), default="pivot")
+    sp.add_argument("--markdown", action="store_true", help="GitHub markdown tables")
+    sp.add_argument("--plot", metavar="PNG", help="also write the speedup plot")
 
     sub.add_parser("info", help="machine, versions and backends as JSON",
                    description="Print sparsekit's view of this machine as JSON.")
@@ -336,6 +345,22 @@ def _cmd_compare(parser, args) -> int:
     return 1 if any(c.kind in ("regression", "status") for c in changes) else 0
 
 
+def _cmd_show(parser, args) -> int:
+    from sparsekit.bench import report
+
+    try:
+        doc = report.load_json(args.path, "path")
+    except ValueError as exc:
+        parser.error(str(exc))
+    _check_outputs(parser, args)
+    recs = doc["results"]
+    sys.stdout.write(report.console_report(recs, table=args.table, machine=doc.get("machine"),
+                                           markdown=args.markdown))
+    if args.plot:
+        report.plot_speedup(recs, args.plot)
+    return 0
+
+
 def _cmd_info() -> int:
     from sparsekit.bench import harness as h
 
@@ -363,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode_parser = _subparser(parser, "bench", args.mode)
     if args.mode == "compare":
         return _cmd_compare(mode_parser, args)
+    if args.mode == "show":
+        return _cmd_show(mode_parser, args)
     if args.clean_blas_env:
         from sparsekit.bench.harness import reexec_without_openblas_overrides
 

@@ -650,7 +650,7 @@ class BSRMatrix(_SparseBase):
         return -(-self._shape[0] // self._blocksize[0]), -(-self._shape[1] // self._blocksize[1])
 
     @classmethod
-    def from_dense(cls, w: Any, blocksize: Any = (4, 4), *, value_dtype: Any = None) -> BSRMatrix:
+    def from_dense(cls, w: Any, blocksize: Any, *, value_dtype: Any = None) -> BSRMatrix:
         """Build from a dense 2-D tensor/array, keeping every block with any nonzero.
 
         Parameters

@@ -341,3 +341,15 @@ def test_python_dash_m_entry_point(tmp_path):
     assert proc.returncode == 0
     info = json.loads(proc.stdout)
     assert "cpu_model" in info and "sparsekit" in info
+
+
+def test_show_renders_saved_run_as_markdown(layer_run, capsys, tmp_path):
+    _, _, _, paths = layer_run
+    png = tmp_path / "again.png"
+    code, out, _ = _run(["bench", "show", str(paths["json"]), "--markdown", "--plot", str(png)],
+                        capsys)
+    assert code == 0
+    md_headers = [l for l in out.splitlines() if l.startswith("| case |")]
+    assert len(md_headers) == 2  # dense baselines + sparse contenders
+    assert "| sparsekit:cpp |" in md_headers[1] or "sparsekit:cpp" in md_headers[1]
+    assert png.read_bytes()[:4] == b"\x89PNG"

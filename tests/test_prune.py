@@ -393,3 +393,31 @@ def test_evaluate_against_manual():
     assert res2.accuracy == pytest.approx(acc)
     with pytest.raises(ValueError, match="targets must be in"):
         evaluate(model, (x, y + 5))
+
+
+def test_random_shapes_exact_for_every_granularity():
+    """Seeded sweep: random shapes / targets; exact counts and pattern structure hold."""
+    rng = np.random.default_rng(123)
+    for _ in range(40):
+        rows, cols = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        s = float(rng.uniform(0, 0.99))
+        r, c = int(rng.integers(1, rows + 1)), int(rng.integers(1, cols + 1))
+        for gran, group in (("unstructured", 1), ((r, c), r * c), ("row", cols)):
+            lin = nn.Linear(cols, rows)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(rng.standard_normal((rows, cols))))
+            crit = str(rng.choice(["l1", "l2", "mean"]))
+            prune(nn.Sequential(lin), s, granularity=gran, criterion=crit)
+            err = abs(_zeros(lin.weight) - s * rows * cols)
+            assert err <= group / 2 + 1e-9, (rows, cols, s, gran, crit)
+
+
+def test_gradual_wanda_with_calibration_list():
+    model = _mlp(9)
+    calib = [torch.randn(8, 37) for _ in range(2)]
+    pruner = GradualPruner(model, 0.6, start_step=0, end_step=2, frequency=1, criterion="wanda",
+                           calibration=calib)
+    for _ in range(3):
+        pruner.step()
+    assert pruner.sparsity() == pytest.approx(0.6, abs=2e-3)
+    assert all(not m._forward_pre_hooks for m in model.modules())

@@ -17,7 +17,7 @@ def test_mnist_example_quick(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "mnist_prune.py"), "--quick",
-         "--sparsities", "0.9", "--out", str(out)],
+         "--sparsities", "0.9", "--threads", "1", "--out", str(out)],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())

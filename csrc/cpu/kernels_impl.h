@@ -157,7 +157,7 @@ inline int choose_v(int64_t N, int64_t kpad) {
 // ============================================================================================
 
 #ifndef SPARSEKIT_PF_DIST
-#define SPARSEKIT_PF_DIST 2048
+#define SPARSEKIT_PF_DIST 1024
 #endif
 constexpr int64_t kPfDist = SPARSEKIT_PF_DIST;  // prefetch distance in nonzeros (N == 1)
 
@@ -216,6 +216,11 @@ void csr_spmv_rows(const SpmmParams& p, const float* x, int64_t r0, int64_t r1) 
   }
 }
 
+#ifndef SPARSEKIT_XT_AHEAD
+#define SPARSEKIT_XT_AHEAD 8
+#endif
+constexpr int64_t kXtAhead = SPARSEKIT_XT_AHEAD;
+
 // One CSR row against one packed tile: out[0..NT) = sum_j values[j] * xt[indices[j]][0..NT).
 // U nonzeros in flight x V vectors = independent accumulator chains (hides FMA latency).
 template <int V, class VT, class IT>
@@ -228,6 +233,16 @@ inline void csr_row_tile(const IT* idx, const VT* val, int64_t j, int64_t e, con
   for (int u = 0; u < U; ++u)
     for (int v = 0; v < V; ++v) acc[u][v] = Vec::zero();
   for (; j + U <= e; j += U) {
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+    // xt rows are random L2 hits: prefetch the rows kXtAhead nonzeros ahead into L1 so the
+    // loop is bound by L2 throughput instead of latency.
+    if (j + U + kXtAhead <= e) {
+      for (int u = 0; u < U; ++u) {
+        const char* pf = reinterpret_cast<const char*>(xt + idx_of(idx[j + u + kXtAhead]) * NT);
+        for (int l = 0; l < NT * 4; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+      }
+    }
+#endif
     for (int u = 0; u < U; ++u) {
       const typename Vec::T b = Vec::set1(to_f32(val[j + u]));
       const float* xr = xt + idx_of(idx[j + u]) * NT;

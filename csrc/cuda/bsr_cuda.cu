@@ -50,7 +50,7 @@ bsr_rowwarp_kernel(const BsrArgs<V, X, I> a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= a.M) return;  // warp-uniform
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * NT;
-  const int nv = static_cast<int>(min(static_cast<int64_t>(NT), a.N - n0));
+  const int nv = static_cast<int>(min64(NT, a.N - n0));
   const int64_t br = row / a.r;
   const int i = static_cast<int>(row - br * a.r);
   const int64_t s = load_ptr(a.indptr, a.idx64, br);

@@ -42,7 +42,7 @@ csr_rowwarp_kernel(const CsrArgs<V, X, I> a) {
   if (slot >= a.M) return;  // warp-uniform
   const int64_t row = a.row_order ? static_cast<int64_t>(a.row_order[slot]) : slot;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * NT;
-  const int nv = static_cast<int>(min(static_cast<int64_t>(NT), a.N - n0));
+  const int nv = static_cast<int>(min64(NT, a.N - n0));
   const int64_t s = load_ptr(a.indptr, a.idx64, row);
   const int64_t e = load_ptr(a.indptr, a.idx64, row + 1);
   const X* __restrict__ xb = a.x + n0 * a.ldx;
@@ -60,7 +60,7 @@ csr_rowwarp_kernel(const CsrArgs<V, X, I> a) {
 
   int64_t tail = s;
   if (a.vec_ok && e - s >= VEC) {
-    const int64_t head_end = min(e, (s + VEC - 1) / VEC * VEC);
+    const int64_t head_end = min64(e, (s + VEC - 1) / VEC * VEC);
     if (s + lane < head_end) {
       fma_elem(to_f32(ld_stream(a.values + s + lane)),
                static_cast<int64_t>(ld_stream(a.indices + s + lane)));
@@ -78,7 +78,7 @@ csr_rowwarp_kernel(const CsrArgs<V, X, I> a) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) fma_elem(to_f32(vv[j]), static_cast<int64_t>(ii[j]));
     }
-    tail = max(head_end, body_end);
+    tail = max64(head_end, body_end);
   }
   for (int64_t q = tail + lane; q < e; q += 32) {
     fma_elem(to_f32(ld_stream(a.values + q)), static_cast<int64_t>(ld_stream(a.indices + q)));

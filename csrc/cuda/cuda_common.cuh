@@ -83,6 +83,10 @@ template <> __device__ __forceinline__ int32_t ld_stream<int32_t>(const int32_t*
   return __ldcs(p);
 }
 
+// Explicit 64-bit min/max (no reliance on which CUDA math overload `min` resolves to).
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
 __device__ __forceinline__ int64_t load_ptr(const void* indptr, bool idx64, int64_t i) {
   return idx64 ? static_cast<const int64_t*>(indptr)[i]
                : static_cast<int64_t>(static_cast<const int32_t*>(indptr)[i]);

@@ -503,6 +503,8 @@ def _run_dtype(cfg, spec, device, dname, threads, timing, sk, presparse, records
         return x.to(dtype) if spec.float_input else x
 
     inputs = {b: cast_in(spec.make_input(b, gen)) for b in cfg.batches}
+    # rows each nn.Linear sees (batch x sequence for transformers): what sparsify tunes for
+    tune_rows = sorted({_tokens(x, b) for b, x in inputs.items()})
 
     def reference(model: nn.Module, x: Any) -> torch.Tensor:
         m64 = copy.deepcopy(model).double() if not presparse else None
@@ -586,7 +588,7 @@ def _run_dtype(cfg, spec, device, dname, threads, timing, sk, presparse, records
                         if given is not None:
                             sm = _set_backend(pruned, be_name)
                         else:
-                            sm = _to_sparse(pruned, fmt, be_name, cfg.batches)
+                            sm = _to_sparse(pruned, fmt, be_name, tune_rows)
                         nc = n_copies(sm)
                         nbytes = _model_bytes(sm)
                         models = [sm] + [copy.deepcopy(sm) for _ in range(nc - 1)]

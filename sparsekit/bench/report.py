@@ -45,8 +45,14 @@ def _sp(v: float | None) -> str:
 
 
 def render_table(rows: list[list[str]], header: Sequence[str], *,
-                 align_right: Sequence[int] = ()) -> str:
-    """Plain-text table with a header rule; columns sized to fit."""
+                 align_right: Sequence[int] = (), markdown: bool = False) -> str:
+    """Plain-text (or GitHub markdown) table with a header rule; columns sized to fit."""
+    if markdown:
+        def md(row: Sequence[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+
+        rule = ["---:" if j in align_right else "---" for j in range(len(header))]
+        return "\n".join([md(header), "|" + "|".join(rule) + "|", *(md(r) for r in rows)])
     widths = [len(hd) for hd in header]
     for row in rows:
         for j, cell in enumerate(row):
@@ -68,7 +74,7 @@ def _sort_key(r: dict[str, Any]) -> tuple:
             r["batch"])
 
 
-def dense_table(records: list[dict[str, Any]]) -> str:
+def dense_table(records: list[dict[str, Any]], *, markdown: bool = False) -> str:
     """One row per (case, dtype, N): every dense formulation's median time."""
     dense = [r for r in records if r["family"] == DENSE_FAMILY]
     if not dense:
@@ -97,10 +103,10 @@ def dense_table(records: list[dict[str, Any]]) -> str:
             row[0] = f"{case} [{dev}]"
         rows.append(row)
     header = ["case", "dtype", "N", *[n.removeprefix("dense:") + " ms" for n in names], "fastest"]
-    return render_table(rows, header, align_right=range(2, 3 + len(names)))
+    return render_table(rows, header, align_right=range(2, 3 + len(names)), markdown=markdown)
 
 
-def pivot_table(records: list[dict[str, Any]]) -> str:
+def pivot_table(records: list[dict[str, Any]], *, markdown: bool = False) -> str:
     """One row per sparse cell; per contender ``time ms  vs-F.linear / vs-best-dense``."""
     sparse = [r for r in records if r["family"] != DENSE_FAMILY]
     if not sparse:
@@ -132,10 +138,10 @@ def pivot_table(records: list[dict[str, Any]]) -> str:
                 row.append(_STATUS_CELL.get(r["status"], r["status"]))
         rows.append(row)
     header = [*PIVOT_COLUMNS, *names]
-    return render_table(rows, header, align_right=(2, 4, 5))
+    return render_table(rows, header, align_right=(2, 4, 5), markdown=markdown)
 
 
-def long_table(records: list[dict[str, Any]]) -> str:
+def long_table(records: list[dict[str, Any]], *, markdown: bool = False) -> str:
     """One row per record with median, p10-p90 and both speedups."""
     rows = []
     for r in sorted(records, key=lambda r: (*_sort_key(r), r["family"] != DENSE_FAMILY,
@@ -149,7 +155,7 @@ def long_table(records: list[dict[str, Any]]) -> str:
             _x(r.get("speedup_vs_flinear")) if ok else "-",
             _x(r.get("speedup_vs_best_dense")) if ok else "-",
         ])
-    return render_table(rows, LONG_COLUMNS, align_right=(2, 4, 7, 8, 9, 10))
+    return render_table(rows, LONG_COLUMNS, align_right=(2, 4, 7, 8, 9, 10), markdown=markdown)
 
 
 def notes(records: list[dict[str, Any]]) -> str:
@@ -167,25 +173,26 @@ def notes(records: list[dict[str, Any]]) -> str:
 
 
 def console_report(records: list[dict[str, Any]], *, table: str = "pivot",
-                   machine: dict[str, Any] | None = None) -> str:
-    """Everything printed to stdout after a run."""
+                   machine: dict[str, Any] | None = None, markdown: bool = False) -> str:
+    """Everything printed to stdout after a run (``markdown``: GitHub tables for docs)."""
     parts = []
     if machine:
         parts.append(machine_summary(machine))
-    d = dense_table(records)
+    d = dense_table(records, markdown=markdown)
+    sep = "\n\n" if markdown else "\n"
     if d:
-        parts.append("Dense baselines (median ms; fastest formulation last)\n" + d)
+        parts.append("Dense baselines (median ms; fastest formulation last)" + sep + d)
     if table == "long":
-        parts.append(long_table(records))
+        parts.append(long_table(records, markdown=markdown))
     else:
-        p = pivot_table(records)
+        p = pivot_table(records, markdown=markdown)
         if p:
-            parts.append(
-                "Sparse contenders: median ms, speedup vs F.linear / vs best dense "
-                "(>1 = faster; n/s = not supported, n/a = not built, WRONG = failed check)\n" + p)
+            title = ("Sparse contenders: median ms, speedup vs F.linear / vs best dense "
+                     "(>1 = faster; n/s = not supported, n/a = not built, WRONG = failed check)")
+            parts.append(title + sep + p)
     n = notes(records)
     if n:
-        parts.append(n)
+        parts.append(n if not markdown else "```\n" + n + "\n```")
     return "\n\n".join(parts) + "\n"
 
 

@@ -80,8 +80,10 @@ class CudaBackend:
     name = "cuda"
 
     def available(self) -> bool:
-        """Built with CUDA and torch sees a CUDA device (creates no CUDA context)."""
-        return built() and torch.cuda.is_available()
+        """Built with CUDA, torch sees a CUDA device, and the CUDA runtime this module was
+        built against accepts the driver (``cuda_device_count() > 0``; a driver older than the
+        build's CUDA major version reports 0). Creates no CUDA context."""
+        return built() and torch.cuda.is_available() and int(_C.cuda_device_count()) > 0
 
     def describe(self) -> str:
         """CUDA runtime and archs of the build, or why unavailable."""
@@ -94,7 +96,9 @@ class CudaBackend:
         rt = int(info["runtime_version"])
         desc = f"CUDA {rt // 1000}.{rt % 1000 // 10}, sm {info['archs']}"
         if not torch.cuda.is_available():
-            return f"{desc}; no CUDA device visible to torch ({info.get('device_error') or ''})"
+            return f"{desc}; no CUDA device visible to torch"
+        if int(info.get("device_count", 0)) == 0:
+            return f"{desc}; the CUDA runtime sees no device ({info.get('device_error')})"
         return desc
 
     def supports(self, mat: Any, x: torch.Tensor) -> bool:

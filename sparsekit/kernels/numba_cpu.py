@@ -117,22 +117,30 @@ if numba is not None:
 
         return _nbtypes.float32(u), codegen
 
-    @njit(inline="always", cache=True)
+    @intrinsic
+    def _f32_as_u32(typingctx, f):
+        """Reinterpret the bits of a float32 as uint32 (LLVM bitcast, free)."""
+        if f != _nbtypes.float32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], _llir.IntType(32))
+
+        return _nbtypes.uint32(f), codegen
+
+    @njit(cache=True)
     def _fp16_bits_to_f32(h):
-        # IEEE binary16 -> binary32, exact for all inputs (normal, subnormal, Inf, NaN)
+        # IEEE binary16 -> binary32, exact for every input (normal, subnormal, zero, Inf, NaN).
+        # Written with selects only (no data-dependent branches): BSR blocks hold many zeros,
+        # and a branch on "exponent == 0" would mispredict constantly.
         h = np.uint32(h) & np.uint32(0xFFFF)
         sign = (h & np.uint32(0x8000)) << np.uint32(16)
-        exp = (h >> np.uint32(10)) & np.uint32(0x1F)
-        mant = h & np.uint32(0x3FF)
-        if exp == np.uint32(0):
-            # zero or subnormal: mant * 2**-24, exact in fp32
-            f = np.float32(mant) * np.float32(5.9604644775390625e-08)
-            return -f if sign else f
-        if exp == np.uint32(0x1F):
-            return _u32_as_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
-        return _u32_as_f32(
-            sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
-        )
+        em = h & np.uint32(0x7FFF)
+        o = (em << np.uint32(13)) + np.uint32(112 << 23)  # rebias exponent 15 -> 127
+        o = o + np.uint32(112 << 23) if em >= np.uint32(0x7C00) else o  # Inf/NaN -> exp 255
+        sub = np.float32(em) * np.float32(5.9604644775390625e-08)  # zero/subnormal: em * 2**-24
+        f = sub if em < np.uint32(0x400) else _u32_as_f32(o)
+        return _u32_as_f32(_f32_as_u32(f) | sign)
 
     def _ld(a, i):  # pragma: no cover - replaced by the overload inside jitted code
         raise NotImplementedError
@@ -152,7 +160,9 @@ if numba is not None:
     @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
     def _csr_gemv(indptr, indices, values, x, bias, has_bias, out, bounds):
         # indptr int64[M+1], indices uint16|int32[nnz], values f32|u16|i16[nnz], x f32[K],
-        # bias f32[M or 1], out f32[M], bounds int64[nchunks+1] (row ranges per chunk)
+        # bias f32[M or 1], out f32[M], bounds int64[nchunks+1] (row ranges per chunk).
+        # 'reassoc' lets LLVM vectorise the gather-dot with several partial sums; the order
+        # depends only on the row length, so results do not depend on the thread count.
         for ch in prange(bounds.shape[0] - 1):
             for i in range(bounds[ch], bounds[ch + 1]):
                 acc = np.float32(0.0)
@@ -164,7 +174,8 @@ if numba is not None:
 
     @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
     def _csr_gemm(indptr, indices, values, xT, bias, has_bias, out, bounds):
-        # xT f32[K, N] C-contiguous, out f32[N, M] C-contiguous
+        # xT f32[K, N] C-contiguous, out f32[N, M] C-contiguous. Nonzeros are consumed four at
+        # a time so the accumulator row is loaded/stored once per four rows of xT.
         N = xT.shape[1]
         for ch in prange(bounds.shape[0] - 1):
             acc = np.empty(N, np.float32)
@@ -172,11 +183,27 @@ if numba is not None:
                 b0 = bias[i] if has_bias else np.float32(0.0)
                 for n in range(N):
                     acc[n] = b0
-                for j in range(indptr[i], indptr[i + 1]):
+                j = indptr[i]
+                end = indptr[i + 1]
+                while j + 4 <= end:
+                    v0 = _ld(values, j)
+                    v1 = _ld(values, j + 1)
+                    v2 = _ld(values, j + 2)
+                    v3 = _ld(values, j + 3)
+                    c0 = indices[j]
+                    c1 = indices[j + 1]
+                    c2 = indices[j + 2]
+                    c3 = indices[j + 3]
+                    for n in range(N):
+                        acc[n] += (v0 * xT[c0, n] + v1 * xT[c1, n]) + (
+                            v2 * xT[c2, n] + v3 * xT[c3, n])
+                    j += 4
+                while j < end:
                     v = _ld(values, j)
                     col = indices[j]
                     for n in range(N):
                         acc[n] += v * xT[col, n]
+                    j += 1
                 for n in range(N):
                     out[n, i] = acc[n]
 

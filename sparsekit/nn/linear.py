@@ -133,6 +133,13 @@ class SparseLinear(nn.Module):
             )
         if not isinstance(backend, str):
             raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+        from sparsekit.kernels import BACKEND_NAMES
+
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(
+                f"backend: expected 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, "
+                f"got {backend!r}"
+            )
         self.backend = backend
         self._set_matrix(weight)
         if bias is not None:

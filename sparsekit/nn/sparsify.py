@@ -279,23 +279,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(
-    fn: Callable[[], Any], device: torch.device, warmup: int = 3, min_reps: int = 7,
-    budget_s: float = 0.03, max_reps: int = 200,
-) -> float:
-    """Median seconds per call after ``warmup`` calls; ``min_reps``..``max_reps`` timed calls
-    within about ``budget_s``."""
-    for _ in range(warmup):
-        fn()
+def _median_times(
+    fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int = 3, min_reps: int = 9,
+    budget_s: float = 0.05, max_reps: int = 200,
+) -> dict[str, float]:
+    """Median seconds per call of each ``fns`` entry after ``warmup`` calls each.
+
+    The candidates are timed round-robin (one call of each per round) so that interference
+    from other processes or frequency changes hits all of them alike; rounds continue until
+    ``min_reps`` rounds are done and about ``budget_s`` has passed (at most ``max_reps``).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    samples: list[float] = []
+    samples: dict[str, list[float]] = {k: [] for k in fns}
     t_end = time.perf_counter() + budget_s
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() < t_end):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[k].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _candidates(
@@ -337,13 +345,18 @@ def _measure_layer(
     with torch.inference_mode():
         for n in batch_sizes:
             x = torch.randn((n, lin.in_features), generator=gen).to(device=dev, dtype=w.dtype)
-            dense["F.linear"] += _median_time(lambda x=x: F.linear(x, w, b), dev)
+            fns: dict[str, Callable[[], Any]] = {"F.linear": lambda x=x: F.linear(x, w, b)}
             if b is None:
-                dense["matmul(W.T)"] += _median_time(lambda x=x: torch.matmul(x, wt), dev)
+                fns["matmul(W.T)"] = lambda x=x: torch.matmul(x, wt)
             else:
-                dense["matmul(W.T)"] += _median_time(lambda x=x: torch.addmm(b, x, wt), dev)
+                fns["matmul(W.T)"] = lambda x=x: torch.addmm(b, x, wt)
             for name, mod in mods.items():
-                sparse[name] += _median_time(lambda mod=mod, x=x: mod(x), dev)
+                fns["sparse:" + name] = lambda mod=mod, x=x: mod(x)
+            for k, t in _median_times(fns, dev).items():
+                if k.startswith("sparse:"):
+                    sparse[k[7:]] += t
+                else:
+                    dense[k] += t
     return dense, sparse
 
 
@@ -443,6 +456,11 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise ValueError(
+            "model: a bare nn.Linear cannot be replaced in place; wrap it in a container or "
+            "use SparseLinear.from_dense(linear)"
+        )
     if not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
         raise ValueError(f"min_sparsity: expected a float in [0, 1], got {min_sparsity!r}")
     formats = tuple(formats)
