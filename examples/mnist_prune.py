@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {**machine_info(), "loadavg_at_start": load_start},
         "runtime_s": time.perf_counter() - t_start,
     }
+    loads = [v[0] for v in (load_start, result["machine"]["loadavg_at_end"]) if v]
+    result["oversubscribed"] = bool(loads) and max(loads) > (os.cpu_count() or 1)
     md = markdown_table(result)
     print(md)
     if args.out:
@@ -397,8 +399,14 @@ def markdown_table(r: dict) -> str:
         f"`{r['pruned'][0]['sparse_layer_type'] if r['pruned'] else ''}` CSR), median "
         f"[p10-p90] in microseconds of {' / '.join(str(reps[b]) for b in batches)} interleaved "
         f"runs; load average at start {m.get('loadavg_at_start')}, at end "
-        f"{m.get('loadavg_at_end')} (a load above the core count makes multi-thread timings "
-        f"unreliable).",
+        f"{m.get('loadavg_at_end')}.",
+    ]
+    if r.get("oversubscribed"):
+        lines += ["", "**Warning:** the machine was oversubscribed during this run (load average "
+                  "above its logical CPU count), so these timings, the multi-thread ones above "
+                  "all (OpenMP barriers wait for descheduled threads), are not representative; "
+                  "rerun the example on a quiet machine before quoting them."]
+    lines += [
         "",
         "| target sparsity | threads | " + " | ".join(f"{b} dense / sparse (speedup)"
                                                      for b in batches) + " |",

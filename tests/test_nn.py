@@ -201,6 +201,18 @@ def test_state_dict_round_trip_into_fresh_module(src_fmt, dst_fmt):
         SparseLinear.empty(48, 20).load_state_dict(bad)
 
 
+def test_densify_mixed_value_dtype_is_exact():
+    lin = _pruned_linear(12, 20, 0.5, seed=14)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.bfloat16().float())  # representable in bf16
+    model = nn.Sequential(SparseLinear.from_dense(lin, value_dtype=torch.bfloat16))
+    densify(model)
+    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float32
+    assert torch.equal(model[0].weight, lin.weight) and torch.equal(model[0].bias, lin.bias)
+    x = torch.randn(3, 20)
+    assert torch.equal(model(x), lin(x))
+
+
 def test_inplace_buffer_change_invalidates_backend_cache():
     lin = _pruned_linear(8, 16, 0.5, seed=9)
     sl = SparseLinear.from_dense(lin)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -151,6 +152,11 @@ def test_global_exact_total(granularity):
 def test_dict_sparsity_include_exclude():
     model = _mlp(2)
     report = prune(model, {"0": 0.9, "[24]": 0.5})
+    d = json.loads(json.dumps(report.to_dict()))
+    assert [la["name"] for la in d["layers"]] == ["0", "2", "4"] and d["target"]["0"] == 0.9
+    assert d["layers"][0]["nonzero_after"] == report.layers[0].nonzero_after
+    table = str(report).splitlines()
+    assert table[1].split()[:3] == ["layer", "type", "shape"] and table[3].startswith("0 ")
     assert [la.name for la in report.layers] == ["0", "2", "4"]
     assert [la.target for la in report.layers] == [0.9, 0.5, 0.5]
     assert abs(_zeros(model[0].weight) - 0.9 * 37 * 29) <= 0.5 + 1e-9

@@ -102,21 +102,27 @@ def _assert_bit_identical(got, want) -> None:
     assert not bad, f"{len(bad)} of {N_THREADS * N_CALLS} concurrent outputs differ, e.g. {bad[:5]}"
 
 
+_slow = pytest.mark.slow
 _CONFIGS = [
-    # (backend, format, value dtype, sparsekit threads). "auto" resolves to cpp when it is built.
-    ("auto", "csr", torch.float32, 1),
-    ("auto", "csr", torch.float32, 2),  # 16 Python threads x 2 OpenMP threads each
-    ("auto", "bsr", torch.float32, 1),
-    ("auto", "csr", torch.bfloat16, 1),
-    ("auto", "bsr", torch.bfloat16, 1),
-    ("numba", "csr", torch.float32, 1),
-    ("numba", "bsr", torch.bfloat16, 1),
+    # (backend, format, value dtype, sparsekit threads, marks). "auto" is cpp when built.
+    # The default run covers CSR+BSR, fp32+bf16, cpp+numba and 1+2 kernel threads; the other
+    # combinations are marked slow (each costs 2 x 3200 calls).
+    ("auto", "csr", torch.float32, 2, ()),  # 16 Python threads x 2 OpenMP threads each
+    ("auto", "bsr", torch.bfloat16, 1, ()),
+    ("numba", "csr", torch.float32, 1, ()),
+    ("auto", "csr", torch.float32, 1, _slow),
+    ("auto", "bsr", torch.float32, 1, _slow),
+    ("auto", "csr", torch.bfloat16, 1, _slow),
+    ("numba", "bsr", torch.bfloat16, 1, _slow),
 ]
 
 
 @pytest.mark.parametrize(
     "backend,fmt,dtype,nthreads",
-    [pytest.param(*c, id=f"{c[0]}-{c[1]}-{str(c[2])[6:]}-t{c[3]}") for c in _CONFIGS],
+    [
+        pytest.param(*c[:4], id=f"{c[0]}-{c[1]}-{str(c[2])[6:]}-t{c[3]}", marks=c[4])
+        for c in _CONFIGS
+    ],
 )
 def test_sparse_linear_concurrent_bit_identical(backend, fmt, dtype, nthreads):
     if backend != "auto" and backend not in sparsekit.backends():
@@ -176,7 +182,7 @@ def test_sparsified_model_concurrent_bit_identical():
                 torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["auto", "numba"])
+@pytest.mark.parametrize("backend", ["auto", pytest.param("numba", marks=_slow)])
 def test_set_num_threads_during_inference(backend):
     if backend != "auto" and backend not in sparsekit.backends():
         pytest.skip(f"backend {backend} not available")
@@ -231,27 +237,79 @@ def _python_work(n: int) -> int:
     return acc
 
 
+def _python_thread_progresses_during(call, work: int) -> bool:
+    """True if a helper thread finishes ``work`` loop iterations while ``call()`` runs.
+
+    The helper starts right before ``call`` is entered; the switch interval is lowered to
+    0.1 ms so that, if ``call`` holds the GIL, the helper cannot borrow a long time slice in the
+    few microseconds of Python code around the C call.
+    """
+    state = {"in_call": False, "finished_during_call": None}
+    go = threading.Event()
+
+    def helper() -> None:
+        go.wait(timeout=60)
+        _python_work(work)
+        state["finished_during_call"] = state["in_call"]
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    th = threading.Thread(target=helper)
+    th.start()
+    try:
+        state["in_call"] = True
+        go.set()
+        call()
+        state["in_call"] = False
+    finally:
+        state["in_call"] = False
+        sys.setswitchinterval(old_interval)
+        th.join(timeout=120)
+    return state["finished_during_call"] is True
+
+
+def _calibrated_work() -> tuple[int, float]:
+    work = 200_000
+    _python_work(work)
+    t0 = time.perf_counter()
+    _python_work(work)
+    return work, time.perf_counter() - t0
+
+
+def test_gil_probe_detects_a_gil_holding_call():
+    """Control: the probe must say "no progress" for C code that keeps the GIL.
+
+    ``sum(range(n))`` loops in C without releasing the GIL; sized like the kernel call below.
+    """
+    work, w_time = _calibrated_work()
+    n = 1_000_000
+    while True:
+        t0 = time.perf_counter()
+        sum(range(n))
+        d = time.perf_counter() - t0
+        if d >= 30 * w_time or n >= 2_000_000_000:
+            break
+        n *= 4
+    assert not _python_thread_progresses_during(lambda: sum(range(n)), work)
+
+
 @pytest.mark.parametrize("backend", _cpu_backends())
 def test_kernel_releases_gil(backend):
     """A pure-Python thread finishes a fixed job while ONE long kernel call is in flight.
 
-    The helper starts its job (~W of pure-Python CPU) right before the main thread enters the
-    call, and then checks that the call has not returned yet. The call lasts D >= 30 W (sized
-    below). If the kernel held the GIL, the helper could only run during the few microseconds
-    of Python code around the kernel (the switch interval is lowered to 0.1 ms so it cannot
-    borrow a long slice), so it could not finish before the call returns; with the GIL
-    released it finishes after ~W (~2 W if it has to share a loaded core). Both W and D are CPU
-    work, so machine load stretches them alike: the assertion is not a timing race.
+    The helper starts its job (W of pure-Python CPU) right before the main thread enters the
+    call and then checks that the call has not returned yet. The call lasts D >= 30 W (sized
+    below). If the kernel held the GIL, the helper could only run during the microseconds of
+    Python around the kernel, so it could not finish before the call returns (the control test
+    above checks exactly that); with the GIL released it finishes after ~W (~2 W if it has to
+    share a loaded core). W and D are both CPU work, so machine load stretches them alike: the
+    assertion is not a timing race.
     """
     sparsekit.set_num_threads(1)
     m = k = 2048
     lin = _pruned_linear(m, k, 0.1, seed=31)
     sl = SparseLinear.from_dense(lin, format="csr", backend=backend)
-
-    work = 200_000
-    t0 = time.perf_counter()
-    _python_work(work)
-    w_time = time.perf_counter() - t0
+    work, w_time = _calibrated_work()
 
     with torch.inference_mode():
         n = 16
@@ -265,31 +323,12 @@ def test_kernel_releases_gil(backend):
                 break
             n = min(8192, n * max(2, int(30 * w_time / max(d, 1e-6)) + 1))
         assert d >= 10 * w_time, f"could not make the call long enough ({d:.3f}s vs {w_time:.3f}s)"
-
-        state = {"in_call": False, "finished_during_call": None}
-        go = threading.Event()
-
-        def helper() -> None:
-            go.wait(timeout=60)
-            _python_work(work)
-            state["finished_during_call"] = state["in_call"]
-
-        old_interval = sys.getswitchinterval()
-        sys.setswitchinterval(1e-4)
-        th = threading.Thread(target=helper)
-        th.start()
-        try:
-            state["in_call"] = True
-            go.set()
-            y = sl(x)
-            state["in_call"] = False
-        finally:
-            state["in_call"] = False
-            sys.setswitchinterval(old_interval)
-            th.join(timeout=120)
-    assert state["finished_during_call"] is True, (
-        f"the Python thread could not run during a {d:.2f}s kernel call "
-        f"(work alone takes {w_time * 1e3:.0f} ms): the GIL is held by the kernel"
+        out = {}
+        released = _python_thread_progresses_during(lambda: out.setdefault("y", sl(x)), work)
+    assert released, (
+        f"a Python thread could not run during a {d:.2f}s kernel call "
+        f"(its work alone takes {w_time * 1e3:.0f} ms): the kernel holds the GIL"
     )
     ref = _dense_reference(lin, x[:4], torch.float32)
-    torch.testing.assert_close(y[:4].double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["y"][:4].double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["y"], y)

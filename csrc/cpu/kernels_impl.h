@@ -145,10 +145,14 @@ inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int6
 
 // Batch tile width (in vectors) for N > 1: as wide as the batch needs (<= 4 vectors) while one
 // packed tile (kpad x NT fp32) stays within ~1.5 MiB of L2.
+#ifndef SPARSEKIT_TILE_BYTES
+#define SPARSEKIT_TILE_BYTES (1 << 19)
+#endif
+constexpr int64_t kTileBytes = SPARSEKIT_TILE_BYTES;
 inline int choose_v(int64_t N, int64_t kpad) {
   const int64_t W = Vec::W;
   int v = N > 2 * W ? 4 : (N > W ? 2 : 1);
-  while (v > 1 && kpad * v * W * 4 > (int64_t(3) << 19)) v /= 2;
+  while (v > 1 && kpad * v * W * 4 > kTileBytes) v /= 2;
   return v;
 }
 

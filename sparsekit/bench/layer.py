@@ -541,6 +541,8 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
         r["speedup_vs_best_dense"] = (best / t) if (best and t) else None
         wb = r.get("weight_bytes")
         r["weight_gbs"] = (wb / t / 1e9) if (wb and t) else None
+        p10, p90 = r.get("p10_s"), r.get("p90_s")
+        r["spread"] = ((p90 - p10) / t) if (t and p10 is not None and p90 is not None) else None
 
 
 #: Keys every record carries (JSON ``results`` entries and CSV columns).
@@ -548,8 +550,8 @@ RECORD_KEYS = (
     "mode", "device", "dtype", "shape", "m", "k", "model", "batch", "sparsity", "format",
     "blocksize", "family", "contender", "status", "median_s", "p10_s", "p90_s", "min_s", "reps",
     "speedup_vs_flinear", "speedup_vs_best_dense", "best_dense", "flinear_median_s",
-    "best_dense_median_s", "max_rel_err", "tol", "n_copies", "weight_bytes", "weight_gbs", "nnz",
-    "threads", "message",
+    "best_dense_median_s", "spread", "max_rel_err", "tol", "n_copies", "weight_bytes", "weight_gbs",
+    "nnz", "threads", "message",
 )
 
 

@@ -32,6 +32,15 @@ def _ms(v: float | None) -> str:
     return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
 
 
+#: (p90 - p10) / median above which a time is flagged "~" (noisy: shared or throttled machine).
+NOISY_SPREAD = 0.5
+
+
+def _ms_flag(r: dict[str, Any]) -> str:
+    sp = r.get("spread")
+    return _ms(r.get("median_s")) + ("~" if sp is not None and sp > NOISY_SPREAD else "")
+
+
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
@@ -93,7 +102,7 @@ def dense_table(records: list[dict[str, Any]], *, markdown: bool = False) -> str
             if r is None:
                 row.append("-")
             elif r["status"] == OK:
-                row.append(_ms(r["median_s"]))
+                row.append(_ms_flag(r))
                 if best is None or r["median_s"] < best[1]:
                     best = (name, r["median_s"])
             else:
@@ -132,7 +141,7 @@ def pivot_table(records: list[dict[str, Any]], *, markdown: bool = False) -> str
             if r is None:
                 row.append("-")
             elif r["status"] == OK:
-                row.append(f"{_ms(r['median_s'])} {_x(r.get('speedup_vs_flinear'))}/"
+                row.append(f"{_ms_flag(r)} {_x(r.get('speedup_vs_flinear'))}/"
                            f"{_x(r.get('speedup_vs_best_dense'))}")
             else:
                 row.append(_STATUS_CELL.get(r["status"], r["status"]))
@@ -150,7 +159,7 @@ def long_table(records: list[dict[str, Any]], *, markdown: bool = False) -> str:
         rows.append([
             _case(r), r["dtype"], str(r["batch"]), str(r.get("format") or "dense"),
             _sp(r.get("sparsity")), r["contender"], r["status"],
-            _ms(r.get("median_s")) if ok else "-",
+            _ms_flag(r) if ok else "-",
             f"{_ms(r.get('p10_s'))}-{_ms(r.get('p90_s'))}" if ok else "-",
             _x(r.get("speedup_vs_flinear")) if ok else "-",
             _x(r.get("speedup_vs_best_dense")) if ok else "-",
@@ -188,7 +197,8 @@ def console_report(records: list[dict[str, Any]], *, table: str = "pivot",
         p = pivot_table(records, markdown=markdown)
         if p:
             title = ("Sparse contenders: median ms, speedup vs F.linear / vs best dense "
-                     "(>1 = faster; n/s = not supported, n/a = not built, WRONG = failed check)")
+                     "(>1 = faster; n/s = not supported, n/a = not built, WRONG = failed check; "
+                     f"~ = noisy, p90-p10 > {NOISY_SPREAD:.0%} of the median)")
             parts.append(title + sep + p)
     n = notes(records)
     if n:

@@ -351,11 +351,18 @@ class SparseLinear(nn.Module):
         )
 
     def to_linear(self) -> nn.Linear:
-        """A :class:`torch.nn.Linear` with the exact dense weight (dtype of the values)."""
+        """A :class:`torch.nn.Linear` with the exact dense weight.
+
+        The weight takes the bias's dtype when there is a bias (e.g. fp32 for a layer built
+        with ``value_dtype=torch.bfloat16`` from an fp32 ``nn.Linear``: widening is exact and
+        keeps weight and bias consistent for ``F.linear``), else the values' dtype.
+        """
         w = self.weight
+        dt = w.dtype if self.bias is None else self.bias.dtype
+        w = w.to(dt)
         lin = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None,
-            device=w.device, dtype=w.dtype,
+            device=w.device, dtype=dt,
         )
         with torch.no_grad():
             lin.weight.copy_(w)

@@ -577,7 +577,8 @@ def sparsify(
 
 def densify(model: nn.Module) -> nn.Module:
     """Replace every SparseLinear in ``model`` (in place) by an nn.Linear with the exact dense
-    weight (in the stored value dtype) and the same bias; returns ``model``.
+    weight and the same bias (see :meth:`SparseLinear.to_linear` for the dtype); returns
+    ``model``.
 
     If ``model`` itself is a SparseLinear, the replacement nn.Linear is returned instead.
     """

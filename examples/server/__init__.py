@@ -1,0 +1,1 @@
+"""Example HTTP inference server for sparsekit models (see README.md)."""
