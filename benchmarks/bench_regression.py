@@ -31,7 +31,7 @@ SHAPES = [(4096, 4096, 0.9), (768, 3072, 0.9)]
 BATCHES = [1, 32]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = {"csr": None, "bsr4x4": (4, 4)}
-THREADS = h._default_threads()
+THREADS = h.default_threads()
 
 
 def _cpu_backends() -> list[str]:

@@ -284,6 +284,39 @@ def _row_ids(indptr: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(n_rows, device=indptr.device), counts)
 
 
+def _transpose_structure(indptr: torch.Tensor, indices: torch.Tensor, n_rows: int,
+                         n_cols: int, method: str = "auto"
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Structure of the transpose: (new indptr int64 (n_cols+1), new indices int64 (the old
+    row ids, sorted within each new row), perm int64 with new_values = values[perm]).
+
+    CPU: scipy's O(nnz + n_rows + n_cols) counting transpose (csr -> csc) applied to the
+    permutation ``arange(nnz)``; other devices: a stable sort by column (O(nnz log nnz)).
+    ``method="sort"`` forces the device-generic path (tests compare both).
+    """
+    nnz = int(indices.shape[0])
+    if (method == "auto" and indices.device.type == "cpu" and nnz < 2**31
+            and max(n_rows, n_cols) < 2**31):
+        import scipy.sparse as sps
+
+        data = np.arange(nnz, dtype=np.int64)
+        csr = sps.csr_array(
+            (data, indices.numpy().astype(np.int32), indptr.numpy().astype(np.int32)),
+            shape=(n_rows, n_cols),
+        )
+        csc = csr.tocsc()
+        return (torch.from_numpy(csc.indptr.astype(np.int64)),
+                torch.from_numpy(csc.indices.astype(np.int64)), torch.from_numpy(csc.data))
+    cols = indices.to(torch.int64)
+    rows = _row_ids(indptr, n_rows)
+    # rows are already ascending, so a stable sort by column keeps them sorted within each
+    # new row
+    perm = torch.sort(cols, stable=True).indices
+    new_indptr = torch.zeros(n_cols + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(torch.bincount(cols, minlength=n_cols), 0, out=new_indptr[1:])
+    return new_indptr, rows[perm], perm
+
+
 def _tensor_device(*ts: Any) -> torch.device:
     devs = {t.device for t in ts if isinstance(t, torch.Tensor)}
     if len(devs) > 1:
@@ -453,13 +486,14 @@ class CSRMatrix(_SparseBase):
         t = _as_tensor_dense(w)
         vdt = _resolve_value_dtype(value_dtype, t.dtype)
         M, K = t.shape
-        mask = t != 0
-        counts = mask.sum(dim=1)
+        t = t.contiguous()
+        # nonzero() + bincount + flat gather: ~2x faster than mask.sum(1) + t[mask]
+        nz = (t != 0).nonzero()
+        rows, cols = nz[:, 0], nz[:, 1]
+        nnz = int(rows.shape[0])
         indptr64 = torch.zeros(M + 1, dtype=torch.int64, device=t.device)
-        torch.cumsum(counts, 0, out=indptr64[1:])
-        nnz = int(indptr64[-1])
-        cols = mask.nonzero()[:, 1]
-        values = t[mask].to(vdt).contiguous()
+        torch.cumsum(torch.bincount(rows, minlength=M), 0, out=indptr64[1:])
+        values = t.reshape(-1)[rows * K + cols].to(vdt)
         return cls._from_parts(
             indptr64.to(_indptr_dtype_for(nnz)), cols.to(_index_dtype_for(K)), values, (M, K)
         )
@@ -545,16 +579,9 @@ class CSRMatrix(_SparseBase):
         """CSR of ``W.T`` with shape ``(K, M)`` (O(nnz log nnz), vectorised)."""
         M, K = self._shape
         nnz = self.nnz
-        cols = self.indices.to(torch.int64)
-        rows = _row_ids(self.indptr, M)
-        # rows are already ascending, so a stable sort by column keeps them sorted within
-        # each new row
-        perm = torch.sort(cols, stable=True).indices
-        counts = torch.bincount(cols, minlength=K)
-        indptr = torch.zeros(K + 1, dtype=torch.int64, device=self.device)
-        torch.cumsum(counts, 0, out=indptr[1:])
+        indptr, rows, perm = _transpose_structure(self.indptr, self.indices, M, K)
         return CSRMatrix._from_parts(
-            indptr.to(_indptr_dtype_for(nnz)), rows[perm].to(_index_dtype_for(M)),
+            indptr.to(_indptr_dtype_for(nnz)), rows.to(_index_dtype_for(M)),
             self.values[perm].contiguous(), (K, M),
         )
 
@@ -800,16 +827,11 @@ class BSRMatrix(_SparseBase):
         """BSR of ``W.T``: shape ``(K, M)``, blocksize ``(c, r)``, blocks transposed."""
         Mb, Kb = self.grid
         nnzb = self.nnz_blocks
-        bcols = self.indices.to(torch.int64)
-        brows = _row_ids(self.indptr, Mb)
-        perm = torch.sort(bcols, stable=True).indices
-        counts = torch.bincount(bcols, minlength=Kb)
-        indptr = torch.zeros(Kb + 1, dtype=torch.int64, device=self.device)
-        torch.cumsum(counts, 0, out=indptr[1:])
+        indptr, brows, perm = _transpose_structure(self.indptr, self.indices, Mb, Kb)
         vals = self.values[perm].transpose(1, 2).contiguous()
         r, c = self._blocksize
         return BSRMatrix._from_parts(
-            indptr.to(_indptr_dtype_for(nnzb)), brows[perm].to(_index_dtype_for(Mb)), vals,
+            indptr.to(_indptr_dtype_for(nnzb)), brows.to(_index_dtype_for(Mb)), vals,
             (self._shape[1], self._shape[0]), (c, r),
         )
 

@@ -149,8 +149,7 @@ def test_wrong_contender_is_reported_and_never_timed(monkeypatch, capsys, tmp_pa
     assert code == 0
     res = json.loads(out_json.read_text())["results"]
     sk = [r for r in res if r["contender"].startswith("sparsekit:")]
-    assert sk and all(r["status"] == common.WRONG for r in sk if r["contender"] ==
-                      "sparsekit:cpp" or r["status"] != common.UNAVAILABLE)
+    assert sk and all(r["status"] in (common.WRONG, common.UNAVAILABLE) for r in sk)
     wrong = [r for r in sk if r["status"] == common.WRONG]
     if not wrong:
         pytest.skip("cpp backend not built here")
@@ -353,3 +352,73 @@ def test_show_renders_saved_run_as_markdown(layer_run, capsys, tmp_path):
     assert len(md_headers) == 2  # dense baselines + sparse contenders
     assert "| sparsekit:cpp |" in md_headers[1] or "sparsekit:cpp" in md_headers[1]
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rotation_copies_recorded(tmp_path, capsys):
+    from sparsekit.bench import harness as h
+
+    out_json = tmp_path / "rot.json"
+    fast = [a for a in FAST]
+    fast[fast.index("--rotate-factor") + 1] = "0.0005"  # ~136 KiB rotating set: a few copies
+    code, _, _ = _run(["bench", "layer", "--shapes", "32x64", "--batches", "2", "--sparsities",
+                       "0.75", "--formats", "csr", "--dtypes", "fp32", "--contenders",
+                       "dense,scipy,sparsekit", *fast, "--out", str(out_json)], capsys)
+    assert code == 0
+    res = json.loads(out_json.read_text())["results"]
+    fl = next(r for r in res if r["contender"] == "dense:F.linear")
+    assert fl["n_copies"] == h.rotation_count(32 * 64 * 4, 0.0005) > 1
+    sp = next(r for r in res if r["contender"] == "scipy")
+    assert sp["status"] == common.OK and sp["threads"] == 1
+    assert sp["n_copies"] == h.rotation_count(sp["weight_bytes"], 0.0005) > fl["n_copies"]
+
+
+def test_model_from_sparsekit_save_file(tmp_path, capsys):
+    import torch
+
+    import sparsekit
+    from sparsekit.bench.model import LeNet300100
+    from sparsekit.nn import SparseLinear
+
+    torch.manual_seed(3)
+    m = LeNet300100()
+    with torch.no_grad():
+        for lin in (m.fc1, m.fc2):
+            lin.weight[torch.rand(lin.weight.shape) < 0.8] = 0
+    m.fc1 = SparseLinear.from_dense(m.fc1, format="csr")
+    m.fc2 = SparseLinear.from_dense(m.fc2, format="bsr", blocksize=(2, 2))
+    path = tmp_path / "lenet.safetensors"
+    sparsekit.save(m, path)
+    out_json = tmp_path / "saved.json"
+    code, out, _ = _run(["bench", "model", "--model", "mnist-mlp", "--weights", str(path),
+                         "--batches", "2", "--dtypes", "fp32", "--dense", "F.linear", *FAST,
+                         "--out", str(out_json)], capsys)
+    assert code == 0 and "weights from" in out
+    res = json.loads(out_json.read_text())["results"]
+    sk = [r for r in res if r["contender"] == "sparsekit:cpp"]
+    assert len(sk) == 1 and sk[0]["format"] == "as saved"
+    # overall sparsity of the saved model: fc1/fc2 ~80 % zeros, fc3 dense
+    total = 784 * 300 + 300 * 100 + 100 * 10
+    assert abs(sk[0]["sparsity"] - 0.8 * (total - 1000) / total) < 0.01
+    assert sk[0]["status"] in (common.OK, common.UNAVAILABLE)
+
+
+def test_show_summary_table(layer_run, capsys):
+    _, _, _, paths = layer_run
+    code, out, _ = _run(["bench", "show", str(paths["json"]), "--table", "summary"], capsys)
+    assert code == 0
+    header = next(l for l in out.splitlines() if l.startswith("case") and "50%" in l)
+    for col in ("dtype", "format", "N", "best dense ms", "50%", "90%"):
+        assert col in header
+    rows = [l for l in out.splitlines() if l.startswith(("24x40", "33x17"))
+            and ("csr" in l or "bsr4x4" in l) and "x (" in l]
+    assert rows  # "<speedup>x (<backend>)" cells
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes "import matplotlib" fail
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["bench", "layer", *FAST, "--plot", str(tmp_path / "p.png")])
+    assert ei.value.code == 2
+    assert "matplotlib" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="pip install matplotlib"):
+        report.plot_speedup([], tmp_path / "p.png")

@@ -221,6 +221,19 @@ def test_transpose(dtype):
     assert torch.equal(mw.T.to_dense(), wide.T)
 
 
+@pytest.mark.parametrize("shape", [(33, 97), (1, 5), (6, 1), (200, 70000)])
+def test_transpose_structure_paths_agree(shape):
+    """The CPU scipy path and the device-generic sort path build the same transpose."""
+    import sparsekit.formats as f
+
+    w = random_pruned(*shape, 0.99 if shape[1] > 1000 else 0.6, seed=17, empty_rows=1)
+    m = CSRMatrix.from_dense(w)
+    a = f._transpose_structure(m.indptr, m.indices, *shape)
+    b = f._transpose_structure(m.indptr, m.indices, *shape, method="sort")
+    for u, v in zip(a, b):
+        assert torch.equal(u.to(torch.int64), v.to(torch.int64))
+
+
 def test_raw_constructor_accepts_numpy_and_aliases_values():
     indptr = np.array([0, 2, 2, 3])
     indices = np.array([1, 3, 0], dtype=np.int64)

@@ -550,9 +550,13 @@ def _file_case(src: Any) -> Case:
     return case
 
 
-def make_case(src: Any) -> Case:
+KINDS = ("csr", "bsr", "from_dense", "file")
+
+
+def make_case(src: Any, kind: str | None = None) -> Case:
     """Build one case from a decision source (NumpySource or HypothesisSource)."""
-    kind = src.choice(["csr", "csr", "csr", "bsr", "bsr", "from_dense", "file"])
+    if kind is None:
+        kind = src.choice(["csr", "csr", "csr", "bsr", "bsr", "from_dense", "file"])
     return {"csr": _csr_case, "bsr": _bsr_case, "from_dense": _from_dense_case,
             "file": _file_case}[kind](src)
 

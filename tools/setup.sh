@@ -15,4 +15,5 @@ fi
 .venv/bin/python -m pip install --quiet "$TORCH_REQ"
 # The build compiles the C++ kernels (and the CUDA ones where nvcc is found: SPARSEKIT_CUDA=AUTO).
 .venv/bin/python -m pip install --quiet ".[dev]"
-.venv/bin/python -c "import sparsekit; print('sparsekit', sparsekit.__version__, 'backends:', sparsekit.backends())"
+# Run from inside .venv so the source tree's sparsekit/ (no compiled _C) does not shadow the install.
+(cd .venv && bin/python -c "import sparsekit; print('sparsekit', sparsekit.__version__, 'backends:', sparsekit.backends())")

@@ -39,6 +39,8 @@ if __package__ in (None, ""):  # `python examples/server/app.py`: make `examples
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
+from fastapi import FastAPI, Request  # module level: FastAPI resolves endpoint annotations here
+from fastapi.responses import JSONResponse
 
 ENV_PREFIX = "SPARSEKIT_SERVER_"
 
@@ -181,6 +183,9 @@ def parse_inputs(body: bytes, n_features: int, max_batch: int) -> np.ndarray:
         raise RequestError(422, f"inputs: expected a list of rows, got {type(rows).__name__}")
     if len(rows) == 0:
         raise RequestError(422, "inputs: empty batch; send at least one row")
+    if not isinstance(rows[0], list):
+        raise RequestError(422, "inputs: expected a 2-D list (a list of rows), got a list of "
+                                f"{type(rows[0]).__name__}")
     if len(rows) > max_batch:
         raise RequestError(413, f"inputs: batch of {len(rows)} rows exceeds the limit of "
                                 f"{max_batch}")
@@ -227,9 +232,10 @@ class BodyLimitMiddleware:
     without one (chunked) is counted while it streams in and refused as soon as it exceeds.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, metrics: Metrics | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.metrics = metrics  # refusals here never reach the endpoint: count them here
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -243,8 +249,11 @@ class BodyLimitMiddleware:
                     await _send_json(send, 400, {"detail": "content-length: not an integer"})
                     return
                 if n > self.max_bytes:
+                    t0 = time.perf_counter()
                     await _send_json(send, 413, {
                         "detail": f"body: {n} bytes exceeds the limit of {self.max_bytes}"})
+                    if self.metrics is not None and scope.get("path") == "/predict":
+                        self.metrics.record(413, time.perf_counter() - t0)
                     return
         seen = 0
         started = False
@@ -290,8 +299,6 @@ def create_app(config: ServerConfig | None = None) -> Any:
     """
     import anyio
     import torch
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
 
     import sparsekit
     from examples.server.model import create_model, example_input, in_features, load_model
@@ -362,7 +369,7 @@ def create_app(config: ServerConfig | None = None) -> Any:
         return snap
 
     # Outermost, so an oversized declared body is refused before FastAPI sees the request.
-    return BodyLimitMiddleware(app, cfg.max_body_bytes)
+    return BodyLimitMiddleware(app, cfg.max_body_bytes, metrics)
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -108,7 +108,7 @@ def check_and_time(
         torch thread count to re-assert after the first call: starting a library's OpenMP pool
         (numba's "omp" threading layer) can reset the process-wide OpenMP thread count.
     slow_call_s : float
-        If the verification call took longer than this, time with 1 warm-up and 3 reps only,
+        If the verification call took longer than this, time 3 reps without further warm-up,
         so a slow contender (e.g. single-threaded scipy on a large BSR) cannot blow the budget.
     """
     if tol is None:
@@ -135,7 +135,8 @@ def check_and_time(
                        message=f"max rel err {err:.3g} > tol {tol:.3g}; not timed")
     kw = dict(timing)
     if first_s > slow_call_s:
-        kw.update(warmup=min(kw.get("warmup", 3), 1), min_reps=3, min_time_s=0.0)
+        # the verification call already warmed it up
+        kw.update(warmup=0, min_reps=3, min_time_s=0.0)
         kw.pop("max_time_s", None)
     try:
         stats = h.measure(fn, sync=sync, **kw)

@@ -66,6 +66,7 @@ __all__ = [
     "dense_contenders",
     "best_dense",
     "threads_for_all",
+    "default_threads",
     "machine_info",
     "reexec_without_openblas_overrides",
     "OPENBLAS_OVERRIDE_VARS",
@@ -583,7 +584,8 @@ def best_dense(stats_by_name: dict[str, Stats]) -> tuple[str, Stats]:
 # --------------------------------------------------------------------------------------------
 # Threads
 # --------------------------------------------------------------------------------------------
-def _default_threads() -> int:
+def default_threads() -> int:
+    """CPUs this process may run on (size of the affinity mask): the default thread count."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -613,7 +615,7 @@ def threads_for_all(n: int | None = None) -> Iterator[int]:
     does.
     """
     if n is None:
-        n = _default_threads()
+        n = default_threads()
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n: expected an int >= 1 or None, got {n!r}")
     prev_torch = torch.get_num_threads()

@@ -342,7 +342,7 @@ def run_layer_sweep(cfg: LayerSweep, *, progress: bool = True,
     """
     cfg.validate()
     records: list[dict[str, Any]] = []
-    threads = cfg.threads if cfg.threads is not None else h._default_threads()
+    threads = cfg.threads if cfg.threads is not None else h.default_threads()
     timing = dict(warmup=cfg.warmup, min_reps=cfg.min_reps, min_time_s=cfg.min_time_s)
     with h.threads_for_all(threads):
         sk_by_dev = {}

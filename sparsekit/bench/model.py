@@ -397,7 +397,7 @@ class ModelBench:
     input_shape: Sequence[int] | None = None
     bert_layers: int = 4
     seq_len: int = 128
-    batches: Sequence[int] = (1, 8, 32)
+    batches: Sequence[int] = (1, 8)
     sparsities: Sequence[float] = (0.7, 0.9)
     formats: Sequence[FormatSpec] = field(
         default_factory=lambda: [FormatSpec("csr"), FormatSpec("bsr", (4, 4))])
@@ -463,7 +463,7 @@ def run_model_bench(cfg: ModelBench, *, progress: bool = True) -> tuple[list[dic
                       input_shape=cfg.input_shape, weights=cfg.weights, data=cfg.data,
                       seed=cfg.seed)
     records: list[dict[str, Any]] = []
-    threads = cfg.threads if cfg.threads is not None else h._default_threads()
+    threads = cfg.threads if cfg.threads is not None else h.default_threads()
     timing = dict(warmup=cfg.warmup, min_reps=cfg.min_reps, min_time_s=cfg.min_time_s)
     presparse = _has_sparse(spec.model)
     with h.threads_for_all(threads), torch.inference_mode():
@@ -545,12 +545,13 @@ def _run_dtype(cfg, spec, device, dname, threads, timing, sk, presparse, records
             rec = rec_base(batch)
             try:
                 if name == "F.linear":
-                    src = base
+                    models = [base] + [copy.deepcopy(base) for _ in range(nd - 1)]
                 else:
-                    src = _formulate(base, name, _tokens(x, batch))
-                models = [src] + [copy.deepcopy(src) for _ in range(nd - 1)]
+                    # one formulation per copy: deepcopy would share the prepared weights,
+                    # which live in closures
+                    models = [_formulate(base, name, _tokens(x, batch)) for _ in range(nd)]
                 out = timed(models, x, ref, tol, kmax)
-                del models, src
+                del models
             except Exception as exc:
                 out = _excepted(exc)
             rec.update(_rec_fields(DENSE_FAMILY, f"dense:{name}", out, nd, _model_bytes(base)))

@@ -150,6 +150,41 @@ def pivot_table(records: list[dict[str, Any]], *, markdown: bool = False) -> str
     return render_table(rows, header, align_right=(2, 4, 5), markdown=markdown)
 
 
+def summary_table(records: list[dict[str, Any]], *, markdown: bool = False,
+                  family: str = "sparsekit") -> str:
+    """Rows (case, dtype, format, N), one column per sparsity: the fastest ``family`` contender's
+    speedup vs the best dense formulation, with the backend that achieved it."""
+    sparse = [r for r in records if r["family"] == family and r.get("sparsity") is not None]
+    if not sparse:
+        return ""
+    sps = sorted({r["sparsity"] for r in sparse})
+    cells: dict[tuple, dict[float, dict[str, Any] | None]] = {}
+    dense: dict[tuple, tuple[str | None, float | None]] = {}
+    for r in sparse:
+        key = (r["device"], _case(r), r["dtype"], r.get("format") or "-", r["batch"])
+        dense[key] = (r.get("best_dense"), r.get("best_dense_median_s"))
+        row = cells.setdefault(key, {})
+        cur = row.get(r["sparsity"])
+        if r["status"] == OK and (cur is None or r["median_s"] < cur["median_s"]):
+            row[r["sparsity"]] = r
+        else:
+            row.setdefault(r["sparsity"], None)
+    rows = []
+    for key in sorted(cells, key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
+        dev, case, dt, fmt, n = key
+        name, t = dense[key]
+        row = [case + (f" [{dev}]" if dev != "cpu" else ""), dt, fmt, str(n),
+               f"{name.removeprefix('dense:')} {_ms(t)}" if name else "-"]
+        for sp in sps:
+            r = cells[key].get(sp)
+            row.append("-" if r is None else
+                       f"{_x(r.get('speedup_vs_best_dense'))} "
+                       f"({r['contender'].split(':', 1)[-1]})")
+        rows.append(row)
+    header = ["case", "dtype", "format", "N", "best dense ms", *[f"{sp:.0%}" for sp in sps]]
+    return render_table(rows, header, align_right=range(3, 5 + len(sps)), markdown=markdown)
+
+
 def long_table(records: list[dict[str, Any]], *, markdown: bool = False) -> str:
     """One row per record with median, p10-p90 and both speedups."""
     rows = []
@@ -193,6 +228,11 @@ def console_report(records: list[dict[str, Any]], *, table: str = "pivot",
         parts.append("Dense baselines (median ms; fastest formulation last)" + sep + d)
     if table == "long":
         parts.append(long_table(records, markdown=markdown))
+    elif table == "summary":
+        t = summary_table(records, markdown=markdown)
+        if t:
+            parts.append("Fastest sparsekit backend: speedup vs the fastest dense formulation, "
+                         "by sparsity (>1 = faster)" + sep + t)
     else:
         p = pivot_table(records, markdown=markdown)
         if p:

@@ -204,12 +204,9 @@ class Engine:
                     raise ValueError(f"{sparsity_arg}: dict keys must be module names or glob "
                                      f"patterns, got {k!r}")
                 targets[k] = check_fraction(v, f"{sparsity_arg}[{k!r}]")
-            self.modules = select_modules(model, include, exclude, types)
-            self.pattern_targets = targets
+        self.modules = select_modules(model, include, exclude, types)
+        if isinstance(sparsity, Mapping):
             self.modules = self._restrict_to_dict(targets, sparsity_arg)
-        else:
-            self.modules = select_modules(model, include, exclude, types)
-            self.pattern_targets = None
         if self.gran.kind == "nm":
             self._check_nm(sparsity, sparsity_arg)
         elif sparsity is None:

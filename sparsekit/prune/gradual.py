@@ -225,9 +225,7 @@ class GradualPruner:
         tgt = self._applied if self._applied is not None else 0.0
         targets = None if self.scope == "global" else (
             tgt if isinstance(tgt, dict) else {n: tgt for n in self._modules})
-        rep = self._engine.report(self._masks, self._nonzero_start, targets,
-                                  tgt if self.scope == "global" or isinstance(tgt, dict)
-                                  else float(tgt))
+        rep = self._engine.report(self._masks, self._nonzero_start, targets, tgt)
         rep.extra = {"step": self._step, "schedule": self.schedule,
                      "start_step": self.start_step, "end_step": self.end_step,
                      "frequency": self.frequency}

@@ -1,0 +1,214 @@
+"""CPU performance targets of the C++ backend (issue 5), with bandwidth evidence and a plot.
+
+Usage::
+
+    python benchmarks/bench_cpu.py                 # all targets + sweep, 2 threads
+    python benchmarks/bench_cpu.py --quick         # fewer sweep points
+    python benchmarks/bench_cpu.py --threads 1
+
+For every target it prints the measured figure, PASS/MISS, and the achieved bandwidth on the
+compressed bytes (values + indices + indptr) next to the measured copy bandwidth. Every ratio is
+against the FASTEST dense formulation (best of F.linear, torch.matmul, oneDNN, MKL-packed,
+numpy) measured in the same run, and is also reported against plain F.linear. Weights rotate
+over > 2x the last-level cache. Writes benchmarks/results/cpu-<date>.json and
+cpu-<date>.png (speedup vs sparsity for N = 1, 8, 32, 128; dense = 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_linear as BL  # noqa: E402
+
+from sparsekit.bench import harness as H  # noqa: E402
+from sparsekit.formats import BSRMatrix, CSRMatrix  # noqa: E402
+
+BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
+
+
+class Cache:
+    """Measurements shared by targets and sweep (each measured once per run)."""
+
+    def __init__(self, min_time: float, log=print):
+        self.min_time, self.log = min_time, log
+        self.dense: dict = {}
+        self.sparse: dict = {}
+        self.tcsr: dict = {}
+        self.x: dict = {}
+
+    def xin(self, K: int, N: int) -> torch.Tensor:
+        if (K, N) not in self.x:
+            self.x[K, N] = torch.randn(N, K, generator=torch.Generator().manual_seed(N))
+        return self.x[K, N]
+
+    def dense_best(self, M: int, K: int, N: int) -> dict:
+        key = (M, K, N)
+        if key not in self.dense:
+            st = BL.dense_stats(BL.random_weight(M, K, 0.0, seed=1), self.xin(K, N), self.min_time)
+            name, best = H.best_dense(st)
+            self.dense[key] = {"best": name, "best_s": best.median_s,
+                               "F.linear_s": st["F.linear"].median_s,
+                               "all_s": {k: v.median_s for k, v in st.items()}}
+            self.log(f"  dense {M}x{K} N={N}: best {name} {best.median_s * 1e3:.3f} ms, "
+                     f"F.linear {st['F.linear'].median_s * 1e3:.3f} ms")
+        return self.dense[key]
+
+    def sparse_s(self, M, K, sp, N, block=None, vdtype=torch.float32) -> dict:
+        key = (M, K, sp, N, block, vdtype)
+        if key not in self.sparse:
+            w = BL.random_weight(M, K, sp, seed=3, block=block)
+            mat = (CSRMatrix.from_dense(w, value_dtype=vdtype) if block is None
+                   else BSRMatrix.from_dense(w, block, value_dtype=vdtype))
+            st = BL.sparsekit_stats(mat, self.xin(K, N), "cpp", self.min_time)
+            self.sparse[key] = {"s": st.median_s, "p10_s": st.p10_s, "p90_s": st.p90_s,
+                                "bytes": mat.nbytes, "nnz": mat.nnz}
+            self.log(f"  cpp {M}x{K} sp={sp} N={N} block={block} {vdtype}: "
+                     f"{st.median_s * 1e3:.3f} ms ({mat.nbytes / st.median_s / 1e9:.1f} GB/s)")
+        return self.sparse[key]
+
+    def torch_csr_s(self, M, K, sp, N) -> float:
+        key = (M, K, sp, N)
+        if key not in self.tcsr:
+            w = BL.random_weight(M, K, sp, seed=3)
+            self.tcsr[key] = BL.torch_csr_stats(w, self.xin(K, N), self.min_time).median_s
+        return self.tcsr[key]
+
+
+def targets(c: Cache, shapes_n1) -> list[dict]:
+    out: list[dict] = []
+
+    def add(tid, desc, value, need, sparse, dense, extra=None):
+        d = {"id": tid, "target": desc, "value": value, "need": need, "pass": value >= need,
+             "sparse_ms": sparse["s"] * 1e3 if sparse else None,
+             "best_dense": dense["best"] if dense else None,
+             "best_dense_ms": dense["best_s"] * 1e3 if dense else None,
+             "vs_F.linear": dense["F.linear_s"] / sparse["s"] if sparse and dense else None}
+        if sparse:
+            d["achieved_GBps"] = sparse["bytes"] / sparse["s"] / 1e9
+        d.update(extra or {})
+        out.append(d)
+        c.log(f"[{'PASS' if d['pass'] else 'MISS'}] {tid}: {desc}: {value:.2f}x (need {need}x)"
+              + (f", vs F.linear {d['vs_F.linear']:.2f}x" if d["vs_F.linear"] else "")
+              + (f", {d['achieved_GBps']:.1f} GB/s compressed" if sparse else ""))
+
+    for M, K in shapes_n1:
+        d = c.dense_best(M, K, 1)
+        s90 = c.sparse_s(M, K, 0.9, 1)
+        add(f"N1-90-{M}", f"{M}x{K} 90% N=1 fp32 vs best dense", d["best_s"] / s90["s"], 4.5, s90, d)
+        tc = c.torch_csr_s(M, K, 0.9, 1)
+        add(f"N1-90-tcsr-{M}", f"{M}x{K} 90% N=1 vs torch CSR (int32)", tc / s90["s"], 1.5, s90,
+            None, {"torch_csr_ms": tc * 1e3})
+        s70 = c.sparse_s(M, K, 0.7, 1)
+        add(f"N1-70-{M}", f"{M}x{K} 70% N=1 fp32 vs best dense", d["best_s"] / s70["s"], 1.8, s70, d)
+        s50 = c.sparse_s(M, K, 0.5, 1)
+        add(f"N1-50-{M}", f"{M}x{K} break-even at <= 50% N=1", d["best_s"] / s50["s"], 1.0, s50, d)
+        b90 = c.sparse_s(M, K, 0.9, 1, vdtype=torch.bfloat16)
+        add(f"N1-90-bf16-{M}", f"{M}x{K} 90% N=1 bf16 weights vs best fp32 dense",
+            d["best_s"] / b90["s"], 7.0, b90, d)
+        add(f"N1-90-bf16-vs-f32-{M}", f"{M}x{K} 90% N=1 bf16 vs our fp32 sparse",
+            s90["s"] / b90["s"], 1.4, b90, None)
+    M, K = 4096, 4096
+    d32 = c.dense_best(M, K, 32)
+    s = c.sparse_s(M, K, 0.9, 32)
+    add("N32-90", f"{M}x{K} 90% N=32 fp32 vs best dense", d32["best_s"] / s["s"], 3.0, s, d32)
+    d128 = c.dense_best(M, K, 128)
+    s = c.sparse_s(M, K, 0.8, 128)
+    add("N128-80", f"{M}x{K} 80% N=128 fp32 vs best dense", d128["best_s"] / s["s"], 1.5, s, d128)
+    per_block = {f"{r}x{cc}": c.sparse_s(M, K, 0.9, 128, block=(r, cc)) for r, cc in BSR_BLOCKS}
+    bname = min(per_block, key=lambda k: per_block[k]["s"])
+    add("BSR-N128-90", f"{M}x{K} BSR 90% N=128 (best block {bname}) vs best dense",
+        d128["best_s"] / per_block[bname]["s"], 5.0, per_block[bname], d128,
+        {"per_block_ms": {k: v["s"] * 1e3 for k, v in per_block.items()}})
+    return out
+
+
+def sweep(c: Cache, sparsities, batches) -> list[dict]:
+    rows = []
+    M, K = 4096, 4096
+    for N in batches:
+        d = c.dense_best(M, K, N)
+        for sp in sparsities:
+            s = c.sparse_s(M, K, sp, N)
+            rows.append({"M": M, "K": K, "N": N, "sparsity": sp, "sparse_ms": s["s"] * 1e3,
+                         "best_dense": d["best"], "best_dense_ms": d["best_s"] * 1e3,
+                         "F.linear_ms": d["F.linear_s"] * 1e3,
+                         "speedup_vs_best": d["best_s"] / s["s"],
+                         "speedup_vs_F.linear": d["F.linear_s"] / s["s"],
+                         "achieved_GBps": s["bytes"] / s["s"] / 1e9})
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for N in sorted({r["N"] for r in rows}):
+        rr = sorted((r for r in rows if r["N"] == N), key=lambda r: r["sparsity"])
+        ax.plot([r["sparsity"] * 100 for r in rr], [r["speedup_vs_best"] for r in rr], "o-",
+                label=f"N={N}")
+    ax.axhline(1.0, color="k", lw=1, ls="--", label="fastest dense = 1")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("speedup vs fastest dense (same run)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    H.reexec_without_openblas_overrides()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--min-time", type=float, default=None)
+    ap.add_argument("--out", type=Path, default=BL.RESULTS)
+    ap.add_argument("--name", default="cpu")
+    a = ap.parse_args(argv)
+    min_time = a.min_time or (0.15 if a.quick else 0.4)
+    load0 = os.getloadavg()
+    print(f"threads={a.threads} load={load0}")
+    info = H.machine_info(a.threads)
+    copy_bw = info.get("copy_bandwidth_gbs") or H.copy_bandwidth_gbs(num_threads=a.threads)
+    c = Cache(min_time)
+    with H.threads_for_all(a.threads):
+        shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096)]
+        tg = targets(c, shapes)
+        sps = [0.5, 0.8, 0.9, 0.95] if a.quick else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+        sw = sweep(c, sps, [1, 8, 32, 128])
+    load1 = os.getloadavg()
+    print(f"\nmeasured copy bandwidth ({a.threads} threads, read+write): {copy_bw:.1f} GB/s")
+    print(f"{'target':<58} {'value':>7} {'need':>5} {'':>4} {'vs F.lin':>8} {'GB/s':>6}")
+    for t in tg:
+        vf = f"{t['vs_F.linear']:.2f}x" if t["vs_F.linear"] else "-"
+        gb = f"{t['achieved_GBps']:.1f}" if t.get("achieved_GBps") else "-"
+        print(f"{t['target']:<58} {t['value']:6.2f}x {t['need']:4.1f}x {'PASS' if t['pass'] else 'MISS'}"
+              f" {vf:>8} {gb:>6}")
+    meta: dict[str, Any] = {
+        "benchmark": "bench_cpu", "argv": sys.argv[1:], "threads": a.threads, "machine": info,
+        "copy_bandwidth_gbs": copy_bw, "load_avg_start": load0, "load_avg_end": load1,
+        "targets": tg, "dense": {f"{k[0]}x{k[1]} N={k[2]}": v for k, v in c.dense.items()},
+        "method": "median wall time; weights rotating over > 2x LLC; baselines from this run",
+    }
+    base = BL.write_results(a.name + (f"-t{a.threads}" if a.threads != 2 else ""), sw, meta, a.out)
+    plot(sw, base.with_suffix(".png"),
+         f"sparsekit cpp (CSR fp32) vs fastest dense, 4096x4096, {a.threads} threads\n"
+         f"{info.get('cpu_model', '')} load {load0[0]:.1f}")
+    print(f"wrote {base}.json / .csv / .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""Sparse vs dense ``linear`` on the CPU (issue 2): every built sparsekit backend against dense
+``F.linear``, the fastest dense formulation, torch sparse CSR and scipy.
+
+Usage::
+
+    python benchmarks/bench_linear.py --quick          # ~1-2 minutes, used by the README
+    python benchmarks/bench_linear.py                  # full sweep
+    python benchmarks/bench_linear.py --threads 2 --shapes 4096x4096 --batch 1 32
+
+Method (sparsekit/bench/harness.py): median of repeated calls; every contender cycles through
+enough weight copies to exceed 2x the last-level cache (read at run time), so weights come from
+memory as in a model with many layers; all ratios come from the same run. The fastest dense
+contender is the best of F.linear, torch.matmul, oneDNN (packed), MKL (packed) and
+numpy/OpenBLAS. Writes benchmarks/results/<name>-<date>.json and .csv with machine info.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsekit.bench import harness as H
+from sparsekit.formats import BSRMatrix, CSRMatrix
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FULL_SHAPES = [(768, 3072), (4096, 4096), (11008, 4096)]
+FULL_BATCH = [1, 8, 32, 128]
+FULL_SPARSITY = [0.5, 0.7, 0.8, 0.9, 0.95]
+
+
+# --------------------------------------------------------------------------- weights
+def random_weight(M: int, K: int, sparsity: float, seed: int = 0,
+                  block: tuple[int, int] | None = None) -> torch.Tensor:
+    """(M, K) fp32 weight with the given fraction of zeros (uniform random positions, or whole
+    random blocks when ``block`` is given)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(M, K, generator=g)
+    if block is None:
+        mask = torch.rand(M, K, generator=g) >= sparsity
+    else:
+        r, c = block
+        mb = torch.rand(-(-M // r), -(-K // c), generator=g) >= sparsity
+        mask = mb.repeat_interleave(r, 0).repeat_interleave(c, 1)[:M, :K]
+    return w * mask
+
+
+def sparse_copies(mat: Any, n: int) -> list:
+    """n independent copies (distinct memory) of a CSR/BSR matrix."""
+    out = [mat]
+    for _ in range(n - 1):
+        if isinstance(mat, BSRMatrix):
+            out.append(BSRMatrix._from_parts(mat.indptr.clone(), mat.indices.clone(),
+                                             mat.values.clone(), mat.shape, mat.blocksize))
+        else:
+            out.append(CSRMatrix._from_parts(mat.indptr.clone(), mat.indices.clone(),
+                                             mat.values.clone(), mat.shape))
+    return out
+
+
+def nbytes_of(t: Any) -> int:
+    if isinstance(t, torch.Tensor):
+        if t.layout == torch.sparse_csr:
+            return sum(a.numel() * a.element_size()
+                       for a in (t.crow_indices(), t.col_indices(), t.values()))
+        return t.numel() * t.element_size()
+    return int(t.nbytes)
+
+
+# --------------------------------------------------------------------------- contenders
+def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, H.Stats]:
+    """All dense contenders on rotating copies of w; x already has w's dtype."""
+    n = H.rotation_count(nbytes_of(w))
+    ws = [w] + [w.clone() for _ in range(n - 1)]
+    fns = H.dense_contenders(ws, batch_size=x.shape[0])
+    stats = {name: H.measure(lambda i, f=f: f(x, i), min_time_s=min_time) for name, f in fns.items()}
+    del fns, ws
+    return stats
+
+
+def sparsekit_stats(mat: Any, x: torch.Tensor, backend: str, min_time: float) -> H.Stats:
+    from sparsekit.kernels import get_backend
+
+    be = get_backend(backend)
+    mats = sparse_copies(mat, H.rotation_count(mat.nbytes))
+    out = torch.empty(x.shape[0], mat.shape[0], dtype=x.dtype)
+    be.linear(mats[0], x, None, out)  # warm caches of derived data (numpy views, numba jit)
+    n = len(mats)
+    return H.measure(lambda i: be.linear(mats[i % n], x, None, out), min_time_s=min_time)
+
+
+def torch_csr_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> H.Stats:
+    """torch sparse CSR (int32 indices), y = (W @ x.T).T as the docs recommend for CPU."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = w.to_sparse_csr()
+        t = torch.sparse_csr_tensor(t.crow_indices().to(torch.int32),
+                                    t.col_indices().to(torch.int32), t.values(), t.shape)
+    n = H.rotation_count(nbytes_of(t))
+    ts = [t] + [torch.sparse_csr_tensor(t.crow_indices().clone(), t.col_indices().clone(),
+                                        t.values().clone(), t.shape) for _ in range(n - 1)]
+    xt = x.t()
+    return H.measure(lambda i: torch.mm(ts[i % n], xt).t(), min_time_s=min_time)
+
+
+def scipy_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> H.Stats:
+    import scipy.sparse as sp
+
+    a = sp.csr_matrix(w.numpy())
+    n = H.rotation_count(nbytes_of(a.data) + nbytes_of(a.indices) + nbytes_of(a.indptr))
+    mats = [a] + [a.copy() for _ in range(n - 1)]
+    xt = np.ascontiguousarray(x.numpy().T)
+    return H.measure(lambda i: mats[i % n] @ xt, min_time_s=min_time)
+
+
+# --------------------------------------------------------------------------- driver
+def run(shapes, batches, sparsities, backends, threads, min_time, with_scipy=True,
+        with_torch_csr=True, log=print) -> list[dict]:
+    rows: list[dict] = []
+    with H.threads_for_all(threads):
+        for M, K in shapes:
+            w_dense = random_weight(M, K, 0.0, seed=1)
+            for N in batches:
+                x = torch.randn(N, K, generator=torch.Generator().manual_seed(2))
+                ds = dense_stats(w_dense, x, min_time)
+                best_name, best = H.best_dense(ds)
+                fl = ds["F.linear"]
+                for s in sparsities:
+                    w = random_weight(M, K, s, seed=3)
+                    mat = CSRMatrix.from_dense(w)
+                    row: dict[str, Any] = dict(
+                        M=M, K=K, N=N, sparsity=s, nnz=mat.nnz, sparse_bytes=mat.nbytes,
+                        dense_bytes=M * K * 4, threads=threads, dense_F_linear_ms=fl.median_s * 1e3,
+                        dense_best=best_name, dense_best_ms=best.median_s * 1e3,
+                        dense_all_ms={k: v.median_s * 1e3 for k, v in ds.items()},
+                    )
+                    for b in backends:
+                        st = sparsekit_stats(mat, x, b, min_time)
+                        row[f"{b}_ms"] = st.median_s * 1e3
+                        row[f"{b}_p10_ms"] = st.p10_s * 1e3
+                        row[f"{b}_p90_ms"] = st.p90_s * 1e3
+                    if with_torch_csr:
+                        row["torch_csr_ms"] = torch_csr_stats(w, x, min_time).median_s * 1e3
+                    if with_scipy:
+                        row["scipy_ms"] = scipy_stats(w, x, min_time).median_s * 1e3
+                    for key in [f"{b}_ms" for b in backends] + ["torch_csr_ms", "scipy_ms"]:
+                        if key in row:
+                            name = key[:-3]
+                            row[f"speedup_{name}_vs_best"] = row["dense_best_ms"] / row[key]
+                            row[f"speedup_{name}_vs_F.linear"] = row["dense_F_linear_ms"] / row[key]
+                    rows.append(row)
+                    log(format_row(row, backends))
+                del ds
+    return rows
+
+
+def format_header(backends) -> str:
+    cols = ["shape", "N", "sp", "F.linear", "best dense"] + [f"{b}" for b in backends] + \
+           ["torch CSR", "scipy"] + [f"x{b}/best" for b in backends] + [f"x{b}/F.lin" for b in backends]
+    return " | ".join(f"{c:>11}" for c in cols)
+
+
+def format_row(r: dict, backends) -> str:
+    def ms(k):
+        return f"{r[k]:9.3f}ms" if k in r else f"{'-':>11}"
+
+    vals = [f"{r['M']}x{r['K']}", str(r["N"]), f"{r['sparsity']:.2f}", ms("dense_F_linear_ms"),
+            f"{r['dense_best_ms']:7.3f}ms {r['dense_best'][:6]}"[:11]]
+    vals += [ms(f"{b}_ms") for b in backends] + [ms("torch_csr_ms"), ms("scipy_ms")]
+    vals += [f"{r[f'speedup_{b}_vs_best']:.2f}x" for b in backends]
+    vals += [f"{r[f'speedup_{b}_vs_F.linear']:.2f}x" for b in backends]
+    return " | ".join(f"{v:>11}" for v in vals)
+
+
+def write_results(name: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    base = out_dir / f"{name}-{stamp}"
+    with open(base.with_suffix(".json"), "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1, default=str)
+    flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]
+    if flat:
+        keys = sorted({k for r in flat for k in r}, key=lambda k: list(flat[0]).index(k)
+                      if k in flat[0] else 999)
+        with open(base.with_suffix(".csv"), "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=keys)
+            wr.writeheader()
+            wr.writerows(flat)
+    return base
+
+
+def main(argv=None) -> int:
+    H.reexec_without_openblas_overrides()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small subset (~1-2 min)")
+    ap.add_argument("--threads", type=int, default=None, help="threads for every contender")
+    ap.add_argument("--shapes", nargs="*", default=None, help="MxK, e.g. 4096x4096")
+    ap.add_argument("--batch", nargs="*", type=int, default=None)
+    ap.add_argument("--sparsity", nargs="*", type=float, default=None)
+    ap.add_argument("--backends", nargs="*", default=None, help="sparsekit backends (default: all CPU)")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement")
+    ap.add_argument("--no-scipy", action="store_true")
+    ap.add_argument("--name", default="linear")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    from sparsekit.kernels import backends as available
+
+    avail = available()
+    be = a.backends or [b for b in ("cpp", "numba") if b in avail]
+    if a.quick:
+        shapes, batches, sps, min_time = [(4096, 4096)], [1, 32], [0.5, 0.9], 0.15
+    else:
+        shapes, batches, sps, min_time = FULL_SHAPES, FULL_BATCH, FULL_SPARSITY, 0.3
+    if a.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
+    batches = a.batch or batches
+    sps = a.sparsity or sps
+    min_time = a.min_time or min_time
+    threads = a.threads or len(os.sched_getaffinity(0))
+    meta = {"benchmark": "bench_linear", "argv": sys.argv[1:], "quick": a.quick,
+            "machine": H.machine_info(threads), "backends": {b: avail.get(b) for b in be},
+            "method": "median wall time, weights rotating over > 2x LLC, same-run baselines"}
+    print(f"threads={threads} backends={be} load={os.getloadavg()}")
+    print(format_header(be))
+    rows = run(shapes, batches, sps, be, threads, min_time, with_scipy=not a.no_scipy)
+    meta["load_avg_end"] = os.getloadavg()
+    base = write_results(a.name + ("-quick" if a.quick else ""), rows, meta, a.out)
+    print(f"wrote {base}.json / .csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
