@@ -146,7 +146,7 @@ inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int6
 // Batch tile width (in vectors) for N > 1: as wide as the batch needs (<= 4 vectors) while one
 // packed tile (kpad x NT fp32) stays within ~1.5 MiB of L2.
 #ifndef SPARSEKIT_TILE_BYTES
-#define SPARSEKIT_TILE_BYTES (1 << 19)
+#define SPARSEKIT_TILE_BYTES (3 << 19)
 #endif
 constexpr int64_t kTileBytes = SPARSEKIT_TILE_BYTES;
 inline int choose_v(int64_t N, int64_t kpad) {
@@ -220,33 +220,21 @@ void csr_spmv_rows(const SpmmParams& p, const float* x, int64_t r0, int64_t r1) 
   }
 }
 
-#ifndef SPARSEKIT_XT_AHEAD
-#define SPARSEKIT_XT_AHEAD 8
-#endif
-constexpr int64_t kXtAhead = SPARSEKIT_XT_AHEAD;
-
 // One CSR row against one packed tile: out[0..NT) = sum_j values[j] * xt[indices[j]][0..NT).
 // U nonzeros in flight x V vectors = independent accumulator chains (hides FMA latency).
+// If `init` is not null the sums start from init[0..NT) (it may alias `out`).
 template <int V, class VT, class IT>
 inline void csr_row_tile(const IT* idx, const VT* val, int64_t j, int64_t e, const float* xt,
-                         float* out) {
+                         float* out, const float* init = nullptr) {
   constexpr int W = Vec::W;
   constexpr int NT = V * W;
   constexpr int U = V >= 4 ? 2 : 4;
   typename Vec::T acc[U][V];
   for (int u = 0; u < U; ++u)
     for (int v = 0; v < V; ++v) acc[u][v] = Vec::zero();
+  if (init != nullptr)
+    for (int v = 0; v < V; ++v) acc[0][v] = Vec::load(init + v * W);
   for (; j + U <= e; j += U) {
-#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
-    // xt rows are random L2 hits: prefetch the rows kXtAhead nonzeros ahead into L1 so the
-    // loop is bound by L2 throughput instead of latency.
-    if (j + U + kXtAhead <= e) {
-      for (int u = 0; u < U; ++u) {
-        const char* pf = reinterpret_cast<const char*>(xt + idx_of(idx[j + u + kXtAhead]) * NT);
-        for (int l = 0; l < NT * 4; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
-      }
-    }
-#endif
     for (int u = 0; u < U; ++u) {
       const typename Vec::T b = Vec::set1(to_f32(val[j + u]));
       const float* xr = xt + idx_of(idx[j + u]) * NT;
@@ -295,6 +283,59 @@ void csr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
   }
 }
 
+// K-blocked variant for tiles that do not fit in L1: the columns are walked in blocks of kb
+// xt rows (~kL1Tile bytes, L1-resident) and each row of a chunk keeps a cursor into its sorted
+// indices plus an fp32 partial-sum tile in a small per-thread buffer (L1/L2). Each nonzero then
+// reads its xt row from L1 instead of L2, at the cost of one partial-sum load/store per
+// (row, k block) visit. Same flops; O(chunk rows * NT) extra scratch per thread.
+constexpr int64_t kL1Tile = 24 * 1024;
+template <int V, class VT, class PT, class IT>
+void csr_batch_rows_kb(const SpmmParams& p, const float* xt_all, int64_t r0, int64_t r1) {
+  constexpr int NT = V * Vec::W;
+  constexpr int64_t kMaxRows = 128;
+  constexpr int64_t kChunkNnz = 16384;
+  const int64_t kb = imax(16, kL1Tile / (NT * 4));
+  const PT* indptr = static_cast<const PT*>(p.indptr);
+  const IT* idx = static_cast<const IT*>(p.indices);
+  const VT* val = static_cast<const VT*>(p.values);
+  const int64_t ntiles = (p.N + NT - 1) / NT;
+  Scratch acc(static_cast<size_t>(kMaxRows * NT));
+  int64_t cur[kMaxRows];
+  int64_t c0 = r0;
+  while (c0 < r1) {
+    int64_t c1 = c0 + 1;
+    const int64_t lim = static_cast<int64_t>(indptr[c0]) + kChunkNnz;
+    while (c1 < r1 && static_cast<int64_t>(indptr[c1 + 1]) <= lim && c1 - c0 < kMaxRows) ++c1;
+    for (int64_t tile = 0; tile < ntiles; ++tile) {
+      const float* xt = xt_all + tile * p.K * NT;
+      const int64_t n0 = tile * NT;
+      const int64_t nn = imin(NT, p.N - n0);
+      for (int64_t m = c0; m < c1; ++m) cur[m - c0] = static_cast<int64_t>(indptr[m]);
+      for (int64_t i = 0; i < (c1 - c0) * NT; ++i) acc.p[i] = 0.f;
+      for (int64_t k0 = 0; k0 < p.K; k0 += kb) {
+        const int64_t kend = k0 + kb;
+        const bool last = kend >= p.K;
+        for (int64_t m = c0; m < c1; ++m) {
+          const int64_t j = cur[m - c0], e = static_cast<int64_t>(indptr[m + 1]);
+          if (j >= e || idx_of(idx[j]) >= kend) continue;
+          int64_t je = j + 1;
+          if (last) je = e;
+          else while (je < e && idx_of(idx[je]) < kend) ++je;
+          float* a = acc.p + (m - c0) * NT;
+          csr_row_tile<V>(idx, val, j, je, xt, a, a);
+          cur[m - c0] = je;
+        }
+      }
+      for (int64_t m = c0; m < c1; ++m) {
+        const float b = bias_at(p.bias, m);
+        const float* a = acc.p + (m - c0) * NT;
+        for (int64_t t = 0; t < nn; ++t) store_out(p.y, (n0 + t) * p.ldy + m, a[t] + b, p.x_dtype);
+      }
+    }
+    c0 = c1;
+  }
+}
+
 template <class VT, class PT, class IT>
 void csr_linear_t(const SpmmParams& p) {
   const PT* indptr = static_cast<const PT*>(p.indptr);
@@ -322,6 +363,14 @@ void csr_linear_t(const SpmmParams& p) {
       pack_x_tile(p, xt.p + tile * p.K * NT, static_cast<int>(NT), tile * NT, k0, k1);
     barrier(nt);
     const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
+    if (p.K * NT * 4 > 2 * kL1Tile) {  // tile exceeds L1: K-blocked walk
+      switch (V) {
+        case 4: csr_batch_rows_kb<4, VT, PT, IT>(p, xt.p, r0, r1); break;
+        case 2: csr_batch_rows_kb<2, VT, PT, IT>(p, xt.p, r0, r1); break;
+        default: csr_batch_rows_kb<1, VT, PT, IT>(p, xt.p, r0, r1); break;
+      }
+      return;
+    }
     switch (V) {
       case 4: csr_batch_rows<4, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
       case 2: csr_batch_rows<2, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
