@@ -38,6 +38,36 @@ FULL_BATCH = [1, 8, 32, 128]
 FULL_SPARSITY = [0.5, 0.7, 0.8, 0.9, 0.95]
 
 
+def measure_cpu_time(fn, *, warmup: int = 3, min_reps: int = 10, min_time_s: float = 0.2,
+                     max_reps: int = 10000) -> H.Stats:
+    """Like ``harness.measure`` but on the calling thread's CPU time (``time.thread_time_ns``).
+
+    Only meaningful single-threaded (every contender then runs on the calling thread). It
+    excludes time the thread spends descheduled, so it stays usable on a loaded shared machine
+    where wall-clock medians of multi-threaded runs are dominated by scheduler noise.
+    """
+    import time
+
+    i = 0
+    for _ in range(warmup):
+        fn(i)
+        i += 1
+    samples: list[float] = []
+    total = 0.0
+    while (len(samples) < min_reps or total < min_time_s) and len(samples) < max_reps:
+        t0 = time.thread_time_ns()
+        fn(i)
+        dt_s = (time.thread_time_ns() - t0) * 1e-9
+        samples.append(dt_s)
+        total += dt_s
+        i += 1
+    return H.Stats.from_samples(samples)
+
+
+#: Timing function used by every contender (bench_cpu.py --clock cpu swaps in measure_cpu_time).
+MEASURE = H.measure
+
+
 # --------------------------------------------------------------------------- weights
 def random_weight(M: int, K: int, sparsity: float, seed: int = 0,
                   block: tuple[int, int] | None = None) -> torch.Tensor:
@@ -82,7 +112,8 @@ def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, 
     n = H.rotation_count(nbytes_of(w))
     ws = [w] + [w.clone() for _ in range(n - 1)]
     fns = H.dense_contenders(ws, batch_size=x.shape[0])
-    stats = {name: H.measure(lambda i, f=f: f(x, i), min_time_s=min_time) for name, f in fns.items()}
+    stats = {name: MEASURE(lambda i, f=f: f(x, i), min_time_s=min_time)
+             for name, f in fns.items()}
     del fns, ws
     return stats
 
@@ -95,7 +126,7 @@ def sparsekit_stats(mat: Any, x: torch.Tensor, backend: str, min_time: float) ->
     out = torch.empty(x.shape[0], mat.shape[0], dtype=x.dtype)
     be.linear(mats[0], x, None, out)  # warm caches of derived data (numpy views, numba jit)
     n = len(mats)
-    return H.measure(lambda i: be.linear(mats[i % n], x, None, out), min_time_s=min_time)
+    return MEASURE(lambda i: be.linear(mats[i % n], x, None, out), min_time_s=min_time)
 
 
 def torch_csr_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> H.Stats:
@@ -109,7 +140,7 @@ def torch_csr_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> H.Stat
     ts = [t] + [torch.sparse_csr_tensor(t.crow_indices().clone(), t.col_indices().clone(),
                                         t.values().clone(), t.shape) for _ in range(n - 1)]
     xt = x.t()
-    return H.measure(lambda i: torch.mm(ts[i % n], xt).t(), min_time_s=min_time)
+    return MEASURE(lambda i: torch.mm(ts[i % n], xt).t(), min_time_s=min_time)
 
 
 def scipy_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> H.Stats:
@@ -119,7 +150,7 @@ def scipy_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> H.Stats:
     n = H.rotation_count(nbytes_of(a.data) + nbytes_of(a.indices) + nbytes_of(a.indptr))
     mats = [a] + [a.copy() for _ in range(n - 1)]
     xt = np.ascontiguousarray(x.numpy().T)
-    return H.measure(lambda i: mats[i % n] @ xt, min_time_s=min_time)
+    return MEASURE(lambda i: mats[i % n] @ xt, min_time_s=min_time)
 
 
 # --------------------------------------------------------------------------- driver
@@ -164,8 +195,9 @@ def run(shapes, batches, sparsities, backends, threads, min_time, with_scipy=Tru
 
 
 def format_header(backends) -> str:
-    cols = ["shape", "N", "sp", "F.linear", "best dense"] + [f"{b}" for b in backends] + \
-           ["torch CSR", "scipy"] + [f"x{b}/best" for b in backends] + [f"x{b}/F.lin" for b in backends]
+    cols = (["shape", "N", "sp", "F.linear", "best dense"] + [f"{b}" for b in backends]
+            + ["torch CSR", "scipy"] + [f"x{b}/best" for b in backends]
+            + [f"x{b}/F.lin" for b in backends])
     return " | ".join(f"{c:>11}" for c in cols)
 
 
@@ -206,7 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="*", default=None, help="MxK, e.g. 4096x4096")
     ap.add_argument("--batch", nargs="*", type=int, default=None)
     ap.add_argument("--sparsity", nargs="*", type=float, default=None)
-    ap.add_argument("--backends", nargs="*", default=None, help="sparsekit backends (default: all CPU)")
+    ap.add_argument("--backends", nargs="*", default=None,
+                    help="sparsekit backends (default: all CPU ones)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement")
     ap.add_argument("--no-scipy", action="store_true")
     ap.add_argument("--name", default="linear")

@@ -169,7 +169,10 @@ void check_2d(const py::array& a, const char* name, int64_t rows, int64_t cols, 
 struct Common {
   SpmmParams p;
   sparsekit::cpu::Isa isa;
-  py::array keep[6];
+  // py::object, not py::array: a default-constructed py::array allocates an empty ndarray,
+  // which cost ~0.5 us each on every call.
+  py::object keep[6];
+  py::array arr(int i) const { return py::reinterpret_borrow<py::array>(keep[i]); }
 };
 
 // Validates everything shared by csr_linear and bsr_linear and fills the params.
@@ -263,10 +266,10 @@ void csr_linear(const py::handle& indptr, const py::handle& indices, const py::h
   Common c;
   fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
               n_cols, n_rows, num_threads, isa);
-  const int64_t nnz = c.keep[1].shape(0);
-  if (c.keep[2].ndim() != 1 || c.keep[2].shape(0) != nnz)
+  const int64_t nnz = c.arr(1).shape(0);
+  if (c.arr(2).ndim() != 1 || c.arr(2).shape(0) != nnz)
     value_error("values: expected array of length " + std::to_string(nnz) + " (= indptr[-1]), got " +
-                describe(c.keep[2]));
+                describe(c.arr(2)));
   py::gil_scoped_release nogil;
   sparsekit::cpu::csr_linear(c.p, c.isa);
 }
@@ -286,8 +289,8 @@ void bsr_linear(const py::handle& indptr, const py::handle& indices, const py::h
   Common c;
   fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
               n_cols, Mb, num_threads, isa);
-  const int64_t nnzb = c.keep[1].shape(0);
-  const py::array& v = c.keep[2];
+  const int64_t nnzb = c.arr(1).shape(0);
+  const py::array v = c.arr(2);
   if (v.ndim() != 3 || v.shape(0) != nnzb || v.shape(1) != block_r || v.shape(2) != block_c) {
     std::ostringstream s;
     s << "values: expected array of shape (" << nnzb << ", " << block_r << ", " << block_c

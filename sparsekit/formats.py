@@ -23,12 +23,11 @@ otherwise) produce, for the first violation found, exactly::
     indptr: expected non-decreasing values, got indptr[{i+1}] = {b} < indptr[{i}] = {a}
     indptr: expected indptr[-1] == len(indices) = {nnz}, got {v}
     indices: expected values in [0, {K}), got {v} at position {p}
-    indices: expected sorted unique values within each row, got {v} after {u} at position {p}
-      (row {r})      [one line in the actual message]
+    indices: expected sorted unique values within each row, got {v} after {u} at position {p} (row {r})
 
 NaN and Inf values are allowed: they are data and propagate through the kernels like in dense
-matmul.
-"""
+matmul (an Inf in ``x`` at a pruned position contributes nothing, unlike ``0 * inf`` in dense).
+"""  # noqa: E501  (the message listing above is quoted verbatim, one message per line)
 
 from __future__ import annotations
 

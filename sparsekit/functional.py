@@ -56,8 +56,11 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
     (fp32 out); bf16 x with bf16 weights (bf16 out); fp16 x with fp16 weights (fp16 out).
     Other half combinations (e.g. bf16 x with fp32 or fp16 weights) are computed with x
     converted to fp32 and the result rounded back to x's dtype. float64 / integer x raise
-    ``TypeError`` (convert explicitly). Not differentiable: use ``sparsekit.nn.SparseLinear``
-    for autograd. Per-call cost: O(nnz * N) kernel work + a few microseconds of checks.
+    ``TypeError`` (convert explicitly). Differentiable in ``x`` and ``bias`` (the sparse weight
+    is frozen): when grad mode is on and either requires grad, the call goes through the
+    ``sparsekit::csr_linear`` / ``bsr_linear`` custom ops of :mod:`sparsekit.nn`, whose
+    backward uses the transposed weight. Per-call cost: O(nnz * N) kernel work + a few
+    microseconds of checks.
 
     Examples
     --------
@@ -111,8 +114,8 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
             bias = bias.float()
         elif not bias.is_contiguous():
             bias = bias.contiguous()
-        if bias.requires_grad:
-            bias = bias.detach()
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _linear_autograd(x, weight, bias, backend)  # all argument checks done above
     if x.requires_grad:
         x = x.detach()
     # reshape only when needed: a no-op reshape still costs microseconds at N=1
@@ -122,7 +125,8 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     N = x2d.shape[0]
-    out = torch.empty((N, M), dtype=cdt, device=x.device)
+    # new_empty inherits dtype/device and parses fewer arguments (~1 us cheaper at N=1)
+    out = x2d.new_empty((N, M))
     if N:
         select_backend(weight, x2d, backend).linear(weight, x2d, bias, out)
     elif backend != "auto":
@@ -131,6 +135,19 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
         out = out.to(x.dtype)
     y = out if len(shape) == 2 else out.reshape(*shape[:-1], M)
     return y.numpy() if is_np else y
+
+
+def _linear_autograd(x: torch.Tensor, weight: CSRMatrix | BSRMatrix,
+                     bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    from .nn import _ops  # lazy: torch.library registration only when autograd is needed
+
+    M, K = weight.shape
+    if isinstance(weight, CSRMatrix):
+        return _ops.csr_linear(x, weight.indptr, weight.indices, weight.values, bias, M, K,
+                               backend)
+    r, c = weight.blocksize
+    return _ops.bsr_linear(x, weight.indptr, weight.indices, weight.values, bias, M, K, r, c,
+                           backend)
 
 
 def spmm(a: CSRMatrix | BSRMatrix, b: Any, *, backend: str = "auto") -> Any:

@@ -328,9 +328,11 @@ def test_validation_misc():
     [
         ([0, 1, 3], [0, 2, 1], "indptr: expected a 1-D array of length n_rows + 1 = 4, got length 3"),
         ([1, 1, 3, 3], [0, 2, 1], "indptr: expected indptr[0] == 0, got 1"),
-        ([0, 2, 1, 3], [0, 2, 1], "indptr: expected non-decreasing values, got indptr[2] = 1 < indptr[1] = 2"),
+        ([0, 2, 1, 3], [0, 2, 1],
+         "indptr: expected non-decreasing values, got indptr[2] = 1 < indptr[1] = 2"),
         ([0, 1, 3, 4], [0, 2, 1], "indptr: expected indptr[-1] == len(indices) = 3, got 4"),
-        ([0, 1, 3, 3], [0, 2, 5000], "indices: expected values in [0, 4096), got 5000 at position 2"),
+        ([0, 1, 3, 3], [0, 2, 5000],
+         "indices: expected values in [0, 4096), got 5000 at position 2"),
         ([0, 1, 3, 3], [0, 2, 2], "indices: expected sorted unique values within each row, got 2 "
                                   "after 2 at position 2 (row 1)"),
         ([0, 1, 3, 3], [0, 3, 2], "indices: expected sorted unique values within each row, got 2 "
@@ -350,7 +352,8 @@ def test_validate_ok_and_types():
     C.validate_csr(np.array([0], np.int64), np.array([], np.int32), 0, 0)
     # a new row may restart at a smaller column
     C.validate_csr(np.array([0, 2, 4], np.int32), np.array([3, 7, 0, 1], np.int32), 2, 8)
-    with pytest.raises(TypeError, match="indptr: expected a contiguous int32 or int64 array, got float64"):
+    with pytest.raises(TypeError,
+                       match="indptr: expected a contiguous int32 or int64 array, got float64"):
         C.validate_csr(np.zeros(4), np.zeros(0, np.int32), 3, 4)
     with pytest.raises(TypeError, match="indices: expected a contiguous uint16, int32 or int64"):
         C.validate_csr(np.zeros(4, np.int32), np.zeros(0, np.uint8), 3, 4)

@@ -222,3 +222,47 @@ def test_results_identical_across_thread_counts(backend, fmt, N):
             outs.append(sparsekit.linear(x, mat, b, backend=backend))
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "torch"])
+def test_fork_after_use(backend):
+    """A child forked after the parent ran parallel kernels still computes the right answer
+    (GNU OpenMP cannot be reused after fork: the numba backend falls back to serial kernels)
+    and neither hangs nor aborts."""
+    import time
+    import warnings
+
+    w = random_pruned(129, 257, 0.8, seed=13)
+    mat = CSRMatrix.from_dense(w)
+    x = random_x((3, 257), seed=14)
+    with th.threads(2):
+        expected = sparsekit.linear(x, mat, backend=backend)
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: compute, report max abs diff through the pipe, exit hard
+        code = 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with th.threads(2):
+                    y = sparsekit.linear(x, mat, backend=backend)
+            os.write(wfd, repr(float((y - expected).abs().max())).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(f"forked child using backend {backend!r} hung")
+        time.sleep(0.05)
+    msg = os.read(r, 100).decode()
+    os.close(r)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, msg)
+    assert float(msg) <= 1e-5

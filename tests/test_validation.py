@@ -300,3 +300,40 @@ def test_broken_backend_module_is_unavailable_not_importerror(monkeypatch):
     finally:
         monkeypatch.undo()
         reg._reload()
+
+
+def test_numpy_and_C_paths_report_the_same_first_violation():
+    """Randomly corrupted structures (often with several violations at once): both validators
+    accept the same inputs and report the identical first message."""
+    if _REAL_C is None or not hasattr(_REAL_C, "validate_csr"):
+        pytest.skip("sparsekit._C not built")
+    rng = np.random.default_rng(2024)
+    n_err = 0
+    for trial in range(300):
+        M, K = int(rng.integers(1, 12)), int(rng.integers(1, 20))
+        dense = rng.random((M, K)) < rng.random()
+        indptr = np.concatenate([[0], np.cumsum(dense.sum(1))]).astype(np.int64)
+        indices = np.nonzero(dense)[1].astype(np.int64)
+        for _ in range(int(rng.integers(0, 3))):  # 0-2 corruptions
+            kind = int(rng.integers(0, 5))
+            if kind == 0 and len(indices):
+                indices[rng.integers(len(indices))] = rng.integers(-3, K + 3)
+            elif kind == 1 and len(indices) > 1:
+                p = rng.integers(1, len(indices))
+                indices[p] = indices[p - 1]
+            elif kind == 2:
+                indptr[rng.integers(0, M + 1)] += int(rng.integers(-2, 3))
+            elif kind == 3:
+                indices = indices[:-1] if len(indices) else np.array([0], np.int64)
+            else:
+                rng.shuffle(indices)
+        msgs = []
+        for use_C in (False, True):
+            try:
+                fmt.validate_structure(indptr, indices, M, K, use_C=use_C)
+                msgs.append(None)
+            except ValueError as e:
+                msgs.append(str(e))
+        assert msgs[0] == msgs[1], (trial, indptr, indices, M, K, msgs)
+        n_err += msgs[0] is not None
+    assert 100 < n_err < 300  # the generator produced both valid and invalid inputs

@@ -52,7 +52,7 @@ T_BUILD=$(( $(date +%s) - T0 ))
 
 # ------------------------------------------------------------------ overlay package
 OVERLAY="$(mktemp -d "${TMPDIR:-/tmp}/sparsekit-sanitize.XXXXXX")"
-REPORT_DIR="$OVERLAY/reports"
+REPORT_DIR="$OVERLAY/logs"
 mkdir -p "$REPORT_DIR"
 cleanup() { rm -rf "$OVERLAY"; }
 trap cleanup EXIT
@@ -69,62 +69,74 @@ for l in "$LIBASAN" "$LIBUBSAN"; do
   [ -f "$l" ] || { echo "sanitize.sh: runtime $l not found" >&2; exit 1; }
 done
 export LD_PRELOAD="$LIBASAN $LIBUBSAN"
-# log_path: reports go to files we scan afterwards, so a report is a failure even if some
-# library swallowed the abort. halt_on_error: the first report stops the process.
+# halt_on_error/abort_on_error: the first report kills the process (a test failure, or a
+# "crash" for the fuzz harness). Each step's output is also scanned for reports, because UBSan
+# ignores log_path when combined with ASan and prints to stderr.
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:\
-allocator_may_return_null=1:log_path=$REPORT_DIR/asan:log_exe_name=0:handle_segv=1:verify_asan_link_order=0"
-export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1:\
-log_path=$REPORT_DIR/ubsan"
+allocator_may_return_null=1:handle_segv=1:verify_asan_link_order=0"
+export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$OVERLAY"
 export PYTHONDONTWRITEBYTECODE=1
 export SPARSEKIT_REQUIRE_BACKENDS=cpp
 export SPARSEKIT_NUM_THREADS="${SPARSEKIT_NUM_THREADS:-2}"
-# The numba JIT is irrelevant here (the C++ kernels are under test) and slow to start.
 export NUMBA_CACHE_DIR="$OVERLAY/numba-cache"
 
 fail=0
-check_reports() {
-  shopt -s nullglob
-  local reports=("$REPORT_DIR"/asan* "$REPORT_DIR"/ubsan*)
-  if [ ${#reports[@]} -gt 0 ]; then
-    echo "sanitize.sh: *** sanitizer reports after: $1 ***" >&2
-    for r in "${reports[@]}"; do echo "--- $r" >&2; head -60 "$r" >&2; done
-    rm -f "${reports[@]}"
+REPORT_RE='runtime error:|ERROR: AddressSanitizer|SUMMARY: (Address|UndefinedBehavior)Sanitizer'
+# run_step NAME CMD...: run with output tee'd to a log; fail on a non-zero status or a report.
+run_step() {
+  local name="$1"; shift
+  local log="$REPORT_DIR/$name.log" rc
+  set +e
+  "$@" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  if grep -E -q "$REPORT_RE" "$log"; then
+    echo "sanitize.sh: *** sanitizer report in step '$name' ***" >&2
+    grep -E -A30 "$REPORT_RE" "$log" | head -80 >&2
+    fail=1
+  fi
+  if [ "$rc" -ne 0 ]; then
+    echo "sanitize.sh: step '$name' failed (status $rc)" >&2
     fail=1
   fi
 }
 
-# Sanity: the extension really is the sanitized one and the ASan runtime is live.
-"$PYTHON" - <<'EOF'
+# Everything below runs from the overlay directory: `python -m` and `python -` put the current
+# directory first on sys.path, and it must not be the checkout (with its unsanitized _C).
+cd "$OVERLAY"
+cat > "$OVERLAY/check_import.py" <<'PYEOF'
 import sparsekit, sparsekit._C as C
 maps = open("/proc/self/maps").read()
 assert "sparsekit-sanitize" in C.__file__, C.__file__
 assert "libasan" in maps and "libubsan" in maps, "sanitizer runtimes not mapped"
 print("sanitize.sh: using", C.__file__, "| isa", C.cpu_isa())
-EOF
-check_reports "import"
+PYEOF
+run_step import "$PYTHON" "$OVERLAY/check_import.py"
+[ "$fail" = 0 ] || { echo "sanitize.sh: FAILED (setup)" >&2; exit 1; }
 
 if [ "$SELF_TEST" = 1 ]; then
-  # A planted heap overflow must be reported and must fail the process: proves that the
-  # preload/options combination above would catch a real bug in the extension.
+  # Planted bugs must be reported AND fatal: proves the preload/options combination above
+  # would catch the same bugs in the extension.
   st_dir="$OVERLAY/selftest"; mkdir -p "$st_dir"
-  cat > "$st_dir/oob.cpp" <<'EOF'
+  cat > "$st_dir/bugs.cpp" <<'CEOF'
 #include <cstdlib>
 extern "C" int sparsekit_selftest_oob(int n) { int *p = (int *)std::malloc(n * sizeof(int));
   volatile int v = p[n]; std::free(p); return v; }
 extern "C" int sparsekit_selftest_ub(int x) { return x + 2147483647; }
-EOF
-  "$CXX_BIN" -shared -fPIC -g -fsanitize=address,undefined -o "$st_dir/liboob.so" "$st_dir/oob.cpp"
+CEOF
+  "$CXX_BIN" -shared -fPIC -g -fsanitize=address,undefined -o "$st_dir/libbugs.so" \
+    "$st_dir/bugs.cpp"
   for fn in oob ub; do
-    if "$PYTHON" -c "import ctypes; ctypes.CDLL('$st_dir/liboob.so').sparsekit_selftest_$fn(4)" \
-        >/dev/null 2>&1; then
-      echo "sanitize.sh: self-test FAILED: planted $fn bug was not fatal" >&2; exit 1
+    set +e
+    out="$("$PYTHON" -c "import ctypes; ctypes.CDLL('$st_dir/libbugs.so').sparsekit_selftest_$fn(4)" 2>&1)"
+    rc=$?
+    set -e
+    if [ $rc -eq 0 ] || ! grep -E -q "$REPORT_RE" <<<"$out"; then
+      echo "sanitize.sh: self-test FAILED: planted $fn bug not reported+fatal (status $rc)" >&2
+      exit 1
     fi
-    shopt -s nullglob
-    r=("$REPORT_DIR"/*)
-    [ ${#r[@]} -gt 0 ] || { echo "sanitize.sh: self-test: no report for $fn" >&2; exit 1; }
-    rm -f "${r[@]}"
-    echo "sanitize.sh: self-test: planted $fn bug reported and fatal (ok)"
+    echo "sanitize.sh: self-test: planted $fn bug reported and fatal (status $rc): ok"
   done
 fi
 
@@ -133,27 +145,18 @@ T1=$(date +%s)
 TESTS=()
 for t in tests/test_cpp_bindings.py tests/test_kernels.py tests/test_formats.py \
          tests/test_fuzz.py; do
-  [ -f "$t" ] && TESTS+=("$t")
+  [ -f "$ROOT/$t" ] && TESTS+=("$ROOT/$t")
 done
 [ ${#TESTS[@]} -gt 0 ] || { echo "sanitize.sh: no kernel tests found" >&2; exit 1; }
-# -p no:cacheprovider: the overlay is throw-away. The fuzz-harness wrapper is excluded here
-# (it runs below with its own case count); -x: stop at the first failure.
-set +e
-nice "$PYTHON" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}" \
+# The fuzz-harness wrapper test is excluded (the harness runs below with its own case count).
+run_step pytest nice "$PYTHON" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}" \
   -k "not harness and not slow" ${SANITIZE_PYTEST_ARGS:-}
-rc=$?
-set -e
-check_reports "pytest"
-[ $rc -eq 0 ] || { echo "sanitize.sh: pytest failed (status $rc)" >&2; fail=1; }
 
 FUZZ_CASES="${SANITIZE_FUZZ_CASES:-600}"
 if [ "$fail" = 0 ] && [ "$FUZZ_CASES" -gt 0 ]; then
-  set +e
-  nice "$PYTHON" tools/fuzz_harness.py --cases "$FUZZ_CASES" --batch 300 --start 500000 -q
-  rc=$?
-  set -e
-  check_reports "fuzz harness"
-  [ $rc -eq 0 ] || { echo "sanitize.sh: fuzz harness failed (status $rc)" >&2; fail=1; }
+  # Harness subprocesses inherit LD_PRELOAD and the options; a report aborts one (a "crash").
+  run_step fuzz nice "$PYTHON" "$ROOT/tools/fuzz_harness.py" --cases "$FUZZ_CASES" \
+    --batch 300 --start 500000 -q
 fi
 T_END=$(date +%s)
 echo "sanitize.sh: build ${T_BUILD}s, tests $(( T_END - T1 ))s, total $(( T_END - T0 ))s"

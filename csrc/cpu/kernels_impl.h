@@ -146,7 +146,7 @@ inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int6
 // Batch tile width (in vectors) for N > 1: as wide as the batch needs (<= 4 vectors) while one
 // packed tile (kpad x NT fp32) stays within ~1.5 MiB of L2.
 #ifndef SPARSEKIT_TILE_BYTES
-#define SPARSEKIT_TILE_BYTES (3 << 19)
+#define SPARSEKIT_TILE_BYTES (3 << 19)  // xt tile budget (bytes) for N > 1
 #endif
 constexpr int64_t kTileBytes = SPARSEKIT_TILE_BYTES;
 inline int choose_v(int64_t N, int64_t kpad) {
@@ -363,12 +363,10 @@ void csr_linear_t(const SpmmParams& p) {
       pack_x_tile(p, xt.p + tile * p.K * NT, static_cast<int>(NT), tile * NT, k0, k1);
     barrier(nt);
     const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
-    if (p.K * NT * 4 > 2 * kL1Tile) {  // tile exceeds L1: K-blocked walk
-      switch (V) {
-        case 4: csr_batch_rows_kb<4, VT, PT, IT>(p, xt.p, r0, r1); break;
-        case 2: csr_batch_rows_kb<2, VT, PT, IT>(p, xt.p, r0, r1); break;
-        default: csr_batch_rows_kb<1, VT, PT, IT>(p, xt.p, r0, r1); break;
-      }
+    // Wide tiles (64 batch columns, 4 lines per xt row) far beyond L1: K-blocked walk. For
+    // narrower tiles the per-visit overhead measured higher than the L2 traffic it saves.
+    if (V == 4 && p.K * NT * 4 > 2 * kL1Tile) {
+      csr_batch_rows_kb<4, VT, PT, IT>(p, xt.p, r0, r1);
       return;
     }
     switch (V) {
@@ -483,6 +481,9 @@ void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
   }
 }
 
+#ifndef SPARSEKIT_BSR_VMAX
+#define SPARSEKIT_BSR_VMAX 2
+#endif
 template <class VT, class PT, class IT>
 void bsr_linear_t(const SpmmParams& p) {
   const PT* indptr = static_cast<const PT*>(p.indptr);
@@ -520,7 +521,7 @@ void bsr_linear_t(const SpmmParams& p) {
     });
     return;
   }
-  const int V = choose_v(p.N, kpad);
+  const int V = imin(choose_v(p.N, kpad), SPARSEKIT_BSR_VMAX);
   const int64_t NT = V * Vec::W;
   const int64_t ntiles = (p.N + NT - 1) / NT;
   Scratch xt(static_cast<size_t>(ntiles * kpad * NT));
