@@ -244,7 +244,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-scipy", action="store_true")
     ap.add_argument("--name", default="linear")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: single-threaded, per-thread CPU time (robust on a loaded machine)")
     a = ap.parse_args(argv)
+    global MEASURE
+    if a.clock == "cpu":
+        a.threads = 1
+        MEASURE = measure_cpu_time
     from sparsekit.kernels import backends as available
 
     avail = available()
@@ -259,14 +265,15 @@ def main(argv=None) -> int:
     sps = a.sparsity or sps
     min_time = a.min_time or min_time
     threads = a.threads or len(os.sched_getaffinity(0))
-    meta = {"benchmark": "bench_linear", "argv": sys.argv[1:], "quick": a.quick,
+    meta = {"benchmark": "bench_linear", "argv": sys.argv[1:], "quick": a.quick, "clock": a.clock,
             "machine": H.machine_info(threads), "backends": {b: avail.get(b) for b in be},
             "method": "median wall time, weights rotating over > 2x LLC, same-run baselines"}
     print(f"threads={threads} backends={be} load={os.getloadavg()}")
     print(format_header(be))
     rows = run(shapes, batches, sps, be, threads, min_time, with_scipy=not a.no_scipy)
     meta["load_avg_end"] = os.getloadavg()
-    base = write_results(a.name + ("-quick" if a.quick else ""), rows, meta, a.out)
+    name = a.name + ("-quick" if a.quick else "") + ("-cputime" if a.clock == "cpu" else "")
+    base = write_results(name, rows, meta, a.out)
     print(f"wrote {base}.json / .csv")
     return 0
 

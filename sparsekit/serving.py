@@ -234,9 +234,7 @@ def warmup(
 
     report.touched_by_forward = report.sparse_modules - len(report.touched_directly)
     for name, m in sparse:
-        backend = getattr(m, "backend", None)
-        if backend is not None:
-            report.backends[name or "<root>"] = str(getattr(backend, "name", backend))
+        report.backends[name or "<root>"] = _resolved_backend(m)
     report.passes = len(pass_times)
     report.first_pass_s = pass_times[0] if pass_times else 0.0
     report.last_pass_s = pass_times[-1] if pass_times else 0.0
@@ -258,3 +256,18 @@ def _module_device(m: torch.nn.Module) -> torch.device:
     for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)):
         return t.device
     return torch.device("cpu")
+
+
+def _resolved_backend(m: torch.nn.Module) -> str:
+    """The kernel backend a SparseLinear's forward runs on ("auto" resolved when possible)."""
+    name = str(getattr(m, "backend", "auto"))
+    if name != "auto":
+        return name
+    try:
+        from sparsekit.kernels import select_backend
+
+        x = torch.zeros(1, int(m.in_features), dtype=_module_input_dtype(m),
+                        device=_module_device(m))
+        return str(select_backend(m.matrix, x).name)
+    except Exception:  # noqa: BLE001 - informational only
+        return name

@@ -197,3 +197,12 @@ def test_machine_info_keys_and_json():
     assert math.isfinite(bw) and bw > 0
     with pytest.raises(ValueError, match="nbytes"):
         h.copy_bandwidth_gbs(nbytes=0)
+
+
+def test_dense_contenders_names_subset():
+    ws = [torch.randn(8, 16)]
+    cont = h.dense_contenders(ws, names=("onednn", "numpy"))
+    assert set(cont) <= {"onednn", "numpy"} and "numpy" in cont
+    assert "F.linear" not in cont and "torch.matmul" not in cont
+    with pytest.raises(ValueError, match="names"):
+        h.dense_contenders(ws, names=("cublas",))

@@ -115,21 +115,34 @@ def test_harness_oracle_rejects_wrong_behaviour():
     assert fh._close(np.array([1.0, np.nan]), np.array([1.0, 2.0]), np.ones(2), 1e-6)
 
 
-def test_fuzz_harness_subprocess(tmp_path):
-    """The crash-isolating harness (``make fuzz`` runs 10,000 cases) on a CI-sized count."""
-    out = tmp_path / "fuzz.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT)) if p)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "fuzz_harness.py"), "--cases", str(HARNESS_CASES),
-         "--batch", str(max(1, HARNESS_CASES // 2)), "--start", "1000000", "--json", str(out),
-         "-q"],
-        capture_output=True, text=True, timeout=900, env=env, cwd=str(ROOT),
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    summary = json.loads(out.read_text())
+def test_fuzz_harness_subprocess():
+    """The crash-isolating harness (``make fuzz`` runs 10,000 cases) on a CI-sized count.
+
+    The driver runs in-process; the cases run in worker subprocesses, as in ``make fuzz``.
+    """
+    summary = fh.drive(HARNESS_CASES, start=1_000_000, batch=max(1, HARNESS_CASES // 2),
+                       timeout=900.0, quiet=True)
     assert summary["cases"] == HARNESS_CASES
-    assert summary["crashes"] == 0 and summary["failures"] == 0
+    bad = summary["failure_examples"][:5]
+    assert summary["crashes"] == 0 and summary["failures"] == 0, bad
     assert summary["counts"].get("ok_valid", 0) > HARNESS_CASES // 5  # not all rejections
     assert summary["counts"].get("ok_rejected", 0) > HARNESS_CASES // 5
     assert summary["mutations_covered"] >= 50
+
+
+def test_fuzz_harness_isolates_a_crashing_case(tmp_path):
+    """A worker dying by signal fails the run, and the batch re-run pins the exact seed."""
+    out = tmp_path / "crash.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT)) if p)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "fuzz_harness.py"), "--cases", "2", "--batch",
+         "2", "--start", "103", "--inject-crash", "104", "--json", str(out), "-q"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT),
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["crashes"] == 1
+    crash = [f for f in summary["failure_examples"] if f["status"] == "crash"]
+    assert [c["seed"] for c in crash] == [104] and "SIGABRT" in crash[0]["detail"]
+    assert summary["counts"].get("ok_valid", 0) + summary["counts"].get("ok_rejected", 0) == 1

@@ -3,8 +3,8 @@
 * 16 Python threads x 200 calls on one shared SparseLinear (CSR/BSR, fp32/bf16) and on one
   shared sparsified model: every output is bit-identical to the serial result computed with the
   same thread-count setting (and the serial result matches a float64 dense reference).
-* ``set_num_threads`` called concurrently with inference: every output equals the serial result
-  for one of the thread counts in play (a call never sees a half-applied setting).
+* ``set_num_threads`` called concurrently with inference: results do not depend on the thread
+  count, and every concurrent output equals the serial one.
 * The kernels release the GIL: a pure-Python thread completes a fixed amount of work while a
   single long kernel call is still running (see ``test_kernel_releases_gil`` for why this is
   not a timing race).
@@ -99,7 +99,8 @@ def _assert_bit_identical(got, want) -> None:
         for i in range(len(want[t]))
         if got[t][i].dtype != want[t][i].dtype or not torch.equal(got[t][i], want[t][i])
     ]
-    assert not bad, f"{len(bad)} of {N_THREADS * N_CALLS} concurrent outputs differ, e.g. {bad[:5]}"
+    total = sum(len(w) for w in want)
+    assert not bad, f"{len(bad)} of {total} outputs differ from the reference, e.g. {bad[:5]}"
 
 
 _slow = pytest.mark.slow
@@ -189,7 +190,7 @@ def test_set_num_threads_during_inference(backend):
     m, k = 200, 300
     lin = _pruned_linear(m, k, 0.3, seed=21)
     sl = SparseLinear.from_dense(lin, format="csr", backend=backend)
-    inputs = _inputs(k, torch.float32, seed=22)[:8]
+    inputs = [xs[:60] for xs in _inputs(k, torch.float32, seed=22)[:8]]  # 8 threads x 60
     counts = (1, 2, 3)
     with torch.inference_mode():
         refs = {}
@@ -216,13 +217,11 @@ def test_set_num_threads_during_inference(backend):
             stop.set()
             mt.join(timeout=30)
     assert flips[0] > 1, "the mutator thread never ran"
-    bad = [
-        (t, i)
-        for t in range(len(inputs))
-        for i in range(len(inputs[t]))
-        if not any(torch.equal(got[t][i], refs[n][t][i]) for n in counts)
-    ]
-    assert not bad, f"{len(bad)} outputs match no serial result, e.g. {bad[:5]}"
+    # Documented guarantee (docs/serving.md): results do not depend on the thread count, so
+    # every concurrent output must equal the serial one whatever count it started with.
+    for n in counts[1:]:
+        _assert_bit_identical(refs[n], refs[counts[0]])
+    _assert_bit_identical(got, refs[counts[0]])
     for xs, ys in zip(inputs[:1], refs[1][:1]):
         for x, y in zip(xs, ys):
             torch.testing.assert_close(
@@ -269,7 +268,9 @@ def _python_thread_progresses_during(call, work: int) -> bool:
 
 
 def _calibrated_work() -> tuple[int, float]:
-    work = 200_000
+    # ~30-60 ms of pure Python: much longer than any scheduling hiccup of a loaded machine, so
+    # a GIL-holding call cannot let the helper finish by being descheduled at the wrong time.
+    work = 1_000_000
     _python_work(work)
     t0 = time.perf_counter()
     _python_work(work)
@@ -287,9 +288,9 @@ def test_gil_probe_detects_a_gil_holding_call():
         t0 = time.perf_counter()
         sum(range(n))
         d = time.perf_counter() - t0
-        if d >= 30 * w_time or n >= 2_000_000_000:
+        if d >= 20 * w_time or n >= 2_000_000_000:
             break
-        n *= 4
+        n = min(2_000_000_000, int(n * max(2.0, 1.2 * 20 * w_time / max(d, 1e-6))))
     assert not _python_thread_progresses_during(lambda: sum(range(n)), work)
 
 
@@ -298,7 +299,7 @@ def test_kernel_releases_gil(backend):
     """A pure-Python thread finishes a fixed job while ONE long kernel call is in flight.
 
     The helper starts its job (W of pure-Python CPU) right before the main thread enters the
-    call and then checks that the call has not returned yet. The call lasts D >= 30 W (sized
+    call and then checks that the call has not returned yet. The call lasts D >= 20 W (sized
     below). If the kernel held the GIL, the helper could only run during the microseconds of
     Python around the kernel, so it could not finish before the call returns (the control test
     above checks exactly that); with the GIL released it finishes after ~W (~2 W if it has to
@@ -314,14 +315,14 @@ def test_kernel_releases_gil(backend):
     with torch.inference_mode():
         n = 16
         sl(torch.randn(n, k))  # warm-up (Numba compilation, page faults)
-        while True:  # grow the batch until one call takes >= 30 W (capped)
+        while True:  # grow the batch until one call takes >= 20 W (capped)
             x = torch.randn(n, k)
             t0 = time.perf_counter()
             y = sl(x)
             d = time.perf_counter() - t0
-            if d >= 30 * w_time or n >= 8192:
+            if d >= 20 * w_time or n >= 16384:
                 break
-            n = min(8192, n * max(2, int(30 * w_time / max(d, 1e-6)) + 1))
+            n = min(16384, n * max(2, int(20 * w_time / max(d, 1e-6)) + 1))
         assert d >= 10 * w_time, f"could not make the call long enough ({d:.3f}s vs {w_time:.3f}s)"
         out = {}
         released = _python_thread_progresses_during(lambda: out.setdefault("y", sl(x)), work)

@@ -779,12 +779,14 @@ def case_from_seed(seed: int) -> Case:
 
 
 # ------------------------------------------------------------------------------ worker/driver
-def _worker(seeds: list[int]) -> int:
+def _worker(seeds: list[int], inject_crash: int | None = None) -> int:
     """Run cases in-process, one JSON line per case on stdout."""
     # The cases are tiny: torch's intra-op pool only adds contention on a shared machine.
     torch.set_num_threads(1)
     out = sys.stdout
     for s in seeds:
+        if s == inject_crash:  # self-test of the crash isolation (see tests/test_fuzz.py)
+            os.abort()
         try:
             case = case_from_seed(s)
             status, detail = run_case(case)
@@ -798,10 +800,13 @@ def _worker(seeds: list[int]) -> int:
     return 0
 
 
-def _run_batch(seeds: list[int], timeout: float) -> tuple[list[dict], str | None]:
+def _run_batch(seeds: list[int], timeout: float,
+               inject_crash: int | None = None) -> tuple[list[dict], str | None]:
     """Run seeds in one subprocess; returns (results, crash description or None)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
            ",".join(str(s) for s in seeds)]
+    if inject_crash is not None:
+        cmd += ["--inject-crash", str(inject_crash)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               cwd=str(ROOT), env=os.environ.copy())
@@ -819,7 +824,8 @@ def _run_batch(seeds: list[int], timeout: float) -> tuple[list[dict], str | None
     return results, crash
 
 
-def drive(n_cases: int, start: int, batch: int, timeout: float, quiet: bool) -> dict:
+def drive(n_cases: int, start: int, batch: int, timeout: float, quiet: bool,
+          inject_crash: int | None = None) -> dict:
     t0 = time.time()
     counts: collections.Counter[str] = collections.Counter()
     by_mutation: collections.Counter[str] = collections.Counter()
@@ -827,7 +833,7 @@ def drive(n_cases: int, start: int, batch: int, timeout: float, quiet: bool) -> 
     seeds = list(range(start, start + n_cases))
     for b0 in range(0, n_cases, batch):
         chunk = seeds[b0:b0 + batch]
-        results, crash = _run_batch(chunk, timeout)
+        results, crash = _run_batch(chunk, timeout, inject_crash)
         if crash:
             # Isolate: every case of the crashed batch in its own process.
             if not quiet:
@@ -835,7 +841,7 @@ def drive(n_cases: int, start: int, batch: int, timeout: float, quiet: bool) -> 
                       flush=True)
             results = []
             for s in chunk:
-                res, c = _run_batch([s], timeout=min(timeout, 120))
+                res, c = _run_batch([s], min(timeout, 120), inject_crash)
                 if c:
                     results.append({"seed": s, "status": "crash", "mutation": "?",
                                     "detail": c[:600]})
@@ -850,6 +856,8 @@ def drive(n_cases: int, start: int, batch: int, timeout: float, quiet: bool) -> 
             done = min(b0 + batch, n_cases)
             print(f"  {done:>6}/{n_cases} cases  {dict(counts)}  ({time.time() - t0:.0f} s)",
                   flush=True)
+    import sparsekit
+
     return {
         "cases": n_cases,
         "first_seed": start,
@@ -864,6 +872,9 @@ def drive(n_cases: int, start: int, batch: int, timeout: float, quiet: bool) -> 
         "torch": torch.__version__,
         "numpy": np.__version__,
         "machine": platform.machine(),
+        "processor": platform.processor(),
+        "sparsekit": sparsekit.__version__,
+        "backends": sparsekit.backends(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -877,11 +888,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the summary as JSON here")
     ap.add_argument("--case", type=int, help="run one seed in-process and print it")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--inject-crash", type=int, help=argparse.SUPPRESS)
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.worker is not None:
-        return _worker([int(s) for s in args.worker.split(",") if s])
+        return _worker([int(s) for s in args.worker.split(",") if s], args.inject_crash)
     if args.case is not None:
         case = case_from_seed(args.case)
         print(case.describe, f"expect={case.expect} names={case.names}")
@@ -891,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  x = {case.x!r}\n  bias = {case.bias!r}")
         print(run_case(case))
         return 0
-    summary = drive(args.cases, args.start, args.batch, args.timeout, args.quiet)
+    summary = drive(args.cases, args.start, args.batch, args.timeout, args.quiet,
+                    args.inject_crash)
     print(json.dumps({k: v for k, v in summary.items() if k != "failure_examples"}, indent=1))
     for f in summary["failure_examples"][:20]:
         print(f"FAIL seed={f['seed']} {f['status']} {f['mutation']}: {f['detail']}")

@@ -482,7 +482,7 @@ void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
 }
 
 #ifndef SPARSEKIT_BSR_VMAX
-#define SPARSEKIT_BSR_VMAX 2
+#define SPARSEKIT_BSR_VMAX 4  // cap on the batch tile width (vectors) for BSR
 #endif
 template <class VT, class PT, class IT>
 void bsr_linear_t(const SpmmParams& p) {

@@ -374,7 +374,10 @@ def create_app(config: ServerConfig | None = None) -> Any:
 
 # ------------------------------------------------------------------------------ CLI
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    env_cfg = ServerConfig.from_env()
+    try:
+        env_cfg = ServerConfig.from_env()
+    except ValueError as e:
+        raise SystemExit(f"examples.server: error: {e}") from None
     ap = argparse.ArgumentParser(
         prog="python -m examples.server",
         description="Serve a sparsekit model over HTTP (see examples/server/README.md). "

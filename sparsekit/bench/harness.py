@@ -417,6 +417,7 @@ def dense_contenders(
     *,
     batch_size: int | None = None,
     verify: bool = True,
+    names: Sequence[str] | None = None,
 ) -> DenseContenders:
     """Prepare dense ``x @ W.T (+ bias)`` formulations over rotating weight copies.
 
@@ -446,6 +447,9 @@ def dense_contenders(
     verify : bool
         Check every contender once against ``F.linear`` on a random input (batch 3) and drop the
         ones that fail (reason in ``.skipped``).
+    names : sequence of str, optional
+        Prepare only these contenders (default: all).  Lets a caller re-pack only the
+        batch-size-dependent layouts (``onednn``, ``mkl_packed``) per batch size.
 
     Returns
     -------
@@ -473,6 +477,12 @@ def dense_contenders(
         batch_size = 32
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    known = ("F.linear", "torch.matmul", "onednn", "mkl_packed", "numpy")
+    if names is not None:
+        bad = [nm for nm in names if nm not in known]
+        if bad:
+            raise ValueError(f"names: expected a subset of {known}, got {bad}")
+    want = set(known if names is None else names)
     ws = [w.detach().contiguous() for w in weights]
     n = len(ws)
     out = DenseContenders()
@@ -482,7 +492,7 @@ def dense_contenders(
 
     out["F.linear"] = f_linear
 
-    wts = [w.t().contiguous() for w in ws]
+    wts = [w.t().contiguous() for w in ws] if want & {"torch.matmul", "numpy"} else []
     if bias is None:
 
         def f_matmul(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -496,7 +506,9 @@ def dense_contenders(
 
     if device.type == "cpu":
         # oneDNN
-        if not torch.backends.mkldnn.is_available():
+        if "onednn" not in want:
+            pass
+        elif not torch.backends.mkldnn.is_available():
             out.skipped["onednn"] = "torch built without oneDNN"
         else:
             try:
@@ -511,7 +523,9 @@ def dense_contenders(
             except Exception as exc:  # unsupported dtype on this CPU / op missing
                 out.skipped["onednn"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         # MKL packed sgemm
-        if dtype != torch.float32:
+        if "mkl_packed" not in want:
+            pass
+        elif dtype != torch.float32:
             out.skipped["mkl_packed"] = f"MKL packed GEMM is fp32 only (got {dtype})"
         elif not torch.backends.mkl.is_available():
             out.skipped["mkl_packed"] = "torch built without MKL"
@@ -528,7 +542,9 @@ def dense_contenders(
             except Exception as exc:
                 out.skipped["mkl_packed"] = f"{type(exc).__name__}: {str(exc)[:160]}"
         # numpy / OpenBLAS
-        if dtype != torch.float32:
+        if "numpy" not in want:
+            pass
+        elif dtype != torch.float32:
             out.skipped["numpy"] = f"numpy has no BLAS kernel for {dtype}"
         else:
             # numpy reads the same pre-transposed (K, M) buffers as the torch.matmul contender
@@ -545,7 +561,10 @@ def dense_contenders(
             out["numpy"] = f_numpy
     else:
         for name in ("onednn", "mkl_packed", "numpy"):
-            out.skipped[name] = f"CPU only (weights on {device})"
+            if name in want:
+                out.skipped[name] = f"CPU only (weights on {device})"
+    for name in [nm for nm in out if nm not in want]:
+        del out[name]
 
     if verify:
         gen = torch.Generator(device="cpu").manual_seed(1234)

@@ -200,8 +200,16 @@ def _mib(nbytes: int) -> float:
 # --------------------------------------------------------------------------------------------
 # Contender factories: each returns make() -> fn(i); fn(i) computes y for the cell's x
 # --------------------------------------------------------------------------------------------
+def _once(cache: dict[str, Any], key: str, build: Callable[[], Any]) -> Any:
+    """``cache[key]``, built on first use: a cell's rotating copies serve every batch size."""
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
 def _sparsekit_factory(be_name: str, mat: Any, x: torch.Tensor, bias: torch.Tensor | None,
-                       n_copies: Callable[[int], int], info: dict[str, Any]):
+                       n_copies: Callable[[int], int], info: dict[str, Any],
+                       cache: dict[str, Any]):
     def make():
         import sparsekit
         from sparsekit.kernels import get_backend
@@ -210,8 +218,9 @@ def _sparsekit_factory(be_name: str, mat: Any, x: torch.Tensor, bias: torch.Tens
         if not be.supports(mat, x):
             raise Unsupported(f"backend {be_name!r} does not support {DTYPE_NAMES.get(mat.dtype)}"
                               f" {type(mat).__name__} on {x.device}")
-        n = n_copies(mat.nbytes)
-        mats = [mat] + [_clone_matrix(mat) for _ in range(n - 1)]
+        mats = _once(cache, "sparsekit", lambda: [mat] + [
+            _clone_matrix(mat) for _ in range(n_copies(mat.nbytes) - 1)])
+        n = len(mats)
         info["n_copies"] = n
         info["weight_bytes"] = mat.nbytes
 
@@ -236,7 +245,7 @@ def _clone_matrix(mat: Any) -> Any:
 
 def _torch_sparse_factory(wd: torch.Tensor, fmt: FormatSpec, x: torch.Tensor,
                           bias: torch.Tensor | None, n_copies: Callable[[int], int],
-                          info: dict[str, Any]):
+                          info: dict[str, Any], cache: dict[str, Any]):
     def make():
         with warnings.catch_warnings():  # "sparse CSR support is in beta" on every conversion
             warnings.simplefilter("ignore", UserWarning)
@@ -273,8 +282,9 @@ def _torch_sparse_factory(wd: torch.Tensor, fmt: FormatSpec, x: torch.Tensor,
             return torch.addmm(bcol, w, xt).t()
 
         run(t)
-        n = n_copies(nbytes)
-        ws = [t] + [clone() for _ in range(n - 1)]
+        ws = _once(cache, "torch.sparse",
+                   lambda: [t] + [clone() for _ in range(n_copies(nbytes) - 1)])
+        n = len(ws)
         info["n_copies"] = n
         info["weight_bytes"] = nbytes
         return lambda i: run(ws[i % n])
@@ -283,7 +293,8 @@ def _torch_sparse_factory(wd: torch.Tensor, fmt: FormatSpec, x: torch.Tensor,
 
 
 def _scipy_factory(wd: torch.Tensor, fmt: FormatSpec, x: torch.Tensor, bias: torch.Tensor | None,
-                   n_copies: Callable[[int], int], info: dict[str, Any]):
+                   n_copies: Callable[[int], int], info: dict[str, Any],
+                   cache: dict[str, Any]):
     def make():
         if x.device.type != "cpu":
             raise Unsupported("scipy.sparse is CPU only")
@@ -291,19 +302,20 @@ def _scipy_factory(wd: torch.Tensor, fmt: FormatSpec, x: torch.Tensor, bias: tor
             raise Unsupported(f"scipy.sparse has no {DTYPE_NAMES[wd.dtype]} matrices")
         import scipy.sparse as sps
 
-        w_np = wd.numpy()
-        if fmt.name == "csr":
-            sp = sps.csr_array(w_np)
-        else:
-            m, k = w_np.shape
-            r, c = fmt.blocksize
-            if m % r or k % c:
-                raise Unsupported(f"scipy BSR needs shape divisible by the block ({m}x{k} vs "
-                                  f"{r}x{c})")
-            sp = sps.bsr_array(w_np, blocksize=(r, c))
-        nbytes = sp.data.nbytes + sp.indices.nbytes + sp.indptr.nbytes
-        n = n_copies(nbytes)
-        sps_list = [sp] + [sp.copy() for _ in range(n - 1)]
+        m, k = wd.shape
+        if fmt.name == "bsr" and (m % fmt.blocksize[0] or k % fmt.blocksize[1]):
+            raise Unsupported(f"scipy BSR needs shape divisible by the block ({m}x{k} vs "
+                              f"{fmt.blocksize[0]}x{fmt.blocksize[1]})")
+
+        def build():
+            w_np = wd.numpy()
+            sp = (sps.csr_array(w_np) if fmt.name == "csr"
+                  else sps.bsr_array(w_np, blocksize=fmt.blocksize))
+            nb = sp.data.nbytes + sp.indices.nbytes + sp.indptr.nbytes
+            return [sp] + [sp.copy() for _ in range(n_copies(nb) - 1)], nb
+
+        sps_list, nbytes = _once(cache, "scipy", build)
+        n = len(sps_list)
         info["n_copies"] = n
         info["weight_bytes"] = nbytes
         info["threads"] = 1  # scipy.sparse matmul is single-threaded
@@ -412,10 +424,20 @@ def _run_shape_dtype(cfg, device, m, k, dname, threads, timing, sk, records, bar
         wd = w32.to(device=device, dtype=dtype)
         nd = n_copies(wd.numel() * wd.element_size())
         copies = [wd] + [wd.clone() for _ in range(nd - 1)]
+        wd64 = wd.double()
+        static = h.dense_contenders(copies, bias, verify=False,
+                                    names=("F.linear", "torch.matmul", "numpy"))
         for batch in cfg.batches:
             x = xs[batch]
-            ref = _reference(x, wd, bias)
-            conts = h.dense_contenders(copies, bias, batch_size=batch, verify=False)
+            ref = _reference(x, wd64, bias)
+            # batch-independent layouts once; the packed ones re-packed for each batch size
+            conts = h.DenseContenders()
+            conts.update(static)
+            conts.skipped.update(static.skipped)
+            packed = h.dense_contenders(copies, bias, batch_size=batch, verify=False,
+                                        names=("onednn", "mkl_packed"))
+            conts.update(packed)
+            conts.skipped.update(packed.skipped)
             names = ["F.linear", "torch.matmul", "onednn", "mkl_packed", "numpy"]
             for name in names:
                 rec = _base_record(device, m, k, dname, batch, threads)
@@ -432,8 +454,8 @@ def _run_shape_dtype(cfg, device, m, k, dname, threads, timing, sk, records, bar
                     info["threads"] = threads
                 records.append(_fill(rec, DENSE_FAMILY, f"dense:{name}", out, info))
                 bar.advance(f"{label0} N={batch} dense:{name}")
-            del conts
-        del copies, wd
+            del conts, packed
+        del copies, wd, wd64, static
         if cfg.rotate_factor:
             gc.collect()  # hand the rotating set (> 2 x LLC) back before the sparse cells
 
@@ -445,9 +467,11 @@ def _run_shape_dtype(cfg, device, m, k, dname, threads, timing, sk, records, bar
             wd = w_sp32.to(device=device, dtype=dtype)
             mat, mat_err = _make_matrix(wd, fmt)
             nnz = int(torch.count_nonzero(wd))
+            cache: dict[str, Any] = {}  # rotating copies per contender, shared by all batches
+            wd64 = wd.double()
             for batch in cfg.batches:
                 x = xs[batch]
-                ref = _reference(x, wd, bias)
+                ref = _reference(x, wd64, bias)
                 label = f"{label0} N={batch} {fmt.label} s={sparsity:g}"
                 cands: list[tuple[str, str, Any]] = []
                 if "sparsekit" in cfg.contenders:
@@ -473,19 +497,19 @@ def _run_shape_dtype(cfg, device, m, k, dname, threads, timing, sk, records, bar
                             out = mat_err
                         else:
                             out = check_and_time(
-                                _sparsekit_factory(arg, mat, x, bias, n_copies, info),
+                                _sparsekit_factory(arg, mat, x, bias, n_copies, info, cache),
                                 ref, dtype, k, timing=timing, sync=sync_fn, threads=threads)
                     elif family == "torch.sparse":
                         out = check_and_time(
-                            _torch_sparse_factory(wd, fmt, x, bias, n_copies, info),
+                            _torch_sparse_factory(wd, fmt, x, bias, n_copies, info, cache),
                             ref, dtype, k, timing=timing, sync=sync_fn, threads=threads)
                     else:
                         out = check_and_time(
-                            _scipy_factory(wd, fmt, x, bias, n_copies, info),
+                            _scipy_factory(wd, fmt, x, bias, n_copies, info, cache),
                             ref, dtype, k, timing=timing, sync=sync_fn, threads=threads)
                     records.append(_fill(rec, family, cname, out, info))
                     bar.advance(f"{label} {cname}")
-            del mat, wd
+            del mat, wd, wd64, cache
 
 
 def _make_matrix(wd: torch.Tensor, fmt: FormatSpec) -> tuple[Any, Outcome | None]:
