@@ -3,7 +3,7 @@
 #
 #   make test       the whole test suite (README: ./tools/test.sh; falls back to pytest)
 #   make bench      default benchmark sweep (sparsekit bench) -> benchmarks/results/
-#   make sanitize   C++ kernels rebuilt with ASan+UBSan (build-sanitize/), kernel tests under it
+#   make sanitize   C++ kernels rebuilt with ASan+UBSan (build/sanitize/), kernel tests under it
 #   make fuzz       10,000 validation fuzz cases in crash-isolating subprocesses
 #   make memcheck   RSS flat over 100,000 SparseLinear calls
 #   make serve      the example HTTP server (examples/server)

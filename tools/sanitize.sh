@@ -2,7 +2,7 @@
 # Build sparsekit._C with AddressSanitizer + UndefinedBehaviorSanitizer and run the kernel
 # tests against it. Fails (exit 1) on any sanitizer report or test failure.
 #
-#   bash tools/sanitize.sh              # build into build-sanitize/, run the fast test subset
+#   bash tools/sanitize.sh              # build into build/sanitize/, run the fast test subset
 #   bash tools/sanitize.sh --self-test  # also prove the setup catches a planted heap overflow
 #   SANITIZE_PYTEST_ARGS="-k csr" bash tools/sanitize.sh   # extra pytest args
 #   SANITIZE_FUZZ_CASES=600            # cases for the fuzz-harness step (0 to skip)
@@ -17,7 +17,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
-BUILD_DIR="${SANITIZE_BUILD_DIR:-$ROOT/build-sanitize}"
+BUILD_DIR="${SANITIZE_BUILD_DIR:-$ROOT/build/sanitize}"  # under build/: git-ignored
 SELF_TEST=0
 for a in "$@"; do
   case "$a" in
@@ -32,12 +32,31 @@ T0=$(date +%s)
 CXX_BIN="${CXX:-c++}"
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
-if [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
+# The kernels are compiled at -O1 instead of the project's -O3 (a compiler launcher rewrites
+# the flag): the usual ASan setting, ~2x faster to build, clearer stack traces, and the same
+# code paths (the ISA-specific kernels are selected at run time, not by the optimiser).
+SAN_OPT="${SANITIZE_OPT:--O1}"
+mkdir -p "$BUILD_DIR"
+LAUNCHER="$BUILD_DIR/opt-launcher.sh"
+cat > "$LAUNCHER.tmp" <<LEOF
+#!/usr/bin/env bash
+args=()
+for a in "\$@"; do case "\$a" in -O2|-O3) a="$SAN_OPT" ;; esac; args+=("\$a"); done
+exec "\${args[@]}"
+LEOF
+chmod +x "$LAUNCHER.tmp"
+cmp -s "$LAUNCHER.tmp" "$LAUNCHER" || mv -f "$LAUNCHER.tmp" "$LAUNCHER"
+rm -f "$LAUNCHER.tmp"
+STAMP="$BUILD_DIR/.sanitize-config"
+WANT="opt=$SAN_OPT python=$PYTHON"
+if [ ! -f "$BUILD_DIR/CMakeCache.txt" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   cmake -S . -B "$BUILD_DIR" "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_CXX_COMPILER_LAUNCHER="$LAUNCHER" \
     -DPython_EXECUTABLE="$PYTHON" \
     -Dpybind11_DIR="$("$PYTHON" -m pybind11 --cmakedir)" \
     -DSPARSEKIT_CUDA=OFF -DSPARSEKIT_SANITIZE=ON >/dev/null
+  echo "$WANT" > "$STAMP"
 fi
 nice cmake --build "$BUILD_DIR" ${JOBS:+-j "$JOBS"}
 shopt -s nullglob
