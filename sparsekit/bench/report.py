@@ -390,6 +390,7 @@ def plot_speedup(records: list[dict[str, Any]], path: str | os.PathLike[str], *,
             ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", label=f"N={batch}")
         ax.axhline(1.0, color="black", linewidth=1.2, linestyle="--", label="dense (best)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("sparsity")
