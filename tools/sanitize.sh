@@ -16,6 +16,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+# The steps below run from other directories: make a relative interpreter path absolute.
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
 BUILD_DIR="${SANITIZE_BUILD_DIR:-$ROOT/build/sanitize}"  # under build/: git-ignored
 SELF_TEST=0
