@@ -131,6 +131,23 @@ def test_env_var_in_fresh_process():
     assert out.stdout.strip() == "5"
 
 
+def test_numba_pool_start_keeps_torch_thread_count():
+    # Numba's OpenMP pool start used to reset torch's intra-op thread count (shared OpenMP
+    # setting); it must run in a fresh process, before numba's pool exists.
+    code = (
+        "import torch, sparsekit\n"
+        "torch.set_num_threads(1)\n"
+        "w = torch.randn(64, 64) * (torch.rand(64, 64) > 0.5)\n"
+        "sparsekit.linear(torch.randn(4, 64), sparsekit.CSRMatrix.from_dense(w), "
+        "backend='numba')\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code],
+                         env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "1"
+
+
 def test_set_get_and_errors(monkeypatch):
     monkeypatch.delenv("SPARSEKIT_NUM_THREADS", raising=False)
     th._reset_default()

@@ -112,7 +112,14 @@ def configure_threading() -> str:
             "NUMBA_THREADING_LAYER"
         ):
             numba.config.THREADING_LAYER = _pick_layer()
+        # Starting numba's OpenMP pool calls omp_set_num_threads, which also resets torch's
+        # intra-op thread count (the same OpenMP ICV): put the user's torch setting back.
+        import torch
+
+        torch_threads = torch.get_num_threads()
         _par._launch_threads()
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
         layer = numba.threading_layer()
         if layer == "workqueue":
             _launch_lock = threading.Lock()
