@@ -1,4 +1,4 @@
-# Convenience targets. Each one runs the same command documented in README.md / docs/serving.md,
+# Convenience targets. Each one runs the same command documented in README.md,
 # so `make X` and the documented command never drift apart.
 #
 #   make test       the whole test suite (README: ./tools/test.sh; falls back to pytest)

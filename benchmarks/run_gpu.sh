@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ONE prepared script for a lent GPU machine (H100/H200, see docs/gpu.md):
+# The ONE prepared script for a lent GPU machine (H100/H200, see the README's GPU section):
 #   1. build + install sparsekit with the CUDA kernels (SPARSEKIT_CUDA=ON, no network needed)
 #   2. pytest tests/test_cuda.py tests/test_kernels.py (CUDA + every other available backend)
 #   3. benchmarks/bench_gpu.py with the time that is left

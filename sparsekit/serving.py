@@ -9,7 +9,7 @@ not pay for one-off costs:
 * lazy per-shape decisions taken on the first forward call (backend choice, tuning caches),
 * first-touch page faults of the weight buffers and of the thread pools (OpenMP, torch).
 
-See ``docs/serving.md`` for the concurrency guarantees and for how to size threads in a
+See the README section "Serving" for the concurrency guarantees and for how to size threads in a
 multi-worker server.
 """
 

@@ -217,7 +217,7 @@ def test_set_num_threads_during_inference(backend):
             stop.set()
             mt.join(timeout=30)
     assert flips[0] > 1, "the mutator thread never ran"
-    # Documented guarantee (docs/serving.md): results do not depend on the thread count, so
+    # Documented guarantee (README, "Serving"): results do not depend on the thread count, so
     # every concurrent output must equal the serial one whatever count it started with.
     for n in counts[1:]:
         _assert_bit_identical(refs[n], refs[counts[0]])

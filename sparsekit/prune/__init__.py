@@ -5,7 +5,7 @@
 ...                exclude="fc3")                                    # doctest: +SKIP
 >>> print(report)                                                    # doctest: +SKIP
 
-See ``docs/pruning.md``.
+See the README section "Pruning".
 """
 
 from ._core import SUPPORTED_TYPES, LayerReport, PruneReport
