@@ -343,3 +343,51 @@ def test_tune_cache_avoids_remeasuring(tmp_path):
         with pytest.warns(UserWarning, match="ignoring unreadable tune cache"):
             sparsify(make(), batch_sizes=(1,))
     assert json.loads(bad.read_text())["version"] == 1
+
+
+def test_rotation_copies_arithmetic():
+    rc = sparsify_mod._rotation_copies
+    assert rc(0, 1000) == 1  # warm
+    assert rc(10_000, 1000) == 10
+    assert rc(10_001, 1000) == 11  # the working set must exceed the target
+    assert rc(10**12, 1) == sparsify_mod._MAX_ROTATION_COPIES
+
+
+def _spy_cold_bytes(monkeypatch):
+    seen: list[int] = []
+    real = sparsify_mod._measure_layer
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("cold_bytes", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparsify_mod, "_measure_layer", spy)
+    return seen
+
+
+@pytest.mark.parametrize("llc, cold, expect_cold", [
+    (1 << 12, None, True),     # model weights (~36 KiB) exceed a 4 KiB "LLC": cold
+    (1 << 30, None, False),    # fits in a 1 GiB LLC: warm, as the model runs
+    (1 << 30, True, True),     # forced
+    (1 << 12, False, False),   # forced
+])
+def test_tuning_cache_temperature(monkeypatch, llc, cold, expect_cold):
+    import sparsekit.bench.harness as harness
+
+    monkeypatch.setattr(harness, "llc_bytes", lambda *a, **k: llc)
+    seen = _spy_cold_bytes(monkeypatch)
+    sparsify_mod.clear_tune_cache()
+    torch.manual_seed(14)
+    model = magnitude_prune(mlp((64, 96, 96, 10)), 0.85)
+    ref = copy.deepcopy(model)
+    x = torch.randn(5, 64)
+    rep = sparsify(model, batch_sizes=(1,), cache=False, cold=cold)
+    assert seen and all((b == 2 * llc) if expect_cold else (b == 0) for b in seen), seen
+    assert len(rep.layers) == 3
+    with torch.no_grad():
+        _close(model(x), ref(x).double(), torch.float32)
+
+
+def test_cold_argument_type_checked():
+    with pytest.raises(TypeError, match="cold: expected a bool or None, got str"):
+        sparsify(mlp(), cold="yes")

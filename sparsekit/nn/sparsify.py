@@ -6,8 +6,13 @@ variant (CSR; BSR for block shapes whose fill ratio is at most ``max_fill``) at 
 batch sizes (warm-up, then the median of a short run), and keeps the fastest. The layer stays
 dense unless the best sparse variant beats the *best dense formulation* by ``margin``.
 
-Measurements are hot-cache (the weights are reused between repetitions); this favours dense
-(larger weights) so it is conservative for the sparse choice.
+Cache temperature matters: a layer timed alone keeps its weights in the last-level cache, but
+inside a model whose ``nn.Linear`` weights together exceed that cache every layer streams its
+weights from memory, which favours the sparse layer (fewer bytes) more than a warm measurement
+shows. So when the model's Linear weights exceed the CPU's last-level cache (``cold=None``,
+the default) or with ``cold=True``, each candidate is timed over rotating copies of its
+weights whose round-robin working set exceeds twice the last-level cache (see
+:func:`_rotation_copies`); small models are timed warm, as they run.
 
 Decisions are cached in-process and, optionally, in a JSON file (``cache=path`` or the
 ``SPARSEKIT_TUNE_CACHE`` environment variable), keyed on the layer shape, rounded sparsity
@@ -20,8 +25,10 @@ call (or a second layer with the same key) does not re-measure.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -320,12 +327,39 @@ def _candidates(
     return out
 
 
+#: cap on the rotating copies per candidate (bounds set-up time for tiny layers)
+_MAX_ROTATION_COPIES = 256
+
+
+def _rotation_copies(cold_bytes: int, bytes_per_round: int) -> int:
+    """Copies of every candidate so that cold timing really streams from memory.
+
+    Candidates are timed round-robin, one call each per round, each call on its next copy, so
+    between two uses of the same copy ``copies * bytes_per_round`` bytes are touched; that must
+    exceed ``cold_bytes`` (twice the last-level cache) for the copy to have been evicted.
+    ``cold_bytes <= 0`` means warm timing (one copy).
+    """
+    if cold_bytes <= 0 or bytes_per_round <= 0:
+        return 1
+    return max(1, min(_MAX_ROTATION_COPIES, math.ceil(cold_bytes / bytes_per_round)))
+
+
+def _cycle(items: list[Any]) -> Callable[[], Any]:
+    it = itertools.cycle(items)
+    return lambda: next(it)
+
+
+def _module_bytes(mod: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in mod.buffers())
+
+
 def _measure_layer(
     lin: nn.Linear,
     cands: list[tuple[str, tuple[int, int] | None]],
     batch_sizes: Sequence[int],
     value_dtype: torch.dtype,
     backend: str,
+    cold_bytes: int = 0,
 ) -> tuple[dict[str, float], dict[str, float]]:
     global _MEASUREMENTS
     _MEASUREMENTS += 1
@@ -342,16 +376,30 @@ def _measure_layer(
             lin, format=fmt, blocksize=bs, value_dtype=value_dtype, backend=backend
         )
         sparse[_variant_name(fmt, bs)] = 0.0
+    dense_bytes = w.numel() * w.element_size()
+    n_copies = _rotation_copies(
+        cold_bytes, 2 * dense_bytes + sum(_module_bytes(m) for m in mods.values())
+    )
+    # Copy 0 is the original; the others are independent buffers (deep copies), so rotating
+    # through them makes every call fetch its weights from memory when cold_bytes > 0.
+    next_w = _cycle([w] + [w.clone() for _ in range(n_copies - 1)])
+    next_wt = _cycle([wt] + [wt.clone() for _ in range(n_copies - 1)])
+    next_mod = {
+        name: _cycle([mod] + [copy.deepcopy(mod) for _ in range(n_copies - 1)])
+        for name, mod in mods.items()
+    }
     with torch.inference_mode():
         for n in batch_sizes:
             x = torch.randn((n, lin.in_features), generator=gen).to(device=dev, dtype=w.dtype)
-            fns: dict[str, Callable[[], Any]] = {"F.linear": lambda x=x: F.linear(x, w, b)}
+            fns: dict[str, Callable[[], Any]] = {
+                "F.linear": lambda x=x: F.linear(x, next_w(), b)
+            }
             if b is None:
-                fns["matmul(W.T)"] = lambda x=x: torch.matmul(x, wt)
+                fns["matmul(W.T)"] = lambda x=x: torch.matmul(x, next_wt())
             else:
-                fns["matmul(W.T)"] = lambda x=x: torch.addmm(b, x, wt)
-            for name, mod in mods.items():
-                fns["sparse:" + name] = lambda mod=mod, x=x: mod(x)
+                fns["matmul(W.T)"] = lambda x=x: torch.addmm(b, x, next_wt())
+            for name in mods:
+                fns["sparse:" + name] = lambda nm=next_mod[name], x=x: nm()(x)
             for k, t in _median_times(fns, dev).items():
                 if k.startswith("sparse:"):
                     sparse[k[7:]] += t
@@ -404,6 +452,21 @@ def _iter_linears(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, nn.Li
                 yield full, mod, cname, child
 
 
+def _cold_bytes(model: nn.Module, cold: bool | None) -> int:
+    """Bytes a cold measurement must stream between reuses (2x LLC), or 0 for warm timing."""
+    from sparsekit.bench.harness import llc_bytes  # sysfs read, no heavy imports
+
+    llc = llc_bytes()
+    if cold is None:
+        total = sum(
+            lin.weight.numel() * lin.weight.element_size()
+            for _n, _p, _c, lin in _iter_linears(model)
+            if lin.weight.device.type == "cpu"
+        )
+        cold = total > llc
+    return 2 * llc if cold else 0
+
+
 def sparsify(
     model: nn.Module,
     *,
@@ -418,6 +481,7 @@ def sparsify(
     backend: str = "auto",
     max_fill: float = 1.5,
     margin: float = 0.05,
+    cold: bool | None = None,
 ) -> SparsifyReport:
     """Replace eligible :class:`torch.nn.Linear` layers of ``model`` by SparseLinear, in place.
 
@@ -448,6 +512,11 @@ def sparsify(
         Largest BSR fill ratio (stored entries / nonzeros) considered.
     margin : float
         Sparse must beat the best dense formulation by this fraction to be chosen.
+    cold : bool, optional
+        Time each layer with its weights coming from memory (rotating copies beyond twice the
+        last-level cache), as inside a model that does not fit in the cache. None (default):
+        True on the CPU when the model's ``nn.Linear`` weights together exceed the last-level
+        cache, else False. Cold tuning needs about twice the cache size in transient memory.
 
     Returns
     -------
@@ -478,6 +547,9 @@ def sparsify(
         raise TypeError(f"value_dtype: expected float32, bfloat16 or float16, got {value_dtype}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable, got {type(filter_fn).__name__}")
+    if cold is not None and not isinstance(cold, bool):
+        raise TypeError(f"cold: expected a bool or None, got {type(cold).__name__}")
+    cold_bytes = _cold_bytes(model, cold) if tune else 0
     use_cache = cache is not False
     cache_path = _resolve_cache_path(cache)
     file_entries = _load_cache_file(cache_path) if cache_path is not None else {}
@@ -524,6 +596,7 @@ def sparsify(
                 "blocksizes": [list(b) for b in blocksizes],
                 "max_fill": max_fill,
                 "margin": margin,
+                "cold": cold_bytes > 0,
                 **_versions(),
             }
             key = _cache_key(key_obj)
@@ -534,7 +607,10 @@ def sparsify(
             from_cache = dec is not None
             if dec is None:
                 cands = _candidates(mask, formats, blocksizes, max_fill)
-                dense_t, sparse_t = _measure_layer(lin, cands, batch_sizes, vdt, backend)
+                dense_t, sparse_t = _measure_layer(
+                    lin, cands, batch_sizes, vdt, backend,
+                    cold_bytes if w.device.type == "cpu" else 0,
+                )
                 best_dense = min(dense_t.values())
                 fmt, bs, why = "dense", None, "dense wins"
                 if sparse_t:
