@@ -321,7 +321,7 @@ def test_tune_cache_avoids_remeasuring(tmp_path):
     m1 = make()
     rep1 = sparsify(m1, cache=path, batch_sizes=(1, 4))
     n1 = sparsify_mod.measurement_count()
-    assert 1 <= n1 - n0 <= 3 and path.exists()
+    assert n1 - n0 in (1, 2, 3) and path.exists()  # one measurement per distinct layer
     assert not rep1.layers[0].from_cache
     rep2 = sparsify(make(), cache=path, batch_sizes=(1, 4))
     assert sparsify_mod.measurement_count() == n1  # in-process cache
