@@ -118,8 +118,24 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
         return _linear_autograd(x, weight, bias, backend)  # all argument checks done above
     if x.requires_grad:
         x = x.detach()
+    if backend != "auto" and x.numel() == 0:
+        select_backend(weight, x.reshape(-1, K), backend)  # no launch: still validate the name
+    y = launch_linear(x, weight, bias, backend, cdt)
+    return y.numpy() if is_np else y
+
+
+def launch_linear(x: torch.Tensor, weight: CSRMatrix | BSRMatrix, bias: torch.Tensor | None,
+                  backend: str, cdt: torch.dtype) -> torch.Tensor:
+    """Allocate and launch ``x @ weight.T + bias`` for already-checked arguments.
+
+    The shared tail of :func:`linear` and the ``torch.library`` ops of :mod:`sparsekit.nn`:
+    ``x`` (..., K) on the weight's device, ``bias`` fp32 contiguous (M,) or None, ``cdt`` the
+    activation dtype the kernel takes (fp32 or the weight's dtype). The result has x's dtype.
+    """
+    M, K = weight.shape
+    shape = x.shape
     # reshape only when needed: a no-op reshape still costs microseconds at N=1
-    x2d = x if x.dim() == 2 else x.reshape(-1, K)
+    x2d = x if len(shape) == 2 else x.reshape(-1, K)
     if cdt != x2d.dtype:
         x2d = x2d.to(cdt)
     if not x2d.is_contiguous():
@@ -129,12 +145,9 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
     out = x2d.new_empty((N, M))
     if N:
         select_backend(weight, x2d, backend).linear(weight, x2d, bias, out)
-    elif backend != "auto":
-        select_backend(weight, x2d, backend)  # still validate the name
     if cdt != x.dtype:
         out = out.to(x.dtype)
-    y = out if len(shape) == 2 else out.reshape(*shape[:-1], M)
-    return y.numpy() if is_np else y
+    return out if len(shape) == 2 else out.reshape(*shape[:-1], M)
 
 
 def _linear_autograd(x: torch.Tensor, weight: CSRMatrix | BSRMatrix,

@@ -33,6 +33,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from sparsekit.functional import launch_linear
+
 __all__ = [
     "csr_linear",
     "bsr_linear",
@@ -172,21 +174,13 @@ def _run_linear(
     return linear_matrix(x, mat, bias, backend, op)
 
 
-_kernels = None
-
-
 def linear_matrix(x: Tensor, mat, bias: Tensor | None, backend: str, op: str) -> Tensor:
     """check -> choose backend -> allocate -> launch, for ``x`` of shape ``(..., K)``.
 
     Kept lean: at batch 1 the product of a pruned layer takes microseconds, so every
     avoidable tensor op here shows up in end-to-end latency.
     """
-    global _kernels
-    if _kernels is None:
-        from sparsekit import kernels as _k
-
-        _kernels = _k
-    m, k = mat.shape
+    k = mat.shape[1]
     values = mat.values
     shape = x.shape
     if len(shape) < 1 or shape[-1] != k:
@@ -202,18 +196,9 @@ def linear_matrix(x: Tensor, mat, bias: Tensor | None, backend: str, op: str) ->
     # (float64, or fp16 activations with bf16 weights) is computed in fp32 and cast back, so
     # the output dtype always follows the input.
     cdt = xdt if (xdt is torch.float32 or xdt is values.dtype) else torch.float32
-    x2d = x if len(shape) == 2 else x.reshape(-1, k)
-    if x2d.dtype is not cdt or not x2d.is_contiguous():
-        x2d = x2d.to(dtype=cdt).contiguous()
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.to(dtype=torch.float32).contiguous()
-    n = x2d.shape[0]
-    out = torch.empty((n, m), dtype=cdt, device=x.device)
-    if n > 0:
-        _kernels.select_backend(mat, x2d, backend).linear(mat, x2d, bias, out)
-    if cdt is not xdt:
-        out = out.to(xdt)
-    return out if len(shape) == 2 else out.reshape(*shape[:-1], m)
+    return launch_linear(x, mat, bias, backend, cdt)
 
 
 # --------------------------------------------------------------------------------------------
