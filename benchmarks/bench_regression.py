@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import sparsekit
 from sparsekit.bench import harness as h
+from sparsekit.bench.layer import FormatSpec, random_sparse_weight
 
 # (out_features, in_features, sparsity): a large square layer and BERT's FFN down-projection
 SHAPES = [(4096, 4096, 0.9), (768, 3072, 0.9)]
@@ -39,15 +40,12 @@ def _cpu_backends() -> list[str]:
 
 
 def _weight(m: int, k: int, sparsity: float, blocksize, dtype) -> torch.Tensor:
+    """Seeded N(0, 1/k) weight with a random pattern at exactly ``sparsity`` (elements, or
+    whole blocks for BSR), from the same generator as ``sparsekit bench``."""
     gen = torch.Generator().manual_seed(m * 31 + k)
     w = torch.randn(m, k, generator=gen) / math.sqrt(k)
-    if blocksize is None:
-        mask = torch.rand(m, k, generator=gen) >= sparsity
-    else:
-        r, c = blocksize
-        blocks = torch.rand(-(-m // r), -(-k // c), generator=gen) >= sparsity
-        mask = blocks.repeat_interleave(r, 0).repeat_interleave(c, 1)[:m, :k]
-    return (w * mask).to(dtype)
+    fmt = FormatSpec("csr") if blocksize is None else FormatSpec("bsr", tuple(blocksize))
+    return random_sparse_weight(w, sparsity, fmt, gen).to(dtype)
 
 
 def _rotating(fn, n: int):
