@@ -133,6 +133,11 @@ def test_csr_special_structures(isa):
     run_csr(rng, 3, 70001, 1, 0.01, "f32", "f32", isa)
     run_csr(rng, 3, 70001, 5, 0.01, "bf16", "bf16", isa)
     run_csr(rng, 20, 40, 3, 0.3, "f16", "f32", isa, ptr_dtype=np.int64)
+    # K-blocked walk of wide batch tiles: several K blocks, 3 batch tiles (the last partial),
+    # rows empty throughout or in some blocks only; int32 indices across many blocks
+    run_csr(rng, 70, 3000, 130, 0.3, "f32", "f32", isa, empty_rows=(0, 33, 69))
+    run_csr(rng, 40, 5000, 64, 0.002, "bf16", "f32", isa)
+    run_csr(rng, 5, 70001, 40, 0.01, "f16", "f16", isa)
     run_csr(rng, 20, 40, 1, 0.3, "f32", "f32", isa, ptr_dtype=np.int64, idx_dtype=np.int32)
 
 
@@ -184,6 +189,7 @@ def test_bsr_all_isas_dtypes(isa, vcode, xcode):
         (29, 31, 4, 1, 1, 0.5),
         (29, 31, 4, 1, 40, 0.5),
         (21, 22, 3, 5, 9, 0.7),  # non power-of-two blocks
+        (45, 3001, 3, 4, 65, 0.5),  # many L1 block groups per block row, partial batch tile
         (10, 10, 2, 3, 1, 1.0),
     ]:
         run_bsr(rng, M, K, r, c, N, d, vcode, xcode, isa)
