@@ -124,6 +124,26 @@ inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int6
                         int64_t k1) {
   const int64_t nn = imin(NT, p.N - n0);
   const int64_t kend = imin(k1, p.K);
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  // fp32 x: one strided gather per (k, W batch rows) and a contiguous store. The scalar
+  // transpose below took 0.58 ms of a 4.3 ms call at 4096x4096, N = 128.
+  if (p.x_dtype == DType::F32 && p.ldx < (int64_t{1} << 31) / Vec::W) {
+    constexpr int64_t W = Vec::W;
+    const float* x = static_cast<const float*>(p.x);
+    for (int64_t g = 0; g < NT; g += W) {
+      const int n = static_cast<int>(imax(0, imin(W, nn - g)));
+      const float* base = x + (n0 + imin(g, imax(nn - 1, 0))) * p.ldx;
+      if (n == 0) {
+        for (int64_t k = k0; k < kend; ++k) Vec::store(xt + k * NT + g, Vec::zero());
+      } else {
+        for (int64_t k = k0; k < kend; ++k) Vec::store(xt + k * NT + g, Vec::gather_column(base + k, p.ldx, n));
+      }
+    }
+    for (int64_t k = imax(k0, p.K); k < k1; ++k)
+      for (int64_t t = 0; t < NT; ++t) xt[k * NT + t] = 0.f;
+    return;
+  }
+#endif
   constexpr int64_t KB = 64;  // k block: NT x KB reads stay in L1 while transposing
   for (int64_t kb = k0; kb < kend; kb += KB) {
     const int64_t ke = imin(kb + KB, kend);
@@ -141,6 +161,63 @@ inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int6
   }
   for (int64_t k = imax(k0, p.K); k < k1; ++k)
     for (int64_t t = 0; t < NT; ++t) xt[k * NT + t] = 0.f;
+}
+
+// Writes y[n0 + t][m0 + i] = part[i * ldp + t] + bias[m0 + i] for t < nn, i < rows (part: a
+// rows x NT fp32 tile in L1). Transposes through tbuf (>= nn * rows floats) so that y is written
+// in contiguous runs of `rows` with a vectorisable fp32 loop: element-wise strided stores through
+// store_out measured ~1 ms of a 4.3 ms BSR call (4096x4096, N = 128). O(rows * nn).
+// Prefetches [p, p + bytes) into L2, one request per cache line (no-op for bytes <= 0).
+inline void prefetch_l2(const void* p, int64_t bytes) {
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+constexpr int64_t kOutRows = 64;  // rows per output flush: 4 cache lines of fp32 per y row
+inline void store_rows_tile(const SpmmParams& p, const float* part, int64_t ldp, int64_t rows,
+                            int64_t nn, int64_t n0, int64_t m0, float* tbuf) {
+#if defined(SPARSEKIT_ISA_AVX512)
+  // fp32 y: read each run of W rows of one batch column with a strided gather (in L1) and
+  // store it contiguously; no transpose buffer. Masked stores would be needed for the ragged
+  // run, so only AVX-512 takes this path.
+  if (p.x_dtype == DType::F32) {
+    constexpr int64_t W = Vec::W;
+    for (int64_t t = 0; t < nn; ++t) {
+      float* dst = static_cast<float*>(p.y) + (n0 + t) * p.ldy + m0;
+      for (int64_t i = 0; i < rows; i += W) {
+        const int n = static_cast<int>(imin(W, rows - i));
+        __m512 v = Vec::gather_column(part + i * ldp + t, ldp, n);
+        if (p.bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(Vec::mask16(n), p.bias + m0 + i));
+        _mm512_mask_storeu_ps(dst + i, Vec::mask16(n), v);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* src = part + i * ldp;
+    for (int64_t t = 0; t < nn; ++t) tbuf[t * rows + i] = src[t];
+  }
+  for (int64_t t = 0; t < nn; ++t) {
+    const float* src = tbuf + t * rows;
+    const int64_t off = (n0 + t) * p.ldy + m0;
+    if (p.x_dtype == DType::F32) {
+      float* dst = static_cast<float*>(p.y) + off;
+      if (p.bias != nullptr) {
+        const float* b = p.bias + m0;
+        for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] + b[i];
+      } else {
+        for (int64_t i = 0; i < rows; ++i) dst[i] = src[i];
+      }
+    } else {
+      for (int64_t i = 0; i < rows; ++i) store_out(p.y, off + i, src[i] + bias_at(p.bias, m0 + i), p.x_dtype);
+    }
+  }
 }
 
 // Batch tile width (in vectors) for N > 1: as wide as the batch needs (<= 4 vectors) while one
@@ -307,6 +384,7 @@ void csr_batch_rows_kb(const SpmmParams& p, const float* xt_all, int64_t r0, int
   const VT* val = static_cast<const VT*>(p.values);
   const int64_t ntiles = (p.N + NT - 1) / NT;
   Scratch acc(static_cast<size_t>(kRows * NT));
+  Scratch tbuf(static_cast<size_t>(kRows * NT));
   int64_t cur[kRows];
   using VecT = typename Vec::T;
   for (int64_t tile = 0; tile < ntiles; ++tile) {
@@ -348,11 +426,7 @@ void csr_batch_rows_kb(const SpmmParams& p, const float* xt_all, int64_t r0, int
           cur[m - c0] = j;
         }
       }
-      // Batch-major order: consecutive stores along y's rows instead of NT-strided ones.
-      for (int64_t t = 0; t < nn; ++t)
-        for (int64_t m = c0; m < c1; ++m)
-          store_out(p.y, (n0 + t) * p.ldy + m, acc.p[(m - c0) * NT + t] + bias_at(p.bias, m),
-                    p.x_dtype);
+      store_rows_tile(p, acc.p, NT, c1 - c0, nn, n0, c0, tbuf.p);
     }
   }
 }
@@ -483,44 +557,52 @@ void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
   const int r = p.block_r, c = p.block_c;
   const int64_t ntiles = (p.N + NT - 1) / NT;
   const int64_t group = imax(1, kL1Tile / (static_cast<int64_t>(c) * NT * 4));  // blocks
-  Scratch part(static_cast<size_t>(r) * NT);
+  const int64_t bsz = static_cast<int64_t>(r) * c;
+  const int64_t nnzb = static_cast<int64_t>(indptr[(p.M + r - 1) / r]);
+  // Block rows per output flush: >= kOutRows rows, so each y row gets whole cache lines.
+  const int64_t flush_brs = imax(1, (kOutRows + r - 1) / r);
+  Scratch part(static_cast<size_t>(flush_brs * r * NT));
+  Scratch tbuf(static_cast<size_t>(flush_brs * r * NT));
   for (int64_t tile = 0; tile < ntiles; ++tile) {
     const float* xt = xt_all + tile * kpad * NT;
     const int64_t n0 = tile * NT;
     const int64_t nn = imin(NT, p.N - n0);
-    for (int64_t br = br0; br < br1; ++br) {
-      const int64_t s = static_cast<int64_t>(indptr[br]), e = static_cast<int64_t>(indptr[br + 1]);
-      const int rows = static_cast<int>(imin(r, p.M - br * r));  // ragged bottom edge
-      if (s == e)
-        for (int64_t i = 0; i < static_cast<int64_t>(rows) * NT; ++i) part.p[i] = 0.f;
-      for (int64_t gs = s; gs < e; gs += group) {
-        const int64_t ge = imin(e, gs + group);
-        const bool acc = gs > s;
-        int i0 = 0;
-        while (i0 < rows) {
-          const int rem = rows - i0;
-          float* out = part.p + static_cast<int64_t>(i0) * NT;
-          if (RBM >= 8 && rem >= 8) {
-            bsr_tile_rows<(RBM >= 8 ? 8 : 1), V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
-            i0 += 8;
-          } else if (RBM >= 4 && rem >= 4) {
-            bsr_tile_rows<(RBM >= 4 ? 4 : 1), V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
-            i0 += 4;
-          } else if (rem >= 2) {
-            bsr_tile_rows<2, V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
-            i0 += 2;
-          } else {
-            bsr_tile_rows<1, V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
-            i0 += 1;
+    for (int64_t f0 = br0; f0 < br1; f0 += flush_brs) {
+      const int64_t f1 = imin(br1, f0 + flush_brs);
+      for (int64_t br = f0; br < f1; ++br) {
+        const int64_t s = static_cast<int64_t>(indptr[br]), e = static_cast<int64_t>(indptr[br + 1]);
+        const int rows = static_cast<int>(imin(r, p.M - br * r));  // ragged bottom edge
+        float* pr = part.p + (br - f0) * r * NT;
+        if (s == e)
+          for (int64_t i = 0; i < static_cast<int64_t>(rows) * NT; ++i) pr[i] = 0.f;
+        for (int64_t gs = s; gs < e; gs += group) {
+          const int64_t ge = imin(e, gs + group);
+          const bool acc = gs > s;
+          // The weights arrive from memory once per tile; fetch the next group's values into
+          // L2 while this group computes (the streamers alone left 2.77 vs 2.27 ms cold/warm).
+          prefetch_l2(val + ge * bsz, imin(group, nnzb - ge) * bsz * static_cast<int64_t>(sizeof(VT)));
+          int i0 = 0;
+          while (i0 < rows) {
+            const int rem = rows - i0;
+            float* out = pr + static_cast<int64_t>(i0) * NT;
+            if (RBM >= 8 && rem >= 8) {
+              bsr_tile_rows<(RBM >= 8 ? 8 : 1), V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
+              i0 += 8;
+            } else if (RBM >= 4 && rem >= 4) {
+              bsr_tile_rows<(RBM >= 4 ? 4 : 1), V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
+              i0 += 4;
+            } else if (rem >= 2) {
+              bsr_tile_rows<2, V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
+              i0 += 2;
+            } else {
+              bsr_tile_rows<1, V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
+              i0 += 1;
+            }
           }
         }
       }
-      // Batch-major order: runs of `rows` consecutive stores along y's rows.
-      for (int64_t t = 0; t < nn; ++t)
-        for (int i = 0; i < rows; ++i) {
-          const int64_t m = br * r + i;
-          store_out(p.y, (n0 + t) * p.ldy + m, part.p[i * NT + t] + bias_at(p.bias, m), p.x_dtype);
-        }
+      const int64_t m0 = f0 * r;
+      store_rows_tile(p, part.p, NT, imin(p.M, f1 * r) - m0, nn, n0, m0, tbuf.p);
     }
   }
 }

@@ -117,6 +117,7 @@ struct Vec {
   }
   // Masked tails: only the first n (< W) lanes are read; the others are zero.
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static __mmask16 mask16(int n) { return n >= 16 ? __mmask16(0xffff) : mask(n); }
   static T load_vals_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
   static T load_vals_n(const bf16_t* p, int n) {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask(n), p));
@@ -132,6 +133,13 @@ struct Vec {
   template <class I>
   static T gather_n(const float* x, const I* idx, int n) {
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask(n), load_idx_n(idx, n), x, 4);
+  }
+  // Column read: lane t = base[t * ld] for t < n (n <= W), 0 beyond. Needs W * ld < 2^31.
+  static T gather_column(const float* base, int64_t ld, int n) {
+    const __m512i off = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int>(ld)));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask16(n), off, base, 4);
   }
 };
 #elif defined(SPARSEKIT_ISA_AVX2)
@@ -168,6 +176,13 @@ struct Vec {
   template <class I>
   static T gather(const float* x, const I* idx) {
     return _mm256_i32gather_ps(x, load_idx(idx), 4);
+  }
+  // Column read: lane t = base[t * ld] for t < n (n <= W), 0 beyond. Needs W * ld < 2^31.
+  static T gather_column(const float* base, int64_t ld, int n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i off = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(ld)));
+    const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, off, m, 4);
   }
 };
 #else  // generic: plain arrays; the compiler vectorises with the baseline ISA (SSE2 on x86-64)
