@@ -339,7 +339,9 @@ void csr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
   const IT* idx = static_cast<const IT*>(p.indices);
   const VT* val = static_cast<const VT*>(p.values);
   const int64_t ntiles = (p.N + NT - 1) / NT;
-  alignas(64) float out[NT];
+  // Row results are collected kOutRows at a time and written batch-major (store_rows_tile).
+  Scratch out(static_cast<size_t>(kOutRows * NT));
+  Scratch tbuf(static_cast<size_t>(kOutRows * NT));
   int64_t c0 = r0;
   while (c0 < r1) {
     int64_t c1 = c0 + 1;
@@ -349,11 +351,12 @@ void csr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
       const float* xt = xt_all + tile * kpad * NT;
       const int64_t n0 = tile * NT;
       const int64_t nn = imin(NT, p.N - n0);
-      for (int64_t m = c0; m < c1; ++m) {
-        csr_row_tile<V>(idx, val, static_cast<int64_t>(indptr[m]),
-                        static_cast<int64_t>(indptr[m + 1]), xt, out);
-        const float b = bias_at(p.bias, m);
-        for (int64_t t = 0; t < nn; ++t) store_out(p.y, (n0 + t) * p.ldy + m, out[t] + b, p.x_dtype);
+      for (int64_t f0 = c0; f0 < c1; f0 += kOutRows) {
+        const int64_t f1 = imin(c1, f0 + kOutRows);
+        for (int64_t m = f0; m < f1; ++m)
+          csr_row_tile<V>(idx, val, static_cast<int64_t>(indptr[m]),
+                          static_cast<int64_t>(indptr[m + 1]), xt, out.p + (m - f0) * NT);
+        store_rows_tile(p, out.p, NT, f1 - f0, nn, n0, f0, tbuf.p);
       }
     }
     c0 = c1;
