@@ -1,0 +1,244 @@
+// Stand-alone timing of the CPU kernels in csrc/cpu/kernels_impl.h, without Python, for kernel
+// work (the numbers quoted in README "What bounds each number" come from here). Every case
+// checks its result against a float64 reference before timing and prints the max error.
+//
+//   build:  bash benchmarks/micro/build.sh            (AVX-512; ISA=avx2 for the AVX2 path)
+//   run:    build/micro/kernel_micro csr  M K N density [threads]     CSR, N > 1 (packed tiles)
+//           build/micro/kernel_micro bsr  M K N density r c [threads] BSR, N > 1
+//           build/micro/kernel_micro spmv M K density [threads] [warm] CSR N = 1, weights
+//                                                                      rotating over > 700 MB
+//           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
+//           build/micro/kernel_micro rowtile K nnz                    L1/L2 row-tile loop
+// Times are medians of 15 calls (wall clock); "G vec/s" counts W-lane FMAs (W = 16 / 8).
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "cpu/kernels_impl.h"
+
+using namespace sparsekit;
+using namespace sparsekit::cpu;
+
+namespace {
+
+double median_time(int reps, const std::function<void(int)>& f) {
+  std::vector<double> ts;
+  for (int i = 0; i < reps; ++i) {
+    auto t = std::chrono::steady_clock::now();
+    f(i);
+    ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+// Random (block-)sparse structure: each (block) entry kept with probability `density`.
+struct Sparse {
+  std::vector<int32_t> indptr;
+  std::vector<uint16_t> idx;
+  std::vector<float> val;
+};
+
+Sparse random_sparse(int rows, int cols, double density, int block_elems, std::mt19937& g) {
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  Sparse s;
+  s.indptr.assign(rows + 1, 0);
+  for (int m = 0; m < rows; ++m) {
+    for (int k = 0; k < cols; ++k)
+      if (u(g) < density) {
+        s.idx.push_back(static_cast<uint16_t>(k));
+        for (int i = 0; i < block_elems; ++i) s.val.push_back(u(g) - 0.5f);
+      }
+    s.indptr[m + 1] = static_cast<int32_t>(s.idx.size());
+  }
+  return s;
+}
+
+SpmmParams params(const Sparse& s, int M, int K, int N, const float* x, float* y, int threads) {
+  SpmmParams p;
+  p.M = M; p.K = K; p.N = N;
+  p.indptr = s.indptr.data(); p.indices = s.idx.data(); p.values = s.val.data();
+  p.x = x; p.ldx = K; p.y = y; p.ldy = M;
+  p.index_type = IndexType::U16;
+  p.num_threads = threads;
+  return p;
+}
+
+int run_csr(int M, int K, int N, double d, int threads) {
+  std::mt19937 g(0);
+  Sparse s = random_sparse(M, K, d, 1, g);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  std::vector<float> x(static_cast<size_t>(N) * K), y(static_cast<size_t>(N) * M);
+  for (auto& v : x) v = u(g);
+  SpmmParams p = params(s, M, K, N, x.data(), y.data(), threads);
+  csr_linear_t<float, int32_t, uint16_t>(p);
+  double err = 0;
+  for (int n = 0; n < N; ++n)
+    for (int m = 0; m < M; ++m) {
+      double ref = 0;
+      for (int j = s.indptr[m]; j < s.indptr[m + 1]; ++j) ref += double(s.val[j]) * x[size_t(n) * K + s.idx[j]];
+      err = std::max(err, std::abs(ref - y[size_t(n) * M + m]));
+    }
+  const double t = median_time(15, [&](int) { csr_linear_t<float, int32_t, uint16_t>(p); });
+  std::printf("csr %dx%d N=%d density=%.2f threads=%d: %.3f ms, %.2f G vec/s, max err %.1e\n", M, K,
+              N, d, threads, t * 1e3, double(s.idx.size()) * N / Vec::W / t / 1e9, err);
+  return 0;
+}
+
+int run_bsr(int M, int K, int N, double d, int r, int c, int threads) {
+  std::mt19937 g(0);
+  const int Mb = (M + r - 1) / r, Kb = (K + c - 1) / c;
+  Sparse s = random_sparse(Mb, Kb, d, r * c, g);
+  // zero the padding of ragged edge blocks (format contract)
+  for (int bm = 0; bm < Mb; ++bm)
+    for (int b = s.indptr[bm]; b < s.indptr[bm + 1]; ++b)
+      for (int i = 0; i < r; ++i)
+        for (int j = 0; j < c; ++j)
+          if (bm * r + i >= M || s.idx[b] * c + j >= K) s.val[size_t(b) * r * c + i * c + j] = 0.f;
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  std::vector<float> x(static_cast<size_t>(N) * K), y(static_cast<size_t>(N) * M);
+  for (auto& v : x) v = u(g);
+  SpmmParams p = params(s, M, K, N, x.data(), y.data(), threads);
+  p.block_r = r; p.block_c = c;
+  bsr_linear_t<float, int32_t, uint16_t>(p);
+  double err = 0;
+  for (int n = 0; n < N; n += 7)
+    for (int bm = 0; bm < Mb; ++bm)
+      for (int i = 0; i < r && bm * r + i < M; ++i) {
+        double ref = 0;
+        for (int b = s.indptr[bm]; b < s.indptr[bm + 1]; ++b)
+          for (int j = 0; j < c && s.idx[b] * c + j < K; ++j)
+            ref += double(s.val[size_t(b) * r * c + i * c + j]) * x[size_t(n) * K + s.idx[b] * c + j];
+        err = std::max(err, std::abs(ref - y[size_t(n) * M + bm * r + i]));
+      }
+  const double t = median_time(15, [&](int) { bsr_linear_t<float, int32_t, uint16_t>(p); });
+  std::printf("bsr %dx%d N=%d density=%.2f block %dx%d threads=%d: %.3f ms, %.2f G vec/s, max err %.1e\n",
+              M, K, N, d, r, c, threads, t * 1e3, double(s.idx.size()) * r * c * N / Vec::W / t / 1e9, err);
+  return 0;
+}
+
+int run_spmv(int M, int K, double d, int threads, bool warm) {
+  std::mt19937 g(0);
+  Sparse s0 = random_sparse(M, K, d, 1, g);
+  const double bytes = s0.idx.size() * 6.0 + s0.indptr.size() * 4.0;
+  const int copies = warm ? 1 : std::max(2, int(700e6 / bytes) + 1);  // > 2x a 260 MiB LLC
+  std::vector<Sparse> mats(copies, s0);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  std::vector<float> x(K), y(M);
+  for (auto& v : x) v = u(g);
+  for (int c = 0; c < copies; ++c) {
+    SpmmParams p = params(mats[c], M, K, 1, x.data(), y.data(), threads);
+    csr_linear_t<float, int32_t, uint16_t>(p);
+  }
+  double err = 0;
+  for (int m = 0; m < M; ++m) {
+    double ref = 0;
+    for (int j = s0.indptr[m]; j < s0.indptr[m + 1]; ++j) ref += double(s0.val[j]) * x[s0.idx[j]];
+    err = std::max(err, std::abs(ref - y[m]));
+  }
+  const double t = median_time(std::max(15, 2 * copies), [&](int i) {
+    SpmmParams p = params(mats[i % copies], M, K, 1, x.data(), y.data(), threads);
+    csr_linear_t<float, int32_t, uint16_t>(p);
+  });
+  std::printf("spmv %dx%d density=%.2f threads=%d %s: %.3f ms, %.1f GB/s on compressed bytes, max err %.1e\n",
+              M, K, d, threads, warm ? "warm" : "rotating", t * 1e3, bytes / t / 1e9, err);
+  return 0;
+}
+
+#if defined(SPARSEKIT_ISA_AVX512)
+// Reads 180 MB (11008 x 4096 fp32) per call as `streams` interleaved sequential streams per
+// thread, optionally with software prefetch `pf` floats ahead; 5 rotating copies (> 700 MB).
+int run_read(int streams, int pf, int threads) {
+  const size_t n = size_t(11008) * 4096;
+  const int copies = 5;
+  std::vector<float*> bufs(copies);
+  for (auto& b : bufs) {
+    b = static_cast<float*>(std::aligned_alloc(64, n * 4));
+    for (size_t i = 0; i < n; ++i) b[i] = 1.f;
+  }
+  float sink = 0.f;
+  const double t = median_time(15, [&](int rep) {
+    const float* d = bufs[rep % copies];
+    float tot = 0.f;
+#pragma omp parallel num_threads(threads) reduction(+ : tot)
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      const size_t b0 = n / nt * tid, len = (n / nt) / streams / 64 * 64;
+      __m512 acc = _mm512_setzero_ps();
+      for (size_t o = 0; o < len; o += 64)
+        for (int s = 0; s < streams; ++s) {
+          const float* q = d + b0 + s * len + o;
+          if (pf)
+            for (int l = 0; l < 64; l += 16) _mm_prefetch(reinterpret_cast<const char*>(q + pf + l), _MM_HINT_T0);
+          acc = _mm512_add_ps(acc, _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(q), _mm512_load_ps(q + 16)),
+                                                 _mm512_add_ps(_mm512_load_ps(q + 32), _mm512_load_ps(q + 48))));
+        }
+      tot += _mm512_reduce_add_ps(acc);
+    }
+    sink += tot;
+  });
+  std::printf("read streams=%d prefetch=%d threads=%d: %.1f GB/s (checksum %g)\n", streams, pf,
+              threads, n * 4 / t / 1e9, double(sink));
+  for (auto b : bufs) std::free(b);
+  return 0;
+}
+#endif
+
+// The N > 1 CSR inner loop alone (csr_row_tile, 64-wide tile) over an aligned xt of K rows:
+// K <= 192 stays in L1, K = 4096 (1 MiB) in L2. nnz nonzeros per visit.
+int run_rowtile(int K, int nnz) {
+  constexpr int V = 64 / Vec::W, NT = 64;
+  float* xt = static_cast<float*>(std::aligned_alloc(64, size_t(K) * NT * 4));
+  for (int i = 0; i < K * NT; ++i) xt[i] = 1.f;
+  const int rows = 4096;
+  std::mt19937 g(0);
+  std::vector<uint16_t> idx(size_t(rows) * nnz);
+  for (auto& i : idx) i = static_cast<uint16_t>(g() % K);
+  std::vector<float> val(idx.size(), 0.5f);
+  float* acc = static_cast<float*>(std::aligned_alloc(64, 32 * NT * 4));  // partial sums, L1
+  for (int i = 0; i < 32 * NT; ++i) acc[i] = 0.f;
+  const double t = median_time(15, [&](int) {
+    for (int r = 0; r < rows; ++r) {
+      float* a = acc + (r % 32) * NT;
+      csr_row_tile<V>(idx.data(), val.data(), int64_t(r) * nnz, int64_t(r + 1) * nnz, xt, a, a);
+    }
+  });
+  const double visits = double(rows) * nnz;
+  std::printf("rowtile K=%d nnz/visit=%d: %.2f ns per nonzero x 64 columns, %.2f G vec/s (acc %g)\n",
+              K, nnz, t / visits * 1e9, visits * V / t / 1e9, double(acc[0]));
+  std::free(acc);
+  std::free(xt);
+  return 0;
+}
+
+int usage() {
+  std::fprintf(stderr, "see the header of benchmarks/micro/kernel_micro.cpp for usage\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return usage();
+  const char* mode = argv[1];
+  auto ai = [&](int i, int def) { return argc > i ? std::atoi(argv[i]) : def; };
+  auto ad = [&](int i) { return argc > i ? std::atof(argv[i]) : 0.0; };
+  if (!std::strcmp(mode, "csr") && argc >= 6) return run_csr(ai(2, 0), ai(3, 0), ai(4, 0), ad(5), ai(6, 1));
+  if (!std::strcmp(mode, "bsr") && argc >= 8)
+    return run_bsr(ai(2, 0), ai(3, 0), ai(4, 0), ad(5), ai(6, 1), ai(7, 1), ai(8, 1));
+  if (!std::strcmp(mode, "spmv") && argc >= 5)
+    return run_spmv(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "warm"));
+#if defined(SPARSEKIT_ISA_AVX512)
+  if (!std::strcmp(mode, "read") && argc >= 4) return run_read(ai(2, 1), ai(3, 0), ai(4, 2));
+#endif
+  if (!std::strcmp(mode, "rowtile") && argc >= 4) return run_rowtile(ai(2, 0), ai(3, 0));
+  return usage();
+}
