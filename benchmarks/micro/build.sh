@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds benchmarks/micro/kernel_micro.cpp into build/micro/ with one ISA's flags
 # (ISA=avx512 (default) | avx2 | generic), the same flags CMakeLists.txt uses for that TU.
+# OUT=<dir> puts the binary elsewhere (default build/micro).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 ISA="${ISA:-avx512}"
@@ -10,7 +11,8 @@ case "$ISA" in
   generic) FLAGS=(-DSPARSEKIT_ISA_GENERIC) ;;
   *) echo "ISA must be avx512, avx2 or generic, got '$ISA'" >&2; exit 2 ;;
 esac
-mkdir -p "$ROOT/build/micro"
+OUT="${OUT:-$ROOT/build/micro}"
+mkdir -p "$OUT"
 "${CXX:-g++}" -std=c++17 -O3 -fopenmp "${FLAGS[@]}" -I"$ROOT/csrc" "$@" \
-  -o "$ROOT/build/micro/kernel_micro" "$ROOT/benchmarks/micro/kernel_micro.cpp"
-echo "built $ROOT/build/micro/kernel_micro ($ISA)"
+  -o "$OUT/kernel_micro" "$ROOT/benchmarks/micro/kernel_micro.cpp"
+echo "built $OUT/kernel_micro ($ISA)"

@@ -1,0 +1,54 @@
+"""``benchmarks/micro/kernel_micro.cpp`` (the stand-alone kernel timing tool behind the README's
+bound analysis) compiles against the current kernels and its reference checks agree.
+
+It includes ``csrc/cpu/kernels_impl.h`` directly, so kernel refactors that break it show here.
+Sizes are tiny: this checks the tool, not speed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _isa() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx2" if re.search(r"\bavx2\b", flags) and re.search(r"\bfma\b", flags) else "generic"
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path_factory.mktemp("micro")
+    env = dict(os.environ, ISA=_isa(), OUT=str(out))
+    r = subprocess.run(["bash", str(ROOT / "benchmarks/micro/build.sh"), "-O1"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"kernel_micro build failed:\n{r.stderr[-4000:]}"
+    return out / "kernel_micro"
+
+
+@pytest.mark.parametrize("args", [
+    ["csr", "37", "700", "70", "0.3", "2"],  # K-blocked walk, 2 batch tiles, 2 threads
+    ["csr", "33", "97", "5", "0.5"],
+    ["bsr", "45", "3001", "65", "0.5", "3", "4", "2"],  # ragged blocks, many L1 groups
+    ["spmv", "97", "1025", "0.2", "2", "warm"],
+])
+def test_kernel_micro_reference_check(micro, args):
+    r = subprocess.run([str(micro), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"max err ([0-9.e+-]+)", r.stdout)
+    assert m, r.stdout
+    assert float(m.group(1)) < 1e-4, r.stdout
+
+
+def test_kernel_micro_rejects_bad_usage(micro):
+    r = subprocess.run([str(micro), "nonsense"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "usage" in r.stderr
