@@ -40,6 +40,7 @@ def micro(tmp_path_factory) -> Path:
     ["csr", "33", "97", "5", "0.5"],
     ["bsr", "45", "3001", "65", "0.5", "3", "4", "2"],  # ragged blocks, many L1 groups
     ["spmv", "97", "1025", "0.2", "2", "warm"],
+    ["spmv", "40", "2000", "0.3", "1", "warm", "bf16"],
 ])
 def test_kernel_micro_reference_check(micro, args):
     r = subprocess.run([str(micro), *args], capture_output=True, text=True, timeout=120)

@@ -5,8 +5,8 @@
 //   build:  bash benchmarks/micro/build.sh            (AVX-512; ISA=avx2 for the AVX2 path)
 //   run:    build/micro/kernel_micro csr  M K N density [threads]     CSR, N > 1 (packed tiles)
 //           build/micro/kernel_micro bsr  M K N density r c [threads] BSR, N > 1
-//           build/micro/kernel_micro spmv M K density [threads] [warm] CSR N = 1, weights
-//                                                                      rotating over > 700 MB
+//           build/micro/kernel_micro spmv M K density [threads] [warm] [bf16]  CSR N = 1,
+//                                         weights rotating over > 700 MB unless warm
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
 //           build/micro/kernel_micro rowtile K nnz                    L1/L2 row-tile loop
 // Times are medians of 15 calls (wall clock); "G vec/s" counts W-lane FMAs (W = 16 / 8).
@@ -125,31 +125,45 @@ int run_bsr(int M, int K, int N, double d, int r, int c, int threads) {
   return 0;
 }
 
-int run_spmv(int M, int K, double d, int threads, bool warm) {
+// bf16 = true: values rounded to bf16 (the reference uses the rounded values).
+int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16) {
   std::mt19937 g(0);
   Sparse s0 = random_sparse(M, K, d, 1, g);
-  const double bytes = s0.idx.size() * 6.0 + s0.indptr.size() * 4.0;
+  std::vector<uint16_t> v16;
+  if (bf16) {
+    for (float& v : s0.val) {
+      v16.push_back(f32_to_bf16(v));
+      v = to_f32(bf16_t{v16.back()});
+    }
+  }
+  const double bytes = s0.idx.size() * (bf16 ? 4.0 : 6.0) + s0.indptr.size() * 4.0;
   const int copies = warm ? 1 : std::max(2, int(700e6 / bytes) + 1);  // > 2x a 260 MiB LLC
   std::vector<Sparse> mats(copies, s0);
+  std::vector<std::vector<uint16_t>> vals16(bf16 ? copies : 0, v16);
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
   std::vector<float> x(K), y(M);
   for (auto& v : x) v = u(g);
-  for (int c = 0; c < copies; ++c) {
+  auto call = [&](int c) {
     SpmmParams p = params(mats[c], M, K, 1, x.data(), y.data(), threads);
-    csr_linear_t<float, int32_t, uint16_t>(p);
-  }
+    if (bf16) {
+      p.values = vals16[c].data();
+      p.value_dtype = DType::BF16;
+      csr_linear_t<bf16_t, int32_t, uint16_t>(p);
+    } else {
+      csr_linear_t<float, int32_t, uint16_t>(p);
+    }
+  };
+  for (int c = 0; c < copies; ++c) call(c);
   double err = 0;
   for (int m = 0; m < M; ++m) {
     double ref = 0;
     for (int j = s0.indptr[m]; j < s0.indptr[m + 1]; ++j) ref += double(s0.val[j]) * x[s0.idx[j]];
     err = std::max(err, std::abs(ref - y[m]));
   }
-  const double t = median_time(std::max(15, 2 * copies), [&](int i) {
-    SpmmParams p = params(mats[i % copies], M, K, 1, x.data(), y.data(), threads);
-    csr_linear_t<float, int32_t, uint16_t>(p);
-  });
-  std::printf("spmv %dx%d density=%.2f threads=%d %s: %.3f ms, %.1f GB/s on compressed bytes, max err %.1e\n",
-              M, K, d, threads, warm ? "warm" : "rotating", t * 1e3, bytes / t / 1e9, err);
+  const double t = median_time(std::max(15, 2 * copies), [&](int i) { call(i % copies); });
+  std::printf("spmv %dx%d density=%.2f %s threads=%d %s: %.3f ms, %.1f GB/s on compressed bytes, max err %.1e\n",
+              M, K, d, bf16 ? "bf16" : "fp32", threads, warm ? "warm" : "rotating", t * 1e3,
+              bytes / t / 1e9, err);
   return 0;
 }
 
@@ -235,7 +249,14 @@ int main(int argc, char** argv) {
   if (!std::strcmp(mode, "bsr") && argc >= 8)
     return run_bsr(ai(2, 0), ai(3, 0), ai(4, 0), ad(5), ai(6, 1), ai(7, 1), ai(8, 1));
   if (!std::strcmp(mode, "spmv") && argc >= 5)
-    return run_spmv(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "warm"));
+  {
+    bool warm = false, bf16 = false;
+    for (int i = 6; i < argc; ++i) {
+      warm |= !std::strcmp(argv[i], "warm");
+      bf16 |= !std::strcmp(argv[i], "bf16");
+    }
+    return run_spmv(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), warm, bf16);
+  }
 #if defined(SPARSEKIT_ISA_AVX512)
   if (!std::strcmp(mode, "read") && argc >= 4) return run_read(ai(2, 1), ai(3, 0), ai(4, 2));
 #endif
