@@ -113,7 +113,8 @@ def run_csr(rng, M, K, N, density, vcode, xcode, isa, threads=2, bias=True, **kw
 def test_csr_all_isas_dtypes(isa, vcode, xcode):
     rng = np.random.default_rng(hash((isa, vcode, xcode)) % 2**32)
     for M, K, N, d in [(1, 1, 1, 1.0), (7, 33, 1, 0.3), (33, 97, 7, 0.5), (97, 1025, 33, 0.1),
-                       (1025, 7, 2, 0.6), (5, 64, 97, 0.9), (64, 300, 1, 1.0), (40, 50, 17, 0.05)]:
+                       (1025, 7, 2, 0.6), (5, 64, 97, 0.9), (64, 300, 1, 1.0), (40, 50, 17, 0.05),
+                       (70, 1000, 2, 0.4)]:
         run_csr(rng, M, K, N, d, vcode, xcode, isa)
 
 
@@ -126,6 +127,7 @@ def test_csr_special_structures(isa):
     # empty rows in the middle / ends, without bias
     run_csr(rng, 30, 64, 1, 0.4, "f32", "f32", isa, empty_rows=(0, 5, 6, 29), bias=False)
     run_csr(rng, 30, 64, 40, 0.4, "bf16", "f32", isa, empty_rows=(0, 5, 6, 29))
+    run_csr(rng, 30, 300, 2, 0.4, "f32", "f32", isa, empty_rows=(0, 5, 6, 29), bias=False)
     # fully dense rows of awkward length (masked / scalar tails)
     for K in (15, 16, 17, 31, 33):
         run_csr(rng, 3, K, 1, 1.0, "f32", "f32", isa)
