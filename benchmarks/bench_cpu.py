@@ -11,7 +11,7 @@ compressed bytes (values + indices + indptr) next to the measured copy bandwidth
 against the FASTEST dense formulation (best of F.linear, torch.matmul, oneDNN, MKL-packed,
 numpy) measured in the same run, and is also reported against plain F.linear. Weights rotate
 over > 2x the last-level cache. Writes benchmarks/results/cpu-<date>.json and
-cpu-<date>.png (speedup vs sparsity for N = 1, 8, 32, 128; dense = 1).
+cpu-<date>.png (speedup vs sparsity for N = 1, 2, 4, 8, 32, 128; dense = 1).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096)]
         tg = targets(c, shapes)
         sps = [0.5, 0.8, 0.9, 0.95] if a.quick else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
-        sw = sweep(c, sps, [1, 8, 32, 128])
+        sw = sweep(c, sps, [1, 2, 4, 8, 32, 128])
     load1 = os.getloadavg()
     print(f"\nmeasured copy bandwidth ({a.threads} threads, read+write): {copy_bw:.1f} GB/s")
     print(f"{'target':<58} {'value':>7} {'need':>5} {'':>4} {'vs F.lin':>8} {'GB/s':>6}")
