@@ -1,34 +1,37 @@
-# Convenience targets. Each one runs the same command documented in README.md,
-# so `make X` and the documented command never drift apart.
+# Convenience targets. Each one runs the same command documented in README.md /
+# CONTRIBUTING.md, so `make X` and the documented command never drift apart.
 #
-#   make test       the whole test suite (README: ./tools/test.sh; falls back to pytest)
+#   make setup      the development install (tools/setup.sh -> .venv)
+#   make build      rebuild sparsekit/_C*.so after a C++ change (tools/build_inplace.sh)
+#   make test       the whole test suite (tools/test.sh)
 #   make bench      default benchmark sweep (sparsekit bench) -> benchmarks/results/
 #   make sanitize   C++ kernels rebuilt with ASan+UBSan (build/sanitize/), kernel tests under it
 #   make fuzz       10,000 validation fuzz cases in crash-isolating subprocesses
 #   make memcheck   RSS flat over 100,000 SparseLinear calls
 #   make serve      the example HTTP server (examples/server)
-#   make build      in-place build of sparsekit._C (tools/build_inplace.sh)
 
 PYTHON ?= .venv/bin/python
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 FUZZ_CASES ?= 10000
 
-.PHONY: test bench sanitize fuzz fuzz-evidence memcheck serve build help
+.PHONY: setup test bench sanitize fuzz fuzz-evidence memcheck serve build help
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,13p' Makefile
+
+setup:
+	./tools/setup.sh
 
 build:
 	bash tools/build_inplace.sh
 
 test:
-	@if [ -x tools/test.sh ]; then ./tools/test.sh; else $(PYTHON) -m pytest -q; fi
+	./tools/test.sh
 
 bench:
 	$(PYTHON) -m sparsekit bench
 
 sanitize:
-	bash tools/sanitize.sh --self-test
+	PYTHON=$(PYTHON) bash tools/sanitize.sh --self-test
 
 fuzz:
 	$(PYTHON) tools/fuzz_harness.py --cases $(FUZZ_CASES)

@@ -39,8 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
 from sparsekit.datasets import load_mnist  # noqa: E402
 from sparsekit.formats import CSRMatrix  # noqa: E402
 from sparsekit.prune import GradualPruner, evaluate  # noqa: E402

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-# make `import reference` (tests/reference.py) work from any test module
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Kernels compiled by Numba are cached on disk; keep the cache out of the source tree so
 # parallel checkouts/CI don't fight over __pycache__ (an explicit user setting wins).

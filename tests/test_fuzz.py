@@ -134,7 +134,6 @@ def test_fuzz_harness_isolates_a_crashing_case(tmp_path):
     """A worker dying by signal fails the run, and the batch re-run pins the exact seed."""
     out = tmp_path / "crash.json"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT)) if p)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "fuzz_harness.py"), "--cases", "2", "--batch",
          "2", "--start", "103", "--inject-crash", "104", "--json", str(out), "-q"],

@@ -62,7 +62,6 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def probe() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     # Make sure nothing in the environment pre-empts what we test.
     for var in ("NUMBA_DISABLE_JIT",):
         env.pop(var, None)

@@ -66,7 +66,6 @@ print(json.dumps({"before": before, "after": after, "err": err}))
 
 def _measure(backend: str, n_calls: int, leak_bytes: int = 0) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, backend, str(n_calls), str(leak_bytes)],
         capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT),

@@ -76,7 +76,6 @@ def test_numba_cuda_kernel_under_simulator():
     pytest.importorskip("numba")
     env = dict(os.environ)
     env["NUMBA_ENABLE_CUDASIM"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0 and "SIM-OK" in proc.stdout, (
@@ -88,7 +87,6 @@ def test_import_creates_no_cuda_context():
     code = ("import torch, sparsekit.kernels.numba_cuda, sparsekit.kernels.cuda; "
             "print(torch.cuda.is_initialized())")
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_mnist_example_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SPARSEKIT_MNIST"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp_path / "r.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "mnist_prune.py"), "--quick",

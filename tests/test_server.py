@@ -46,7 +46,6 @@ def server(tmp_path_factory):
     model_path = tmp / "model.safetensors"
     port = _free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("SPARSEKIT_MNIST", None)  # digits fallback: the model is created in ~a second
     for k in list(env):
         if k.startswith("SPARSEKIT_SERVER_"):
@@ -90,7 +89,6 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_model(server):
-    sys.path.insert(0, str(ROOT))
     from examples.server.model import load_model
 
     model, info = load_model(server["model_path"])

@@ -44,13 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    # Appended, not prepended: a PYTHONPATH overlay (tools/sanitize.sh) must win.
-    sys.path.append(str(ROOT))
-
-import torch  # noqa: E402
 
 OK_STATUSES = ("ok_valid", "ok_rejected")
 FAIL_STATUSES = (

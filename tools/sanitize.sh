@@ -82,6 +82,12 @@ trap cleanup EXIT
   | grep -v -E '/_C[^/]*\.(so|pyd)$' | grep -v -E '/\.[^/]*\.tmp$' \
   | while read -r f; do mkdir -p "$OVERLAY/$(dirname "$f")"; cp "$f" "$OVERLAY/$f"; done)
 cp "$SO" "$OVERLAY/sparsekit/"
+# The development install (an inplace editable) registers an import hook that resolves
+# `sparsekit` to the checkout ahead of PYTHONPATH; drop it so the overlay wins.
+cat > "$OVERLAY/sitecustomize.py" <<'PYEOF'
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildInplaceFinder"]
+PYEOF
 
 # ------------------------------------------------------------------ runtime environment
 LIBASAN="$("$CXX_BIN" -print-file-name=libasan.so)"
