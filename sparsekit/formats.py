@@ -9,7 +9,8 @@ tensors (so ``.to(device)`` moves them and torch ops / export see them):
 * ``values``  -- float32 | bfloat16 | float16; CSR: ``(nnz,)``, BSR: ``(nnzb, r, c)``.
 
 Matrices are immutable by convention: backends cache derived data (e.g. thread partitions) on
-the object, so mutate the buffers in place only if you also call ``_invalidate()``.
+the object (:meth:`cached`), so mutate the buffers in place only if you also call
+:meth:`cache_invalidate`.
 
 Validation messages
 -------------------
@@ -332,20 +333,47 @@ class _SparseBase:
     values: torch.Tensor
     _shape: tuple[int, int]
 
+    # Cache API: derived data of this matrix (backend-private packings, partitions, the
+    # transpose, ...) keyed by the caller, e.g. ``("cpp", "np")``. The matrix owns the cache;
+    # other modules go through these methods, never through the attributes.
     def _init_cache(self) -> None:
         self._cache: dict[Any, Any] = {}
+        self._cache_versions: tuple[int | None, ...] | None = None
 
-    def _cached(self, key: Any, fn):
-        """Backend-private derived data, computed once per matrix (see module docstring)."""
+    def cache_get(self, key: Any, default: Any = None) -> Any:
+        """The cached value for ``key``, or ``default``."""
+        return self._cache.get(key, default)
+
+    def cache_put(self, key: Any, value: Any) -> Any:
+        """Store ``value`` under ``key``; returns ``value``."""
+        self._cache[key] = value
+        return value
+
+    def cached(self, key: Any, build) -> Any:
+        """The cached value for ``key``, computed by ``build()`` on the first call."""
         try:
             return self._cache[key]
         except KeyError:
-            v = self._cache[key] = fn()
-            return v
+            return self.cache_put(key, build())
 
-    def _invalidate(self) -> None:
-        """Drop cached derived data after mutating buffers in place."""
+    def cache_invalidate(self) -> None:
+        """Drop all cached data (call after mutating the buffers in place)."""
         self._cache.clear()
+
+    def cache_sync(self) -> None:
+        """Drop the cached data if a buffer was modified in place since the last sync.
+
+        Compares the buffers' autograd version counters (a few hundred nanoseconds): cheap
+        enough for every call of a layer whose buffers a user may edit in place.
+        """
+        try:
+            v = (self.indptr._version, self.indices._version, self.values._version)
+        except RuntimeError:  # inference tensors have no version counter
+            v = None
+        if v != self._cache_versions:
+            if self._cache_versions is not None:
+                self._cache.clear()
+            self._cache_versions = v
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -653,7 +681,7 @@ class BSRMatrix(_SparseBase):
     @property
     def nnz(self) -> int:
         """Nonzero values stored inside blocks (padding and explicit zeros excluded)."""
-        return self._cached("nnz", lambda: int(torch.count_nonzero(self._padded_mask_values())))
+        return self.cached("nnz", lambda: int(torch.count_nonzero(self._padded_mask_values())))
 
     def _padded_mask_values(self) -> torch.Tensor:
         # values with the ragged-edge padding masked out, so nnz ignores whatever it holds

@@ -129,5 +129,5 @@ def test_fake_registration_checks_shapes(fmt):
     with FakeTensorMode(allow_non_fake_inputs=True):
         y = sl(torch.empty(3, 4, 16, dtype=torch.bfloat16))
         assert y.shape == (3, 4, 8) and y.dtype == torch.bfloat16
-        with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 16\)"):
+        with pytest.raises(ValueError, match="x: expected last dimension == weight in_features"):
             sl(torch.empty(3, 15))

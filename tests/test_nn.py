@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 
 import pytest
 import torch
 from _nn_models import Block, linear_reference, magnitude_prune, mlp
 from torch import nn
 
+import sparsekit
 from sparsekit.formats import BSRMatrix, CSRMatrix
 from sparsekit.nn import SparseLinear, densify, sparsify
 
@@ -68,13 +70,42 @@ def test_output_dtype_follows_input():
     for vdt in (torch.float32, torch.bfloat16):
         sl = SparseLinear.from_dense(lin, format="csr", value_dtype=vdt)
         assert sl.weight_values.dtype == vdt
-        for xdt in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+        for xdt in (torch.float32, torch.bfloat16, torch.float16):
             y = sl(x.to(xdt))
             assert y.dtype == xdt
             tol = torch.float32 if (vdt, xdt) == (torch.float32, torch.float32) else torch.bfloat16
-            if xdt == torch.float64 and vdt == torch.float32:
-                tol = torch.float32
             _close(y, ref, tol)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_dtype_rules_identical_on_every_entry_point(grad):
+    """sparsekit.linear, SparseLinear (fast path and op path) and the custom op accept and
+    reject the same inputs with the same message."""
+    lin = _pruned_linear(8, 12, 0.5, seed=5)
+    sl = SparseLinear.from_dense(lin, format="csr")
+    mat = sl.matrix
+    calls = {
+        "linear": lambda x: sparsekit.linear(x, mat, sl.bias),
+        "SparseLinear": sl,
+        "op": lambda x: torch.ops.sparsekit.csr_linear(
+            x, sl.weight_indptr, sl.weight_indices, sl.weight_values, sl.bias, 8, 12),
+    }
+    for name, f in calls.items():
+        for bad, exc, msg in (
+            (torch.randn(3, 12, dtype=torch.float64), TypeError,
+             "x: expected dtype float32, bfloat16 or float16, got torch.float64"),
+            (torch.ones(3, 12, dtype=torch.int64), TypeError,
+             "x: expected dtype float32, bfloat16 or float16, got torch.int64"),
+            (torch.randn(3, 11), ValueError,
+             re.escape("x: expected last dimension == weight in_features = 12, got shape (3, 11)")),
+        ):
+            with torch.set_grad_enabled(grad), pytest.raises(exc, match=msg):
+                f(bad.requires_grad_(grad and bad.is_floating_point()))
+        x = torch.randn(3, 12, dtype=torch.float16, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            y = f(x)
+        assert y.dtype == torch.float16, name
+        _close(y, lin(x.detach().float()).double(), torch.bfloat16)
 
 
 def test_constructor_from_matrix_and_bad_inputs():
@@ -97,10 +128,12 @@ def test_constructor_from_matrix_and_bad_inputs():
     _close(sl_ref(torch.ones(12)), w.double().sum(1) + b.double(), torch.float32)
     with pytest.raises(TypeError, match="value_dtype"):
         SparseLinear.from_dense(nn.Linear(4, 4), value_dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 12\)"):
+    with pytest.raises(ValueError, match="x: expected last dimension == weight in_features = 12"):
         sl(torch.randn(3, 11))
-    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+    with pytest.raises(TypeError, match="x: expected dtype float32, bfloat16 or float16"):
         sl(torch.ones(3, 12, dtype=torch.int64))
+    with pytest.raises(TypeError, match="bias: expected dtype float32, bfloat16 or float16"):
+        SparseLinear(CSRMatrix.from_dense(w), b.double())
 
 
 def test_weights_are_frozen_buffers_and_repr():

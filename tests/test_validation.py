@@ -227,8 +227,8 @@ def test_linear_argument_errors(W):
         sparsekit.linear(x, W, torch.ones(32))
     with pytest.raises(ValueError, match=re.escape("bias: expected shape (33,), got (1, 33)")):
         sparsekit.linear(x, W, torch.ones(1, 33))
-    with pytest.raises(TypeError, match="bias: expected dtype float32, x's dtype or the "
-                                        "weight's dtype, got torch.float64"):
+    with pytest.raises(TypeError, match="bias: expected dtype float32, bfloat16 or float16, "
+                                        "got torch.float64"):
         sparsekit.linear(x, W, torch.ones(33, dtype=torch.float64))
     with pytest.raises(TypeError, match="bias: expected a torch.Tensor or None, got list"):
         sparsekit.linear(x, W, [0.0] * 33)

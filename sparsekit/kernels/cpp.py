@@ -56,7 +56,7 @@ def _prepared(mat: Any) -> tuple:
     def build() -> tuple:
         return (mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values), _CODE[mat.values.dtype])
 
-    return mat._cached(("cpp", "np"), build)
+    return mat.cached(("cpp", "np"), build)
 
 
 class CppBackend:

@@ -71,7 +71,7 @@ def row_order(mat: CSRMatrix) -> torch.Tensor | None:
         order = torch.argsort(lengths, descending=True, stable=True)
         return order.to(torch.int32).contiguous()
 
-    return mat._cached(("cuda", "row_order"), build)
+    return mat.cached(("cuda", "row_order"), build)
 
 
 class CudaBackend:

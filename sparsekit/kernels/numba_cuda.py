@@ -223,7 +223,7 @@ class NumbaCudaBackend:
                 vals, lut = v, None
             else:
                 vals = v.view(torch.int16)
-                lut = mat._cached(
+                lut = mat.cached(
                     ("numba_cuda", "lut", str(dev)),
                     lambda: torch.from_numpy(decode_table(v.dtype)).to(dev),
                 )

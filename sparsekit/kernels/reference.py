@@ -30,7 +30,7 @@ def _csr_f32(mat: Any) -> torch.Tensor:
                 check_invariants=False,
             )
 
-    return mat._cached(("torch_ref", "csr_f32", str(mat.device)), build)
+    return mat.cached(("torch_ref", "csr_f32", str(mat.device)), build)
 
 
 class TorchReferenceBackend:

@@ -1,11 +1,9 @@
 """Drop-in modules: :class:`SparseLinear`, :func:`sparsify` / :func:`densify`.
 
-Importing this package registers the ``sparsekit::*`` torch.library custom ops
-(:mod:`sparsekit.nn._ops`) used by SparseLinear under eager, ``torch.compile`` and
-``torch.export``.
+SparseLinear runs through the ``sparsekit::*`` torch.library custom ops of :mod:`sparsekit.ops`
+(registered at ``import sparsekit``) under eager, ``torch.compile`` and ``torch.export``.
 """
 
-from sparsekit.nn import _ops  # noqa: F401  (registers torch.ops.sparsekit.*)
 from sparsekit.nn.linear import SparseLinear
 from sparsekit.nn.sparsify import (
     LayerReport,

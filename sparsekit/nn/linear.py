@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsekit.nn import _ops
+from sparsekit import ops
+from sparsekit.formats import BSRMatrix, CSRMatrix
 
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
@@ -32,12 +33,6 @@ _BUFFERS = ("weight_indptr", "weight_indices", "weight_values")
 # module -> its CSRMatrix/BSRMatrix view of the buffers. Kept outside the module's __dict__ so
 # deepcopy/pickle-free state handling never copies backend caches; dies with the module.
 _MODULE_MATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _formats():
-    from sparsekit.formats import BSRMatrix, CSRMatrix
-
-    return CSRMatrix, BSRMatrix
 
 
 def block_fill(mask: Tensor, blocksize: tuple[int, int]) -> tuple[int, int]:
@@ -83,7 +78,9 @@ class SparseLinear(nn.Module):
     r"""Linear layer ``y = x W^T + b`` with a frozen CSR or BSR weight.
 
     Same forward contract as :class:`torch.nn.Linear`: ``x`` of shape ``(*, in_features)``,
-    output ``(*, out_features)`` in ``x``'s dtype (accumulation in fp32). The forward pass goes
+    output ``(*, out_features)`` in ``x``'s dtype (accumulation in fp32); ``x`` and ``bias``
+    follow the same dtype rules as :func:`sparsekit.linear` (float64 ``x`` raises
+    ``TypeError``: convert explicitly). The forward pass goes
     through the ``sparsekit::csr_linear`` / ``sparsekit::bsr_linear`` custom ops, so the module
     works under ``torch.compile(fullgraph=True)`` and ``torch.export``.
 
@@ -125,7 +122,6 @@ class SparseLinear(nn.Module):
 
     def __init__(self, weight: Any, bias: Tensor | None = None, *, backend: str = "auto") -> None:
         super().__init__()
-        CSRMatrix, BSRMatrix = _formats()
         if not isinstance(weight, (CSRMatrix, BSRMatrix)):
             raise TypeError(
                 f"weight: expected a sparsekit CSRMatrix or BSRMatrix, got {type(weight).__name__}"
@@ -149,8 +145,10 @@ class SparseLinear(nn.Module):
                 raise ValueError(
                     f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}"
                 )
-            if not bias.is_floating_point():
-                raise TypeError(f"bias: expected a floating-point tensor, got {bias.dtype}")
+            if bias.dtype not in ops.FLOAT_DTYPES:
+                raise TypeError(
+                    f"bias: expected dtype float32, bfloat16 or float16, got {bias.dtype}"
+                )
             if bias.device != self.weight_values.device:
                 raise ValueError(
                     f"bias: expected device {self.weight_values.device}, got {bias.device}"
@@ -161,7 +159,6 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def _set_matrix(self, mat: Any) -> None:
-        _, BSRMatrix = _formats()
         m, k = (int(s) for s in mat.shape)
         if isinstance(mat, BSRMatrix):
             r, c = (int(b) for b in mat.blocksize)
@@ -210,8 +207,8 @@ class SparseLinear(nn.Module):
             raise ValueError(f"format: expected one of 'auto', 'csr', 'bsr', got {format!r}")
         w = linear.weight.detach()
         if value_dtype is None:
-            value_dtype = w.dtype if w.dtype in _ops.FLOAT_DTYPES else torch.float32
-        if value_dtype not in _ops.FLOAT_DTYPES:
+            value_dtype = w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32
+        if value_dtype not in ops.FLOAT_DTYPES:
             raise TypeError(
                 f"value_dtype: expected one of float32, bfloat16, float16, got {value_dtype}"
             )
@@ -224,12 +221,13 @@ class SparseLinear(nn.Module):
         elif format == "bsr" and blocksize is None:
             fmt, bs = choose_format_heuristic(w != 0)
             blocksize = bs if fmt == "bsr" else (4, 4)
-        CSRMatrix, BSRMatrix = _formats()
         if format == "csr":
             mat = CSRMatrix.from_dense(w, value_dtype=value_dtype)
         else:
             mat = BSRMatrix.from_dense(w, blocksize=tuple(blocksize), value_dtype=value_dtype)
         bias = None if linear.bias is None else linear.bias.detach()
+        if bias is not None and bias.dtype not in ops.FLOAT_DTYPES:
+            bias = bias.float()  # e.g. a float64 nn.Linear: its weight is stored as fp32 too
         out = cls(mat, bias, backend=backend)
         if out.bias is not None:
             out.bias.requires_grad_(linear.bias.requires_grad)
@@ -274,13 +272,13 @@ class SparseLinear(nn.Module):
         ip, ix, v = b["weight_indptr"], b["weight_indices"], b["weight_values"]
         mat = _MODULE_MATS.get(self)
         if mat is None or mat.values is not v or mat.indices is not ix or mat.indptr is not ip:
-            mat = _ops._make_matrix(
+            mat = ops.matrix_from_parts(
                 ip, ix, v, (self.out_features, self.in_features), self.blocksize
             )
-            _ops.register_matrix(mat)
+            ops.register_matrix(mat)
             _MODULE_MATS[self] = mat
         else:
-            _ops.refresh_if_modified(mat)
+            mat.cache_sync()
         return mat
 
     @property
@@ -338,7 +336,7 @@ class SparseLinear(nn.Module):
                 # Plain eager inference (no autograd, no tracing mode, no tensor subclass):
                 # call the kernels directly. The dispatcher + autograd wrapper of the custom
                 # op cost tens of microseconds per layer -- the whole product at batch 1.
-                return _ops.linear_matrix(x, mat, bias, self.backend, "SparseLinear")
+                return ops.linear_matrix(x, mat, bias, self.backend)
         if self.blocksize is None:
             return torch.ops.sparsekit.csr_linear(
                 x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
@@ -384,7 +382,7 @@ class SparseLinear(nn.Module):
             if new.dtype != old[n].dtype:
                 self._buffers[n] = old[n].to(device=new.device)
         vals = self.weight_values
-        if vals.dtype not in _ops.FLOAT_DTYPES:
+        if vals.dtype not in ops.FLOAT_DTYPES:
             # Undo (keep module consistent) and explain.
             for n in (*_BUFFERS, "weight_meta"):
                 self._buffers[n] = old[n]
@@ -437,7 +435,6 @@ def matrix_from_state(
     Validation (indices in range, monotone indptr, dtypes, lengths) is done by the format
     constructors; this checks the metadata and that it agrees with ``values``.
     """
-    CSRMatrix, BSRMatrix = _formats()
     name = f"{prefix}weight_meta"
     if not isinstance(meta, Tensor) or meta.dtype != torch.int64 or meta.shape != (4,):
         got = (meta.dtype, tuple(meta.shape)) if isinstance(meta, Tensor) else type(meta).__name__

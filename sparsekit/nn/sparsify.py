@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsekit.nn import _ops
+from sparsekit import ops
 from sparsekit.nn.linear import SparseLinear, block_fill
 
 __all__ = [
@@ -543,7 +543,7 @@ def sparsify(
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes or any(not isinstance(n, int) or n <= 0 for n in batch_sizes):
         raise ValueError(f"batch_sizes: expected positive ints, got {batch_sizes}")
-    if value_dtype is not None and value_dtype not in _ops.FLOAT_DTYPES:
+    if value_dtype is not None and value_dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"value_dtype: expected float32, bfloat16 or float16, got {value_dtype}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable, got {type(filter_fn).__name__}")
@@ -562,7 +562,7 @@ def sparsify(
         mask = w != 0
         nnz = int(mask.sum())
         density = nnz / (m * k)
-        vdt = value_dtype or (w.dtype if w.dtype in _ops.FLOAT_DTYPES else torch.float32)
+        vdt = value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
         if filter_fn is not None and not filter_fn(name, lin):
             layers.append(LayerReport(name, (m, k), density, "dense", None, "filtered out"))
             continue

@@ -1,4 +1,11 @@
-"""torch.library custom ops behind :class:`sparsekit.nn.SparseLinear`.
+"""The one call path from Python to the kernels: argument planning + torch.library ops.
+
+Every entry point -- :func:`sparsekit.linear`, :class:`sparsekit.nn.SparseLinear` and the custom
+ops -- goes through :func:`plan_linear` (check ``x`` and ``bias`` once, choose the dtype the
+kernel computes in) and :func:`launch_linear` (allocate the output, pick the backend, launch),
+so they accept and reject exactly the same inputs. This module sits below :mod:`sparsekit.nn`
+and :mod:`sparsekit.functional` and imports only :mod:`sparsekit.formats` and
+:mod:`sparsekit.kernels`.
 
 Registering the sparse products as custom ops (instead of calling the kernels from Python
 inside ``forward``) is what lets ``torch.compile(..., fullgraph=True)`` trace a model that
@@ -33,59 +40,177 @@ import weakref
 import torch
 from torch import Tensor
 
-from sparsekit.functional import launch_linear
+from sparsekit.formats import BSRMatrix, CSRMatrix, _index_dtype_for, _indptr_dtype_for
+from sparsekit.kernels import select_backend
 
 __all__ = [
+    "FLOAT_DTYPES",
+    "plan_linear",
+    "launch_linear",
+    "linear_matrix",
+    "register_matrix",
+    "matrix_from_parts",
     "csr_linear",
     "bsr_linear",
     "csr_transpose",
     "bsr_transpose",
-    "FLOAT_DTYPES",
 ]
 
-#: Value dtypes the kernels store (see docs/design.md).
+#: Value dtypes the kernels store, and the activation dtypes they take.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
+# check -> plan -> allocate -> launch
 # --------------------------------------------------------------------------------------------
 
 
-def _index_dtype_for(n: int) -> torch.dtype:
-    """Index dtype the formats use for indices in ``[0, n)`` (uint16 if n <= 65536)."""
-    from sparsekit.formats import _index_dtype_for as f
-
-    return f(n)
-
-
-def _indptr_dtype_for(nnz: int) -> torch.dtype:
-    from sparsekit.formats import _indptr_dtype_for as f
-
-    return f(nnz)
-
-
-def _as_int64(t: Tensor) -> Tensor:
-    # uint16 supports conversion but few arithmetic ops; do index arithmetic in int64.
-    return t.to(torch.int64)
-
-
-def _check_x(x: Tensor, in_features: int, op: str) -> None:
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"{op}: x: expected shape (..., {in_features}) (last dim = in_features), "
-            f"got {tuple(x.shape)}"
+def _x_error(x: Tensor, in_features: int) -> Exception:
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        return ValueError(
+            f"x: expected last dimension == weight in_features = {in_features}, "
+            f"got shape {tuple(x.shape)}"
         )
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: x: expected a floating-point tensor, got dtype {x.dtype}")
+    return TypeError(
+        f"x: expected dtype float32, bfloat16 or float16, got {x.dtype} "
+        "(sparsekit computes in fp32; convert with x.float())"
+    )
 
 
-# Matrices registered by SparseLinear: (id(indptr), id(indices), id(values)) -> weakref(matrix).
-# Only weak references: a matrix is owned by its module (see SparseLinear._registered_matrix);
-# the backends' derived data in ``mat._cache`` may reference the buffers, so a strong global
-# reference would keep every weight alive forever.
+def plan_linear(
+    x: Tensor, in_features: int, out_features: int, values: Tensor, bias: Tensor | None
+) -> tuple[torch.dtype, Tensor | None]:
+    """Check ``x`` and ``bias`` for ``x @ W.T + bias``; return the kernel's activation dtype
+    and the bias as the kernels take it (fp32, contiguous) or None.
+
+    ``values`` is the weight's value tensor (its dtype and device are what matter; fake
+    tensors are fine, so the ops' fake implementations run the same checks). Rules, identical
+    for every entry point: ``x`` of shape ``(..., in_features)`` and dtype float32, bfloat16
+    or float16 on the weight's device; fp32 ``x`` and half ``x`` matching the weight's dtype go
+    to the kernel as they are, other half ``x`` is computed in fp32 and rounded back; ``bias``
+    of shape ``(out_features,)``, dtype float32/bfloat16/float16, on ``x``'s device.
+    """
+    xdt = x.dtype
+    shape = x.shape
+    if not shape or shape[-1] != in_features or xdt not in FLOAT_DTYPES:
+        raise _x_error(x, in_features)
+    if x.device != values.device:
+        raise ValueError(
+            f"x: expected a tensor on the weight's device {values.device}, got {x.device}"
+        )
+    cdt = xdt if (xdt is torch.float32 or xdt is values.dtype) else torch.float32
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: expected a tensor on {x.device}, got {bias.device}")
+        if bias.dtype is not torch.float32:
+            if bias.dtype not in _HALF:
+                raise TypeError(
+                    f"bias: expected dtype float32, bfloat16 or float16, got {bias.dtype}"
+                )
+            bias = bias.float()
+        if not bias.is_contiguous():
+            bias = bias.contiguous()
+    return cdt, bias
+
+
+def launch_linear(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None, backend: str,
+                  cdt: torch.dtype) -> Tensor:
+    """Allocate and launch ``x @ mat.T + bias`` for arguments :func:`plan_linear` accepted.
+
+    ``x`` (..., K) on the weight's device, ``bias`` fp32 contiguous (M,) or None, ``cdt`` the
+    activation dtype the kernel takes. The result has x's dtype. A 0-row ``x`` launches
+    nothing but still validates the backend name.
+    """
+    M, K = mat._shape
+    shape = x.shape
+    # reshape only when needed: a no-op reshape still costs microseconds at N=1
+    x2d = x if len(shape) == 2 else x.reshape(-1, K)
+    if cdt != x2d.dtype:
+        x2d = x2d.to(cdt)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    N = x2d.shape[0]
+    # new_empty inherits dtype/device and parses fewer arguments (~1 us cheaper at N=1)
+    out = x2d.new_empty((N, M))
+    be = select_backend(mat, x2d, backend) if N or backend != "auto" else None
+    if N:
+        be.linear(mat, x2d, bias, out)
+    if cdt != x.dtype:
+        out = out.to(x.dtype)
+    return out if len(shape) == 2 else out.reshape(*shape[:-1], M)
+
+
+def linear_matrix(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None,
+                  backend: str = "auto") -> Tensor:
+    """Eager ``x @ mat.T + bias`` without autograd: plan, then launch (the thin path)."""
+    M, K = mat._shape
+    cdt, bias = plan_linear(x, K, M, mat.values, bias)
+    if x.requires_grad:
+        x = x.detach()
+    return launch_linear(x, mat, bias, backend, cdt)
+
+
+# --------------------------------------------------------------------------------------------
+# matrices behind the ops' raw tensors
+# --------------------------------------------------------------------------------------------
+
+# Registered matrices: (id(indptr), id(indices), id(values)) -> weakref(matrix). Only weak
+# references: a matrix is owned by its module (SparseLinear), and the backends' derived data in
+# its cache may reference the buffers, so a strong global reference would keep every weight
+# alive forever.
 _MATS: dict[tuple[int, int, int], weakref.ref] = {}
 _MATS_LOCK = threading.Lock()
+
+
+def register_matrix(mat: CSRMatrix | BSRMatrix) -> None:
+    """Let the ops reuse ``mat`` (and the backends' per-matrix cached data) whenever they are
+    called with exactly its three tensors. The caller must keep ``mat`` alive."""
+    key = (id(mat.indptr), id(mat.indices), id(mat.values))
+
+    def _drop(ref, key=key):
+        with _MATS_LOCK:
+            if _MATS.get(key) is ref:
+                del _MATS[key]
+
+    mat.cache_sync()
+    with _MATS_LOCK:
+        _MATS[key] = weakref.ref(mat, _drop)
+
+
+def matrix_from_parts(
+    indptr: Tensor,
+    indices: Tensor,
+    values: Tensor,
+    shape: tuple[int, int],
+    blocksize: tuple[int, int] | None,
+) -> CSRMatrix | BSRMatrix:
+    """The CSRMatrix/BSRMatrix for already-validated arrays, without re-validating.
+
+    The arrays were validated when the SparseLinear (or file) was built; re-validating on every
+    forward would cost O(nnz) per call, comparable to the product itself at batch 1. If the
+    arrays belong to a registered matrix, that object is returned so the backends' cached data
+    survives across calls (dropped if a buffer was modified in place).
+    """
+    ref = _MATS.get((id(indptr), id(indices), id(values)))
+    mat = ref() if ref is not None else None
+    if (
+        mat is not None
+        and mat.indptr is indptr
+        and mat.indices is indices
+        and mat.values is values
+        and mat._shape == tuple(shape)
+        and getattr(mat, "_blocksize", None) == blocksize
+    ):
+        mat.cache_sync()
+        return mat
+    if blocksize is None:
+        return CSRMatrix._from_parts(indptr, indices, values, shape)
+    return BSRMatrix._from_parts(indptr, indices, values, shape, blocksize)
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> tuple[int | None, ...]:
@@ -98,107 +223,17 @@ def _versions(tensors: tuple[Tensor, ...]) -> tuple[int | None, ...]:
     return tuple(out)
 
 
-def register_matrix(mat) -> None:
-    """Let the ops reuse ``mat`` (and the backends' per-matrix cached data) whenever they are
-    called with exactly its three tensors. The caller must keep ``mat`` alive."""
-    tensors = (mat.indptr, mat.indices, mat.values)
-    key = tuple(id(t) for t in tensors)
-
-    def _drop(ref, key=key):
-        with _MATS_LOCK:
-            if _MATS.get(key) is ref:
-                del _MATS[key]
-
-    mat._nn_versions = _versions(tensors)
-    with _MATS_LOCK:
-        _MATS[key] = weakref.ref(mat, _drop)
-
-
-def refresh_if_modified(mat) -> None:
-    """Drop the backends' cached data of a registered matrix whose buffers were modified in
-    place since it was registered (version counters changed)."""
-    v = _versions((mat.indptr, mat.indices, mat.values))
-    if v != mat._nn_versions:
-        mat._invalidate()
-        mat._nn_versions = v
-
-
-def _make_matrix(
-    indptr: Tensor,
-    indices: Tensor,
-    values: Tensor,
-    shape: tuple[int, int],
-    blocksize: tuple[int, int] | None,
-):
-    """The CSRMatrix/BSRMatrix for already-validated arrays, without re-validating.
-
-    The arrays were validated when the SparseLinear (or file) was built; re-validating on every
-    forward would cost O(nnz) per call, comparable to the product itself at batch 1. If the
-    arrays belong to a registered matrix, that object is returned so the backends' cached data
-    (numpy views, partitions, ...) survives across calls; in-place modification of a buffer
-    (version counter change) invalidates that data.
-    """
-    from sparsekit.formats import BSRMatrix, CSRMatrix
-
-    ref = _MATS.get((id(indptr), id(indices), id(values)))
-    mat = ref() if ref is not None else None
-    if (
-        mat is not None
-        and mat.indptr is indptr
-        and mat.indices is indices
-        and mat.values is values
-        and mat._shape == tuple(shape)
-        and getattr(mat, "_blocksize", None) == blocksize
-    ):
-        refresh_if_modified(mat)
-        return mat
-    if blocksize is None:
-        return CSRMatrix._from_parts(indptr, indices, values, shape)
-    return BSRMatrix._from_parts(indptr, indices, values, shape, blocksize)
-
-
-def _run_linear(
-    x: Tensor,
-    indptr: Tensor,
-    indices: Tensor,
-    values: Tensor,
-    bias: Tensor | None,
-    out_features: int,
-    in_features: int,
-    blocksize: tuple[int, int] | None,
-    backend: str,
-    op: str,
-) -> Tensor:
+def _run_linear(x, indptr, indices, values, bias, out_features, in_features, blocksize,
+                backend) -> Tensor:
     """The eager implementation of both linear ops."""
-    mat = _make_matrix(indptr, indices, values, (out_features, in_features), blocksize)
-    return linear_matrix(x, mat, bias, backend, op)
-
-
-def linear_matrix(x: Tensor, mat, bias: Tensor | None, backend: str, op: str) -> Tensor:
-    """check -> choose backend -> allocate -> launch, for ``x`` of shape ``(..., K)``.
-
-    Kept lean: at batch 1 the product of a pruned layer takes microseconds, so every
-    avoidable tensor op here shows up in end-to-end latency.
-    """
-    k = mat.shape[1]
-    values = mat.values
-    shape = x.shape
-    if len(shape) < 1 or shape[-1] != k:
-        _check_x(x, k, op)
-    if not x.is_floating_point():
-        _check_x(x, k, op)
-    if x.device != values.device:
-        raise ValueError(
-            f"{op}: x: expected a tensor on the weight's device {values.device}, got {x.device}"
-        )
-    xdt = x.dtype
-    # Kernels take fp32 activations or activations of the weight's dtype; anything else
-    # (float64, or fp16 activations with bf16 weights) is computed in fp32 and cast back, so
-    # the output dtype always follows the input.
-    cdt = xdt if (xdt is torch.float32 or xdt is values.dtype) else torch.float32
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(dtype=torch.float32).contiguous()
+    mat = matrix_from_parts(indptr, indices, values, (out_features, in_features), blocksize)
+    cdt, bias = plan_linear(x, in_features, out_features, values, bias)
     return launch_linear(x, mat, bias, backend, cdt)
+
+
+def _fake_linear(x, values, bias, out_features, in_features) -> Tensor:
+    plan_linear(x, in_features, out_features, values, bias)
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +284,7 @@ def _transpose_cached(
     key = ("T", *(id(t) for t in tensors), shape, blocksize)
     res = _cache_get(key, tensors)
     if res is None:
-        t = _make_matrix(indptr, indices, values, shape, blocksize).transpose()
+        t = matrix_from_parts(indptr, indices, values, shape, blocksize).transpose()
         res = (t.indptr, t.indices, t.values)
         _cache_put(key, tensors, res)
     # Custom-op outputs must not alias each other or live state: hand out copies (a memcpy,
@@ -324,16 +359,13 @@ def csr_linear(
     ``x``: ``(..., in_features)`` floating point; returns ``(..., out_features)`` in ``x.dtype``.
     Cost O(N * nnz) multiply-adds for N rows of ``x``, fp32 accumulation.
     """
-    return _run_linear(
-        x, indptr, indices, values, bias, out_features, in_features, None, backend,
-        "sparsekit::csr_linear",
-    )
+    return _run_linear(x, indptr, indices, values, bias, out_features, in_features, None,
+                       backend)
 
 
 @csr_linear.register_fake
 def _csr_linear_fake(x, indptr, indices, values, bias, out_features, in_features, backend="auto"):
-    _check_x(x, in_features, "sparsekit::csr_linear")
-    return x.new_empty((*x.shape[:-1], out_features))
+    return _fake_linear(x, values, bias, out_features, in_features)
 
 
 @torch.library.custom_op("sparsekit::bsr_linear", mutates_args=())
@@ -350,18 +382,15 @@ def bsr_linear(
     backend: str = "auto",
 ) -> Tensor:
     """``x @ W.T + bias`` for BSR ``W`` (blocksize ``(block_r, block_c)``); as csr_linear."""
-    return _run_linear(
-        x, indptr, indices, values, bias, out_features, in_features, (block_r, block_c),
-        backend, "sparsekit::bsr_linear",
-    )
+    return _run_linear(x, indptr, indices, values, bias, out_features, in_features,
+                       (block_r, block_c), backend)
 
 
 @bsr_linear.register_fake
 def _bsr_linear_fake(
     x, indptr, indices, values, bias, out_features, in_features, block_r, block_c, backend="auto"
 ):
-    _check_x(x, in_features, "sparsekit::bsr_linear")
-    return x.new_empty((*x.shape[:-1], out_features))
+    return _fake_linear(x, values, bias, out_features, in_features)
 
 
 # --------------------------------------------------------------------------------------------
