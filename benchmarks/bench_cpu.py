@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_linear as BL  # noqa: E402
-
-from sparsekit.bench import harness as H  # noqa: E402
-from sparsekit.formats import BSRMatrix, CSRMatrix  # noqa: E402
+from benchmarks import bench_linear as BL
+from sparsekit.bench import harness as H
+from sparsekit.formats import BSRMatrix, CSRMatrix
+from sparsekit.kernels import require_compiled
 
 BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
 
@@ -182,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: single-threaded, per-thread CPU time (robust on a loaded machine)")
     a = ap.parse_args(argv)
+    require_compiled("bench_cpu")
     if a.clock == "cpu":
         a.threads = 1
         BL.MEASURE = BL.measure_cpu_time

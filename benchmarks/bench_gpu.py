@@ -48,8 +48,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # torch's beta/invariant notices
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 14336), (14336, 4096)]  # (M out, K in)
 BATCHES = [1, 4, 16, 64, 256, 4096]

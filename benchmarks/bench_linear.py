@@ -31,6 +31,7 @@ import torch
 
 from sparsekit.bench import harness as H
 from sparsekit.formats import BSRMatrix, CSRMatrix
+from sparsekit.kernels import require_compiled
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SHAPES = [(768, 3072), (4096, 4096), (11008, 4096)]
@@ -247,6 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: single-threaded, per-thread CPU time (robust on a loaded machine)")
     a = ap.parse_args(argv)
+    require_compiled("bench_linear")
     global MEASURE
     if a.clock == "cpu":
         a.threads = 1

@@ -16,7 +16,7 @@ masked dense model. Writes ``benchmarks/results/model-<UTC date>.json``.
 
 Usage::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_model.py [--layers 12] [--dtype fp32|bf16]
+    .venv/bin/python benchmarks/bench_model.py [--layers 12] [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,12 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from sparsekit.bench import harness
+from sparsekit.kernels import require_compiled
+from sparsekit.nn import sparsify
 
-from sparsekit.bench import harness  # noqa: E402
-from sparsekit.nn import sparsify  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -135,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    require_compiled("bench_model")
     dtype = DTYPES[args.dtype]
 
     with harness.threads_for_all(args.threads) as nthreads:

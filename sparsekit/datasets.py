@@ -1,21 +1,41 @@
-"""Small datasets for examples, tests and benchmarks: MNIST from a file, or scikit-learn digits.
+"""Small datasets for examples, tests and benchmarks: MNIST, or scikit-learn digits offline.
 
-Users do not have MNIST on disk by default, so :func:`load_mnist` falls back to the 8x8 digits
-bundled with scikit-learn (no download) and says so in ``source``.
+:func:`load_mnist` reads a local copy (``path`` or ``$SPARSEKIT_MNIST``); with
+``download=True`` it otherwise fetches the four canonical IDX archives once into the user cache
+(``$XDG_CACHE_HOME/sparsekit/mnist``, default ``~/.cache/sparsekit/mnist``), each checked
+against its published SHA-256; when the download host cannot be reached it falls back to the
+8x8 digits bundled with scikit-learn and says so in ``source``.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import tempfile
+import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Digits", "load_mnist", "load_digits", "ENV_VAR"]
+__all__ = [
+    "Digits", "load_mnist", "load_digits", "download_mnist", "cache_dir", "ENV_VAR", "URL_ENV_VAR",
+    "MNIST_URL", "MNIST_SHA256",
+]
 
 ENV_VAR = "SPARSEKIT_MNIST"
+#: Overrides :data:`MNIST_URL` (a mirror, or a local server in tests).
+URL_ENV_VAR = "SPARSEKIT_MNIST_URL"
+#: The mirror of LeCun's original files that torchvision downloads from.
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+#: Published SHA-256 of the four archives (identical on every mirror of the original files).
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",  # noqa: E501
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",  # noqa: E501
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
 
 _IDX_FILES = {  # key -> accepted base names (the official ones and the common '.'-variant)
     "x_train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -133,7 +153,75 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Digits:
                   f"sklearn-digits (8x8, {len(tr)} train / {len(te)} test, split seed {seed})")
 
 
-def load_mnist(path: str | os.PathLike | None = None) -> Digits:
+def cache_dir() -> Path:
+    """sparsekit's user cache: ``$XDG_CACHE_HOME/sparsekit``, default ``~/.cache/sparsekit``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparsekit"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_mnist(dest: str | os.PathLike | None = None, *, base_url: str | None = None,
+                   checksums: dict[str, str] | None = None, timeout: float = 30.0) -> Path:
+    """Download the four MNIST IDX archives into ``dest`` once; return ``dest``.
+
+    Parameters
+    ----------
+    dest : str or PathLike, optional
+        Target directory; default ``cache_dir() / "mnist"``. Archives already there with the
+        right checksum are not downloaded again.
+    base_url : str, optional
+        Where the archives live; default ``$SPARSEKIT_MNIST_URL``, else :data:`MNIST_URL`.
+    checksums : dict, optional
+        File name -> expected SHA-256; default :data:`MNIST_SHA256`.
+    timeout : float
+        Seconds per connection attempt.
+
+    Raises
+    ------
+    OSError
+        The host cannot be reached or a file is missing there (``urllib.error.URLError``).
+    ValueError
+        A downloaded archive does not have the expected SHA-256; it is discarded.
+    """
+    dest = Path(dest) if dest is not None else cache_dir() / "mnist"
+    base_url = base_url or os.environ.get(URL_ENV_VAR) or MNIST_URL
+    if not base_url.endswith("/"):
+        base_url += "/"
+    checksums = MNIST_SHA256 if checksums is None else checksums
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, expected in checksums.items():
+        target = dest / name
+        if target.is_file() and _sha256(target) == expected:
+            continue
+        url = base_url + name
+        # Write to a temporary file in dest, verify, then rename: a partial or corrupt
+        # download never sits under the final name.
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    out.write(chunk)
+            got = _sha256(Path(tmp))
+            if got != expected:
+                raise ValueError(
+                    f"download_mnist: {url}: expected SHA-256 {expected}, got {got}; the file "
+                    "was discarded (a corrupt download or a mirror serving other data)"
+                )
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return dest
+
+
+def load_mnist(path: str | os.PathLike | None = None, *, download: bool = False) -> Digits:
     """Load MNIST as flattened float32 arrays in [0, 1], or fall back to scikit-learn digits.
 
     Parameters
@@ -142,8 +230,11 @@ def load_mnist(path: str | os.PathLike | None = None) -> Digits:
         An ``.npz`` file with ``x_train, y_train, x_test, y_test`` (uint8 0..255 or float [0, 1]
         images of shape (N, 28, 28) or (N, 784); integer labels 0..9), or a directory holding the
         four IDX files (``train-images-idx3-ubyte`` ..., gzipped or not).  Without ``path`` the
-        environment variable ``SPARSEKIT_MNIST`` is used if set; otherwise scikit-learn's
-        bundled 8x8 digits (64 features) are returned.
+        environment variable ``SPARSEKIT_MNIST`` is used if set.
+    download : bool
+        Without a local copy: if True, use the cached download (:func:`download_mnist`,
+        fetched on first use); if the host cannot be reached, or if False, return
+        scikit-learn's bundled 8x8 digits (64 features), saying so in ``source``.
 
     Returns
     -------
@@ -156,12 +247,24 @@ def load_mnist(path: str | os.PathLike | None = None) -> Digits:
     FileNotFoundError
         ``path`` (or ``SPARSEKIT_MNIST``) does not exist or lacks a file.
     ValueError
-        The contents have wrong keys, shapes, dtypes or label ranges (the message says which).
+        The contents have wrong keys, shapes, dtypes or label ranges (the message says which),
+        or a downloaded archive fails its checksum.
     """
     if path is None:
         env = os.environ.get(ENV_VAR)
         if not env:
-            return load_digits()
+            if not download:
+                return load_digits()
+            try:
+                d = download_mnist()
+            except OSError as e:  # includes urllib.error.URLError: host unreachable
+                digits = load_digits()
+                reason = getattr(e, "reason", e)
+                return digits._replace(
+                    source=f"{digits.source}; offline fallback: MNIST download failed ({reason})"
+                )
+            arrays = {k: _read_idx(_find_idx(d, k)) for k in _IDX_FILES}
+            return _validated(arrays, f"download_mnist() -> {d}", f"MNIST IDX files in {d}")
         path, arg = env, f"{ENV_VAR}={env}"
     else:
         arg = f"path={os.fspath(path)}"

@@ -376,7 +376,7 @@ def test_model_from_sparsekit_save_file(tmp_path, capsys):
     import torch
 
     import sparsekit
-    from sparsekit.bench.model import LeNet300100
+    from benchmarks.models import LeNet300100
     from sparsekit.nn import SparseLinear
 
     torch.manual_seed(3)

@@ -379,10 +379,15 @@ def test_tune_cache_avoids_remeasuring(tmp_path):
 
 
 def test_rotation_copies_arithmetic():
-    rc = sparsify_mod._rotation_copies
-    assert rc(0, 1000) == 1  # warm
-    assert rc(10_000, 1000) == 10
-    assert rc(10_001, 1000) == 11  # the working set must exceed the target
+    from sparsekit.timing import rotation_count
+
+    def rc(cold, per_round):
+        return rotation_count(per_round, factor=1.0, llc=cold,
+                              max_copies=sparsify_mod._MAX_ROTATION_COPIES)
+
+    assert rc(10_000, 1000) == 11  # the working set must strictly exceed the target
+    assert rc(10_001, 1000) == 11
+    assert rc(999, 1000) == 1
     assert rc(10**12, 1) == sparsify_mod._MAX_ROTATION_COPIES
 
 
@@ -405,9 +410,9 @@ def _spy_cold_bytes(monkeypatch):
     (1 << 12, False, False),   # forced
 ])
 def test_tuning_cache_temperature(monkeypatch, llc, cold, expect_cold):
-    import sparsekit.bench.harness as harness
+    import sparsekit.timing as timing
 
-    monkeypatch.setattr(harness, "llc_bytes", lambda *a, **k: llc)
+    monkeypatch.setattr(timing, "llc_bytes", lambda *a, **k: llc)
     seen = _spy_cold_bytes(monkeypatch)
     sparsify_mod.clear_tune_cache()
     torch.manual_seed(14)

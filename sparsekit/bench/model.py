@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsekit.bench import harness as h
@@ -54,62 +53,18 @@ BUILTIN_MODELS = ("mnist-mlp", "bert-base")
 DENSE_FORMULATIONS = ("F.linear", "torch.matmul", "onednn", "mkl_packed", "numpy")
 
 
-# --------------------------------------------------------------------------------------------
-# Built-in models
-# --------------------------------------------------------------------------------------------
-class LeNet300100(nn.Module):
-    """LeNet-300-100: 784 -> 300 -> 100 -> 10 with ReLU (the MNIST MLP of LeCun et al. 1998)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.fc3 = nn.Linear(100, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
-
-
-class BertLayer(nn.Module):
-    """One post-LayerNorm BERT encoder layer; all projections are ``nn.Linear``."""
-
-    def __init__(self, d: int = 768, heads: int = 12, ffn: int = 3072) -> None:
-        super().__init__()
-        self.heads = heads
-        self.query = nn.Linear(d, d)
-        self.key = nn.Linear(d, d)
-        self.value = nn.Linear(d, d)
-        self.attn_out = nn.Linear(d, d)
-        self.ln1 = nn.LayerNorm(d)
-        self.intermediate = nn.Linear(d, ffn)
-        self.output = nn.Linear(ffn, d)
-        self.ln2 = nn.LayerNorm(d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        hd = d // self.heads
-
-        def split(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, self.heads, hd).transpose(1, 2)
-
-        a = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)),
-                                           split(self.value(x)))
-        x = self.ln1(x + self.attn_out(a.transpose(1, 2).reshape(b, t, d)))
-        return self.ln2(x + self.output(F.gelu(self.intermediate(x))))
-
-
-class BertStack(nn.Module):
-    """``layers`` BERT-base encoder layers (no embeddings: the input is hidden states)."""
-
-    def __init__(self, layers: int = 4, d: int = 768, heads: int = 12, ffn: int = 3072) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(BertLayer(d, heads, ffn) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+def _zoo():
+    """The built-in models' module, ``benchmarks/models.py`` of the source tree (the model zoo
+    is benchmark material, not part of the library)."""
+    try:
+        import benchmarks.models as zoo
+    except ImportError as e:
+        raise ValueError(
+            f"--model: the built-in models ({', '.join(BUILTIN_MODELS)}) live in the repository's "
+            "benchmarks/models.py, which is importable from a development install "
+            f"(./tools/setup.sh); elsewhere pass pkg.mod:factory or hf:<name> ({e})"
+        ) from e
+    return zoo
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +124,7 @@ def load_model(name: str, *, bert_layers: int = 4, seq_len: int = 128,
             f"the file as --weights {name}"
         )
     if name == "mnist-mlp":
-        model: nn.Module = LeNet300100()
+        model: nn.Module = _zoo().LeNet300100()
         make = _mnist_input(data) if data else _shape_input(input_shape or (784,), lambda: 784)
         spec = ModelSpec(name, model, make, "LeNet-300-100 (784-300-100-10, ReLU)")
     elif name == "bert-base":
@@ -177,7 +132,7 @@ def load_model(name: str, *, bert_layers: int = 4, seq_len: int = 128,
             raise ValueError(f"--layers: expected an int >= 1, got {bert_layers!r}")
         if not (isinstance(seq_len, int) and seq_len >= 1):
             raise ValueError(f"--seq-len: expected an int >= 1, got {seq_len!r}")
-        model = BertStack(bert_layers)
+        model = _zoo().BertStack(bert_layers)
         spec = ModelSpec(
             name, model,
             _shape_input(input_shape or (seq_len, 768), lambda: 768),

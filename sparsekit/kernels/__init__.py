@@ -26,7 +26,12 @@ import torch
 
 __all__ = [
     "Backend", "backends", "backend_status", "get_backend", "select_backend", "BACKEND_NAMES",
+    "require_compiled", "BUILD_HINT",
 ]
+
+#: How to get the compiled kernels, quoted by every message about them missing.
+BUILD_HINT = ("build them with ./tools/setup.sh in a checkout (tools/build_inplace.sh after a "
+              "C++ change), or pip install sparsekit")
 
 #: registry name -> module implementing it, in ``auto`` priority order per device
 _MODULES = {
@@ -174,6 +179,21 @@ def get_backend(name: str) -> Backend:
     return obj
 
 
+def require_compiled(program: str) -> None:
+    """Stop ``program`` (a demo or benchmark) unless the compiled C++ kernels are usable.
+
+    Library calls fall back to slower kernels with a warning; a program whose point is to
+    show or measure the compiled kernels must not, so it exits with a message saying how to
+    build them.
+    """
+    ok, desc = backend_status()["cpp"]
+    if not ok:
+        raise SystemExit(
+            f"{program}: the compiled C++ kernels (sparsekit._C) are not available ({desc}); "
+            f"{BUILD_HINT}."
+        )
+
+
 def _warn_cpu_fallback(reason: str) -> None:
     global _warned_fallback
     if _warned_fallback:
@@ -184,8 +204,7 @@ def _warn_cpu_fallback(reason: str) -> None:
         _warned_fallback = True
     warnings.warn(
         "sparsekit: the compiled C++ kernels (sparsekit._C) are not available, falling back to "
-        f"slower kernels. Reason: {reason}. Build them with `pip install .` (or "
-        "`bash tools/build_inplace.sh` in a checkout).",
+        f"slower kernels. Reason: {reason}. To fix: {BUILD_HINT}.",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -11,8 +11,9 @@ inside a model whose ``nn.Linear`` weights together exceed that cache every laye
 weights from memory, which favours the sparse layer (fewer bytes) more than a warm measurement
 shows. So when the model's Linear weights exceed the CPU's last-level cache (``cold=None``,
 the default) or with ``cold=True``, each candidate is timed over rotating copies of its
-weights whose round-robin working set exceeds twice the last-level cache (see
-:func:`_rotation_copies`); small models are timed warm, as they run.
+weights whose round-robin working set exceeds twice the last-level cache
+(:func:`sparsekit.timing.rotation_count`); small models are timed warm, as they run. Timing is
+:func:`sparsekit.timing.measure_interleaved`, the method ``sparsekit bench`` uses too.
 
 Decisions are cached in-process and, optionally, in a JSON file (``cache=path`` or the
 ``SPARSEKIT_TUNE_CACHE`` environment variable), keyed on the layer shape, rounded sparsity
@@ -33,10 +34,8 @@ import json
 import math
 import os
 import platform
-import statistics
 import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsekit import ops
+from sparsekit import ops, timing
 from sparsekit.nn.linear import SparseLinear, block_fill
 
 __all__ = [
@@ -281,38 +280,6 @@ def _save_cache_file(path: Path, entries: dict[str, dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_times(
-    fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int = 3, min_reps: int = 9,
-    budget_s: float = 0.05, max_reps: int = 200,
-) -> dict[str, float]:
-    """Median seconds per call of each ``fns`` entry after ``warmup`` calls each.
-
-    The candidates are timed round-robin (one call of each per round) so that interference
-    from other processes or frequency changes hits all of them alike; rounds continue until
-    ``min_reps`` rounds are done and about ``budget_s`` has passed (at most ``max_reps``).
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    t_end = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < max_reps and (rounds < min_reps or time.perf_counter() < t_end):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[k].append(time.perf_counter() - t0)
-        rounds += 1
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def _candidates(
     mask: Tensor, formats: Sequence[str], blocksizes: Sequence[tuple[int, int]], max_fill: float
 ) -> list[tuple[str, tuple[int, int] | None]]:
@@ -329,19 +296,6 @@ def _candidates(
 
 #: cap on the rotating copies per candidate (bounds set-up time for tiny layers)
 _MAX_ROTATION_COPIES = 256
-
-
-def _rotation_copies(cold_bytes: int, bytes_per_round: int) -> int:
-    """Copies of every candidate so that cold timing really streams from memory.
-
-    Candidates are timed round-robin, one call each per round, each call on its next copy, so
-    between two uses of the same copy ``copies * bytes_per_round`` bytes are touched; that must
-    exceed ``cold_bytes`` (twice the last-level cache) for the copy to have been evicted.
-    ``cold_bytes <= 0`` means warm timing (one copy).
-    """
-    if cold_bytes <= 0 or bytes_per_round <= 0:
-        return 1
-    return max(1, min(_MAX_ROTATION_COPIES, math.ceil(cold_bytes / bytes_per_round)))
 
 
 def _cycle(items: list[Any]) -> Callable[[], Any]:
@@ -377,9 +331,11 @@ def _measure_layer(
         )
         sparse[_variant_name(fmt, bs)] = 0.0
     dense_bytes = w.numel() * w.element_size()
-    n_copies = _rotation_copies(
-        cold_bytes, 2 * dense_bytes + sum(_module_bytes(m) for m in mods.values())
-    )
+    # Candidates run round-robin, one call each per round on its next copy: between two uses
+    # of a copy, copies * bytes_per_round bytes are touched, which must exceed cold_bytes.
+    bytes_per_round = 2 * dense_bytes + sum(_module_bytes(m) for m in mods.values())
+    n_copies = 1 if cold_bytes <= 0 else timing.rotation_count(
+        bytes_per_round, factor=1.0, llc=cold_bytes, max_copies=_MAX_ROTATION_COPIES)
     # Copy 0 is the original; the others are independent buffers (deep copies), so rotating
     # through them makes every call fetch its weights from memory when cold_bytes > 0.
     next_w = _cycle([w] + [w.clone() for _ in range(n_copies - 1)])
@@ -391,20 +347,20 @@ def _measure_layer(
     with torch.inference_mode():
         for n in batch_sizes:
             x = torch.randn((n, lin.in_features), generator=gen).to(device=dev, dtype=w.dtype)
-            fns: dict[str, Callable[[], Any]] = {
-                "F.linear": lambda x=x: F.linear(x, next_w(), b)
+            fns: dict[str, Callable[[int], Any]] = {
+                "F.linear": lambda _i, x=x: F.linear(x, next_w(), b)
             }
             if b is None:
-                fns["matmul(W.T)"] = lambda x=x: torch.matmul(x, next_wt())
+                fns["matmul(W.T)"] = lambda _i, x=x: torch.matmul(x, next_wt())
             else:
-                fns["matmul(W.T)"] = lambda x=x: torch.addmm(b, x, next_wt())
+                fns["matmul(W.T)"] = lambda _i, x=x: torch.addmm(b, x, next_wt())
             for name in mods:
-                fns["sparse:" + name] = lambda nm=next_mod[name], x=x: nm()(x)
-            for k, t in _median_times(fns, dev).items():
+                fns["sparse:" + name] = lambda _i, nm=next_mod[name], x=x: nm()(x)
+            for k, st in timing.measure_interleaved(fns, sync=timing.sync_for(dev)).items():
                 if k.startswith("sparse:"):
-                    sparse[k[7:]] += t
+                    sparse[k[7:]] += st.median_s
                 else:
-                    dense[k] += t
+                    dense[k] += st.median_s
     return dense, sparse
 
 
@@ -454,9 +410,7 @@ def _iter_linears(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, nn.Li
 
 def _cold_bytes(model: nn.Module, cold: bool | None) -> int:
     """Bytes a cold measurement must stream between reuses (2x LLC), or 0 for warm timing."""
-    from sparsekit.bench.harness import llc_bytes  # sysfs read, no heavy imports
-
-    llc = llc_bytes()
+    llc = timing.llc_bytes()
     if cold is None:
         total = sum(
             lin.weight.numel() * lin.weight.element_size()

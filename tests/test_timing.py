@@ -1,0 +1,33 @@
+"""sparsekit.timing: the one measurement method of sparsify tuning and the benchmarks."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsekit import timing
+
+
+def test_measure_interleaved_round_robin_and_indices():
+    calls: list[tuple[str, int]] = []
+    fns = {k: (lambda i, k=k: calls.append((k, i))) for k in ("a", "b", "c")}
+    st = timing.measure_interleaved(fns, warmup=2, min_reps=5, min_time_s=0.0, max_reps=5)
+    assert set(st) == {"a", "b", "c"} and all(s.reps == 5 for s in st.values())
+    timed = calls[6:]  # 3 candidates x 2 warm-up calls first
+    assert [k for k, _ in timed] == ["a", "b", "c"] * 5  # one call of each per round
+    assert [i for k, i in timed if k == "b"] == [2, 3, 4, 5, 6]  # indices continue after warm-up
+    assert all(s.p10_s <= s.median_s <= s.p90_s for s in st.values())
+    with pytest.raises(ValueError, match="fns: expected at least one candidate"):
+        timing.measure_interleaved({})
+
+
+def test_rotation_count_bounds():
+    assert timing.rotation_count(1000, factor=2.0, llc=10_000) == 21
+    assert timing.rotation_count(1000, factor=2.0, llc=10_000, max_copies=8) == 8
+    assert timing.rotation_count(10**9, llc=10_000) == 1
+    with pytest.raises(ValueError, match="bytes_per_copy: expected a positive int, got 0"):
+        timing.rotation_count(0)
+
+
+def test_sync_for():
+    assert timing.sync_for("cpu") is None
+    assert callable(timing.sync_for("cuda"))
