@@ -243,7 +243,14 @@ def create_app(config: ServerConfig | None = None) -> Any:
     app.state.model = model
     app.state.metrics = metrics
 
+    configured = threading.local()
+
     def _run(x: np.ndarray) -> tuple[list[int], list[list[float]]]:
+        # torch.set_num_threads only sets the OpenMP team of the OS thread that calls it; this
+        # runs on anyio's worker threads, which otherwise use every core for dense layers.
+        if not getattr(configured, "done", False):
+            torch.set_num_threads(threads)
+            configured.done = True
         with torch.inference_mode():
             logits = model(torch.from_numpy(x))
         return logits.argmax(1).tolist(), logits.tolist()

@@ -318,7 +318,12 @@ class SparsekitReplica:
         self.sparse_layers = sum(type(m).__name__ == "SparseLinear" for m in model.modules())
 
         # One model call at a time per replica: the kernels already use `threads` cores.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsekit-model")
+        # torch.set_num_threads sets the OpenMP team size of the calling OS thread only; a new
+        # thread starts from OMP_NUM_THREADS / all cores (dense layers measured 4.6x slower on
+        # a busy 2-core machine), so the model thread sets the budget for itself too.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsekit-model",
+                                        initializer=torch.set_num_threads,
+                                        initargs=(self.threads,))
         self._kernel_threads_seen: int | None = None
         self.predict_batch.set_max_batch_size(self.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
