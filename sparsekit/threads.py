@@ -5,10 +5,21 @@ The thread count used by the C++ (OpenMP) and Numba backends is resolved per cal
 1. a thread-local override installed by the :func:`threads` context manager, else
 2. the process-wide value from :func:`set_num_threads`, else
 3. the ``SPARSEKIT_NUM_THREADS`` environment variable (read when first needed), else
-4. the number of CPUs this process may actually use: the size of the affinity mask
+4. the ``OMP_NUM_THREADS`` environment variable, the budget that process managers hand to
+   their workers (Ray sets it to each actor's / Serve replica's ``num_cpus``, 1 by default;
+   torchrun, Slurm and MPI launchers set it too), else
+5. the number of CPUs this process may actually use: the size of the affinity mask
    (``os.sched_getaffinity``), further capped by the cgroup CPU quota (cgroup v2 ``cpu.max``
    or v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``, rounded up). In a container limited to 2
    CPUs on a 64-core host this gives 2, so several worker processes don't oversubscribe.
+
+Invalid values: ``SPARSEKIT_NUM_THREADS`` is sparsekit's own setting, so a value that is not a
+positive integer raises ``ValueError`` on the first kernel call (a typo should not silently
+run with another count). ``OMP_NUM_THREADS`` is shared with every OpenMP program and is often
+set by other tools; a value sparsekit cannot use (not a positive integer) gives a
+``RuntimeWarning`` naming the value and is ignored (the affinity / cgroup count is used). An
+OpenMP nesting list such as ``"4,2"`` uses its first (outermost) entry, as OpenMP does. Both
+values are used as given, even above the number of usable CPUs (an explicit request wins).
 
 Semantics
 ---------
@@ -25,11 +36,16 @@ import contextlib
 import math
 import os
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 
-__all__ = ["set_num_threads", "get_num_threads", "threads", "default_num_threads"]
+__all__ = [
+    "set_num_threads", "get_num_threads", "threads", "default_num_threads",
+    "thread_budget_source",
+]
 
 _ENV = "SPARSEKIT_NUM_THREADS"
+_OMP_ENV = "OMP_NUM_THREADS"
 _lock = threading.Lock()
 _global: int | None = None  # set_num_threads value (process-wide)
 _default: int | None = None  # cached env/affinity/cgroup default
@@ -146,23 +162,82 @@ def affinity_cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_num_threads() -> int:
-    """The default thread count: ``SPARSEKIT_NUM_THREADS`` or min(affinity, cgroup quota).
+def parse_omp_num_threads(text: str) -> int | None:
+    """Parse an ``OMP_NUM_THREADS`` value: a positive int or an OpenMP nesting list "4,2,1".
+
+    Returns
+    -------
+    int or None
+        The outermost thread count, or None when ``text`` is empty or not usable (not a
+        positive integer list).
+    """
+    first = text.strip().split(",", 1)[0].strip()
+    if not first:
+        return None
+    try:
+        n = int(first)
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+def thread_budget_source(environ: Mapping[str, str] | None = None) -> str:
+    """Which rule decides :func:`default_num_threads`: "SPARSEKIT_NUM_THREADS",
+    "OMP_NUM_THREADS", "cgroup" or "affinity" (for logs and health endpoints)."""
+    env = os.environ if environ is None else environ
+    if env.get(_ENV, "").strip():
+        return _ENV
+    if parse_omp_num_threads(env.get(_OMP_ENV, "")) is not None:
+        return _OMP_ENV
+    lim = cgroup_cpu_limit()
+    if lim is not None and math.ceil(lim) < affinity_cpu_count():
+        return "cgroup"
+    return "affinity"
+
+
+def default_num_threads(environ: Mapping[str, str] | None = None) -> int:
+    """The default thread count, from the first rule that applies.
+
+    1. ``SPARSEKIT_NUM_THREADS`` (a positive integer),
+    2. ``OMP_NUM_THREADS`` (a positive integer, or an OpenMP list whose first entry is used),
+    3. min(affinity mask size, cgroup CPU quota rounded up).
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        Environment to read (default ``os.environ``).
 
     Raises
     ------
     ValueError
         If ``SPARSEKIT_NUM_THREADS`` is set but is not a positive integer.
+
+    Warns
+    -----
+    RuntimeWarning
+        If ``OMP_NUM_THREADS`` is set but unusable; it is then ignored.
     """
-    env = os.environ.get(_ENV, "").strip()
-    if env:
+    env = os.environ if environ is None else environ
+    raw = env.get(_ENV, "").strip()
+    if raw:
         try:
-            n = int(env)
+            n = int(raw)
         except ValueError:
             n = 0
         if n < 1:
-            raise ValueError(f"{_ENV}: expected a positive integer, got {env!r}")
+            raise ValueError(f"{_ENV}: expected a positive integer, got {raw!r}")
         return n
+    omp_raw = env.get(_OMP_ENV, "")
+    if omp_raw.strip():
+        omp = parse_omp_num_threads(omp_raw)
+        if omp is not None:
+            return omp
+        warnings.warn(
+            f"{_OMP_ENV}: expected a positive integer (or an OpenMP list like '4,2'), got "
+            f"{omp_raw!r}; ignoring it and using the affinity mask / cgroup CPU quota",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     n = affinity_cpu_count()
     lim = cgroup_cpu_limit()
     if lim is not None:

@@ -127,3 +127,24 @@ def test_warmup_compiles_numba_kernels(tmp_path):
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["before"] == 0  # import compiled nothing
     assert r["after"] > 0  # warm-up compiled the kernels the model uses
+
+
+def test_importing_sparsekit_serving_does_not_import_ray():
+    code = ("import sys, sparsekit, sparsekit.serving, sparsekit.serving.http; "
+            "sparsekit.warmup; print('ray' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "False"
+
+
+def test_serving_package_keeps_public_names():
+    from sparsekit import serving
+    from sparsekit.serving import WarmupReport, warmup
+    from sparsekit.serving.http import RequestError, parse_inputs
+
+    assert sparsekit.warmup is warmup and serving.WarmupReport is WarmupReport
+    x = parse_inputs(b'{"inputs": [[1, 2.5]]}', 2, 4)
+    assert x.dtype.name == "float32" and x.tolist() == [[1.0, 2.5]]
+    with pytest.raises(RequestError, match="row 0: expected 3 numbers, got 2"):
+        parse_inputs(b'{"inputs": [[1, 2.5]]}', 3, 4)

@@ -91,6 +91,7 @@ def test_cgroup_unlimited_or_missing(tmp_path):
 
 def test_default_respects_affinity_and_quota(monkeypatch):
     monkeypatch.delenv("SPARSEKIT_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(th, "affinity_cpu_count", lambda: 8)
     monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: 2.5)
     assert th.default_num_threads() == 3  # ceil(2.5), below the 8 allowed CPUs
@@ -101,6 +102,69 @@ def test_default_respects_affinity_and_quota(monkeypatch):
     monkeypatch.setattr(th, "affinity_cpu_count", lambda: 2)
     monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: 16.0)
     assert th.default_num_threads() == 2
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1", 1), ("3", 3), (" 4 ", 4), ("4,2", 4), ("8, 1", 8), ("", None), ("0", None),
+    ("-2", None), ("two", None), ("2.5", None), (",4", None),
+])
+def test_parse_omp_num_threads(text, expected):
+    assert th.parse_omp_num_threads(text) == expected
+
+
+def test_default_precedence(monkeypatch):
+    # SPARSEKIT_NUM_THREADS > OMP_NUM_THREADS > min(affinity, cgroup quota)
+    monkeypatch.setattr(th, "affinity_cpu_count", lambda: 8)
+    monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: 6.0)
+    assert th.default_num_threads({}) == 6
+    assert th.thread_budget_source({}) == "cgroup"
+    assert th.default_num_threads({"OMP_NUM_THREADS": "1"}) == 1
+    assert th.thread_budget_source({"OMP_NUM_THREADS": "1"}) == "OMP_NUM_THREADS"
+    assert th.default_num_threads({"OMP_NUM_THREADS": "3,1"}) == 3
+    both = {"OMP_NUM_THREADS": "1", "SPARSEKIT_NUM_THREADS": "5"}
+    assert th.default_num_threads(both) == 5
+    assert th.thread_budget_source(both) == "SPARSEKIT_NUM_THREADS"
+    # an explicit request above the usable CPUs is honoured as given
+    assert th.default_num_threads({"OMP_NUM_THREADS": "16"}) == 16
+    monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: None)
+    assert th.thread_budget_source({}) == "affinity"
+    assert th.default_num_threads({"OMP_NUM_THREADS": ""}) == 8
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "abc", "2.5"])
+def test_invalid_omp_num_threads_warns_and_is_ignored(monkeypatch, bad):
+    monkeypatch.setattr(th, "affinity_cpu_count", lambda: 4)
+    monkeypatch.setattr(th, "cgroup_cpu_limit", lambda: None)
+    with pytest.warns(RuntimeWarning, match=f"OMP_NUM_THREADS: expected a positive integer.*"
+                                            f"got '{bad}'; ignoring it"):
+        assert th.default_num_threads({"OMP_NUM_THREADS": bad}) == 4
+    # SPARSEKIT_NUM_THREADS decides first: no warning about OMP_NUM_THREADS then
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert th.default_num_threads({"OMP_NUM_THREADS": bad,
+                                       "SPARSEKIT_NUM_THREADS": "2"}) == 2
+
+
+def test_invalid_sparsekit_env_raises_even_with_omp(monkeypatch):
+    with pytest.raises(ValueError, match="SPARSEKIT_NUM_THREADS: expected a positive integer, "
+                                         "got '-3'"):
+        th.default_num_threads({"SPARSEKIT_NUM_THREADS": "-3", "OMP_NUM_THREADS": "2"})
+
+
+def test_omp_env_in_fresh_process():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("SPARSEKIT_NUM_THREADS", None)
+    code = ("import sparsekit, sparsekit.threads as t; "
+            "print(sparsekit.get_num_threads(), t.thread_budget_source())")
+    out = subprocess.run([sys.executable, "-c", code],
+                         env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["1", "OMP_NUM_THREADS"]
+    env["SPARSEKIT_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", code],
+                         env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["3", "SPARSEKIT_NUM_THREADS"]
 
 
 def test_affinity_count_matches_os():

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -135,93 +134,12 @@ class Metrics:
 
 
 # ------------------------------------------------------------------------------ validation
-class RequestError(Exception):
-    """A client error: HTTP ``status`` with a message for the ``detail`` field."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+# The request parser is shared with the Ray Serve deployment (sparsekit.serving.ray).
+from sparsekit.serving.http import RequestError, parse_inputs  # noqa: E402
 
 
 class BodyTooLarge(Exception):
     pass
-
-
-def _reject_constant(name: str) -> float:
-    raise RequestError(422, f"inputs: non-finite value {name} is not allowed")
-
-
-_BOOL_RE = re.compile(rb"\b(true|false|null)\b")
-
-
-def parse_inputs(body: bytes, n_features: int, max_batch: int) -> np.ndarray:
-    """Validate a /predict body and return a float32 ``(N, n_features)`` array.
-
-    Raises
-    ------
-    RequestError
-        With the HTTP status and a message naming what was wrong.
-    """
-    if not body:
-        raise RequestError(400, "body: empty; expected JSON {\"inputs\": [[...], ...]}")
-    try:
-        doc = json.loads(body, parse_constant=_reject_constant)
-    except RequestError:
-        raise
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"body: invalid JSON ({e})") from None
-    if not isinstance(doc, dict) or "inputs" not in doc:
-        raise RequestError(422, "body: expected a JSON object with key 'inputs', got "
-                                + (f"keys {sorted(doc)[:5]}" if isinstance(doc, dict)
-                                   else type(doc).__name__))
-    extra = sorted(set(doc) - {"inputs"})
-    if extra:
-        raise RequestError(422, f"body: unexpected keys {extra[:5]}; only 'inputs' is accepted")
-    rows = doc["inputs"]
-    if not isinstance(rows, list):
-        raise RequestError(422, f"inputs: expected a list of rows, got {type(rows).__name__}")
-    if len(rows) == 0:
-        raise RequestError(422, "inputs: empty batch; send at least one row")
-    if not isinstance(rows[0], list):
-        raise RequestError(422, "inputs: expected a 2-D list (a list of rows), got a list of "
-                                f"{type(rows[0]).__name__}")
-    if len(rows) > max_batch:
-        raise RequestError(413, f"inputs: batch of {len(rows)} rows exceeds the limit of "
-                                f"{max_batch}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, list):
-            raise RequestError(422, f"inputs: row {i}: expected a list of {n_features} numbers, "
-                                    f"got {type(row).__name__}")
-        if len(row) != n_features:
-            raise RequestError(422, f"inputs: row {i}: expected {n_features} numbers, "
-                                    f"got {len(row)}")
-    # JSON true/false/null would be coerced (or turn the array into dtype=object): find them.
-    if _BOOL_RE.search(body):
-        _find_bad_element(rows)
-    try:
-        arr = np.array(rows)
-    except (ValueError, TypeError) as e:  # pragma: no cover - shapes were checked above
-        raise RequestError(422, f"inputs: not a rectangular array of numbers ({e})") from None
-    if arr.dtype.kind not in "fiu":
-        _find_bad_element(rows)
-        raise RequestError(422, f"inputs: expected numbers, got array of {arr.dtype}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        x = arr.astype(np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        i, j = (int(v) for v in np.argwhere(bad)[0])
-        raise RequestError(422, f"inputs: row {i} column {j}: value {rows[i][j]!r} is not a "
-                                "finite float32")
-    return np.ascontiguousarray(x)
-
-
-def _find_bad_element(rows: list[list[Any]]) -> None:
-    for i, row in enumerate(rows):
-        for j, v in enumerate(row):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise RequestError(422, f"inputs: row {i} column {j}: expected a number, got "
-                                        f"{'null' if v is None else type(v).__name__}")
 
 
 # ------------------------------------------------------------------------------ ASGI pieces
@@ -325,7 +243,14 @@ def create_app(config: ServerConfig | None = None) -> Any:
     app.state.model = model
     app.state.metrics = metrics
 
+    configured = threading.local()
+
     def _run(x: np.ndarray) -> tuple[list[int], list[list[float]]]:
+        # torch.set_num_threads only sets the OpenMP team of the OS thread that calls it; this
+        # runs on anyio's worker threads, which otherwise use every core for dense layers.
+        if not getattr(configured, "done", False):
+            torch.set_num_threads(threads)
+            configured.done = True
         with torch.inference_mode():
             logits = model(torch.from_numpy(x))
         return logits.argmax(1).tolist(), logits.tolist()

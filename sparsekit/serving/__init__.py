@@ -9,8 +9,16 @@ not pay for one-off costs:
 * lazy per-shape decisions taken on the first forward call (backend choice, tuning caches),
 * first-touch page faults of the weight buffers and of the thread pools (OpenMP, torch).
 
-See the README section "Serving" for the concurrency guarantees and for how to size threads in a
-multi-worker server.
+Submodules
+----------
+:mod:`sparsekit.serving.http`
+    Request parsing/validation shared by the HTTP front ends (numpy only).
+:mod:`sparsekit.serving.ray`
+    A Ray Serve deployment and ``build_app`` (needs the optional extra ``sparsekit[ray]``;
+    imported only when asked for, so ``import sparsekit.serving`` never imports Ray).
+
+See ``docs/serving.md`` for the concurrency guarantees, how to size threads in a multi-worker
+server and how to scale out with Ray Serve.
 """
 
 from __future__ import annotations
