@@ -218,8 +218,8 @@ class Engine:
             check_granularity_fits(self.gran, tuple(weight_2d(mod).shape), name)
         if self.crit.needs_calibration:
             if calibration is None:
-                raise ValueError("calibration: criterion 'wanda' needs calibration data (an "
-                                 "iterable of input batches), got None")
+                raise ValueError(f"calibration: criterion {self.crit.name!r} needs calibration "
+                                 f"data (an iterable of input batches), got None")
         self.calibration = calibration
 
     def _restrict_to_dict(self, targets: dict[str, float], arg: str) -> dict[str, nn.Module]:
@@ -272,6 +272,10 @@ class Engine:
         else a dict of per-module fractions.  ``already`` maps names to masks of earlier pruning
         steps; those weights stay pruned.
         """
+        if self.crit.name == "sparsegpt":
+            raise ValueError("criterion: 'sparsegpt' chooses masks while reconstructing layers "
+                             "one-shot; use prune(..., criterion='sparsegpt') (then "
+                             "sparsekit.prune.distill to recover), or a static criterion here")
         norms = (collect_input_norms(self.model, self.modules, self.calibration)
                  if self.crit.needs_calibration else {})
         elems = {n: element_scores(self.crit, n, m, norms.get(n)) for n, m in self.modules.items()}

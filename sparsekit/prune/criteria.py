@@ -13,6 +13,9 @@ criterion  element score             group score (block / row granularity)
 callable   ``fn(weight, module)``    sum over the group
 =========  ========================  ====================================================
 
+``sparsegpt`` is not a static score: masks are chosen while the layer is reconstructed from
+calibration data, see :mod:`sparsekit.prune.sparsegpt`.
+
 For unstructured pruning ``l1``, ``l2`` and ``mean`` rank identically.  Wanda (Sun et al., 2023,
 "A Simple and Effective Pruning Approach for Large Language Models") scales each weight by the
 L2 norm of its input feature over calibration data, collected with forward pre-hooks.
@@ -29,9 +32,9 @@ from torch import nn
 
 __all__ = ["CRITERIA", "Criterion", "resolve_criterion", "element_scores", "collect_input_norms"]
 
-CRITERIA = ("l1", "l2", "mean", "wanda")
+CRITERIA = ("l1", "l2", "mean", "wanda", "sparsegpt")
 
-_REDUCE = {"l1": "sum", "l2": "sqrt_sum", "mean": "mean", "wanda": "sum"}
+_REDUCE = {"l1": "sum", "l2": "sqrt_sum", "mean": "mean", "wanda": "sum", "sparsegpt": "sum"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Criterion:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.name == "wanda"
+        return self.name in ("wanda", "sparsegpt")
 
 
 def resolve_criterion(criterion: object) -> Criterion:

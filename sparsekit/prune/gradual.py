@@ -110,6 +110,11 @@ class GradualPruner:
         self._engine = Engine(model, final_sparsity, criterion=criterion, granularity=granularity,
                               scope=scope, include=include, exclude=exclude, types=types,
                               calibration=calibration, sparsity_arg="final_sparsity")
+        if self._engine.crit.name == "sparsegpt":
+            raise ValueError("criterion: 'sparsegpt' is one-shot (masks are chosen while layers "
+                             "are reconstructed); for a gradual schedule use a static criterion "
+                             "with sparsekit.prune.distill, or prune(..., criterion='sparsegpt') "
+                             "followed by distill")
         self.schedule = schedule
         self.scope = scope
         self.optimizer = optimizer

@@ -17,7 +17,9 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
           granularity: str | tuple[int, int] = "unstructured", scope: str = "layer",
           include: Filter = None, exclude: Filter = None,
           types: type | tuple[type, ...] = (nn.Linear, nn.Conv2d),
-          calibration: Iterable[object] | None = None) -> PruneReport:
+          calibration: Iterable[object] | None = None, reconstruct: bool = False,
+          damp: float = 0.01, block_size: int = 128,
+          hessian_dtype: torch.dtype = torch.float64) -> PruneReport:
     """Prune ``model``'s weights in place, once, to an exact sparsity.
 
     Pruned weights are set to exactly ``+0.0``; no hook or parametrization is left behind, so the
@@ -33,10 +35,13 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
         (``scope='layer'``) or to all of them together (``scope='global'``).  A dict maps module
         names or glob patterns to per-module targets (only those modules are pruned; an exact name
         wins over patterns).  May be None only for N:M granularity, whose sparsity is fixed.
-    criterion : {"l1", "l2", "mean", "wanda"} or callable
-        Importance score, see :mod:`sparsekit.prune.criteria`.  For groups, ``l1`` is the sum of
-        ``|w|``, ``l2`` the L2 norm and ``mean`` the mean ``|w|``.  A callable
-        ``fn(weight, module) -> scores`` (weight's shape, higher = kept) is summed per group.
+    criterion : {"l1", "l2", "mean", "wanda", "sparsegpt"} or callable
+        Importance score, see :mod:`sparsekit.prune.criteria`.  ``"sparsegpt"`` prunes layer by
+        layer on ``calibration`` data, choosing each mask while the remaining weights are updated
+        to reconstruct the layer's output (:mod:`sparsekit.prune.sparsegpt`; ``scope='layer'``).
+        For groups, ``l1`` is the sum of ``|w|``, ``l2`` the L2 norm and ``mean`` the mean
+        ``|w|``.  A callable ``fn(weight, module) -> scores`` (weight's shape, higher = kept) is
+        summed per group.
     granularity : str or (int, int)
         ``"unstructured"``; a block ``(r, c)`` (whole r x c blocks of the 2-D weight view are
         zeroed so it maps onto BSR with that block size; edge blocks may be ragged); ``"N:M"``
@@ -54,8 +59,21 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
     types : type or tuple of types
         Module types to consider: ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (and subclasses).
     calibration : iterable, optional
-        Input batches for ``criterion='wanda'``: tensors, ``(inputs, targets)`` tuples (as a
-        ``DataLoader`` yields) or dicts of keyword inputs.  Run in eval mode under ``no_grad``.
+        Input batches for ``criterion='wanda'``, ``'sparsegpt'`` and ``reconstruct=True``:
+        tensors, ``(inputs, targets, ...)`` tuples (as a ``DataLoader`` yields; only the first
+        element is fed) or dicts of keyword inputs (``model(**batch)``, as Hugging Face models
+        take them).  Run in eval mode under ``no_grad``; for reconstruction the batches are
+        materialised in a list and run once per group of layers.
+    reconstruct : bool
+        After choosing the masks with ``criterion``, update the kept weights of every pruned
+        layer, sequentially in call order, to reconstruct its output on ``calibration`` (OBS
+        updates, the masks are kept exactly).  Implied by ``criterion='sparsegpt'``.
+    damp : float
+        Reconstruction: dampening added to the Hessian diagonal, as a fraction of its mean.
+    block_size : int
+        Reconstruction: columns per lazy-update block.
+    hessian_dtype : torch.float64 or torch.float32
+        Reconstruction: precision of the per-layer Hessian (``K x K``) and of the solver.
 
     Returns
     -------
@@ -80,12 +98,19 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
     >>> report = prune(model, granularity="2:4")                       # doctest: +SKIP
     >>> report = prune(model, {"fc1": 0.95, "fc2": 0.8}, granularity=(1, 4))  # doctest: +SKIP
     """
+    if not isinstance(reconstruct, bool):
+        raise ValueError(f"reconstruct: expected a bool, got {reconstruct!r}")
     engine = Engine(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
                     include=include, exclude=exclude, types=types, calibration=calibration)
     before = count_nonzero(engine.modules)
     targets = engine.targets_for(sparsity)
-    masks = engine.compute_masks(float(sparsity) if scope == "global" else targets)
-    apply_masks(engine.modules, masks)
     target = engine.gran.fixed_sparsity if sparsity is None else (
         dict(sparsity) if isinstance(sparsity, Mapping) else float(sparsity))
+    if engine.crit.name == "sparsegpt" or reconstruct:
+        from .sparsegpt import prune_with_reconstruction
+
+        return prune_with_reconstruction(engine, targets, target, before, damp=damp,
+                                         block_size=block_size, hessian_dtype=hessian_dtype)
+    masks = engine.compute_masks(float(sparsity) if scope == "global" else targets)
+    apply_masks(engine.modules, masks)
     return engine.report(masks, before, None if scope == "global" else targets, target)
