@@ -6,6 +6,8 @@ Importing this package registers the ``sparsekit::*`` torch.library custom ops
 """
 
 from sparsekit.nn import _ops  # noqa: F401  (registers torch.ops.sparsekit.*)
+from sparsekit.nn.attention import SparseMultiheadAttention
+from sparsekit.nn.conv import SparseConv2d
 from sparsekit.nn.linear import SparseLinear
 from sparsekit.nn.sparsify import (
     LayerReport,
@@ -18,6 +20,8 @@ from sparsekit.nn.sparsify import (
 
 __all__ = [
     "SparseLinear",
+    "SparseConv2d",
+    "SparseMultiheadAttention",
     "sparsify",
     "densify",
     "SparsifyReport",
