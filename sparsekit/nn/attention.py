@@ -94,6 +94,39 @@ class SparseMultiheadAttention(nn.Module):
                   batch_first=mha.batch_first)
         return new.train(mha.training)
 
+    @classmethod
+    def empty_like(cls, mha: nn.MultiheadAttention) -> SparseMultiheadAttention:
+        """A dense-projection SparseMultiheadAttention with ``mha``'s geometry and weights
+        (a ``load_state_dict`` target: sparse projections are installed by the loader)."""
+        return cls.from_module(mha, None, None)
+
+    def to_module(self) -> nn.MultiheadAttention:
+        """The equivalent ``nn.MultiheadAttention`` with the exact dense weights."""
+        def dense(p: nn.Module) -> nn.Linear:
+            return p.to_linear() if isinstance(p, SparseLinear) else p
+
+        q, k, v, o = (dense(p) for p in (self.q_proj, self.k_proj, self.v_proj, self.out_proj))
+        w = torch.cat([q.weight.detach(), k.weight.detach(), v.weight.detach()])
+        has_bias = q.bias is not None
+        mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+                                    bias=has_bias, add_bias_kv=self.bias_k is not None,
+                                    add_zero_attn=self.add_zero_attn,
+                                    batch_first=self.batch_first, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(w)
+            mha.out_proj.weight.copy_(o.weight.detach())
+            if has_bias:
+                mha.in_proj_bias.copy_(torch.cat([q.bias, k.bias, v.bias]).detach())
+                mha.out_proj.bias.copy_(o.bias.detach())
+            if self.bias_k is not None:
+                mha.bias_k.copy_(self.bias_k)
+                mha.bias_v.copy_(self.bias_v)
+        return mha.train(self.training)
+
+    def geometry(self) -> dict[str, int]:
+        """JSON-able shape parameters (written by :func:`sparsekit.save`)."""
+        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads}
+
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"batch_first={self.batch_first}, dropout={self.dropout}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +34,7 @@ class SparseConv2d(nn.Module):
     def __init__(self, linear: nn.Module, in_channels: int, out_channels: int,
                  kernel_size: tuple[int, int], stride: tuple[int, int] = (1, 1),
                  padding: tuple[int, int, int, int] = (0, 0, 0, 0),
-                 dilation: tuple[int, int] = (1, 1)) -> None:
+                 dilation: tuple[int, int] = (1, 1), conv_padding: Any = None) -> None:
         super().__init__()
         kh, kw = kernel_size
         if (linear.out_features, linear.in_features) != (out_channels, kh * kw * in_channels):
@@ -43,6 +45,8 @@ class SparseConv2d(nn.Module):
         self.kernel_size, self.stride, self.dilation = (kh, kw), tuple(stride), tuple(dilation)
         #: (top, bottom, left, right) zero padding
         self.padding = tuple(padding)
+        #: the ``padding`` argument of the source ``nn.Conv2d`` (for :meth:`to_conv`)
+        self.conv_padding = ((padding[0], padding[2]) if conv_padding is None else conv_padding)
 
     @staticmethod
     def padding_of(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -83,7 +87,39 @@ class SparseConv2d(nn.Module):
         sl = SparseLinear.from_dense(lin, format=format, blocksize=blocksize,
                                      value_dtype=value_dtype, backend=backend)
         return cls(sl, cin, cout, (kh, kw), _pair(conv.stride), cls.padding_of(conv),
-                   _pair(conv.dilation)).train(conv.training)
+                   _pair(conv.dilation), conv.padding).train(conv.training)
+
+    @classmethod
+    def empty_like(cls, conv: nn.Conv2d, *, value_dtype: torch.dtype | None = None,
+                   backend: str = "auto") -> SparseConv2d:
+        """An all-zero SparseConv2d with ``conv``'s geometry (a ``load_state_dict`` target)."""
+        cout, cin, kh, kw = conv.weight.shape
+        lin = SparseLinear.empty(kh * kw * cin, cout, bias=conv.bias is not None,
+                                 value_dtype=value_dtype or conv.weight.dtype,
+                                 device=conv.weight.device, backend=backend)
+        return cls(lin, cin, cout, (kh, kw), _pair(conv.stride), cls.padding_of(conv),
+                   _pair(conv.dilation), conv.padding).train(conv.training)
+
+    def to_conv(self) -> nn.Conv2d:
+        """The equivalent dense ``nn.Conv2d`` (exact weights; dtype as SparseLinear.to_linear)."""
+        lin = self.linear.to_linear() if isinstance(self.linear, SparseLinear) else self.linear
+        w = lin.weight.detach()
+        kh, kw = self.kernel_size
+        conv = nn.Conv2d(self.in_channels, self.out_channels, (kh, kw), self.stride,
+                         self.conv_padding, self.dilation, bias=lin.bias is not None,
+                         device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w.reshape(self.out_channels, kh, kw, self.in_channels)
+                              .permute(0, 3, 1, 2))
+            if lin.bias is not None:
+                conv.bias.copy_(lin.bias.detach())
+        return conv.train(self.training)
+
+    def geometry(self) -> dict[str, Any]:
+        """JSON-able shape parameters (written by :func:`sparsekit.save`)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation)}
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

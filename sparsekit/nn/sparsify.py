@@ -167,6 +167,12 @@ class SparsifyReport:
     def replaced(self) -> list[str]:
         return [lr.name for lr in self.layers if lr.choice != "dense"]
 
+    def __getitem__(self, name: str) -> LayerReport:
+        for lr in self.layers:
+            if lr.name == name:
+                return lr
+        raise KeyError(name)
+
     def by_status(self, status: str) -> list[LayerReport]:
         """Rows with ``status`` ``"converted"``, ``"dense"`` or ``"unsupported"``."""
         return [lr for lr in self.layers if lr.status == status]
@@ -889,22 +895,40 @@ def _pick(cands: list[tuple[str, tuple[int, int] | None]], dense_t: dict[str, fl
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every SparseLinear in ``model`` (in place) by an nn.Linear with the exact dense
-    weight and the same bias (see :meth:`SparseLinear.to_linear` for the dtype); returns
-    ``model``.
+    """Undo :func:`sparsify` in place: every SparseLinear becomes an nn.Linear with the exact
+    dense weight and the same bias (see :meth:`SparseLinear.to_linear` for the dtype), every
+    SparseConv2d an nn.Conv2d and every SparseMultiheadAttention an nn.MultiheadAttention;
+    returns ``model``. (A ``transformers`` ``Conv1D`` converted by sparsify comes back as the
+    equivalent nn.Linear.)
 
-    If ``model`` itself is a SparseLinear, the replacement nn.Linear is returned instead.
+    If ``model`` itself is one of these modules, its dense replacement is returned instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, SparseLinear):
-        return model.to_linear()
-    for _name, mod in list(model.named_modules()):
+
+    def dense(mod: nn.Module) -> nn.Module | None:
+        if isinstance(mod, SparseLinear):
+            out: nn.Module = mod.to_linear()
+        elif isinstance(mod, SparseConv2d):
+            out = mod.to_conv()
+        elif isinstance(mod, SparseMultiheadAttention):
+            out = mod.to_module()
+        else:
+            return None
+        return out.train(mod.training)
+
+    top = dense(model)
+    if top is not None:
+        return top
+    for name, _mod in list(model.named_modules()):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:  # inside a module already replaced
+            continue
         for cname, child in list(mod.named_children()):
-            if isinstance(child, SparseLinear):
-                lin = child.to_linear()
-                lin.train(child.training)
-                setattr(mod, cname, lin)
+            new = dense(child)
+            if new is not None:
+                setattr(mod, cname, new)
     return model
 
 
