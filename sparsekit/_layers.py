@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 __all__ = ["layer_kind", "is_hf_conv1d", "prunable_weight", "weight_2d", "to_param_shape",
-           "from_param_shape", "Selector", "FilterItem", "Filter", "unsupported_reason"]
+           "from_param_shape", "conv2d_extra_padding", "Selector", "FilterItem", "Filter",
+           "unsupported_reason"]
 
 FilterItem = str | type | Callable[[str, nn.Module], bool]
 Filter = FilterItem | Iterable[FilterItem] | None
@@ -63,6 +64,27 @@ def layer_kind(mod: nn.Module) -> str | None:
     return None
 
 
+def conv2d_extra_padding(mod: nn.Module) -> tuple[int, int, int, int] | None:
+    """Zero padding ``(top, bottom, left, right)`` a Conv2d applies before its convolution.
+
+    ``(0, 0, 0, 0)`` for a plain ``nn.Conv2d`` (its own ``padding`` is separate). Subclasses that
+    pad with a fixed ``static_padding`` module (``nn.ZeroPad2d`` or ``nn.Identity``; TensorFlow
+    "SAME" padding as in EfficientNet ports) return that padding. None for any other subclass
+    that overrides ``forward``: its computation is unknown, so it is not converted.
+    """
+    if not isinstance(mod, nn.Conv2d):
+        return None
+    if type(mod).forward is nn.Conv2d.forward:
+        return (0, 0, 0, 0)
+    pad = getattr(mod, "static_padding", None)
+    if isinstance(pad, nn.Identity):
+        return (0, 0, 0, 0)
+    if isinstance(pad, nn.ZeroPad2d):
+        left, right, top, bottom = pad.padding
+        return (top, bottom, left, right)
+    return None
+
+
 def unsupported_reason(mod: nn.Module) -> str:
     """Why ``mod`` (a module with parameters of its own) is left as it is by ``sparsify``."""
     if isinstance(mod, nn.MultiheadAttention) and not isinstance(mod.in_proj_weight,
@@ -78,6 +100,9 @@ def unsupported_reason(mod: nn.Module) -> str:
             return f"groups={mod.groups} ({kind} convolution) stays dense"
         if mod.padding_mode != "zeros":
             return f"padding_mode={mod.padding_mode!r} is not supported (only 'zeros')"
+        if conv2d_extra_padding(mod) is None:
+            return (f"{type(mod).__name__} overrides nn.Conv2d.forward (only plain Conv2d and "
+                    f"a fixed static_padding are understood)")
         return f"{type(mod).__name__} subclass is not supported"
     if isinstance(mod, nn.Embedding):
         return "embedding lookup: no matrix product to make sparse"

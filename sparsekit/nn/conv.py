@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsekit._layers import conv2d_extra_padding
 from sparsekit.nn.linear import SparseLinear
 
 __all__ = ["SparseConv2d"]
@@ -15,6 +16,14 @@ __all__ = ["SparseConv2d"]
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _conv_padding_arg(conv: nn.Conv2d) -> Any:
+    """``padding`` for an equivalent plain nn.Conv2d, or None when only explicit
+    (possibly asymmetric) padding expresses it."""
+    if conv2d_extra_padding(conv) == (0, 0, 0, 0):
+        return conv.padding
+    return None
 
 
 class SparseConv2d(nn.Module):
@@ -45,23 +54,32 @@ class SparseConv2d(nn.Module):
         self.kernel_size, self.stride, self.dilation = (kh, kw), tuple(stride), tuple(dilation)
         #: (top, bottom, left, right) zero padding
         self.padding = tuple(padding)
-        #: the ``padding`` argument of the source ``nn.Conv2d`` (for :meth:`to_conv`)
-        self.conv_padding = ((padding[0], padding[2]) if conv_padding is None else conv_padding)
+        #: the ``padding`` argument of an equivalent ``nn.Conv2d`` (for :meth:`to_conv`), None
+        #: when the padding is asymmetric and needs an explicit pad
+        if conv_padding is None and padding[0] == padding[1] and padding[2] == padding[3]:
+            conv_padding = (padding[0], padding[2])
+        self.conv_padding = conv_padding
 
     @staticmethod
     def padding_of(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-        """``(top, bottom, left, right)`` zero padding of ``conv`` (strings resolved)."""
+        """``(top, bottom, left, right)`` zero padding of ``conv`` (strings resolved, a fixed
+        ``static_padding`` of a TensorFlow-"SAME" subclass added)."""
+        extra = conv2d_extra_padding(conv)
+        if extra is None:
+            raise ValueError(f"conv: {type(conv).__name__} overrides nn.Conv2d.forward; only "
+                             f"plain Conv2d and a fixed static_padding are understood")
         kh, kw = conv.kernel_size
         if isinstance(conv.padding, str):
-            if conv.padding == "valid":
-                return (0, 0, 0, 0)
-            out = []
-            for d, k in zip(conv.dilation, (kh, kw)):
-                total = d * (k - 1)
-                out += [total // 2, total - total // 2]
-            return tuple(out)
-        ph, pw = _pair(conv.padding)
-        return (ph, ph, pw, pw)
+            own = [0, 0, 0, 0]
+            if conv.padding == "same":
+                own = []
+                for d, k in zip(conv.dilation, (kh, kw)):
+                    total = d * (k - 1)
+                    own += [total // 2, total - total // 2]
+        else:
+            ph, pw = _pair(conv.padding)
+            own = [ph, ph, pw, pw]
+        return tuple(a + b for a, b in zip(own, extra))
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d, format: str = "csr",
@@ -87,7 +105,7 @@ class SparseConv2d(nn.Module):
         sl = SparseLinear.from_dense(lin, format=format, blocksize=blocksize,
                                      value_dtype=value_dtype, backend=backend)
         return cls(sl, cin, cout, (kh, kw), _pair(conv.stride), cls.padding_of(conv),
-                   _pair(conv.dilation), conv.padding).train(conv.training)
+                   _pair(conv.dilation), _conv_padding_arg(conv)).train(conv.training)
 
     @classmethod
     def empty_like(cls, conv: nn.Conv2d, *, value_dtype: torch.dtype | None = None,
@@ -98,21 +116,26 @@ class SparseConv2d(nn.Module):
                                  value_dtype=value_dtype or conv.weight.dtype,
                                  device=conv.weight.device, backend=backend)
         return cls(lin, cin, cout, (kh, kw), _pair(conv.stride), cls.padding_of(conv),
-                   _pair(conv.dilation), conv.padding).train(conv.training)
+                   _pair(conv.dilation), _conv_padding_arg(conv)).train(conv.training)
 
-    def to_conv(self) -> nn.Conv2d:
-        """The equivalent dense ``nn.Conv2d`` (exact weights; dtype as SparseLinear.to_linear)."""
+    def to_conv(self) -> nn.Module:
+        """The equivalent dense ``nn.Conv2d`` (exact weights; dtype as SparseLinear.to_linear);
+        preceded by an ``nn.ZeroPad2d`` in an ``nn.Sequential`` when the padding is
+        asymmetric."""
         lin = self.linear.to_linear() if isinstance(self.linear, SparseLinear) else self.linear
         w = lin.weight.detach()
         kh, kw = self.kernel_size
         conv = nn.Conv2d(self.in_channels, self.out_channels, (kh, kw), self.stride,
-                         self.conv_padding, self.dilation, bias=lin.bias is not None,
-                         device=w.device, dtype=w.dtype)
+                         0 if self.conv_padding is None else self.conv_padding, self.dilation,
+                         bias=lin.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             conv.weight.copy_(w.reshape(self.out_channels, kh, kw, self.in_channels)
                               .permute(0, 3, 1, 2))
             if lin.bias is not None:
                 conv.bias.copy_(lin.bias.detach())
+        if self.conv_padding is None:
+            t, b, left, right = self.padding
+            return nn.Sequential(nn.ZeroPad2d((left, right, t, b)), conv).train(self.training)
         return conv.train(self.training)
 
     def geometry(self) -> dict[str, Any]:

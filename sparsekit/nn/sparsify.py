@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from sparsekit._layers import (
     Filter,
     Selector,
+    conv2d_extra_padding,
     layer_kind,
     prunable_weight,
     unsupported_reason,
@@ -815,7 +816,8 @@ def sparsify(
         if kind == "linear" and type(mod).forward is not nn.Linear.forward:
             kind = None
         if kind == "conv" and not (isinstance(mod, nn.Conv2d) and mod.groups == 1
-                                   and mod.padding_mode == "zeros"):
+                                   and mod.padding_mode == "zeros"
+                                   and conv2d_extra_padding(mod) is not None):
             kind = None
         if kind is None or not name:
             why = unsupported_reason(mod) if name else "the model's root module holds parameters"
