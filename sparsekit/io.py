@@ -21,6 +21,10 @@ A sparsified model's file is therefore about as large as its compressed weights.
     "format": "pt"
     "sparsekit.file_version": "1"
     "sparsekit.library_version": "<sparsekit __version__>"
+    "sparsekit.wrappers": JSON list (optional), one object per module that holds SparseLinear
+        children in place of a dense layer: {"name", "type": "SparseConv2d" |
+        "SparseMultiheadAttention", "geometry": {...}}; on load into a dense model the
+        nn.Conv2d / nn.MultiheadAttention at "name" is first replaced by that wrapper.
     "sparsekit.modules": JSON list, one object per SparseLinear:
         {"name", "format": "csr"|"bsr", "shape": [M, K], "blocksize": [r, c] | null,
          "value_dtype": "float32"|"bfloat16"|"float16", "index_dtype": "uint16"|"int32",
@@ -161,6 +165,12 @@ def save(
     except Exception:
         libv = "unknown"
 
+    from sparsekit.nn.attention import SparseMultiheadAttention
+    from sparsekit.nn.conv import SparseConv2d
+
+    wrappers = [{"name": name, "type": type(mod).__name__, "geometry": mod.geometry()}
+                for name, mod in model.named_modules()
+                if isinstance(mod, (SparseConv2d, SparseMultiheadAttention))]
     modules = []
     for name, mod in model.named_modules():
         if isinstance(mod, SparseLinear):
@@ -199,6 +209,9 @@ def save(
         "sparsekit.library_version": str(libv),
         "sparsekit.modules": json.dumps(modules, separators=(",", ":")),
     }
+    if wrappers:
+        header["__metadata__"]["sparsekit.wrappers"] = json.dumps(wrappers,
+                                                                  separators=(",", ":"))
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hjson += b" " * (-len(hjson) % 8)  # 8-byte alignment of the data, as safetensors does
     path = os.fspath(path)
@@ -503,6 +516,7 @@ def load(
     SparsekitFileError
         Malformed, truncated or tampered file, or a file that does not fit ``model``.
     """
+    from sparsekit._layers import is_hf_conv1d
     from sparsekit.nn.linear import SparseLinear
 
     if model is not None and not isinstance(model, nn.Module):
@@ -520,6 +534,7 @@ def load(
         rest = {k: v for k, v in tensors.items() if k not in used}
         return LoadedFile(sparse, rest, dict(meta))
 
+    _install_wrappers(model, _parse_wrappers(meta))
     for name, new in sparse.items():
         if name == "":
             raise SparsekitFileError("module '': a bare SparseLinear file needs model=None")
@@ -527,15 +542,19 @@ def load(
             old = model.get_submodule(name)
         except AttributeError as e:
             raise SparsekitFileError(f"module {name!r}: not found in model") from e
-        if not isinstance(old, (nn.Linear, SparseLinear)):
+        if is_hf_conv1d(old):  # transformers Conv1D: weight (in, out)
+            old_shape = (old.weight.shape[1], old.weight.shape[0])
+        elif isinstance(old, (nn.Linear, SparseLinear)):
+            old_shape = (old.out_features, old.in_features)
+        else:
             raise SparsekitFileError(
-                f"module {name!r}: expected nn.Linear or SparseLinear in model, got "
-                f"{type(old).__name__}"
+                f"module {name!r}: expected nn.Linear, transformers Conv1D or SparseLinear in "
+                f"model, got {type(old).__name__}"
             )
-        if (old.out_features, old.in_features) != (new.out_features, new.in_features):
+        if old_shape != (new.out_features, new.in_features):
             raise SparsekitFileError(
                 f"module {name!r}: shape (out, in) in file {(new.out_features, new.in_features)}"
-                f" does not match the model's {(old.out_features, old.in_features)}"
+                f" does not match the model's {old_shape}"
             )
         ref = old.weight_values if isinstance(old, SparseLinear) else old.weight
         new = new.to(ref.device)
@@ -561,6 +580,60 @@ def load(
             f"{'...' if len(unexpected) > 10 else ''}"
         )
     return model
+
+
+def _parse_wrappers(meta: dict[str, str]) -> list[dict[str, Any]]:
+    raw = meta.get("sparsekit.wrappers")
+    if raw is None:
+        return []
+    try:
+        items = json.loads(raw, object_pairs_hook=_no_dup_pairs)
+    except SparsekitFileError:
+        raise
+    except ValueError as e:
+        raise SparsekitFileError(f"__metadata__: sparsekit.wrappers: invalid JSON ({e})") from e
+    if not isinstance(items, list):
+        raise SparsekitFileError("__metadata__: sparsekit.wrappers: expected a JSON list")
+    for i, w in enumerate(items):
+        where = f"sparsekit.wrappers[{i}]"
+        if not (isinstance(w, dict) and isinstance(w.get("name"), str) and w["name"]
+                and w.get("type") in ("SparseConv2d", "SparseMultiheadAttention")
+                and isinstance(w.get("geometry"), dict)):
+            raise SparsekitFileError(f"{where}: expected {{'name': non-empty str, 'type': "
+                                     f"'SparseConv2d' | 'SparseMultiheadAttention', 'geometry': "
+                                     f"{{...}}}}, got {w!r}")
+    return items
+
+
+def _install_wrappers(model: nn.Module, wrappers: list[dict[str, Any]]) -> None:
+    """Replace dense Conv2d / MultiheadAttention modules by the wrappers the file expects."""
+    from sparsekit.nn.attention import SparseMultiheadAttention
+    from sparsekit.nn.conv import SparseConv2d
+
+    for w in wrappers:
+        name, typ = w["name"], w["type"]
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise SparsekitFileError(f"module {name!r}: not found in model") from e
+        cls, dense_cls = ((SparseConv2d, nn.Conv2d) if typ == "SparseConv2d"
+                          else (SparseMultiheadAttention, nn.MultiheadAttention))
+        if isinstance(old, cls):
+            new = old
+        elif isinstance(old, dense_cls):
+            try:
+                new = cls.empty_like(old)
+            except (ValueError, TypeError) as e:
+                raise SparsekitFileError(f"module {name!r}: cannot hold the file's {typ}: {e}"
+                                         ) from e
+        else:
+            raise SparsekitFileError(f"module {name!r}: expected {dense_cls.__name__} or {typ} "
+                                     f"in model, got {type(old).__name__}")
+        if new.geometry() != w["geometry"]:
+            raise SparsekitFileError(f"module {name!r}: geometry in file {w['geometry']} does "
+                                     f"not match the model's {new.geometry()}")
+        if new is not old:
+            _set_submodule(model, name, new)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -277,7 +277,9 @@ def test_sparsify_model_matches_masked_dense(dtype, kind):
     dense = copy.deepcopy(model)
     ref = linear_reference(dense, x.to(dtype))
     rep = sparsify(model, tune=False)
-    assert len(rep.replaced) == len(rep.layers) > 0
+    supported = [lr for lr in rep.layers if lr.status != "unsupported"]
+    assert len(rep.replaced) == len(supported) > 0
+    assert all(lr.module_type == "LayerNorm" for lr in rep.by_status("unsupported"))
     formats = {m.format for m in model.modules() if isinstance(m, SparseLinear)}
     assert formats == ({"bsr"} if kind == "block" else {"csr"})
     with torch.no_grad():
@@ -307,7 +309,7 @@ def test_sparsify_eligibility_and_report():
     assert [lr["choice"] for lr in d["layers"]] == ["csr", "dense", "dense"]
     assert "min_sparsity" in d["layers"][1]["reason"] and d["layers"][2]["reason"] == "filtered out"
     s = str(rep)
-    assert "1/3 Linear layers replaced" in s and "filtered out" in s
+    assert "1/3 supported layers replaced" in s and "filtered out" in s
     with pytest.raises(ValueError, match="min_sparsity"):
         sparsify(model, min_sparsity=1.5)
     with pytest.raises(ValueError, match="formats"):

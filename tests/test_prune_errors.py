@@ -39,7 +39,7 @@ def _model() -> nn.Sequential:
     (dict(sparsity=0.5, include="fc*"), ValueError,
      r"include: filter 'fc\*' matches no module.*module names: 0, 1, 2"),
     (dict(sparsity=0.5, exclude="head"), ValueError, r"exclude: filter 'head' matches no module"),
-    (dict(sparsity=0.5, include=[3]), ValueError, r"include: expected name glob patterns"),
+    (dict(sparsity=0.5, include=[3]), ValueError, r"include: expected module name glob patterns"),
     (dict(sparsity=0.5, types=nn.ReLU), ValueError, r"types: unsupported module type"),
     (dict(sparsity=0.5, types=nn.Conv2d), ValueError, r"no module to prune"),
     (dict(sparsity=0.5, criterion="wanda"), ValueError, r"calibration: .*wanda.*got None"),

@@ -4,6 +4,8 @@ SparseLinear runs through the ``sparsekit::*`` torch.library custom ops of :mod:
 (registered at ``import sparsekit``) under eager, ``torch.compile`` and ``torch.export``.
 """
 
+from sparsekit.nn.attention import SparseMultiheadAttention
+from sparsekit.nn.conv import SparseConv2d
 from sparsekit.nn.linear import SparseLinear
 from sparsekit.nn.sparsify import (
     LayerReport,
@@ -16,6 +18,8 @@ from sparsekit.nn.sparsify import (
 
 __all__ = [
     "SparseLinear",
+    "SparseConv2d",
+    "SparseMultiheadAttention",
     "sparsify",
     "densify",
     "SparsifyReport",

@@ -1,4 +1,7 @@
-"""sparsify(model) / densify(model): swap pruned nn.Linear layers for SparseLinear in place.
+"""sparsify(model) / densify(model): swap pruned layers for sparse modules in place.
+
+Covered: ``nn.Linear``, ``transformers``' ``Conv1D``, ``nn.MultiheadAttention`` and groups=1
+``nn.Conv2d`` (see :func:`sparsify`).
 
 Tuning (``tune=True``) measures, per layer and on this machine, the dense layer (``F.linear``
 and ``x @ W.T`` with a pre-transposed contiguous weight) against every candidate sparse
@@ -46,6 +49,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsekit import ops, timing
+from sparsekit._layers import (
+    Filter,
+    Selector,
+    conv2d_extra_padding,
+    layer_kind,
+    prunable_weight,
+    unsupported_reason,
+    weight_2d,
+)
+from sparsekit.nn.attention import SparseMultiheadAttention
+from sparsekit.nn.conv import SparseConv2d
 from sparsekit.nn.linear import SparseLinear, block_fill
 
 __all__ = [
@@ -88,14 +102,17 @@ def measurement_count() -> int:
 
 @dataclasses.dataclass
 class LayerReport:
-    """Decision for one nn.Linear.
+    """Decision for one parametrised module (or one projection of an attention module).
 
-    Times are medians in seconds, summed over the requested batch sizes (None: not measured).
-    ``speedup`` = best dense time / chosen time (1.0 when dense is kept).
+    ``status`` is ``"converted"`` (now sparse), ``"dense"`` (supported, kept dense: measured
+    slower, below ``min_sparsity``, excluded / filtered out) or ``"unsupported"`` (no sparse
+    path for this module; ``reason`` says why). ``shape`` is the ``(out, K)`` matrix shape
+    (empty for unsupported modules). Times are medians in seconds, summed over the requested
+    batch sizes (None: not measured). ``speedup`` = best dense time / chosen time.
     """
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     density: float
     choice: str  # "dense" | "csr" | "bsr"
     blocksize: tuple[int, int] | None
@@ -103,6 +120,12 @@ class LayerReport:
     dense_times: dict[str, float] = dataclasses.field(default_factory=dict)
     sparse_times: dict[str, float] = dataclasses.field(default_factory=dict)
     from_cache: bool = False
+    module_type: str = "Linear"
+    status: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            self.status = "dense" if self.choice == "dense" else "converted"
 
     @property
     def best_dense_time(self) -> float | None:
@@ -124,6 +147,7 @@ class LayerReport:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
+        d["status"] = self.status
         d["blocksize"] = None if self.blocksize is None else list(self.blocksize)
         d["best_dense_time"] = self.best_dense_time
         d["chosen_time"] = self.chosen_time
@@ -143,19 +167,45 @@ class SparsifyReport:
     def replaced(self) -> list[str]:
         return [lr.name for lr in self.layers if lr.choice != "dense"]
 
+    def __getitem__(self, name: str) -> LayerReport:
+        for lr in self.layers:
+            if lr.name == name:
+                return lr
+        raise KeyError(name)
+
+    def by_status(self, status: str) -> list[LayerReport]:
+        """Rows with ``status`` ``"converted"``, ``"dense"`` or ``"unsupported"``."""
+        return [lr for lr in self.layers if lr.status == status]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """``{module_type: {status: count}}`` over all rows."""
+        out: dict[str, dict[str, int]] = {}
+        for lr in self.layers:
+            d = out.setdefault(lr.module_type, {})
+            d[lr.status] = d.get(lr.status, 0) + 1
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch_sizes": list(self.batch_sizes),
             "tuned": self.tuned,
+            "summary": self.summary(),
             "layers": [lr.to_dict() for lr in self.layers],
         }
 
     def __str__(self) -> str:
+        supported = [lr for lr in self.layers if lr.status != "unsupported"]
         head = (
-            f"sparsify: {len(self.replaced)}/{len(self.layers)} Linear layers replaced "
+            f"sparsify: {len(self.replaced)}/{len(supported)} supported layers replaced, "
+            f"{len(self.layers) - len(supported)} unsupported "
             f"({'tuned' if self.tuned else 'heuristic'}, batch sizes {list(self.batch_sizes)})"
         )
-        rows = [("layer", "shape", "density", "choice", "dense", "sparse", "speedup", "note")]
+        per_type = "; ".join(
+            f"{t}: " + ", ".join(f"{n} {st}" for st, n in sorted(c.items()))
+            for t, c in self.summary().items())
+        head += "\n" + per_type
+        rows = [("layer", "type", "shape", "density", "status", "choice", "dense", "sparse",
+                 "speedup", "note")]
         for lr in self.layers:
             choice = _variant_name(lr.choice, lr.blocksize)
             d = lr.best_dense_time
@@ -163,8 +213,10 @@ class SparsifyReport:
             sp = lr.speedup
             rows.append((
                 lr.name or "<root>",
-                f"{lr.shape[0]}x{lr.shape[1]}",
-                f"{lr.density:.3f}",
+                lr.module_type,
+                "x".join(map(str, lr.shape)) or "-",
+                "-" if lr.status == "unsupported" else f"{lr.density:.3f}",
+                lr.status,
                 choice,
                 "-" if d is None else f"{d * 1e6:.1f}us",
                 "-" if best_sparse is None else f"{best_sparse * 1e6:.1f}us",
@@ -400,6 +452,27 @@ def heuristic_choice(
 # --------------------------------------------------------------------------------------------
 
 
+def _own_params(mod: nn.Module) -> bool:
+    return any(p is not None for p in mod._parameters.values())
+
+
+def _iter_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Every module with parameters of its own (plus attention modules), outermost first;
+    the children of attention modules and of sparsekit modules are covered by their parent."""
+    covered: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(c + ".") for c in covered):
+            continue
+        if isinstance(mod, (nn.MultiheadAttention, SparseMultiheadAttention, SparseConv2d,
+                            SparseLinear)):
+            covered.append(name)
+            if isinstance(mod, nn.MultiheadAttention) or name:
+                yield name, mod
+            continue
+        if _own_params(mod):
+            yield name, mod
+
+
 def _iter_linears(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, nn.Linear]]:
     for name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
@@ -408,17 +481,87 @@ def _iter_linears(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, nn.Li
                 yield full, mod, cname, child
 
 
+def _matrix_bytes(model: nn.Module) -> int:
+    total = 0
+    for _n, mod in _iter_layers(model):
+        if layer_kind(mod) is not None:
+            w = prunable_weight(mod)
+            if w is not None and w.device.type == "cpu":
+                total += w.numel() * w.element_size()
+    return total
+
+
 def _cold_bytes(model: nn.Module, cold: bool | None) -> int:
     """Bytes a cold measurement must stream between reuses (2x LLC), or 0 for warm timing."""
     llc = timing.llc_bytes()
     if cold is None:
-        total = sum(
-            lin.weight.numel() * lin.weight.element_size()
-            for _n, _p, _c, lin in _iter_linears(model)
-            if lin.weight.device.type == "cpu"
-        )
-        cold = total > llc
+        cold = _matrix_bytes(model) > llc
     return 2 * llc if cold else 0
+
+
+def _as_linear(weight_2d: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A throw-away nn.Linear over an (out, K) weight (for Conv1D / attention projections)."""
+    lin = nn.Linear(weight_2d.shape[1], weight_2d.shape[0], bias=bias is not None,
+                    device=weight_2d.device, dtype=weight_2d.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight_2d)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def _record_conv_inputs(model: nn.Module, example_inputs: Any) -> dict[int, tuple[Any, ...]]:
+    """``id(conv) -> (C, H, W, channels_last)`` of every Conv2d's input in one forward pass."""
+    seen: dict[int, tuple[Any, ...]] = {}
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if isinstance(x, Tensor) and x.dim() == 4 and id(m) not in seen:
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            seen[id(m)] = (x.shape[1], x.shape[2], x.shape[3], cl)
+
+    hs = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, tuple):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in hs:
+            h.remove()
+    return seen
+
+
+def _measure_conv(conv: nn.Conv2d, cands: list[tuple[str, tuple[int, int] | None]],
+                  batch_sizes: Sequence[int], shape: tuple[Any, ...], value_dtype: torch.dtype,
+                  backend: str) -> tuple[dict[str, float], dict[str, float]]:
+    global _MEASUREMENTS
+    _MEASUREMENTS += 1
+    c, h, w, cl = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dense: dict[str, float] = {"conv2d": 0.0}
+    sparse: dict[str, float] = {}
+    mods = {_variant_name(f, b): SparseConv2d.from_module(conv, f, b, value_dtype, backend)
+            for f, b in cands}
+    with torch.inference_mode():
+        for n in batch_sizes:
+            x = torch.randn((n, c, h, w), generator=gen).to(conv.weight.device,
+                                                             conv.weight.dtype)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fns: dict[str, Callable[[int], Any]] = {"conv2d": lambda _i, x=x: conv(x)}
+            for nm, mod in mods.items():
+                fns["sparse:" + nm] = lambda _i, mod=mod, x=x: mod(x)
+            sync = timing.sync_for(conv.weight.device)
+            for k, st in timing.measure_interleaved(fns, sync=sync).items():
+                if k.startswith("sparse:"):
+                    sparse[k[7:]] = sparse.get(k[7:], 0.0) + st.median_s
+                else:
+                    dense[k] += st.median_s
+    return dense, sparse
 
 
 def sparsify(
@@ -427,6 +570,8 @@ def sparsify(
     min_sparsity: float = 0.3,
     formats: Sequence[str] = ("csr", "bsr"),
     blocksizes: Sequence[tuple[int, int]] = DEFAULT_BLOCKSIZES,
+    include: Filter = None,
+    exclude: Filter = None,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     batch_sizes: Sequence[int] = (1,),
     tune: bool = True,
@@ -436,23 +581,42 @@ def sparsify(
     max_fill: float = 1.5,
     margin: float = 0.05,
     cold: bool | None = None,
+    example_inputs: Any = None,
 ) -> SparsifyReport:
-    """Replace eligible :class:`torch.nn.Linear` layers of ``model`` by SparseLinear, in place.
+    """Replace the pruned layers of ``model`` by sparse modules, in place.
+
+    Covered layers (their weight matrix is what pruning zeroed, see :mod:`sparsekit._layers`):
+
+    * ``nn.Linear`` (and subclasses that keep ``nn.Linear.forward``) -> :class:`SparseLinear`;
+    * ``transformers``' ``Conv1D`` (GPT-2 style, weight ``(in, out)``) -> :class:`SparseLinear`
+      over the transposed weight (``transformers`` is never imported by sparsekit);
+    * ``nn.MultiheadAttention`` with a packed ``in_proj_weight`` ->
+      :class:`~sparsekit.nn.SparseMultiheadAttention` (q/k/v and output projections decided
+      separately: the in-projection as one ``(3E, E)`` matrix, ``out_proj`` as a Linear);
+    * ``nn.Conv2d`` with ``groups=1`` and zero padding -> :class:`~sparsekit.nn.SparseConv2d`.
+
+    Every other module that owns parameters (depthwise / grouped convolutions, norms,
+    embeddings, ...) is left as it is and listed as ``"unsupported"`` with the reason.
 
     Parameters
     ----------
     model : nn.Module
-        Modified in place (exact ``nn.Linear`` instances only; subclasses are left alone).
+        Modified in place.
     min_sparsity : float in [0, 1]
         Layers whose weight has a smaller fraction of exact zeros stay dense.
     formats : sequence of {"csr", "bsr"}
         Candidate sparse formats.
     blocksizes : sequence of (r, c)
         BSR block shapes to consider (those with fill ratio > ``max_fill`` are skipped).
+    include, exclude : str, type, callable or iterable of them, optional
+        Which layers may be converted: glob patterns on qualified module names, module types or
+        callables ``(name, module) -> bool``, read exactly as :func:`sparsekit.prune.prune`
+        reads them (each pattern or type must match some module).
     filter_fn : callable(name, module) -> bool, optional
         Extra eligibility predicate (e.g. skip the classifier head).
     batch_sizes : sequence of int
-        Batch sizes to tune for; the decision minimises the sum of the medians.
+        Batch sizes to tune for (rows of a Linear; images of a Conv2d); the decision minimises
+        the sum of the medians.
     tune : bool
         Measure on this machine (True) or use :func:`heuristic_choice` (False).
     value_dtype : torch.dtype, optional
@@ -469,21 +633,30 @@ def sparsify(
     cold : bool, optional
         Time each layer with its weights coming from memory (rotating copies beyond twice the
         last-level cache), as inside a model that does not fit in the cache. None (default):
-        True on the CPU when the model's ``nn.Linear`` weights together exceed the last-level
+        True on the CPU when the model's weight matrices together exceed the last-level
         cache, else False. Cold tuning needs about twice the cache size in transient memory.
+    example_inputs : Tensor, tuple or dict, optional
+        One input of the model (``model(x)``, ``model(*t)`` or ``model(**d)``), run once to
+        record every ``Conv2d``'s input size, at which convolutions are then measured against
+        the dense convolution (with ``batch_sizes`` images). Without it, convolutions are
+        decided by :func:`heuristic_choice`.
 
     Returns
     -------
     SparsifyReport
-        One :class:`LayerReport` per nn.Linear seen (including those kept dense).
+        One :class:`LayerReport` per parametrised module (two for an attention module: its
+        in-projection and ``out_proj``), converted, kept dense or unsupported, with the reason.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if type(model) is nn.Linear:
+    if layer_kind(model) is not None and not isinstance(model, nn.MultiheadAttention):
         raise ValueError(
-            "model: a bare nn.Linear cannot be replaced in place; wrap it in a container or "
-            "use SparseLinear.from_dense(linear)"
+            f"model: a bare {type(model).__name__} cannot be replaced in place; wrap it in a "
+            f"container or use SparseLinear.from_dense(linear)"
         )
+    if isinstance(model, nn.MultiheadAttention):
+        raise ValueError("model: a bare nn.MultiheadAttention cannot be replaced in place; wrap "
+                         "it in a container or use SparseMultiheadAttention.from_module")
     if not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
         raise ValueError(f"min_sparsity: expected a float in [0, 1], got {min_sparsity!r}")
     formats = tuple(formats)
@@ -499,129 +672,220 @@ def sparsify(
         raise ValueError(f"batch_sizes: expected positive ints, got {batch_sizes}")
     if value_dtype is not None and value_dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"value_dtype: expected float32, bfloat16 or float16, got {value_dtype}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn: expected a callable, got {type(filter_fn).__name__}")
     if cold is not None and not isinstance(cold, bool):
         raise TypeError(f"cold: expected a bool or None, got {type(cold).__name__}")
+    selector = Selector(include, exclude, filter_fn)
+    selector.check_against(model)
+    conv_inputs = (_record_conv_inputs(model, example_inputs)
+                   if example_inputs is not None else {})
     cold_bytes = _cold_bytes(model, cold) if tune else 0
     use_cache = cache is not False
     cache_path = _resolve_cache_path(cache)
     file_entries = _load_cache_file(cache_path) if cache_path is not None else {}
     new_entries: dict[str, dict[str, Any]] = {}
 
-    layers: list[LayerReport] = []
-    for name, parent, cname, lin in _iter_linears(model):
-        w = lin.weight.detach()
+    def decide(name: str, w: Tensor, has_bias: bool, mtype: str,
+               lin_factory: Callable[[], nn.Linear] | None,
+               conv: nn.Conv2d | None = None) -> LayerReport:
         m, k = w.shape
         mask = w != 0
         nnz = int(mask.sum())
         density = nnz / (m * k)
         vdt = value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
-        if filter_fn is not None and not filter_fn(name, lin):
-            layers.append(LayerReport(name, (m, k), density, "dense", None, "filtered out"))
-            continue
-        if 1.0 - density < min_sparsity:
-            layers.append(LayerReport(
-                name, (m, k), density, "dense", None,
-                f"sparsity {1 - density:.3f} < min_sparsity {min_sparsity}",
-            ))
-            continue
-        if not w.is_floating_point():
-            layers.append(LayerReport(name, (m, k), density, "dense", None, "non-float weight"))
-            continue
 
+        def row(choice: str, bs: Any, why: str, *rest: Any) -> LayerReport:
+            return LayerReport(name, (m, k), density, choice, bs, why, *rest, module_type=mtype)
+
+        if 1.0 - density < min_sparsity:
+            return row("dense", None, f"sparsity {1 - density:.3f} < min_sparsity {min_sparsity}")
+        if not w.is_floating_point():
+            return row("dense", None, "non-float weight")
+        if conv is not None and (not tune or id(conv) not in conv_inputs):
+            fmt, bs, why = heuristic_choice(density, mask, formats, blocksizes, max_fill)
+            if tune:
+                why += " (no example_inputs to measure the convolution at)"
+            return row(fmt, bs, why)
         if not tune:
             fmt, bs, why = heuristic_choice(density, mask, formats, blocksizes, max_fill)
-            rep = LayerReport(name, (m, k), density, fmt, bs, why)
-        else:
-            key_obj = {
-                "v": _CACHE_VERSION,
-                "shape": [m, k],
-                "pattern": _pattern_stats(mask, blocksizes),
-                "weight_dtype": str(w.dtype),
-                "value_dtype": str(vdt),
-                "bias": lin.bias is not None,
-                "device": w.device.type,
-                "hw": _hw_name(w.device),
-                "threads": _num_threads(),
-                "backend": backend,
-                "batch_sizes": list(batch_sizes),
-                "formats": list(formats),
-                "blocksizes": [list(b) for b in blocksizes],
-                "max_fill": max_fill,
-                "margin": margin,
-                "cold": cold_bytes > 0,
-                **_versions(),
-            }
-            key = _cache_key(key_obj)
+            return row(fmt, bs, why)
+        if conv is not None:
+            cands = _candidates(mask, formats, blocksizes, max_fill)
+            dense_t, sparse_t = _measure_conv(conv, cands, batch_sizes, conv_inputs[id(conv)],
+                                              vdt, backend)
+            fmt, bs, why = _pick(cands, dense_t, sparse_t, margin)
+            return row(fmt, bs, why, dense_t, sparse_t)
+        key_obj = {
+            "v": _CACHE_VERSION,
+            "shape": [m, k],
+            "pattern": _pattern_stats(mask, blocksizes),
+            "weight_dtype": str(w.dtype),
+            "value_dtype": str(vdt),
+            "bias": has_bias,
+            "device": w.device.type,
+            "hw": _hw_name(w.device),
+            "threads": _num_threads(),
+            "backend": backend,
+            "batch_sizes": list(batch_sizes),
+            "formats": list(formats),
+            "blocksizes": [list(b) for b in blocksizes],
+            "max_fill": max_fill,
+            "margin": margin,
+            "cold": cold_bytes > 0,
+            **_versions(),
+        }
+        key = _cache_key(key_obj)
+        with _CACHE_LOCK:
+            dec = _MEM_CACHE.get(key) if use_cache else None
+        if dec is None and use_cache:
+            dec = file_entries.get(key)
+        from_cache = dec is not None
+        if dec is None:
+            cands = _candidates(mask, formats, blocksizes, max_fill)
+            dense_t, sparse_t = _measure_layer(
+                lin_factory(), cands, batch_sizes, vdt, backend,
+                cold_bytes if w.device.type == "cpu" else 0,
+            )
+            fmt, bs, why = _pick(cands, dense_t, sparse_t, margin)
+            dec = {"choice": fmt, "blocksize": None if bs is None else list(bs), "reason": why,
+                   "dense_times": dense_t, "sparse_times": sparse_t}
+            if use_cache:
+                new_entries[key] = dec
+        if use_cache:
             with _CACHE_LOCK:
-                dec = _MEM_CACHE.get(key) if use_cache else None
-            if dec is None and use_cache:
-                dec = file_entries.get(key)
-            from_cache = dec is not None
-            if dec is None:
-                cands = _candidates(mask, formats, blocksizes, max_fill)
-                dense_t, sparse_t = _measure_layer(
-                    lin, cands, batch_sizes, vdt, backend,
-                    cold_bytes if w.device.type == "cpu" else 0,
-                )
-                best_dense = min(dense_t.values())
-                fmt, bs, why = "dense", None, "dense wins"
-                if sparse_t:
-                    vname = min(sparse_t, key=sparse_t.__getitem__)
-                    if sparse_t[vname] < (1.0 - margin) * best_dense:
-                        fmt, bs = next((f, b) for f, b in cands if _variant_name(f, b) == vname)
-                        why = "fastest"
-                else:
-                    why = "no sparse candidate"
-                dec = {
-                    "choice": fmt,
-                    "blocksize": None if bs is None else list(bs),
-                    "reason": why,
-                    "dense_times": dense_t,
-                    "sparse_times": sparse_t,
-                }
-                if use_cache:
-                    with _CACHE_LOCK:
-                        _MEM_CACHE[key] = dec
-                    new_entries[key] = dec
-            elif use_cache:
-                with _CACHE_LOCK:
-                    _MEM_CACHE[key] = dec
-            bs = None if dec["blocksize"] is None else tuple(dec["blocksize"])
-            rep = LayerReport(
-                name, (m, k), density, dec["choice"], bs, dec["reason"],
-                dict(dec["dense_times"]), dict(dec["sparse_times"]), from_cache,
-            )
+                _MEM_CACHE[key] = dec
+        bs = None if dec["blocksize"] is None else tuple(dec["blocksize"])
+        return row(dec["choice"], bs, dec["reason"], dict(dec["dense_times"]),
+                   dict(dec["sparse_times"]), from_cache)
+
+    def vdt_of(w: Tensor) -> torch.dtype:
+        return value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
+
+    layers: list[LayerReport] = []
+    for name, mod in list(_iter_layers(model)):
+        mtype = type(mod).__name__
+        if isinstance(mod, (SparseLinear, SparseMultiheadAttention, SparseConv2d)):
+            layers.append(LayerReport(name, (), 0.0, "dense", None, "already sparse",
+                                      module_type=mtype, status="converted"))
+            continue
+        kind = layer_kind(mod)
+        if kind == "linear" and type(mod).forward is not nn.Linear.forward:
+            kind = None
+        if kind == "conv" and not (isinstance(mod, nn.Conv2d) and mod.groups == 1
+                                   and mod.padding_mode == "zeros"
+                                   and conv2d_extra_padding(mod) is not None):
+            kind = None
+        if kind is None or not name:
+            why = unsupported_reason(mod) if name else "the model's root module holds parameters"
+            layers.append(LayerReport(name, (), 0.0, "dense", None, why, module_type=mtype,
+                                      status="unsupported"))
+            continue
+        parent_name, _, cname = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        why_not = selector.why_not(name, mod)
+        if kind == "mha":
+            e = mod.embed_dim
+            w_in = mod.in_proj_weight.detach()
+            b_in = None if mod.in_proj_bias is None else mod.in_proj_bias.detach()
+            op = mod.out_proj
+            out_name = f"{name}.out_proj"
+            why_out = why_not or selector.why_not(out_name, op)
+            if why_not:
+                r_in = LayerReport(name, (3 * e, e), 0.0, "dense", None, why_not,
+                                   module_type=mtype)
+            else:
+                r_in = decide(name, w_in, b_in is not None, mtype,
+                              lambda w=w_in, b=b_in: _as_linear(w, b))
+            if why_out:
+                r_out = LayerReport(out_name, tuple(op.weight.shape), 0.0, "dense", None,
+                                    why_out, module_type=type(op).__name__)
+            else:
+                r_out = decide(out_name, op.weight.detach(), op.bias is not None,
+                               type(op).__name__, lambda op=op: op)
+            layers += [r_in, r_out]
+            if r_in.choice != "dense" or r_out.choice != "dense":
+                new = SparseMultiheadAttention.from_module(
+                    mod, None if r_in.choice == "dense" else (r_in.choice, r_in.blocksize),
+                    None if r_out.choice == "dense" else (r_out.choice, r_out.blocksize),
+                    value_dtype=vdt_of(w_in), backend=backend)
+                setattr(parent, cname, new)
+            continue
+        w2 = weight_2d(mod)
+        if why_not:
+            layers.append(LayerReport(name, tuple(w2.shape), 0.0, "dense", None, why_not,
+                                      module_type=mtype))
+            continue
+        bias = getattr(mod, "bias", None)
+        bias = None if bias is None else bias.detach()
+        if kind == "linear":
+            rep = decide(name, w2, bias is not None, mtype, lambda mod=mod: mod)
+        elif kind == "conv1d_hf":
+            rep = decide(name, w2, bias is not None, mtype,
+                         lambda w=w2, b=bias: _as_linear(w, b))
+        else:
+            rep = decide(name, w2, bias is not None, mtype, None, conv=mod)
         layers.append(rep)
-        if rep.choice != "dense":
-            new = SparseLinear.from_dense(
-                lin, format=rep.choice, blocksize=rep.blocksize, value_dtype=vdt, backend=backend
-            )
-            new.train(lin.training)
-            setattr(parent, cname, new)
+        if rep.choice == "dense":
+            continue
+        if kind == "conv":
+            new = SparseConv2d.from_module(mod, rep.choice, rep.blocksize, vdt_of(w2), backend)
+        else:
+            src = mod if kind == "linear" else _as_linear(w2, bias)
+            new = SparseLinear.from_dense(src, format=rep.choice, blocksize=rep.blocksize,
+                                          value_dtype=vdt_of(w2), backend=backend)
+        new.train(mod.training)
+        setattr(parent, cname, new)
     if cache_path is not None and new_entries:
         _save_cache_file(cache_path, new_entries)
     return SparsifyReport(layers, batch_sizes, bool(tune))
 
 
-def densify(model: nn.Module) -> nn.Module:
-    """Replace every SparseLinear in ``model`` (in place) by an nn.Linear with the exact dense
-    weight and the same bias (see :meth:`SparseLinear.to_linear` for the dtype); returns
-    ``model``.
+def _pick(cands: list[tuple[str, tuple[int, int] | None]], dense_t: dict[str, float],
+          sparse_t: dict[str, float], margin: float) -> tuple[str, tuple[int, int] | None, str]:
+    best_dense = min(dense_t.values())
+    if not sparse_t:
+        return "dense", None, "no sparse candidate"
+    vname = min(sparse_t, key=sparse_t.__getitem__)
+    if sparse_t[vname] < (1.0 - margin) * best_dense:
+        fmt, bs = next((f, b) for f, b in cands if _variant_name(f, b) == vname)
+        return fmt, bs, "fastest"
+    return "dense", None, "dense wins"
 
-    If ``model`` itself is a SparseLinear, the replacement nn.Linear is returned instead.
+
+def densify(model: nn.Module) -> nn.Module:
+    """Undo :func:`sparsify` in place: every SparseLinear becomes an nn.Linear with the exact
+    dense weight and the same bias (see :meth:`SparseLinear.to_linear` for the dtype), every
+    SparseConv2d an nn.Conv2d and every SparseMultiheadAttention an nn.MultiheadAttention;
+    returns ``model``. (A ``transformers`` ``Conv1D`` converted by sparsify comes back as the
+    equivalent nn.Linear.)
+
+    If ``model`` itself is one of these modules, its dense replacement is returned instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, SparseLinear):
-        return model.to_linear()
-    for _name, mod in list(model.named_modules()):
+
+    def dense(mod: nn.Module) -> nn.Module | None:
+        if isinstance(mod, SparseLinear):
+            out: nn.Module = mod.to_linear()
+        elif isinstance(mod, SparseConv2d):
+            out = mod.to_conv()
+        elif isinstance(mod, SparseMultiheadAttention):
+            out = mod.to_module()
+        else:
+            return None
+        return out.train(mod.training)
+
+    top = dense(model)
+    if top is not None:
+        return top
+    for name, _mod in list(model.named_modules()):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:  # inside a module already replaced
+            continue
         for cname, child in list(mod.named_children()):
-            if isinstance(child, SparseLinear):
-                lin = child.to_linear()
-                lin.train(child.training)
-                setattr(mod, cname, lin)
+            new = dense(child)
+            if new is not None:
+                setattr(mod, cname, new)
     return model
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from .._layers import Filter, Selector, is_hf_conv1d, layer_kind, prunable_weight, to_param_shape
 from ._masks import (
     Granularity,
     check_granularity_fits,
@@ -22,9 +23,12 @@ from ._masks import (
 )
 from .criteria import Criterion, collect_input_norms, element_scores, resolve_criterion, weight_2d
 
-SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+#: ``types`` default of prune / GradualPruner: every layer holding a weight matrix of a
+#: matrix product (``nn.Linear``, ``transformers``' ``Conv1D``, the packed input projection of
+#: ``nn.MultiheadAttention``, ``nn.Conv2d``).
+DEFAULT_TYPES = "auto"
 SCOPES = ("layer", "global")
-Filter = str | type | Iterable[str | type] | None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -39,69 +43,63 @@ def check_fraction(value: object, arg: str) -> float:
     return v
 
 
-def _as_items(f: Filter, arg: str) -> list[str | type]:
-    if f is None:
-        return []
-    items = [f] if isinstance(f, (str, type)) else list(f)
-    for it in items:
-        if not isinstance(it, (str, type)):
-            raise ValueError(f"{arg}: expected name glob patterns (str) or module types, got "
-                             f"{it!r} (type {type(it).__name__})")
-    return items
+def _type_matcher(types: object) -> tuple[str, Callable[[nn.Module], bool]]:
+    if types is None or types == "auto":
+        def auto(m: nn.Module) -> bool:
+            kind = layer_kind(m)
+            return kind in ("linear", "conv1d_hf", "mha") or isinstance(m, nn.Conv2d)
+        return "Linear, Conv1D (transformers), MultiheadAttention, Conv2d", auto
+    tlist = [types] if isinstance(types, type) else list(types) if types is not None else []
+    if not tlist:
+        raise ValueError(f"types: expected 'auto', a module type or a tuple of them, got "
+                         f"{types!r}")
+    for t in tlist:
+        if not (isinstance(t, type) and (issubclass(t, SUPPORTED_TYPES) or is_hf_conv1d(t))):
+            raise ValueError(f"types: unsupported module type {t!r}; supported: "
+                             f"{', '.join(t.__name__ for t in SUPPORTED_TYPES)}, transformers' "
+                             f"Conv1D (and subclasses)")
+    return ", ".join(t.__name__ for t in tlist), lambda m: isinstance(m, tuple(tlist))
 
 
-def _matches(item: str | type, name: str, mod: nn.Module) -> bool:
-    if isinstance(item, str):
-        return fnmatch.fnmatchcase(name, item)
-    return isinstance(mod, item)
-
-
-def select_modules(model: nn.Module, include: Filter, exclude: Filter, types: object
+def select_modules(model: nn.Module, include: Filter, exclude: Filter, types: object,
+                   filter_fn: Callable[[str, nn.Module], bool] | None = None
                    ) -> dict[str, nn.Module]:
     """Modules of ``model`` to prune, in ``named_modules()`` order.
 
-    A module is selected when it is an instance of ``types``, matches one of ``include`` (all
-    modules if ``include`` is None) and none of ``exclude``.  Filters are ``fnmatch`` glob patterns
-    on qualified module names (``"features.*"``, ``"fc3"``) or module types.  Every filter item must
-    match at least one module of ``model``, so typos fail loudly.
+    A module is selected when it is of one of ``types`` (``"auto"``: every kind in
+    :mod:`sparsekit._layers`) and passes the :class:`~sparsekit._layers.Selector` built from
+    ``include`` / ``exclude`` / ``filter_fn`` (glob patterns on qualified names, module types or
+    callables ``(name, module) -> bool``; every pattern must match some module, so typos fail
+    loudly).  A ``nn.MultiheadAttention`` without a packed ``in_proj_weight`` is skipped.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    tlist = [types] if isinstance(types, type) else list(types) if types is not None else []
-    if not tlist:
-        raise ValueError(f"types: expected a module type or a tuple of them, got {types!r}")
-    for t in tlist:
-        if not (isinstance(t, type) and issubclass(t, SUPPORTED_TYPES)):
-            raise ValueError(f"types: unsupported module type {t!r}; supported: "
-                             f"{', '.join(t.__name__ for t in SUPPORTED_TYPES)} (and subclasses)")
-    inc, exc = _as_items(include, "include"), _as_items(exclude, "exclude")
+    type_names, type_ok = _type_matcher(types)
+    try:
+        sel = Selector(include, exclude, filter_fn)
+    except TypeError as e:
+        raise ValueError(str(e)) from e
+    sel.check_against(model)
     named = [(n, m) for n, m in model.named_modules() if n]
-    names = [n for n, _ in named]
-    for arg, items in (("include", inc), ("exclude", exc)):
-        for it in items:
-            if not any(_matches(it, n, m) for n, m in named):
-                shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-                raise ValueError(f"{arg}: filter {it!r} matches no module of the model; "
-                                 f"module names: {shown or '(none)'}")
     out: dict[str, nn.Module] = {}
     seen: dict[int, str] = {}
     for n, m in named:
-        if not isinstance(m, tuple(tlist)):
+        if not type_ok(m) or layer_kind(m) is None:
             continue
-        if inc and not any(_matches(it, n, m) for it in inc):
+        if not sel(n, m):
             continue
-        if any(_matches(it, n, m) for it in exc):
+        w = prunable_weight(m)
+        if not isinstance(w, nn.Parameter):
             continue
-        if not isinstance(getattr(m, "weight", None), nn.Parameter):
-            continue
-        if id(m.weight) in seen:
-            raise ValueError(f"model: modules {seen[id(m.weight)]!r} and {n!r} share one weight "
+        if id(w) in seen:
+            raise ValueError(f"model: modules {seen[id(w)]!r} and {n!r} share one weight "
                              f"tensor; exclude one of them")
-        seen[id(m.weight)] = n
+        seen[id(w)] = n
         out[n] = m
     if not out:
-        raise ValueError(f"no module to prune: types={tuple(t.__name__ for t in tlist)}, "
-                         f"include={include!r}, exclude={exclude!r} select nothing in the model")
+        raise ValueError(f"no module to prune: types=({type_names}), include={include!r}, "
+                         f"exclude={exclude!r}, filter_fn={filter_fn!r} select nothing in the "
+                         f"model")
     return out
 
 
@@ -187,7 +185,8 @@ class Engine:
     def __init__(self, model: nn.Module, sparsity: object, *, criterion: object,
                  granularity: object, scope: str, include: Filter, exclude: Filter,
                  types: object, calibration: Iterable[object] | None,
-                 sparsity_arg: str = "sparsity") -> None:
+                 sparsity_arg: str = "sparsity",
+                 filter_fn: Callable[[str, nn.Module], bool] | None = None) -> None:
         self.crit: Criterion = resolve_criterion(criterion)
         self.gran: Granularity = parse_granularity(granularity)
         if scope not in SCOPES:
@@ -204,7 +203,7 @@ class Engine:
                     raise ValueError(f"{sparsity_arg}: dict keys must be module names or glob "
                                      f"patterns, got {k!r}")
                 targets[k] = check_fraction(v, f"{sparsity_arg}[{k!r}]")
-        self.modules = select_modules(model, include, exclude, types)
+        self.modules = select_modules(model, include, exclude, types, filter_fn)
         if isinstance(sparsity, Mapping):
             self.modules = self._restrict_to_dict(targets, sparsity_arg)
         if self.gran.kind == "nm":
@@ -318,13 +317,13 @@ class Engine:
                     t = targets[n] * elems[n].numel()
                     pruned = select_pruned_groups(sn, sizes, t, pg)
                     masks[n] = expand_group_mask(~pruned, self.gran, tuple(elems[n].shape))
-        return {n: masks[n].reshape(self.modules[n].weight.shape) for n in masks}
+        return {n: to_param_shape(self.modules[n], masks[n]) for n in masks}
 
     def report(self, masks: Mapping[str, torch.Tensor], nonzero_before: Mapping[str, int],
                targets: Mapping[str, float] | None, target: object) -> PruneReport:
         layers = []
         for n, m in self.modules.items():
-            w = m.weight.detach()
+            w = prunable_weight(m).detach()
             nz = int(torch.count_nonzero(w))
             layers.append(LayerReport(
                 name=n, module_type=type(m).__name__, shape=tuple(w.shape),
@@ -339,8 +338,8 @@ def apply_masks(modules: Mapping[str, nn.Module], masks: Mapping[str, torch.Tens
     """Zero the pruned weights in place (``masked_fill`` writes +0.0 exactly)."""
     with torch.no_grad():
         for n, m in modules.items():
-            m.weight.masked_fill_(~masks[n], 0.0)
+            prunable_weight(m).masked_fill_(~masks[n], 0.0)
 
 
 def count_nonzero(modules: Mapping[str, nn.Module]) -> dict[str, int]:
-    return {n: int(torch.count_nonzero(m.weight.detach())) for n, m in modules.items()}
+    return {n: int(torch.count_nonzero(prunable_weight(m).detach())) for n, m in modules.items()}

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._layers import from_param_shape, is_hf_conv1d, prunable_weight, weight_2d
+
 __all__ = ["CRITERIA", "Criterion", "resolve_criterion", "element_scores", "collect_input_norms"]
 
 CRITERIA = ("l1", "l2", "mean", "wanda", "sparsegpt")
@@ -66,12 +68,6 @@ def resolve_criterion(criterion: object) -> Criterion:
                      f"fn(weight, module) -> scores, got {criterion!r}")
 
 
-def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The detached 2-D ``(out, K)`` view of ``module.weight`` (conv: flattened)."""
-    w = module.weight.detach()
-    return w.reshape(w.shape[0], -1)
-
-
 def element_scores(crit: Criterion, name: str, module: nn.Module,
                    input_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Float64 element scores of ``module``'s 2-D weight view for criterion ``crit``."""
@@ -79,12 +75,13 @@ def element_scores(crit: Criterion, name: str, module: nn.Module,
     if not torch.isfinite(w).all():
         raise ValueError(f"model: weight of module {name!r} contains NaN or inf; cannot rank it")
     if crit.fn is not None:
-        s = crit.fn(module.weight.detach(), module)
-        if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(module.weight.shape):
+        p = prunable_weight(module)
+        s = crit.fn(p.detach(), module)
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(p.shape):
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
             raise ValueError(f"criterion: callable must return a tensor of the weight's shape "
-                             f"{tuple(module.weight.shape)} for module {name!r}, got {got}")
-        s = s.detach().to(device=w.device, dtype=torch.float64).reshape(w.shape)
+                             f"{tuple(p.shape)} for module {name!r}, got {got}")
+        s = from_param_shape(module, s.detach().to(device=w.device, dtype=torch.float64))
         if not torch.isfinite(s).all():
             raise ValueError(f"criterion: callable returned NaN/inf scores for module {name!r}")
         return s
@@ -94,12 +91,16 @@ def element_scores(crit: Criterion, name: str, module: nn.Module,
     if crit.name == "wanda":
         if input_norm is None:  # pragma: no cover - the engine always passes it
             raise ValueError("calibration: wanda needs calibration data")
-        return w64.abs() * input_norm.to(device=w.device, dtype=torch.float64)[None, :]
+        norm = input_norm.to(device=w.device, dtype=torch.float64)
+        if norm.dim() == 2:  # attention: one input norm per q / k / v row block
+            norm = norm.repeat_interleave(w.shape[0] // norm.shape[0], dim=0)
+            return w64.abs() * norm
+        return w64.abs() * norm[None, :]
     return w64.abs()
 
 
 def _check_wanda_module(name: str, module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.MultiheadAttention)) or is_hf_conv1d(module):
         return
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
@@ -155,14 +156,24 @@ def collect_input_norms(model: nn.Module, modules: Mapping[str, nn.Module],
     handles = []
 
     def make_hook(name: str, mod: nn.Module) -> Callable[..., None]:
-        def hook(m: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if isinstance(m, nn.Linear):
-                if x.shape[-1] != m.in_features:
-                    raise ValueError(f"calibration: module {name!r} expects inputs with last "
-                                     f"dimension {m.in_features}, got shape {tuple(x.shape)}")
-                cols = x.detach().reshape(-1, m.in_features).to(torch.float64)
-                acc = (cols * cols).sum(dim=0)
+        def sumsq_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+            if x.shape[-1] != k:
+                raise ValueError(f"calibration: module {name!r} expects inputs with last "
+                                 f"dimension {k}, got shape {tuple(x.shape)}")
+            cols = x.detach().reshape(-1, k).to(torch.float64)
+            return (cols * cols).sum(dim=0)
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get("input", kwargs.get("query"))
+            if isinstance(m, nn.MultiheadAttention):
+                # query, key and value feed the q / k / v row blocks of in_proj_weight
+                names = ("query", "key", "value")
+                qkv = [args[i] if len(args) > i else kwargs[names[i]] for i in range(3)]
+                acc = torch.stack([sumsq_rows(t, m.embed_dim) for t in qkv])
+            elif isinstance(m, nn.Linear):
+                acc = sumsq_rows(x, m.in_features)
+            elif is_hf_conv1d(m):
+                acc = sumsq_rows(x, m.weight.shape[0])
             else:
                 if x.dim() not in (3, 4) or x.shape[-3] != m.in_channels:
                     raise ValueError(f"calibration: module {name!r} expects (N, {m.in_channels}, "
@@ -180,7 +191,7 @@ def collect_input_norms(model: nn.Module, modules: Mapping[str, nn.Module],
         param = next(model.parameters(), None)
         device = param.device if param is not None else None
         for name, mod in modules.items():
-            handles.append(mod.register_forward_pre_hook(make_hook(name, mod)))
+            handles.append(mod.register_forward_pre_hook(make_hook(name, mod), with_kwargs=True))
         model.eval()
         n_batches = 0
         with torch.no_grad():

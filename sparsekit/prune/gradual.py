@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .._layers import prunable_weight
 from ._core import Engine, Filter, PruneReport, apply_masks, check_fraction
 
 __all__ = ["GradualPruner", "sparsity_schedule", "SCHEDULES"]
@@ -80,7 +81,7 @@ class GradualPruner:
     schedule : {"cubic", "linear"}
     optimizer : torch.optim.Optimizer, optional
         Enables state zeroing and the post-step mask re-application (recommended).
-    criterion, granularity, scope, include, exclude, types, calibration
+    criterion, granularity, scope, include, exclude, filter_fn, types, calibration
         As for :func:`sparsekit.prune.prune`.  Wanda re-runs ``calibration`` at each mask update,
         so it must be re-iterable (a list or a DataLoader, not a generator).
     """
@@ -91,7 +92,8 @@ class GradualPruner:
                  criterion: str | Callable[[torch.Tensor, nn.Module], torch.Tensor] = "l1",
                  granularity: str | tuple[int, int] = "unstructured", scope: str = "layer",
                  include: Filter = None, exclude: Filter = None,
-                 types: type | tuple[type, ...] = (nn.Linear, nn.Conv2d),
+                 filter_fn: Callable[[str, nn.Module], bool] | None = None,
+                 types: str | type | tuple[type, ...] = "auto",
                  calibration: Iterable[object] | None = None,
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         if schedule not in SCHEDULES:
@@ -109,7 +111,8 @@ class GradualPruner:
                              f"{type(optimizer).__name__}")
         self._engine = Engine(model, final_sparsity, criterion=criterion, granularity=granularity,
                               scope=scope, include=include, exclude=exclude, types=types,
-                              calibration=calibration, sparsity_arg="final_sparsity")
+                              calibration=calibration, sparsity_arg="final_sparsity",
+                              filter_fn=filter_fn)
         if self._engine.crit.name == "sparsegpt":
             raise ValueError("criterion: 'sparsegpt' is one-shot (masks are chosen while layers "
                              "are reconstructed); for a gradual schedule use a static criterion "
@@ -129,11 +132,11 @@ class GradualPruner:
             raise ValueError(f"initial_sparsity: {self.initial_sparsity} exceeds the final "
                              f"sparsity {min(finals)}; masks only grow")
         self._modules = self._engine.modules
-        self._masks = {n: torch.ones_like(m.weight, dtype=torch.bool)
+        self._masks = {n: torch.ones_like(prunable_weight(m), dtype=torch.bool)
                        for n, m in self._modules.items()}
-        self._nonzero_start = {n: int(torch.count_nonzero(m.weight.detach()))
+        self._nonzero_start = {n: int(torch.count_nonzero(prunable_weight(m).detach()))
                                for n, m in self._modules.items()}
-        self._handles = [m.weight.register_hook(self._grad_hook(n))
+        self._handles = [prunable_weight(m).register_hook(self._grad_hook(n))
                          for n, m in self._modules.items()]
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(
@@ -197,9 +200,9 @@ class GradualPruner:
             return
         with torch.no_grad():
             for n, mod in self._modules.items():
-                state = self.optimizer.state.get(mod.weight, {})
+                state = self.optimizer.state.get(prunable_weight(mod), {})
                 for v in state.values():
-                    if isinstance(v, torch.Tensor) and v.shape == mod.weight.shape:
+                    if isinstance(v, torch.Tensor) and v.shape == prunable_weight(mod).shape:
                         v.masked_fill_(~self._masks[n], 0)
 
     # ------------------------------------------------------------------ introspection

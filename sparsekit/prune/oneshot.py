@@ -16,7 +16,8 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
           criterion: str | Callable[[torch.Tensor, nn.Module], torch.Tensor] = "l1",
           granularity: str | tuple[int, int] = "unstructured", scope: str = "layer",
           include: Filter = None, exclude: Filter = None,
-          types: type | tuple[type, ...] = (nn.Linear, nn.Conv2d),
+          filter_fn: Callable[[str, nn.Module], bool] | None = None,
+          types: str | type | tuple[type, ...] = "auto",
           calibration: Iterable[object] | None = None, reconstruct: bool = False,
           damp: float = 0.01, block_size: int = 128,
           hessian_dtype: torch.dtype = torch.float64) -> PruneReport:
@@ -53,11 +54,20 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
         ``"layer"``: every module reaches its own target.  ``"global"``: one ranking across all
         selected modules, so layers are pruned unevenly (compare scores across layers with care:
         group sums favour layers with larger groups; ``mean`` does not).
-    include, exclude : str, type or iterable of them, optional
-        Glob patterns on qualified module names (``"encoder.*"``) or module types.  Each item must
-        match some module of ``model``.  Use ``exclude`` to keep e.g. the final classifier dense.
-    types : type or tuple of types
-        Module types to consider: ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (and subclasses).
+    include, exclude : str, type, callable or iterable of them, optional
+        Glob patterns on qualified module names (``"encoder.*"``), module types or callables
+        ``(name, module) -> bool``.  Each pattern or type must match some module of ``model``.
+        Use ``exclude`` to keep e.g. the final classifier dense.  Read exactly as
+        :func:`sparsekit.sparsify` reads them (:class:`sparsekit._layers.Selector`).
+    filter_fn : callable (name, module) -> bool, optional
+        Extra predicate; only modules for which it returns True are pruned.
+    types : "auto", type or tuple of types
+        Module types to consider.  ``"auto"`` (default): ``nn.Linear`` (and subclasses),
+        ``transformers``' ``Conv1D`` (weight stored ``(in, out)``; ranked and N:M-grouped along its
+        input dimension like a Linear), the packed ``in_proj_weight`` of
+        ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear) and ``nn.Conv2d``.  Explicit
+        types: any of ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.MultiheadAttention``,
+        transformers' ``Conv1D`` (and subclasses).
     calibration : iterable, optional
         Input batches for ``criterion='wanda'``, ``'sparsegpt'`` and ``reconstruct=True``:
         tensors, ``(inputs, targets, ...)`` tuples (as a ``DataLoader`` yields; only the first
@@ -101,7 +111,8 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
     if not isinstance(reconstruct, bool):
         raise ValueError(f"reconstruct: expected a bool, got {reconstruct!r}")
     engine = Engine(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
-                    include=include, exclude=exclude, types=types, calibration=calibration)
+                    include=include, exclude=exclude, types=types, calibration=calibration,
+                    filter_fn=filter_fn)
     before = count_nonzero(engine.modules)
     targets = engine.targets_for(sparsity)
     target = engine.gran.fixed_sparsity if sparsity is None else (
