@@ -250,6 +250,16 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         info["isa_path"] = None
     info["backends"] = sparsekit.backends()
+
+    def scrub(v: Any) -> Any:  # library paths name the machine's directories: keep file names
+        if isinstance(v, dict):
+            return {k: (os.path.basename(x) if k == "filepath" and isinstance(x, str)
+                        else scrub(x)) for k, x in v.items()}
+        if isinstance(v, list):
+            return [scrub(x) for x in v]
+        return v
+
+    info = scrub(info)
     info["sparsekit_isa_env"] = os.environ.get("SPARSEKIT_ISA")
     return info
 

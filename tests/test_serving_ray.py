@@ -269,3 +269,59 @@ def test_killed_replica_loses_no_retried_request_and_comes_back(cluster):
         r = _post(c, url, {"inputs": xs[0].tolist()})
         assert r.status_code == 200
 
+
+
+# ------------------------------------------------------------------------------ no cluster
+def test_resolve_factory_and_errors():
+    from sparsekit.serving.ray import resolve_factory
+
+    assert resolve_factory("examples.ray_serve.model:mlp") is mlp
+    assert resolve_factory(mlp) is mlp
+    with pytest.raises(ValueError, match="factory: expected an import path 'package.module:"
+                                         "function' or a callable, got 'examples.mlp'"):
+        resolve_factory("examples.mlp")
+    with pytest.raises(ImportError, match="factory: cannot import module 'no_such_mod_xyz'"):
+        resolve_factory("no_such_mod_xyz:f")
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        resolve_factory("examples.ray_serve.model:nope")
+    with pytest.raises(TypeError, match="is a tuple, not callable"):
+        resolve_factory("examples.ray_serve.model:DEFAULT_LAYERS")
+
+
+def test_fetch_model_paths(tmp_path):
+    from sparsekit.serving.ray import fetch_model
+
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"x")
+    assert fetch_model(str(f)) == f
+    assert fetch_model(f"file://{f}") == f
+    with pytest.raises(FileNotFoundError, match="model_uri: no such file"):
+        fetch_model(str(tmp_path / "missing.safetensors"))
+
+
+def test_replica_thread_budget_outside_ray(monkeypatch):
+    from sparsekit.serving.ray import replica_thread_budget
+
+    assert replica_thread_budget(3) == (3, "threads")
+    with pytest.raises(ValueError, match="threads: expected a positive int or None, got 0"):
+        replica_thread_budget(0)
+    monkeypatch.setenv("SPARSEKIT_NUM_THREADS", "2")
+    assert replica_thread_budget() == (2, "SPARSEKIT_NUM_THREADS")
+    monkeypatch.delenv("SPARSEKIT_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    if not ray.is_initialized():
+        assert replica_thread_budget() == (1, "OMP_NUM_THREADS")
+
+
+def test_build_app_argument_errors():
+    from sparsekit.serving.ray import app_builder, build_app
+
+    with pytest.raises(ValueError, match="num_cpus: expected a positive number, got 0"):
+        build_app("m.safetensors", "a.b:c", num_cpus=0)
+    with pytest.raises(ValueError, match="factory: expected 'package.module:function'"):
+        build_app("m.safetensors", "a.b.c")
+    with pytest.raises(ValueError, match=r"args: missing required keys \['factory'\]"):
+        app_builder({"model_uri": "m.safetensors"})
+    app = app_builder({"model_uri": "m.safetensors", "factory": "a.b:c", "num_replicas": "3",
+                       "num_cpus": "2", "max_batch_size": "16"})
+    assert type(app).__name__ == "Application"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ def make_model_file(path: str, layers: Sequence[int] = DEFAULT_LAYERS, sparsity:
     if sparsity > 0:
         prune(model, sparsity)
         sparsekit.sparsify(model, tune=False, cache=False, min_sparsity=0.5)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     sparsekit.save(model, path, metadata={"examples.ray_serve.layers": ",".join(
         str(n) for n in layers)})
     return model
