@@ -158,6 +158,10 @@ def latency(models: dict[str, nn.Module], x: torch.Tensor, reps: int
     return out
 
 
+def _no_dirs(text: str) -> str:
+    return re.sub(r"(?:\.{0,2}/)?(?:[^\s/;()]+/)+(?=[^\s/;()]+)", "", text)
+
+
 def _loadavg() -> list[float] | None:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
@@ -320,9 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "example": "examples/mnist_prune.py",
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv[1:] if argv is None else list(argv),
         # file names only: a results file must not carry this machine's directories
-        "data_source": re.sub(r"/(?:[^\s/;()]+/)+", "", data.source),
+        "argv": [_no_dirs(a) for a in (sys.argv[1:] if argv is None else argv)],
+        "data_source": _no_dirs(data.source),
         "quick": args.quick, "seed": args.seed,
         "dense_epochs": epochs, "finetune_epochs": ft_epochs, "batch_size": args.batch_size,
         "train_threads": args.train_threads, "latency_threads": lat_threads,

@@ -4,13 +4,12 @@ SparseLinear runs through the ``sparsekit::*`` torch.library custom ops of :mod:
 (registered at ``import sparsekit``) under eager, ``torch.compile`` and ``torch.export``.
 """
 
-from sparsekit.nn.linear import SparseLinear
+from sparsekit.nn.linear import SparseLinear, heuristic_choice
 from sparsekit.nn.sparsify import (
     LayerReport,
     SparsifyReport,
     clear_tune_cache,
     densify,
-    heuristic_choice,
     sparsify,
 )
 
