@@ -8,16 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from sparsekit import ops
 from sparsekit.formats import BSRMatrix, CSRMatrix
-
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
-except ImportError:  # pragma: no cover - very old torch: always take the op path
-
-    def _current_dispatch_mode():
-        return True
 
 __all__ = ["SparseLinear", "FORMATS", "heuristic_choice", "DEFAULT_BLOCKSIZES"]
 
