@@ -1,4 +1,4 @@
-"""CPU performance targets of the C++ backend (issue 5), with bandwidth evidence and a plot.
+"""CPU performance targets of the C++ backend, with bandwidth evidence and a plot.
 
 Usage::
 

@@ -1,4 +1,4 @@
-"""Sparse vs dense ``linear`` on the CPU (issue 2): every built sparsekit backend against dense
+"""Sparse vs dense ``linear`` on the CPU: every built sparsekit backend against dense
 ``F.linear``, the fastest dense formulation, torch sparse CSR and scipy.
 
 Usage::

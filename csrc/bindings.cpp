@@ -393,7 +393,7 @@ void validate(const py::handle& indptr_o, const py::handle& indices_o, int64_t r
 
 py::dict build_info() {
   py::dict d;
-  d["version"] = "0.1.0";
+  d["version"] = SPARSEKIT_VERSION;
   d["compiler"] = SPARSEKIT_CXX_COMPILER;
   d["build_type"] = SPARSEKIT_BUILD_TYPE;
   d["cxx_standard"] = 17;

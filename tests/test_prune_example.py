@@ -26,7 +26,8 @@ def test_mnist_example_quick(tmp_path):
     assert abs(row["pruned_layers_sparsity"] - 0.9) < 1e-3
     assert row["bytes_compressed"] < row["bytes_dense"]
     assert res["dense"]["accuracy"] > 0.8  # the digits model did learn
-    assert set(row["tuned_choices"]) >= {"fc1", "fc2"}
+    assert set(row["tuned_choices"]) == {"batch1", "batch256"}
+    assert set(row["tuned_choices"]["batch1"]) >= {"fc1", "fc2"}
     assert row["tuned_speedup_median"]["threads1"]["batch1"] > 0
     assert "scikit-learn's 8x8 digits instead" in proc.stdout
     assert (tmp_path / "r.md").read_text().startswith("# LeNet-300-100 pruning")

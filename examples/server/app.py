@@ -34,9 +34,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python examples/server/app.py`: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 import numpy as np
 from fastapi import FastAPI, Request  # module level: FastAPI resolves endpoint annotations here
 from fastapi.responses import JSONResponse

@@ -1,5 +1,7 @@
-"""Benchmarking: the shared timing harness (:mod:`sparsekit.bench.harness`) and the
-``sparsekit bench`` command (:mod:`sparsekit.bench.runner`, :mod:`sparsekit.cli`).
+"""Benchmarking: the ``sparsekit bench`` command (:mod:`sparsekit.cli`; runners in
+:mod:`sparsekit.bench.layer` and :mod:`sparsekit.bench.model`, output in
+:mod:`sparsekit.bench.report`, run diffs in :mod:`sparsekit.bench.compare`) and the shared
+harness (:mod:`sparsekit.bench.harness`; timing itself is :mod:`sparsekit.timing`).
 
 Nothing heavy is imported here so ``import sparsekit`` stays cheap.
 """

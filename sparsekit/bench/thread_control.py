@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
+from sparsekit.threads import threads as sk_threads
+
 __all__ = ["default_threads", "threads_for_all"]
 
 def default_threads() -> int:
@@ -53,13 +55,8 @@ def threads_for_all(n: int | None = None) -> Iterator[int]:
             stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
         except ImportError:  # pragma: no cover - threadpoolctl is a dev dependency
             warnings.warn("threadpoolctl missing: numpy BLAS threads not controlled", stacklevel=3)
-        try:
-            # scoped (thread-local) override: leaves the process-wide setting untouched
-            from sparsekit.threads import threads as _sk_threads
-
-            stack.enter_context(_sk_threads(n))
-        except ImportError:  # sparsekit partially built: torch/BLAS threads still apply
-            pass
+        # scoped (thread-local) override: leaves the process-wide setting untouched
+        stack.enter_context(sk_threads(n))
         torch.set_num_threads(n)
         stack.callback(torch.set_num_threads, prev_torch)
         yield n

@@ -22,7 +22,9 @@ import threading
 import warnings
 from typing import Any, Protocol
 
-import torch
+# Only names from torch, never the module: importing the backend module sparsekit.kernels.torch
+# binds the attribute ``torch`` of this package to it.
+from torch import Tensor
 
 __all__ = [
     "Backend", "backends", "backend_status", "get_backend", "select_backend", "BACKEND_NAMES",
@@ -33,13 +35,13 @@ __all__ = [
 BUILD_HINT = ("build them with ./tools/setup.sh in a checkout (tools/build_inplace.sh after a "
               "C++ change), or pip install sparsekit")
 
-#: registry name -> module implementing it, in ``auto`` priority order per device
+#: registry name -> module implementing it (named after what it registers)
 _MODULES = {
     "cpp": "sparsekit.kernels.cpp",
     "cuda": "sparsekit.kernels.cuda",
-    "numba": "sparsekit.kernels.numba_cpu",
+    "numba": "sparsekit.kernels.numba",
     "numba_cuda": "sparsekit.kernels.numba_cuda",
-    "torch": "sparsekit.kernels.reference",
+    "torch": "sparsekit.kernels.torch",
 }
 BACKEND_NAMES = tuple(_MODULES)
 _AUTO_ORDER = {
@@ -58,10 +60,10 @@ class Backend(Protocol):
 
     def describe(self) -> str: ...
 
-    def supports(self, mat: Any, x: torch.Tensor) -> bool: ...
+    def supports(self, mat: Any, x: Tensor) -> bool: ...
 
-    def linear(self, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None,
-               out: torch.Tensor) -> None: ...
+    def linear(self, mat: Any, x2d: Tensor, bias: Tensor | None,
+               out: Tensor) -> None: ...
 
 
 _lock = threading.RLock()
@@ -210,7 +212,7 @@ def _warn_cpu_fallback(reason: str) -> None:
     )
 
 
-def select_backend(mat: Any, x: torch.Tensor, name: str = "auto") -> Backend:
+def select_backend(mat: Any, x: Tensor, name: str = "auto") -> Backend:
     """Choose the backend for ``linear(x, mat)``.
 
     ``name="auto"``: for CUDA tensors cuda, numba_cuda, torch; on CPU cpp, numba, torch -- the

@@ -20,15 +20,7 @@ from typing import Any
 import torch
 
 from ..formats import BSRMatrix, CSRMatrix
-
-try:  # the core engineer's thread-count module
-    from ..threads import get_num_threads
-except ImportError:  # pragma: no cover - only while sparsekit.threads is missing
-    import os
-
-    def get_num_threads() -> int:
-        return max(1, len(os.sched_getaffinity(0)))
-
+from ..threads import get_num_threads
 
 _C: Any = None
 _IMPORT_ERROR: str | None = None

@@ -6,13 +6,12 @@ SparseLinear runs through the ``sparsekit::*`` torch.library custom ops of :mod:
 
 from sparsekit.nn.attention import SparseMultiheadAttention
 from sparsekit.nn.conv import SparseConv2d
-from sparsekit.nn.linear import SparseLinear
+from sparsekit.nn.linear import SparseLinear, heuristic_choice
 from sparsekit.nn.sparsify import (
     LayerReport,
     SparsifyReport,
     clear_tune_cache,
     densify,
-    heuristic_choice,
     sparsify,
 )
 

@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from sparsekit import ops
 from sparsekit.formats import BSRMatrix, CSRMatrix
 
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
-except ImportError:  # pragma: no cover - very old torch: always take the op path
-
-    def _current_dispatch_mode():
-        return True
-
-__all__ = ["SparseLinear", "FORMATS"]
+__all__ = ["SparseLinear", "FORMATS", "heuristic_choice", "DEFAULT_BLOCKSIZES"]
 
 #: Storage formats SparseLinear understands.
 FORMATS = ("csr", "bsr")
 
-# Candidate block shapes for ``format="auto"`` / ``format="bsr"`` without an explicit blocksize.
-_AUTO_BLOCKSIZES: tuple[tuple[int, int], ...] = ((16, 16), (8, 8), (4, 4), (1, 16), (1, 8))
-# "auto" picks BSR only when the blocks are this full (stored entries / true nonzeros).
-_AUTO_MAX_FILL = 1.25
+#: Candidate BSR block shapes of the format heuristic and of ``sparsify`` tuning.
+DEFAULT_BLOCKSIZES: tuple[tuple[int, int], ...] = ((4, 4), (8, 8), (16, 16), (1, 8), (1, 16))
+#: Largest BSR fill ratio (stored entries / true nonzeros) considered by default.
+DEFAULT_MAX_FILL = 1.5
 
 _BUFFERS = ("weight_indptr", "weight_indices", "weight_values")
 
@@ -50,28 +45,46 @@ def block_fill(mask: Tensor, blocksize: tuple[int, int]) -> tuple[int, int]:
     return int(blocks.sum()), int(mask.sum())
 
 
-def choose_format_heuristic(
-    mask: Tensor, blocksizes=_AUTO_BLOCKSIZES, max_fill: float = _AUTO_MAX_FILL
-) -> tuple[str, tuple[int, int] | None]:
-    """The measurement-free choice used by ``format="auto"`` (and ``sparsify(tune=False)``).
+def heuristic_choice(
+    mask: Tensor,
+    formats: Sequence[str] = FORMATS,
+    blocksizes: Sequence[tuple[int, int]] = DEFAULT_BLOCKSIZES,
+    max_fill: float = DEFAULT_MAX_FILL,
+    *,
+    allow_dense: bool = True,
+) -> tuple[str, tuple[int, int] | None, str]:
+    """The one measurement-free format rule: ``(format, blocksize, reason)``.
 
-    BSR with the largest block (by area, then the order of ``blocksizes``) whose fill ratio
-    (stored entries / true nonzeros) is at most ``max_fill``; otherwise CSR. Block storage
-    wins when the pattern really is blocky because it amortises one index over r*c values and
-    vectorises along c; with more fill it multiplies zeros.
+    Used by ``SparseLinear.from_dense(format="auto")`` (``allow_dense=False``: the layer is
+    sparse by construction) and ``sparsify(tune=False)``.
+
+    * BSR with the largest-area candidate block (area > 1) whose fill ratio (stored entries /
+      true nonzeros) is at most ``max_fill`` and whose *block* density (stored entries / M*K)
+      is at most 0.5: blocks amortise one index over r*c values and vectorise along c;
+    * else CSR if the density is at most 0.3 (below ~30 % nonzeros a CSR kernel reading
+      6 bytes per nonzero -- bf16/fp32 value + uint16 index -- moves clearly less memory than
+      the dense weight, which dominates batch-1 latency), or if dense is not allowed;
+    * else dense.
     """
-    best: tuple[int, tuple[int, int]] | None = None
-    for bs in blocksizes:
-        nnzb, nnz = block_fill(mask, bs)
-        if nnz == 0:
-            break
-        if nnzb * bs[0] * bs[1] <= max_fill * nnz and bs[0] * bs[1] > 1:
+    m, k = mask.shape
+    nnz = int(mask.sum())
+    density = nnz / float(m * k) if m * k else 0.0
+    if "bsr" in formats and nnz:
+        best = None
+        for bs in blocksizes:
             area = bs[0] * bs[1]
-            if best is None or area > best[0]:
-                best = (area, bs)
-    if best is None:
-        return "csr", None
-    return "bsr", best[1]
+            nnzb, _ = block_fill(mask, bs)
+            if (area > 1 and nnzb * area <= max_fill * nnz and nnzb * area <= 0.5 * m * k
+                    and (best is None or area > best[0])):
+                best = (area, tuple(bs))
+        if best is not None:
+            return "bsr", best[1], "heuristic: blocky pattern"
+    if "csr" in formats and (density <= 0.3 or not allow_dense):
+        return "csr", None, "heuristic: density <= 0.3" if density <= 0.3 else "heuristic: csr"
+    if not allow_dense:
+        raise ValueError(f"formats: expected 'csr' among {tuple(formats)} when dense is not "
+                         "allowed and the pattern is not blocky")
+    return "dense", None, "heuristic: too dense"
 
 
 class SparseLinear(nn.Module):
@@ -192,7 +205,7 @@ class SparseLinear(nn.Module):
         linear : nn.Linear
             Source layer; its weight is read, not modified.
         format : {"auto", "csr", "bsr"}
-            ``"auto"`` uses :func:`choose_format_heuristic` (BSR when blocks are nearly full).
+            ``"auto"`` uses :func:`heuristic_choice` (BSR when blocks are nearly full).
         blocksize : (int, int), optional
             BSR block shape; with ``format="bsr"`` and no blocksize, the heuristic's best block
             (or ``(4, 4)``) is used.
@@ -217,9 +230,9 @@ class SparseLinear(nn.Module):
                 raise ValueError("blocksize: only valid with format='bsr' or 'auto', got CSR")
             format = "bsr"
         if format == "auto":
-            format, blocksize = choose_format_heuristic(w != 0)
+            format, blocksize, _ = heuristic_choice(w != 0, allow_dense=False)
         elif format == "bsr" and blocksize is None:
-            fmt, bs = choose_format_heuristic(w != 0)
+            fmt, bs, _ = heuristic_choice(w != 0, allow_dense=False)
             blocksize = bs if fmt == "bsr" else (4, 4)
         if format == "csr":
             mat = CSRMatrix.from_dense(w, value_dtype=value_dtype)

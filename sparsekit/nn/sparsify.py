@@ -60,7 +60,13 @@ from sparsekit._layers import (
 )
 from sparsekit.nn.attention import SparseMultiheadAttention
 from sparsekit.nn.conv import SparseConv2d
-from sparsekit.nn.linear import SparseLinear, block_fill
+from sparsekit.nn.linear import (
+    DEFAULT_BLOCKSIZES,
+    DEFAULT_MAX_FILL,
+    SparseLinear,
+    block_fill,
+    heuristic_choice,
+)
 
 __all__ = [
     "sparsify",
@@ -73,7 +79,6 @@ __all__ = [
 ]
 
 #: BSR block shapes tried by default.
-DEFAULT_BLOCKSIZES: tuple[tuple[int, int], ...] = ((4, 4), (8, 8), (16, 16), (1, 8), (1, 16))
 _CACHE_VERSION = 1
 _ENV_CACHE = "SPARSEKIT_TUNE_CACHE"
 
@@ -416,37 +421,6 @@ def _measure_layer(
     return dense, sparse
 
 
-def heuristic_choice(
-    density: float,
-    mask: Tensor,
-    formats: Sequence[str],
-    blocksizes: Sequence[tuple[int, int]],
-    max_fill: float,
-) -> tuple[str, tuple[int, int] | None, str]:
-    """The ``tune=False`` rule (no measurement).
-
-    * BSR with the largest-area candidate block whose fill ratio is <= ``max_fill``, if the
-      *block* density (stored entries / M*K) is <= 0.5;
-    * else CSR if density <= 0.3 (below ~30% nonzeros a CSR kernel reading 6 bytes per nonzero
-      (bf16/fp32 value + uint16 index) moves clearly less memory than the dense weight, which
-      dominates batch-1 latency);
-    * else dense.
-    """
-    m, k = mask.shape
-    if "bsr" in formats:
-        best = None
-        for _fmt, bs in _candidates(mask, ["bsr"], blocksizes, max_fill):
-            nnzb, _ = block_fill(mask, bs)
-            area = bs[0] * bs[1]
-            if area > 1 and nnzb * area <= 0.5 * m * k and (best is None or area > best[0]):
-                best = (area, bs)
-        if best is not None:
-            return "bsr", best[1], "heuristic: blocky pattern"
-    if "csr" in formats and density <= 0.3:
-        return "csr", None, "heuristic: density <= 0.3"
-    return "dense", None, "heuristic: too dense"
-
-
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
@@ -578,7 +552,7 @@ def sparsify(
     value_dtype: torch.dtype | None = None,
     cache: bool | str | os.PathLike[str] = True,
     backend: str = "auto",
-    max_fill: float = 1.5,
+    max_fill: float = DEFAULT_MAX_FILL,
     margin: float = 0.05,
     cold: bool | None = None,
     example_inputs: Any = None,
@@ -701,12 +675,12 @@ def sparsify(
         if not w.is_floating_point():
             return row("dense", None, "non-float weight")
         if conv is not None and (not tune or id(conv) not in conv_inputs):
-            fmt, bs, why = heuristic_choice(density, mask, formats, blocksizes, max_fill)
+            fmt, bs, why = heuristic_choice(mask, formats, blocksizes, max_fill)
             if tune:
                 why += " (no example_inputs to measure the convolution at)"
             return row(fmt, bs, why)
         if not tune:
-            fmt, bs, why = heuristic_choice(density, mask, formats, blocksizes, max_fill)
+            fmt, bs, why = heuristic_choice(mask, formats, blocksizes, max_fill)
             return row(fmt, bs, why)
         if conv is not None:
             cands = _candidates(mask, formats, blocksizes, max_fill)

@@ -329,7 +329,7 @@ def _prepared(mat) -> dict:
             "values": _np_values(mat.values),
         }
 
-    return mat.cached(("numba_cpu", "prep"), build)
+    return mat.cached(("numba", "prep"), build)
 
 
 def _serial(kern):
@@ -401,7 +401,7 @@ class NumbaCPUBackend:
             nthreads = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
             numba.set_num_threads(nthreads)  # thread-local in numba: set on every call
         p = _prepared(mat)
-        bounds = mat.cached(("numba_cpu", "bounds", nthreads),
+        bounds = mat.cached(("numba", "bounds", nthreads),
                              lambda: _partition(p["indptr"], nthreads))
         has_bias = bias is not None
         b = bias.numpy() if has_bias else np.zeros(1, np.float32)
