@@ -104,6 +104,8 @@ class LayerReport:
     dense_times: dict[str, float] = dataclasses.field(default_factory=dict)
     sparse_times: dict[str, float] = dataclasses.field(default_factory=dict)
     from_cache: bool = False
+    #: int8 quantization error of the stored weights (``CSRMatrix.quantization``), or None.
+    quantization: dict[str, float] | None = None
 
     @property
     def best_dense_time(self) -> float | None:
@@ -543,8 +545,9 @@ def sparsify(
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes or any(not isinstance(n, int) or n <= 0 for n in batch_sizes):
         raise ValueError(f"batch_sizes: expected positive ints, got {batch_sizes}")
-    if value_dtype is not None and value_dtype not in _ops.FLOAT_DTYPES:
-        raise TypeError(f"value_dtype: expected float32, bfloat16 or float16, got {value_dtype}")
+    if value_dtype is not None and value_dtype not in (*_ops.FLOAT_DTYPES, torch.int8):
+        raise TypeError(
+            f"value_dtype: expected float32, bfloat16, float16 or int8, got {value_dtype}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable, got {type(filter_fn).__name__}")
     if cold is not None and not isinstance(cold, bool):
@@ -645,6 +648,7 @@ def sparsify(
                 lin, format=rep.choice, blocksize=rep.blocksize, value_dtype=vdt, backend=backend
             )
             new.train(lin.training)
+            rep.quantization = new.quantization
             setattr(parent, cname, new)
     if cache_path is not None and new_entries:
         _save_cache_file(cache_path, new_entries)
