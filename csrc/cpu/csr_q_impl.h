@@ -40,8 +40,8 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
   for (; j + 2 * W <= e; j += 2 * W) {
     _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
-    const auto c0 = q_cols(idx + j, carry);
-    const auto c1 = q_cols(idx + j + W, carry);
+    IdxV c0, c1;
+    q_cols2(idx + j, carry, c0, c1);
     a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
     a1 = Vec::fma(q_vals(val + j + W), q_gather(x, c1), a1);
   }
