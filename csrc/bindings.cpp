@@ -12,6 +12,7 @@
 #include "common/format.h"
 #include "cpu/cpu_features.h"
 #include "cpu/spmm_cpu.h"
+#include "cpu/spmm_q.h"
 // ---- CUDA bindings (owned by the GPU engineer; see also the block before PYBIND11_MODULE) ----
 #ifdef SPARSEKIT_WITH_CUDA
 #include "cuda/spmm_cuda.h"
@@ -81,6 +82,7 @@ bool dtype_is(const py::array& a, char kind, py::ssize_t size) {
 template <class T> bool has_dtype(const py::array& a);
 template <> bool has_dtype<float>(const py::array& a) { return dtype_is(a, 'f', 4); }
 template <> bool has_dtype<uint16_t>(const py::array& a) { return dtype_is(a, 'u', 2); }
+template <> bool has_dtype<uint8_t>(const py::array& a) { return dtype_is(a, 'u', 1); }
 template <> bool has_dtype<int32_t>(const py::array& a) { return dtype_is(a, 'i', 4); }
 template <> bool has_dtype<int64_t>(const py::array& a) { return dtype_is(a, 'i', 8); }
 
@@ -88,7 +90,8 @@ DType parse_dtype(const std::string& s, const char* name) {
   if (s == "f32" || s == "float32") return DType::F32;
   if (s == "bf16" || s == "bfloat16") return DType::BF16;
   if (s == "f16" || s == "float16") return DType::F16;
-  value_error(std::string(name) + ": expected one of 'f32', 'bf16', 'f16', got '" + s + "'");
+  if (s == "i8" || s == "int8") return DType::I8;
+  value_error(std::string(name) + ": expected one of 'f32', 'bf16', 'f16', 'i8', got '" + s + "'");
 }
 
 // numpy dtypes accepted for a sparsekit dtype code (bf16 travels as a uint16 view).
@@ -98,6 +101,7 @@ bool dtype_matches(const py::array& a, DType t) {
     case DType::BF16: return has_dtype<uint16_t>(a);
     case DType::F16:
       return has_dtype<uint16_t>(a) || dtype_is(a, 'f', 2);
+    case DType::I8: return dtype_is(a, 'i', 1);
   }
   return false;
 }
@@ -107,6 +111,7 @@ const char* expected_numpy(DType t) {
     case DType::F32: return "float32";
     case DType::BF16: return "uint16 (bfloat16 bits)";
     case DType::F16: return "float16 or uint16 (float16 bits)";
+    case DType::I8: return "int8";
   }
   return "?";
 }
@@ -126,9 +131,10 @@ IndexType indices_type(const py::array& a, int64_t len, const char* what) {
   if (a.ndim() == 1 && is_c_contig(a) && a.shape(0) == len) {
     if (has_dtype<uint16_t>(a)) return IndexType::U16;
     if (has_dtype<int32_t>(a)) return IndexType::I32;
+    if (has_dtype<uint8_t>(a)) return IndexType::D8;
   }
   std::ostringstream s;
-  s << "indices: expected contiguous uint16 or int32 array of length " << len << what << ", got "
+  s << "indices: expected contiguous uint16, int32 or uint8 (gaps) array of length " << len << what << ", got "
     << (is_c_contig(a) ? "" : "non-contiguous ") << describe(a);
   value_error(s.str());
 }
@@ -138,6 +144,7 @@ int64_t read_index(const py::array& a, IndexType t, int64_t i) {
     case IndexType::I32: return static_cast<const int32_t*>(a.data())[i];
     case IndexType::I64: return static_cast<const int64_t*>(a.data())[i];
     case IndexType::U16: return static_cast<const uint16_t*>(a.data())[i];
+    case IndexType::D8: return static_cast<const uint8_t*>(a.data())[i];
   }
   return 0;
 }
@@ -164,6 +171,14 @@ void check_2d(const py::array& a, const char* name, int64_t rows, int64_t cols, 
       << a.strides(1) << ")";
     value_error(s.str());
   }
+}
+
+// The float kernels read neither int8 values nor uint8 gaps (csrq_linear does, for CSR).
+void reject_compressed(const SpmmParams& p, const char* fn) {
+  if (p.value_dtype == DType::I8)
+    value_error(std::string(fn) + ": value_dtype 'i8' is only taken by csrq_linear (CSR)");
+  if (p.index_type == IndexType::D8)
+    value_error(std::string(fn) + ": uint8 gap indices are only taken by csrq_linear (CSR)");
 }
 
 struct Common {
@@ -270,8 +285,40 @@ void csr_linear(const py::handle& indptr, const py::handle& indices, const py::h
   if (c.arr(2).ndim() != 1 || c.arr(2).shape(0) != nnz)
     value_error("values: expected array of length " + std::to_string(nnz) + " (= indptr[-1]), got " +
                 describe(c.arr(2)));
+  reject_compressed(c.p, "csr_linear");
   py::gil_scoped_release nogil;
   sparsekit::cpu::csr_linear(c.p, c.isa);
+}
+
+// int8 values (with per-row scales) and/or uint8 column gaps; see csrc/cpu/csr_q_impl.h.
+void csrq_linear(const py::handle& indptr, const py::handle& indices, const py::handle& values,
+                 const std::string& value_dtype, const py::handle& scales_o, const py::handle& x,
+                 const std::string& x_dtype, const py::handle& bias, const py::handle& out,
+                 const std::string& out_dtype, int64_t n_rows, int64_t n_cols,
+                 int64_t num_threads, const std::string& isa) {
+  Common c;
+  fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
+              n_cols, n_rows, num_threads, isa);
+  const int64_t nnz = c.arr(1).shape(0);
+  if (c.arr(2).ndim() != 1 || c.arr(2).shape(0) != nnz)
+    value_error("values: expected array of length " + std::to_string(nnz) + " (= indptr[-1]), got " +
+                describe(c.arr(2)));
+  if (c.p.x_dtype == DType::I8) value_error("x_dtype: expected 'f32' for int8 weights, got 'i8'");
+  py::object keep_scales;
+  if (c.p.value_dtype == DType::I8) {
+    if (scales_o.is_none()) value_error("scales: expected a float32 array of length " +
+                                        std::to_string(n_rows) + " for int8 values, got None");
+    py::array sc = as_array(scales_o, "scales");
+    if (!has_dtype<float>(sc) || sc.ndim() != 1 || sc.shape(0) != n_rows || !is_c_contig(sc))
+      value_error("scales: expected contiguous float32 array of length " + std::to_string(n_rows) +
+                  ", got " + describe(sc));
+    c.p.scales = static_cast<const float*>(sc.data());
+    keep_scales = sc;
+  } else if (!scales_o.is_none()) {
+    value_error("scales: expected None for float values, got an array");
+  }
+  py::gil_scoped_release nogil;
+  sparsekit::cpu::csrq_linear(c.p, c.isa);
 }
 
 void bsr_linear(const py::handle& indptr, const py::handle& indices, const py::handle& values,
@@ -297,6 +344,7 @@ void bsr_linear(const py::handle& indptr, const py::handle& indices, const py::h
       << ") (= (indptr[-1], block_r, block_c)), got " << describe(v);
     value_error(s.str());
   }
+  reject_compressed(c.p, "bsr_linear");
   c.p.block_r = static_cast<int>(block_r);
   c.p.block_c = static_cast<int>(block_c);
   py::gil_scoped_release nogil;
@@ -547,6 +595,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa") = "auto",
         "out (N, n_rows) = x (N, n_cols) @ W.T + bias for W in CSR (fp32 accumulation). "
         "The structure must have passed validate_csr. Releases the GIL.");
+  m.def("csrq_linear", &csrq_linear, py::arg("indptr"), py::arg("indices"), py::arg("values"),
+        py::arg("value_dtype"), py::arg("scales"), py::arg("x"), py::arg("x_dtype"),
+        py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("n_rows"),
+        py::arg("n_cols"), py::arg("num_threads"), py::arg("isa") = "auto",
+        "csr_linear for the compressed formats: int8 values (value_dtype 'i8', with float32 "
+        "per-row scales) and/or uint8 column gaps (indices dtype uint8). The structure must "
+        "have been validated (sparsekit.CSRMatrix). Releases the GIL.");
   m.def("bsr_linear", &bsr_linear, py::arg("indptr"), py::arg("indices"), py::arg("values"),
         py::arg("value_dtype"), py::arg("x"), py::arg("x_dtype"), py::arg("bias"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("block_r"),

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _compress
+
 __all__ = ["CSRMatrix", "BSRMatrix", "VALUE_DTYPES"]
 
 #: Supported value dtypes.
@@ -150,7 +152,33 @@ def _to_numpy_int(a: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _values_tensor(values: Any, name: str = "values") -> torch.Tensor:
+def _is_int8(value_dtype: Any) -> bool:
+    return value_dtype is torch.int8 or value_dtype in ("int8", np.int8) or (
+        isinstance(value_dtype, np.dtype) and value_dtype == np.int8)
+
+
+def _check_encoding(enc: Any, *, allow_auto: bool) -> None:
+    allowed = ("plain", "delta8", "auto") if allow_auto else ("plain", "delta8")
+    if enc not in allowed:
+        raise ValueError(f"index_encoding: expected one of {allowed}, got {enc!r}")
+
+
+def _pack_delta8(indptr_np: np.ndarray, gaps_np: np.ndarray, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    nnz = gaps_np.shape[0]
+    ip_dt = np.int32 if nnz < 2**31 else np.int64
+    ip = torch.from_numpy(np.ascontiguousarray(indptr_np.astype(ip_dt, copy=False)))
+    return ip.to(device), torch.from_numpy(np.ascontiguousarray(gaps_np)).to(device)
+
+
+def _values_tensor(values: Any, name: str = "values", *, int8: bool = False) -> torch.Tensor:
+    if int8:
+        if isinstance(values, np.ndarray):
+            values = torch.from_numpy(np.ascontiguousarray(values))
+        if not isinstance(values, torch.Tensor) or values.dtype != torch.int8:
+            got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+            raise TypeError(f"{name}: expected int8 values when scales are given, got {got}")
+        return values.detach().contiguous()
     if isinstance(values, torch.Tensor):
         t = values.detach()
     elif isinstance(values, np.ndarray):
@@ -332,6 +360,9 @@ class _SparseBase:
     indices: torch.Tensor
     values: torch.Tensor
     _shape: tuple[int, int]
+    #: fp32 ``(M,)`` per-output-row scales when ``values`` are int8, else None.
+    scales: torch.Tensor | None = None
+    _quant_report: dict[str, float] | None = None
 
     # Cache API: derived data of this matrix (backend-private packings, partitions, the
     # transpose, ...) keyed by the caller, e.g. ``("cpp", "np")``. The matrix owns the cache;
@@ -387,8 +418,37 @@ class _SparseBase:
 
     @property
     def index_dtype(self) -> torch.dtype:
-        """dtype of ``indices`` (torch.uint16 or torch.int32)."""
+        """dtype of ``indices`` (torch.uint16 or torch.int32; torch.uint8 for delta8 gaps)."""
         return self.indices.dtype
+
+    @property
+    def index_encoding(self) -> str:
+        """``"plain"`` (column ids) or ``"delta8"`` (uint8 gaps with escape entries; see
+        :mod:`sparsekit._compress`)."""
+        return "delta8" if self.indices.dtype == torch.uint8 else "plain"
+
+    @property
+    def is_compressed(self) -> bool:
+        """True for int8 values or delta8 indices (formats the float kernels cannot read)."""
+        return self.scales is not None or self.indices.dtype == torch.uint8
+
+    @property
+    def quantization(self) -> dict[str, float] | None:
+        """Error of int8 quantization measured when built by ``from_dense`` (keys
+        ``max_abs_error``, ``mean_abs_error``, ``rel_error``, ``max_abs_weight``), else None."""
+        return self._quant_report
+
+    def decoded(self):
+        """The same weight with plain indices and float values (int8 values dequantized to
+        float32); ``self`` when already plain. Cached on the matrix."""
+        if not self.is_compressed:
+            return self
+        return self.cached("decoded", self._decode)
+
+    def _set_compression(self, scales: torch.Tensor | None,
+                         report: dict[str, float] | None = None) -> None:
+        self.scales = scales
+        self._quant_report = report
 
     @property
     def device(self) -> torch.device:
@@ -398,7 +458,10 @@ class _SparseBase:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed buffers (indptr + indices + values)."""
-        return sum(t.numel() * t.element_size() for t in (self.indptr, self.indices, self.values))
+        ts = [self.indptr, self.indices, self.values]
+        if self.scales is not None:
+            ts.append(self.scales)
+        return sum(t.numel() * t.element_size() for t in ts)
 
     @property
     def density(self) -> float:
@@ -410,6 +473,7 @@ class _SparseBase:
         return (
             f"{type(self).__name__}(shape={self._shape}{extra}, nnz={self.nnz}, "
             f"density={self.density:.4g}, dtype={self.dtype}, index_dtype={self.index_dtype}, "
+            f"{'index_encoding=delta8, ' if self.index_encoding == 'delta8' else ''}"
             f"device={self.device})"
         )
 
@@ -424,6 +488,21 @@ class _SparseBase:
         dev = torch.device(device) if device is not None else self.device
         vdt = _resolve_value_dtype(dtype, self.dtype, "dtype") if dtype is not None else self.dtype
         return dev, vdt
+
+    def _to_compressed(self, device, dtype):
+        """``.to()`` of an int8 / delta8 matrix: float dtypes decode first; CPU only."""
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
+        if dtype is not None and dtype != self.dtype:
+            return self.decoded().to(device=device, dtype=dtype)
+        dev = torch.device(device) if device is not None else self.device
+        if dev.type != "cpu":
+            raise NotImplementedError(
+                f"{type(self).__name__}.to({str(dev)!r}): int8 values / delta8 indices have CPU "
+                "kernels only (C++ and Numba); no CUDA kernel reads them yet. Use "
+                ".decoded().to(device) for a float matrix with plain indices."
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- CSR
@@ -459,9 +538,11 @@ class CSRMatrix(_SparseBase):
     True
     """
 
-    def __init__(self, indptr: Any, indices: Any, values: Any, shape: Any) -> None:
+    def __init__(self, indptr: Any, indices: Any, values: Any, shape: Any, *,
+                 scales: Any = None, index_encoding: str = "plain") -> None:
         M, K = _check_shape(shape)
-        vals = _values_tensor(values)
+        _check_encoding(index_encoding, allow_auto=False)
+        vals = _values_tensor(values, int8=scales is not None)
         if vals.dim() != 1:
             raise ValueError(
                 f"values: expected a 1-D array of length nnz, got shape {tuple(vals.shape)}"
@@ -473,9 +554,16 @@ class CSRMatrix(_SparseBase):
             raise ValueError(
                 f"values: expected length nnz = len(indices) = {ix.shape[0]}, got {vals.shape[0]}"
             )
-        validate_structure(ip, ix, M, K)
-        ipt, ixt = _pack_structure(ip, ix, K, device)
+        sc = None if scales is None else _compress.validate_scales(scales, M)
+        if index_encoding == "delta8":
+            _compress.delta8_validate(ip, ix, M, K)
+            ipt, ixt = _pack_delta8(ip, ix, device)
+        else:
+            validate_structure(ip, ix, M, K)
+            ipt, ixt = _pack_structure(ip, ix, K, device)
         self._set(ipt, ixt, vals.to(device), (M, K))
+        if sc is not None:
+            self._set_compression(sc.to(device))
 
     def _set(self, indptr, indices, values, shape) -> None:
         self.indptr, self.indices, self.values, self._shape = indptr, indices, values, shape
@@ -491,12 +579,32 @@ class CSRMatrix(_SparseBase):
     # -- properties
     @property
     def nnz(self) -> int:
-        """Number of stored entries (explicit zeros included)."""
+        """Number of stored entries (explicit zeros included; delta8 escape entries
+        excluded)."""
+        if self.indices.dtype == torch.uint8:
+            return self.decoded().nnz
         return int(self.indices.shape[0])
+
+    def _decode(self) -> CSRMatrix:
+        M, K = self._shape
+        indptr, cols, vals = self.indptr, self.indices, self.values
+        rows = _row_ids(indptr, M)
+        if vals.dtype == torch.int8:
+            vals = vals.to(torch.float32) * self.scales[rows]
+        if cols.dtype == torch.uint8:
+            keep = ~((cols == _compress.GAP_MAX) & (self.values == 0))
+            cols = _compress.delta8_decode(indptr, cols, M)[keep]
+            rows, vals = rows[keep], vals[keep]
+            ip = torch.zeros(M + 1, dtype=torch.int64, device=cols.device)
+            torch.cumsum(torch.bincount(rows, minlength=M), 0, out=ip[1:])
+            indptr = ip.to(_indptr_dtype_for(int(cols.shape[0])))
+            cols = cols.to(_index_dtype_for(K))
+        return CSRMatrix._from_parts(indptr, cols, vals.contiguous(), self._shape)
 
     # -- conversions
     @classmethod
-    def from_dense(cls, w: Any, *, value_dtype: Any = None) -> CSRMatrix:
+    def from_dense(cls, w: Any, *, value_dtype: Any = None,
+                   index_encoding: str | None = None) -> CSRMatrix:
         """Build from a dense 2-D torch tensor or numpy array; exact zeros are pruned entries.
 
         Parameters
@@ -504,14 +612,22 @@ class CSRMatrix(_SparseBase):
         w : torch.Tensor or numpy.ndarray, shape (M, K)
             Dense weight on any device (the result lives on the same device).
         value_dtype : torch.dtype, optional
-            float32 / bfloat16 / float16. Default: ``w``'s dtype if one of those, else float32
-            (float64 input is converted). Which entries are stored is decided on ``w`` itself,
-            before conversion.
+            float32 / bfloat16 / float16, or torch.int8 (symmetric per-row quantization with
+            fp32 ``scales``; see :mod:`sparsekit._compress`). Default: ``w``'s dtype if one of
+            the float ones, else float32 (float64 input is converted). Which entries are
+            stored is decided on ``w`` itself, before conversion.
+        index_encoding : {"plain", "delta8", "auto"}, optional
+            Column index coding. ``"auto"`` picks uint8 gaps when they take fewer bytes.
+            Default: ``"auto"`` for int8 values, ``"plain"`` otherwise.
 
         Complexity O(M*K), vectorised.
         """
         t = _as_tensor_dense(w)
+        if _is_int8(value_dtype):
+            return cls._from_dense_compressed(t, torch.int8, index_encoding or "auto")
         vdt = _resolve_value_dtype(value_dtype, t.dtype)
+        if index_encoding not in (None, "plain"):
+            return cls._from_dense_compressed(t, vdt, index_encoding)
         M, K = t.shape
         t = t.contiguous()
         # nonzero() + bincount + flat gather: ~2x faster than mask.sum(1) + t[mask]
@@ -525,8 +641,41 @@ class CSRMatrix(_SparseBase):
             indptr64.to(_indptr_dtype_for(nnz)), cols.to(_index_dtype_for(K)), values, (M, K)
         )
 
+    @classmethod
+    def _from_dense_compressed(cls, t: torch.Tensor, vdt: torch.dtype,
+                               index_encoding: str) -> CSRMatrix:
+        _check_encoding(index_encoding, allow_auto=True)
+        M, K = t.shape
+        t = t.contiguous()
+        nz = (t != 0).nonzero()
+        rows, cols = nz[:, 0], nz[:, 1]
+        flat = rows * K + cols
+        scales = report = None
+        if vdt == torch.int8:
+            q, scales = _compress.quantize_int8_rows(t)
+            vals = q.reshape(-1)[flat]
+            report = _compress.quantization_report(
+                t.reshape(-1)[flat], vals.to(torch.float32) * scales[rows])
+        else:
+            vals = t.reshape(-1)[flat].to(vdt)
+        if index_encoding == "auto":
+            index_encoding = _compress.choose_encoding(rows, cols, K, vals.element_size())
+        if index_encoding == "delta8":
+            indptr64, ix, vals = _compress.delta8_encode(rows, cols, M, vals)
+        else:
+            indptr64 = torch.zeros(M + 1, dtype=torch.int64, device=t.device)
+            torch.cumsum(torch.bincount(rows, minlength=M), 0, out=indptr64[1:])
+            ix = cols.to(_index_dtype_for(K))
+        m = cls._from_parts(indptr64.to(_indptr_dtype_for(int(ix.shape[0]))), ix,
+                            vals.contiguous(), (M, K))
+        m._set_compression(scales, report)
+        return m
+
     def to_dense(self) -> torch.Tensor:
-        """Dense ``(M, K)`` tensor of the value dtype on the matrix's device (exact)."""
+        """Dense ``(M, K)`` tensor of the value dtype on the matrix's device (exact). int8
+        matrices return the dequantized float32 weight."""
+        if self.is_compressed:
+            return self.decoded().to_dense()
         M, K = self._shape
         out = torch.zeros(M, K, dtype=self.dtype, device=self.device)
         if self.nnz:
@@ -556,6 +705,8 @@ class CSRMatrix(_SparseBase):
         are converted to float32 (exact; ``from_scipy(s, value_dtype=...)`` converts back)."""
         import scipy.sparse as sps
 
+        if self.is_compressed:
+            return self.decoded().to_scipy()
         vals = self.values.detach().cpu().float()
         idx_dt = np.int32 if self.nnz < 2**31 else np.int64
         return sps.csr_array(
@@ -587,6 +738,8 @@ class CSRMatrix(_SparseBase):
     def to_torch(self) -> torch.Tensor:
         """``torch.sparse_csr_tensor`` (int32 or int64 index tensors, values in the same dtype,
         same device). bfloat16 is supported as storage."""
+        if self.is_compressed:
+            return self.decoded().to_torch()
         it = torch.int32 if self.nnz < 2**31 else torch.int64
         with _quiet_sparse_beta():
             return torch.sparse_csr_tensor(
@@ -596,6 +749,8 @@ class CSRMatrix(_SparseBase):
 
     def to(self, device: Any = None, dtype: Any = None) -> CSRMatrix:
         """New matrix with all buffers on ``device`` and values converted to ``dtype``."""
+        if self.is_compressed:
+            return self._to_compressed(device, dtype)
         dev, vdt = self._to_args(device, dtype)
         return CSRMatrix._from_parts(
             self.indptr.to(dev), self.indices.to(dev), self.values.to(device=dev, dtype=vdt),
@@ -603,7 +758,10 @@ class CSRMatrix(_SparseBase):
         )
 
     def transpose(self) -> CSRMatrix:
-        """CSR of ``W.T`` with shape ``(K, M)`` (O(nnz log nnz), vectorised)."""
+        """CSR of ``W.T`` with shape ``(K, M)`` (O(nnz log nnz), vectorised). Compressed
+        matrices are decoded first (the transpose has float values and plain indices)."""
+        if self.is_compressed:
+            return self.decoded().transpose()
         M, K = self._shape
         nnz = self.nnz
         indptr, rows, perm = _transpose_structure(self.indptr, self.indices, M, K)
@@ -624,9 +782,9 @@ class BSRMatrix(_SparseBase):
     indices : array_like of int, shape (nnzb,)
         Block-column ids in ``[0, Kb)``, ``Kb = ceil(K / c)``, sorted and unique per block row.
     values : torch.Tensor or numpy.ndarray, shape (nnzb, r, c)
-        Row-major blocks. Blocks on a ragged edge (when ``r`` does not divide M or ``c`` does
-        not divide K) carry padding that is never read by the kernels; it is zero when built
-        by sparsekit.
+        Row-major blocks (int8 when ``scales`` is given). Blocks on a ragged edge (when ``r``
+        does not divide M or ``c`` does not divide K) carry padding that is never read by the
+        kernels; it is zero when built by sparsekit.
     shape : tuple of int
         ``(M, K)``.
     blocksize : tuple of int
@@ -639,10 +797,11 @@ class BSRMatrix(_SparseBase):
     """
 
     def __init__(self, indptr: Any, indices: Any, values: Any, shape: Any,
-                 blocksize: Any) -> None:
+                 blocksize: Any, *, scales: Any = None, index_encoding: str = "plain") -> None:
         M, K = _check_shape(shape)
         r, c = _check_shape(blocksize, "blocksize")
-        vals = _values_tensor(values)
+        _check_encoding(index_encoding, allow_auto=False)
+        vals = _values_tensor(values, int8=scales is not None)
         device = _tensor_device(indptr, indices, vals)
         ip = _to_numpy_int(indptr, "indptr")
         ix = _to_numpy_int(indices, "indices")
@@ -652,9 +811,16 @@ class BSRMatrix(_SparseBase):
                 f"got {tuple(vals.shape)}"
             )
         Mb, Kb = -(-M // r), -(-K // c)
-        validate_structure(ip, ix, Mb, Kb)
-        ipt, ixt = _pack_structure(ip, ix, Kb, device)
+        sc = None if scales is None else _compress.validate_scales(scales, M)
+        if index_encoding == "delta8":
+            _compress.delta8_validate(ip, ix, Mb, Kb)
+            ipt, ixt = _pack_delta8(ip, ix, device)
+        else:
+            validate_structure(ip, ix, Mb, Kb)
+            ipt, ixt = _pack_structure(ip, ix, Kb, device)
         self._set(ipt, ixt, vals.to(device), (M, K), (r, c))
+        if sc is not None:
+            self._set_compression(sc.to(device))
 
     def _set(self, indptr, indices, values, shape, blocksize) -> None:
         self.indptr, self.indices, self.values = indptr, indices, values
@@ -681,6 +847,8 @@ class BSRMatrix(_SparseBase):
     @property
     def nnz(self) -> int:
         """Nonzero values stored inside blocks (padding and explicit zeros excluded)."""
+        if self.is_compressed:
+            return self.decoded().nnz
         return self.cached("nnz", lambda: int(torch.count_nonzero(self._padded_mask_values())))
 
     def _padded_mask_values(self) -> torch.Tensor:
@@ -704,7 +872,8 @@ class BSRMatrix(_SparseBase):
         return -(-self._shape[0] // self._blocksize[0]), -(-self._shape[1] // self._blocksize[1])
 
     @classmethod
-    def from_dense(cls, w: Any, blocksize: Any, *, value_dtype: Any = None) -> BSRMatrix:
+    def from_dense(cls, w: Any, blocksize: Any, *, value_dtype: Any = None,
+                   index_encoding: str | None = None) -> BSRMatrix:
         """Build from a dense 2-D tensor/array, keeping every block with any nonzero.
 
         Parameters
@@ -713,29 +882,86 @@ class BSRMatrix(_SparseBase):
         blocksize : tuple of int
             ``(r, c)``; M and K need not be multiples (edges are zero-padded internally).
         value_dtype : torch.dtype, optional
-            As in :meth:`CSRMatrix.from_dense`.
+            As in :meth:`CSRMatrix.from_dense` (torch.int8: per-output-row scales).
+        index_encoding : {"plain", "delta8", "auto"}, optional
+            Block-column index coding, as in :meth:`CSRMatrix.from_dense`.
         """
         t = _as_tensor_dense(w)
         r, c = _check_shape(blocksize, "blocksize")
-        vdt = _resolve_value_dtype(value_dtype, t.dtype)
+        int8 = _is_int8(value_dtype)
+        vdt = torch.int8 if int8 else _resolve_value_dtype(value_dtype, t.dtype)
+        if index_encoding is None:
+            index_encoding = "auto" if int8 else "plain"
+        _check_encoding(index_encoding, allow_auto=True)
         M, K = t.shape
         Mb, Kb = -(-M // r), -(-K // c)
+        scales = None
+        src = t
+        if int8:
+            q, scales = _compress.quantize_int8_rows(t)
+            src = t
+            t = q
         if Mb * r != M or Kb * c != K:
             p = torch.zeros(Mb * r, Kb * c, dtype=t.dtype, device=t.device)
             p[:M, :K] = t
             t = p
+            if int8:
+                ps = torch.zeros(Mb * r, Kb * c, dtype=src.dtype, device=src.device)
+                ps[:M, :K] = src
+                src = ps
         blocks = t.reshape(Mb, r, Kb, c).permute(0, 2, 1, 3)
-        bmask = (blocks != 0).any(dim=3).any(dim=2)
+        sblocks = src.reshape(Mb, r, Kb, c).permute(0, 2, 1, 3) if int8 else blocks
+        bmask = (sblocks != 0).any(dim=3).any(dim=2)
         counts = bmask.sum(dim=1)
         indptr64 = torch.zeros(Mb + 1, dtype=torch.int64, device=t.device)
         torch.cumsum(counts, 0, out=indptr64[1:])
         nz = bmask.nonzero()
         values = blocks[nz[:, 0], nz[:, 1]].to(vdt).contiguous()
-        nnzb = nz.shape[0]
-        return cls._from_parts(
-            indptr64.to(_indptr_dtype_for(nnzb)), nz[:, 1].to(_index_dtype_for(Kb)), values,
-            (M, K), (r, c),
+        report = None
+        if int8:
+            ref = sblocks[nz[:, 0], nz[:, 1]]
+            sc_pad = torch.zeros(Mb * r, dtype=torch.float32, device=t.device)
+            sc_pad[:M] = scales
+            row_sc = sc_pad.reshape(Mb, r)[nz[:, 0]][:, :, None]
+            stored = ref != 0
+            report = _compress.quantization_report(
+                ref[stored], (values.to(torch.float32) * row_sc)[stored])
+        ix = nz[:, 1]
+        if index_encoding == "auto":
+            index_encoding = _compress.choose_encoding(
+                nz[:, 0], ix, Kb, r * c * values.element_size())
+        if index_encoding == "delta8":
+            indptr64, ix, values = _compress.delta8_encode(nz[:, 0], ix, Mb, values)
+        else:
+            ix = ix.to(_index_dtype_for(Kb))
+        nnzb = ix.shape[0]
+        m = cls._from_parts(
+            indptr64.to(_indptr_dtype_for(nnzb)), ix, values.contiguous(), (M, K), (r, c),
         )
+        if int8 or index_encoding == "delta8":
+            m._set_compression(scales, report)
+        return m
+
+    def _decode(self) -> BSRMatrix:
+        M, K = self._shape
+        r, c = self._blocksize
+        Mb, Kb = self.grid
+        indptr, ix, vals = self.indptr, self.indices, self.values
+        brows = _row_ids(indptr, Mb)
+        if vals.dtype == torch.int8:
+            sc_pad = torch.zeros(Mb * r, dtype=torch.float32, device=vals.device)
+            sc_pad[:M] = self.scales
+            vals = vals.to(torch.float32) * sc_pad.reshape(Mb, r)[brows][:, :, None]
+        if ix.dtype == torch.uint8:
+            zero_blk = (self.values == 0).flatten(1).all(dim=1)
+            keep = ~((ix == _compress.GAP_MAX) & zero_blk)
+            ix = _compress.delta8_decode(indptr, ix, Mb)[keep]
+            brows, vals = brows[keep], vals[keep]
+            ip = torch.zeros(Mb + 1, dtype=torch.int64, device=vals.device)
+            torch.cumsum(torch.bincount(brows, minlength=Mb), 0, out=ip[1:])
+            indptr = ip.to(_indptr_dtype_for(int(ix.shape[0])))
+            ix = ix.to(_index_dtype_for(Kb))
+        return BSRMatrix._from_parts(indptr, ix, vals.contiguous(), self._shape, self._blocksize)
 
     def _to_padded_dense(self) -> torch.Tensor:
         Mb, Kb = self.grid
@@ -747,7 +973,10 @@ class BSRMatrix(_SparseBase):
         return out.permute(0, 2, 1, 3).reshape(Mb * r, Kb * c)
 
     def to_dense(self) -> torch.Tensor:
-        """Dense ``(M, K)`` tensor of the value dtype (padding dropped; exact)."""
+        """Dense ``(M, K)`` tensor of the value dtype (padding dropped; exact). int8 matrices
+        return the dequantized float32 weight."""
+        if self.is_compressed:
+            return self.decoded().to_dense()
         M, K = self._shape
         d = self._to_padded_dense()
         return d if d.shape == (M, K) else d[:M, :K].contiguous()
@@ -799,6 +1028,8 @@ class BSRMatrix(_SparseBase):
         shapes (scipy requires the shape to be a multiple of the blocksize)."""
         import scipy.sparse as sps
 
+        if self.is_compressed:
+            return self.decoded().to_scipy()
         self._check_scipy_torch_shape("to_scipy")
         vals = self.values.detach().cpu().float()
         idx_dt = np.int32 if self.nnz_blocks < 2**31 else np.int64
@@ -834,6 +1065,8 @@ class BSRMatrix(_SparseBase):
 
     def to_torch(self) -> torch.Tensor:
         """``torch.sparse_bsr_tensor`` (same device, same value dtype). Ragged shapes raise."""
+        if self.is_compressed:
+            return self.decoded().to_torch()
         self._check_scipy_torch_shape("to_torch")
         it = torch.int32 if self.nnz_blocks < 2**31 else torch.int64
         with _quiet_sparse_beta():
@@ -844,6 +1077,8 @@ class BSRMatrix(_SparseBase):
 
     def to(self, device: Any = None, dtype: Any = None) -> BSRMatrix:
         """New matrix with all buffers on ``device`` and values converted to ``dtype``."""
+        if self.is_compressed:
+            return self._to_compressed(device, dtype)
         dev, vdt = self._to_args(device, dtype)
         return BSRMatrix._from_parts(
             self.indptr.to(dev), self.indices.to(dev), self.values.to(device=dev, dtype=vdt),
@@ -852,6 +1087,8 @@ class BSRMatrix(_SparseBase):
 
     def transpose(self) -> BSRMatrix:
         """BSR of ``W.T``: shape ``(K, M)``, blocksize ``(c, r)``, blocks transposed."""
+        if self.is_compressed:
+            return self.decoded().transpose()
         Mb, Kb = self.grid
         nnzb = self.nnz_blocks
         indptr, brows, perm = _transpose_structure(self.indptr, self.indices, Mb, Kb)

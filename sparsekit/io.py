@@ -27,7 +27,8 @@ A sparsified model's file is therefore about as large as its compressed weights.
         nn.Conv2d / nn.MultiheadAttention at "name" is first replaced by that wrapper.
     "sparsekit.modules": JSON list, one object per SparseLinear:
         {"name", "format": "csr"|"bsr", "shape": [M, K], "blocksize": [r, c] | null,
-         "value_dtype": "float32"|"bfloat16"|"float16", "index_dtype": "uint16"|"int32",
+         "value_dtype": "float32"|"bfloat16"|"float16"|"int8",
+         "index_dtype": "uint16"|"int32"|"uint8" (uint8: 8-bit column gaps, "delta8"),
          "indptr_dtype": "int32"|"int64", "bias": bool,
          "nnz": int (stored values, BSR block padding included)}
 
@@ -83,6 +84,8 @@ _DTYPE_NAMES = {
     "float16": torch.float16,
     "uint16": torch.uint16,
     "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
     "int64": torch.int64,
 }
 _SPARSE_KEYS = ("weight_indptr", "weight_indices", "weight_values", "weight_meta")
@@ -417,8 +420,8 @@ def _parse_modules(meta: dict[str, str]) -> list[dict[str, Any]]:
         elif bs is not None:
             raise SparsekitFileError(f"{where}: blocksize: expected null for CSR, got {bs!r}")
         for k, allowed in (
-            ("value_dtype", ("float32", "bfloat16", "float16")),
-            ("index_dtype", ("uint16", "int32")),
+            ("value_dtype", ("float32", "bfloat16", "float16", "int8")),
+            ("index_dtype", ("uint16", "int32", "uint8")),
             ("indptr_dtype", ("int32", "int64")),
         ):
             if m[k] not in allowed:
@@ -465,10 +468,18 @@ def _build_modules(
                 f"tensor {pre}weight_values: expected nnz = {m['nnz']} entries (per metadata), "
                 f"got {arrays['weight_values'].numel()}"
             )
+        scales = tensors.get(pre + "weight_scales")
+        if (m["value_dtype"] == "int8") != (scales is not None):
+            raise SparsekitFileError(
+                f"{where}: tensor {pre + 'weight_scales'!r}: expected "
+                f"{'float32 per-row scales' if m['value_dtype'] == 'int8' else 'none'} for "
+                f"value_dtype {m['value_dtype']!r}, got "
+                f"{'none' if scales is None else 'a tensor'}"
+            )
         try:
             mat = matrix_from_state(
                 arrays["weight_indptr"], arrays["weight_indices"], arrays["weight_values"],
-                arrays["weight_meta"], prefix=pre,
+                arrays["weight_meta"], prefix=pre, scales=scales,
             )
         except (ValueError, TypeError) as e:
             raise SparsekitFileError(f"{where}: invalid sparse weight: {e}") from e
@@ -528,6 +539,8 @@ def load(
     for name, mod in sparse.items():
         pre = f"{name}." if name else ""
         used.update(pre + k for k in _SPARSE_KEYS)
+        if "weight_scales" in mod._buffers:
+            used.add(pre + "weight_scales")
         if mod.bias is not None:
             used.add(pre + "bias")
     if model is None:

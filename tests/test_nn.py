@@ -318,10 +318,10 @@ def test_sparsify_eligibility_and_report():
         sparsify(model, batch_sizes=(0,))
 
 
-def test_tuned_keeps_dense_where_dense_wins():
-    # 10% sparse, batch 128: a dense GEMM (MKL/oneDNN, ~10x the flop rate of a sparse kernel
-    # on a 90%-dense matrix) wins by a wide margin; candidates are timed interleaved, so
-    # machine load hits both alike.
+def test_tuned_choice_follows_its_measurements():
+    # 10% sparse, batch 128. Which side wins depends on the machine (an MKL GEMM that takes a
+    # generic path on some CPUs loses to a full-block BSR kernel), so the test checks the
+    # decision rule against the times the report records, and what the model became.
     # One thread for torch and sparsekit: on a shared, oversubscribed machine multi-threaded
     # calls wait for scheduling rounds (tens of ms) that swamp the kernels being compared.
     from sparsekit.threads import threads
@@ -329,18 +329,29 @@ def test_tuned_keeps_dense_where_dense_wins():
     sparsify_mod.clear_tune_cache()
     model = nn.Sequential(_pruned_linear(512, 512, 0.1, seed=12))
     before = model[0].weight.detach().clone()
+    x = torch.randn(3, 512)
+    ref = (x.double() @ before.double().T + model[0].bias.detach().double()).float()
     nt = torch.get_num_threads()
     torch.set_num_threads(1)
+    margin = 0.05
     try:
         with threads(1):
-            rep = sparsify(model, min_sparsity=0.0, batch_sizes=(128,), tune=True, cache=False)
+            rep = sparsify(model, min_sparsity=0.0, batch_sizes=(128,), tune=True, cache=False,
+                           margin=margin)
     finally:
         torch.set_num_threads(nt)
     (lr,) = rep.layers
-    assert lr.choice == "dense", str(rep)
-    assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before)
     assert set(lr.dense_times) >= {"F.linear"} and lr.sparse_times and not lr.from_cache
     assert all(t > 0 for t in (*lr.dense_times.values(), *lr.sparse_times.values()))
+    best_dense = min(lr.dense_times.values())
+    best_sparse_name = min(lr.sparse_times, key=lr.sparse_times.__getitem__)
+    if lr.sparse_times[best_sparse_name] < (1 - margin) * best_dense:
+        assert lr.choice != "dense" and lr.speedup is not None and lr.speedup > 1, str(rep)
+        assert isinstance(model[0], SparseLinear)
+    else:
+        assert lr.choice == "dense", str(rep)
+        assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before)
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_tune_cache_avoids_remeasuring(tmp_path):

@@ -17,6 +17,7 @@
         using TYPE = ::sparsekit::bf16_t; return __VA_ARGS__(); }                 \
       case ::sparsekit::DType::F16: {                                             \
         using TYPE = ::sparsekit::f16_t; return __VA_ARGS__(); }                  \
+      default: break; /* I8: csrq kernels only */                                 \
     }                                                                             \
     throw std::invalid_argument("sparsekit: unknown value dtype code");           \
   }()

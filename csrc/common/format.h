@@ -11,17 +11,19 @@
 namespace sparsekit {
 
 // Element type of values / activations / outputs.
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
-// Element type of indptr (I32/I64) and of indices (U16/I32).
-enum class IndexType : int { U16 = 0, I32 = 1, I64 = 2 };
+// I8: weight values only (int8 with per-row fp32 scales, SpmmParams::scales).
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
+// Element type of indptr (I32/I64) and of indices (U16/I32; D8: uint8 column gaps, see
+// csrc/cpu/csr_q_impl.h).
+enum class IndexType : int { U16 = 0, I32 = 1, I64 = 2, D8 = 3 };
 
 // 16-bit storage types; distinct structs so templates can dispatch on them.
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
-inline int dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+inline int dtype_size(DType t) { return t == DType::F32 ? 4 : (t == DType::I8 ? 1 : 2); }
 inline const char* dtype_name(DType t) {
-  return t == DType::F32 ? "f32" : (t == DType::BF16 ? "bf16" : "f16");
+  return t == DType::F32 ? "f32" : (t == DType::BF16 ? "bf16" : (t == DType::I8 ? "i8" : "f16"));
 }
 
 struct SpmmParams {
@@ -49,6 +51,9 @@ struct SpmmParams {
   void* y = nullptr;        // [N, ldy] (y_dtype == x_dtype), only the first M columns written
   int64_t ldy = 0;          // row stride of y in elements (>= M)
   const float* bias = nullptr;  // [M] fp32, or nullptr
+  // [M] fp32 per-row scales of int8 values (value_dtype == I8): row m's sum is multiplied by
+  // scales[m] before the bias is added. nullptr otherwise.
+  const float* scales = nullptr;
 
   DType value_dtype = DType::F32;  // F32 | BF16 | F16
   DType x_dtype = DType::F32;      // F32 or == value_dtype; y has the same dtype

@@ -79,6 +79,7 @@ inline void store_out(void* y, int64_t off, float v, DType t) {
     case DType::F32: static_cast<float*>(y)[off] = v; break;
     case DType::BF16: static_cast<uint16_t*>(y)[off] = f32_to_bf16(v); break;
     case DType::F16: static_cast<uint16_t*>(y)[off] = f32_to_half(v); break;
+    case DType::I8: break;  // never an output dtype (bindings reject it)
   }
 }
 
@@ -202,6 +203,105 @@ struct Vec {
     return s;
   }
 };
+#endif
+
+
+// ---- compressed CSR streams (csrc/cpu/csr_q_impl.h) ----------------------------------------
+// VecQ<I>::cols turns the next W stored indices into column ids: plain uint16/int32 ids are
+// widened; uint8 gaps (index coding D8) are prefix-summed within the vector and offset by
+// `carry` (the last column decoded, broadcast), which is updated. vals() widens W values of
+// any stored type (int8 included) to fp32. The _n variants read only n < W entries (AVX-512:
+// masked loads; lanes >= n give zero values and repeat the last column).
+#if defined(SPARSEKIT_ISA_AVX512)
+using IdxV = __m512i;
+inline IdxV idx_zero() { return _mm512_setzero_si512(); }
+inline int64_t idx_last(IdxV carry) { return _mm_cvtsi128_si32(_mm512_castsi512_si128(carry)); }
+inline __m512 q_vals(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 q_vals_n(const int8_t* p, int n) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(Vec::mask(n), p)));
+}
+template <class VT> inline __m512 q_vals(const VT* p) { return Vec::load_vals(p); }
+template <class VT> inline __m512 q_vals_n(const VT* p, int n) { return Vec::load_vals_n(p, n); }
+// In-vector inclusive prefix sum (no carry), so consecutive vectors decode in parallel and
+// only one add per vector is loop-carried.
+inline __m512i prefix_in(__m512i g) {
+  const __m512i z = _mm512_setzero_si512();
+  g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, z, 15));  // + lane i-1
+  g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, z, 14));  // + lanes i-2, i-3
+  g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, z, 12));
+  return _mm512_add_epi32(g, _mm512_alignr_epi32(g, z, 8));
+}
+inline __m512i bcast_last(__m512i p) { return _mm512_permutexvar_epi32(_mm512_set1_epi32(15), p); }
+inline __m512i prefix_gaps(__m512i g, IdxV& carry) {
+  g = _mm512_add_epi32(prefix_in(g), carry);
+  carry = bcast_last(g);
+  return g;
+}
+inline void q_cols2(const uint8_t* p, IdxV& carry, __m512i& c0, __m512i& c1) {
+  const __m128i raw0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i raw1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+  const __m512i p0 = prefix_in(_mm512_cvtepu8_epi32(raw0));
+  const __m512i p1 = prefix_in(_mm512_cvtepu8_epi32(raw1));
+  const __m512i t0 = bcast_last(p0);
+  c0 = _mm512_add_epi32(p0, carry);
+  c1 = _mm512_add_epi32(p1, _mm512_add_epi32(carry, t0));
+  carry = _mm512_add_epi32(carry, _mm512_add_epi32(t0, bcast_last(p1)));
+}
+template <class I> inline void q_cols2(const I* p, IdxV&, __m512i& c0, __m512i& c1) {
+  c0 = Vec::load_idx(p);
+  c1 = Vec::load_idx(p + 16);
+}
+inline __m512i q_cols(const uint8_t* p, IdxV& carry) {
+  return prefix_gaps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), carry);
+}
+inline __m512i q_cols_n(const uint8_t* p, int n, IdxV& carry) {
+  return prefix_gaps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(Vec::mask(n), p)), carry);
+}
+template <class I> inline __m512i q_cols(const I* p, IdxV&) { return Vec::load_idx(p); }
+template <class I> inline __m512i q_cols_n(const I* p, int n, IdxV&) { return Vec::load_idx_n(p, n); }
+inline __m512 q_gather(const float* x, __m512i cols) { return _mm512_i32gather_ps(cols, x, 4); }
+inline __m512 q_gather_n(const float* x, __m512i cols, int n) {
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), Vec::mask(n), cols, x, 4);
+}
+#elif defined(SPARSEKIT_ISA_AVX2)
+using IdxV = __m256i;
+inline IdxV idx_zero() { return _mm256_setzero_si256(); }
+inline int64_t idx_last(IdxV carry) { return _mm_cvtsi128_si32(_mm256_castsi256_si128(carry)); }
+inline __m256 q_vals(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+template <class VT> inline __m256 q_vals(const VT* p) { return Vec::load_vals(p); }
+inline __m256i prefix_in(__m256i g) {
+  g = _mm256_add_epi32(g, _mm256_slli_si256(g, 4));  // prefix within each 128-bit half
+  g = _mm256_add_epi32(g, _mm256_slli_si256(g, 8));
+  const __m256i lo_total = _mm256_permutevar8x32_epi32(g, _mm256_set1_epi32(3));
+  return _mm256_add_epi32(g, _mm256_blend_epi32(_mm256_setzero_si256(), lo_total, 0xF0));
+}
+inline __m256i bcast_last(__m256i p) { return _mm256_permutevar8x32_epi32(p, _mm256_set1_epi32(7)); }
+inline __m256i prefix_gaps(__m256i g, IdxV& carry) {
+  g = _mm256_add_epi32(prefix_in(g), carry);
+  carry = bcast_last(g);
+  return g;
+}
+inline void q_cols2(const uint8_t* p, IdxV& carry, __m256i& c0, __m256i& c1) {
+  const __m256i p0 = prefix_in(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  const __m256i p1 = prefix_in(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  const __m256i t0 = bcast_last(p0);
+  c0 = _mm256_add_epi32(p0, carry);
+  c1 = _mm256_add_epi32(p1, _mm256_add_epi32(carry, t0));
+  carry = _mm256_add_epi32(carry, _mm256_add_epi32(t0, bcast_last(p1)));
+}
+template <class I> inline void q_cols2(const I* p, IdxV&, __m256i& c0, __m256i& c1) {
+  c0 = Vec::load_idx(p);
+  c1 = Vec::load_idx(p + 8);
+}
+inline __m256i q_cols(const uint8_t* p, IdxV& carry) {
+  return prefix_gaps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), carry);
+}
+template <class I> inline __m256i q_cols(const I* p, IdxV&) { return Vec::load_idx(p); }
+inline __m256 q_gather(const float* x, __m256i cols) { return _mm256_i32gather_ps(x, cols, 4); }
 #endif
 
 }  // namespace

@@ -33,6 +33,11 @@ except Exception as e:  # missing or broken build: the registry falls back to nu
     _IMPORT_ERROR = f"sparsekit._C is not importable: {type(e).__name__}: {e}"
 
 _CODE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_QCODE = {**_CODE, torch.int8: "i8"}
+#: Largest batch the compressed CSR kernel runs directly (it passes over a row once per vector);
+#: larger batches use the tiled float kernels on the matrix decoded once (cached), which are
+#: faster there, so a compressed matrix is never slower than its float/plain equivalent.
+COMPRESSED_MAX_BATCH = 2
 
 
 def _np(t: torch.Tensor):
@@ -46,7 +51,8 @@ def _prepared(mat: Any) -> tuple:
     """(indptr, indices, values, value_code) numpy views, cached on the matrix."""
 
     def build() -> tuple:
-        return (mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values), _CODE[mat.values.dtype])
+        return (mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values),
+                _QCODE[mat.values.dtype])
 
     return mat.cached(("cpp", "np"), build)
 
@@ -67,14 +73,15 @@ class CppBackend:
         return str(_C.cpu_isa())
 
     def supports(self, mat: Any, x: torch.Tensor) -> bool:
-        """CPU CSR/BSR with f32/bf16/f16 values; x on the CPU, fp32 or the weight's dtype."""
+        """CPU CSR/BSR with f32/bf16/f16/int8 values (plain or delta8 indices); x on the CPU,
+        fp32 or the weight's dtype."""
         v = mat.values
         return (
             _C is not None
             and isinstance(mat, (CSRMatrix, BSRMatrix))
             and x.device.type == "cpu"
             and v.device.type == "cpu"
-            and v.dtype in _CODE
+            and v.dtype in _QCODE
             and (x.dtype == torch.float32 or x.dtype == v.dtype)
         )
 
@@ -94,6 +101,22 @@ class CppBackend:
         """
         if _C is None:
             raise RuntimeError(f"cpp backend unavailable: {_IMPORT_ERROR}")
+        if mat.is_compressed:
+            if type(mat) is CSRMatrix and x2d.shape[0] <= COMPRESSED_MAX_BATCH:
+                indptr, indices, values, vcode = _prepared(mat)
+                M, K = mat.shape
+                xcode = _CODE[x2d.dtype]
+                sc = None if mat.scales is None else mat.scales.numpy()
+                b = None if bias is None else bias.numpy()
+                _C.csrq_linear(indptr, indices, values, vcode, sc, _np(x2d), xcode, b, _np(out),
+                               xcode, M, K, get_num_threads())
+                return
+            # BSR, or a batch the tiled float kernels serve faster: decode once (cached)
+            mat = mat.decoded()
+            if x2d.dtype != torch.float32 and x2d.dtype != mat.values.dtype:
+                out.copy_(torch.empty_like(out, dtype=torch.float32).copy_(
+                    _linear_f32(self, mat, x2d, bias)))
+                return
         indptr, indices, values, vcode = _prepared(mat)
         xcode = _CODE[x2d.dtype]
         M, K = mat.shape
@@ -108,6 +131,13 @@ class CppBackend:
         else:
             _C.csr_linear(indptr, indices, values, vcode, _np(x2d), xcode, b, _np(out), xcode,
                           M, K, get_num_threads())
+
+
+def _linear_f32(be: CppBackend, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+    out = torch.empty((x2d.shape[0], mat.shape[0]), dtype=torch.float32)
+    be.linear(mat, x2d.float(), bias, out)
+    return out
 
 
 backend = CppBackend()

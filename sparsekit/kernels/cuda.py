@@ -106,6 +106,8 @@ class CudaBackend:
         if not isinstance(mat, (CSRMatrix, BSRMatrix)) or x.device.type != "cuda":
             return False
         v = mat.values
+        if getattr(mat, "is_compressed", False):
+            return False  # int8 values / delta8 indices: no CUDA kernel (CPU only)
         return (
             v.device == x.device
             and mat.indptr.device == x.device

@@ -186,7 +186,53 @@ if numba is not None:
             return lambda a, i: _u32_as_f32(np.uint32(a[np.uint64(i)]) << np.uint32(16))
         if dt == _nbtypes.int16:  # float16 bits
             return lambda a, i: _fp16_bits_to_f32(np.uint16(a[np.uint64(i)]))
+        if dt == _nbtypes.int8:  # quantized (the row scale is applied once per row)
+            return lambda a, i: np.float32(a[np.uint64(i)])
         return None
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
+    def _csrq_gemv(indptr, indices, delta, values, scales, x, bias, has_bias, out, bounds):
+        # Compressed CSR (sparsekit._compress): indices uint8 gaps (delta=True, the column is
+        # the running sum within the row) or uint16/int32 column ids; values f32/u16/i16/i8;
+        # scales f32[M] multiplies each row's sum (ones for float values).
+        for ch in prange(bounds.shape[0] - 1):
+            for i in range(bounds[ch], bounds[ch + 1]):
+                acc = np.float32(0.0)
+                col = np.uint64(0)
+                for j in range(indptr[i], indptr[i + 1]):
+                    u = np.uint64(j)
+                    if delta:
+                        col += np.uint64(indices[u])
+                    else:
+                        col = np.uint64(indices[u])
+                    acc += _ld(values, u) * x[col]
+                acc *= scales[i]
+                if has_bias:
+                    acc += bias[i]
+                out[i] = acc
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
+    def _csrq_gemm(indptr, indices, delta, values, scales, xT, bias, has_bias, out, bounds):
+        # As _csrq_gemv for xT f32[K, N], out f32[N, M].
+        N = xT.shape[1]
+        for ch in prange(bounds.shape[0] - 1):
+            acc = np.empty(N, np.float32)
+            for i in range(bounds[ch], bounds[ch + 1]):
+                for n in range(N):
+                    acc[n] = np.float32(0.0)
+                col = np.uint64(0)
+                for j in range(indptr[i], indptr[i + 1]):
+                    u = np.uint64(j)
+                    if delta:
+                        col += np.uint64(indices[u])
+                    else:
+                        col = np.uint64(indices[u])
+                    v = _ld(values, u)
+                    for n in range(N):
+                        acc[n] += v * xT[col, n]
+                b0 = bias[i] if has_bias else np.float32(0.0)
+                for n in range(N):
+                    out[n, i] = acc[n] * scales[i] + b0
 
     @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
     def _csr_gemv(indptr, indices, values, x, bias, has_bias, out, bounds):
@@ -296,7 +342,7 @@ if numba is not None:
 def _np_values(t: torch.Tensor) -> np.ndarray:
     """Value buffer as a flat numpy array numba can type (bf16 -> uint16, fp16 -> int16)."""
     t = t.reshape(-1)
-    if t.dtype == torch.float32:
+    if t.dtype in (torch.float32, torch.int8):
         return t.numpy()
     if t.dtype == torch.bfloat16:
         return t.view(torch.uint16).numpy()
@@ -304,7 +350,7 @@ def _np_values(t: torch.Tensor) -> np.ndarray:
 
 
 def _np_index(t: torch.Tensor) -> np.ndarray:
-    return t.numpy()  # uint16 or int32
+    return t.numpy()  # uint16 or int32 (uint8 gaps for delta8)
 
 
 def _partition(indptr64: np.ndarray, nchunks: int) -> np.ndarray:
@@ -323,10 +369,13 @@ def _prepared(mat) -> dict:
     """numpy views of the matrix buffers + int64 indptr, cached on the matrix."""
 
     def build():
+        sc = mat.scales
         return {
             "indptr": mat.indptr.numpy().astype(np.int64),
             "indices": _np_index(mat.indices),
             "values": _np_values(mat.values),
+            "scales": (sc.numpy() if sc is not None
+                       else np.ones(mat.shape[0], dtype=np.float32)),
         }
 
     return mat.cached(("numba", "prep"), build)
@@ -370,7 +419,7 @@ class NumbaCPUBackend:
         return f"numba {numba.__version__}"
 
     def supports(self, mat: Any, x: torch.Tensor) -> bool:
-        """CPU tensors, fp32/bf16/fp16 values, x fp32 or the weight's value dtype."""
+        """CPU tensors, fp32/bf16/fp16/int8 values, x fp32 or the weight's value dtype."""
         return (
             x.device.type == "cpu"
             and mat.values.device.type == "cpu"
@@ -395,6 +444,11 @@ class NumbaCPUBackend:
         M, K = mat.shape
         if N == 0:
             return
+        compressed = mat.is_compressed
+        if compressed and isinstance(mat, BSRMatrix):
+            # no BSR kernel reads int8 / delta8 blocks: the decoded float matrix is cached
+            mat = mat.decoded()
+            compressed = False
         if _forked_after_omp:
             nthreads = 1
         else:
@@ -410,7 +464,20 @@ class NumbaCPUBackend:
         is_bsr = isinstance(mat, BSRMatrix)
         if not is_bsr and not isinstance(mat, CSRMatrix):
             raise TypeError(f"weight: expected CSRMatrix or BSRMatrix, got {type(mat).__name__}")
-        if N == 1:
+        if compressed:
+            delta = mat.index_encoding == "delta8"
+            head = (p["indptr"], p["indices"], delta, p["values"], p["scales"])
+            if N == 1:
+                xv = x2d.reshape(K)
+                xv = (xv if xv.dtype == torch.float32 else xv.float()).numpy()
+                args = (*head, xv, b, has_bias, o.reshape(M).numpy(), bounds)
+                kern = _csrq_gemv
+            else:
+                xT = x2d.t().contiguous()
+                xT = (xT if xT.dtype == torch.float32 else xT.float()).numpy()
+                args = (*head, xT, b, has_bias, o.numpy(), bounds)
+                kern = _csrq_gemm
+        elif N == 1:
             xv = x2d.reshape(K)
             xv = (xv if xv.dtype == torch.float32 else xv.float()).numpy()
             ov = o.reshape(M).numpy()

@@ -189,6 +189,8 @@ class NumbaCudaBackend:
         from ..formats import CSRMatrix
 
         v = mat.values
+        if getattr(mat, "is_compressed", False):
+            return False  # int8 values / delta8 indices: no CUDA kernel (CPU only)
         return (
             type(mat) is CSRMatrix
             and x.device.type == "cuda"

@@ -19,7 +19,7 @@ from ..formats import BSRMatrix, CSRMatrix
 
 def _csr_f32(mat: Any) -> torch.Tensor:
     def build() -> torch.Tensor:
-        m = mat
+        m = mat.decoded()
         if isinstance(m, BSRMatrix):
             m = CSRMatrix.from_dense(m.to_dense())
         it = torch.int32 if m.nnz < 2**31 else torch.int64

@@ -188,6 +188,13 @@ class SparseLinear(nn.Module):
         self.register_buffer(
             "weight_meta", torch.tensor([m, k, r, c], dtype=torch.int64, device=dev)
         )
+        # int8 values: per-row fp32 scales travel as one more buffer (only then, so float
+        # models keep their state_dict keys).
+        if mat.scales is not None:
+            self.register_buffer("weight_scales", mat.scales)
+        else:
+            self._buffers.pop("weight_scales", None)
+        self.quantization = mat.quantization
 
     @classmethod
     def from_dense(
@@ -197,6 +204,7 @@ class SparseLinear(nn.Module):
         blocksize: tuple[int, int] | None = None,
         value_dtype: torch.dtype | None = None,
         backend: str = "auto",
+        index_encoding: str | None = None,
     ) -> SparseLinear:
         """Build from a (pruned) :class:`torch.nn.Linear`; exact zeros are dropped.
 
@@ -211,8 +219,13 @@ class SparseLinear(nn.Module):
             (or ``(4, 4)``) is used.
         value_dtype : torch.dtype, optional
             float32, bfloat16 or float16; default: the weight's dtype if supported, else float32.
+            torch.int8 stores int8 values with per-output-row fp32 scales (weight-only
+            quantization; activations stay float); ``quantization`` then reports the error.
         backend : str
             Kernel backend (see class docs).
+        index_encoding : {"plain", "delta8", "auto"}, optional
+            Column index coding (see :meth:`sparsekit.CSRMatrix.from_dense`); default
+            ``"auto"`` for int8 values, ``"plain"`` otherwise.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
@@ -221,9 +234,9 @@ class SparseLinear(nn.Module):
         w = linear.weight.detach()
         if value_dtype is None:
             value_dtype = w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32
-        if value_dtype not in ops.FLOAT_DTYPES:
+        if value_dtype not in (*ops.FLOAT_DTYPES, torch.int8):
             raise TypeError(
-                f"value_dtype: expected one of float32, bfloat16, float16, got {value_dtype}"
+                f"value_dtype: expected one of float32, bfloat16, float16, int8, got {value_dtype}"
             )
         if blocksize is not None:
             if format == "csr":
@@ -235,9 +248,10 @@ class SparseLinear(nn.Module):
             fmt, bs, _ = heuristic_choice(w != 0, allow_dense=False)
             blocksize = bs if fmt == "bsr" else (4, 4)
         if format == "csr":
-            mat = CSRMatrix.from_dense(w, value_dtype=value_dtype)
+            mat = CSRMatrix.from_dense(w, value_dtype=value_dtype, index_encoding=index_encoding)
         else:
-            mat = BSRMatrix.from_dense(w, blocksize=tuple(blocksize), value_dtype=value_dtype)
+            mat = BSRMatrix.from_dense(w, blocksize=tuple(blocksize), value_dtype=value_dtype,
+                                       index_encoding=index_encoding)
         bias = None if linear.bias is None else linear.bias.detach()
         if bias is not None and bias.dtype not in ops.FLOAT_DTYPES:
             bias = bias.float()  # e.g. a float64 nn.Linear: its weight is stored as fp32 too
@@ -292,6 +306,10 @@ class SparseLinear(nn.Module):
             _MODULE_MATS[self] = mat
         else:
             mat.cache_sync()
+        sc = b.get("weight_scales")
+        if sc is not mat.scales:
+            mat.cache_invalidate()
+            mat._set_compression(sc, self.quantization)
         return mat
 
     @property
@@ -311,6 +329,8 @@ class SparseLinear(nn.Module):
     def nnz(self) -> int:
         """Stored entries (CSR) / nonzero values inside the stored blocks (BSR; the zero fill
         of partially empty blocks is excluded, like ``BSRMatrix.nnz``)."""
+        if "weight_scales" in self._buffers or self.weight_indices.dtype == torch.uint8:
+            return self.matrix.nnz
         if self.blocksize is None:
             return int(self.weight_values.numel())
         return int(torch.count_nonzero(self.weight_values))
@@ -325,8 +345,10 @@ class SparseLinear(nn.Module):
         """Bytes of the compressed weight (indptr + indices + values; bias excluded)."""
         return sum(t.numel() * t.element_size() for t in self._weight_tensors())
 
-    def _weight_tensors(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.weight_indptr, self.weight_indices, self.weight_values
+    def _weight_tensors(self) -> tuple[Tensor, ...]:
+        sc = self._buffers.get("weight_scales")
+        base = (self.weight_indptr, self.weight_indices, self.weight_values)
+        return base if sc is None else (*base, sc)
 
     def extra_repr(self) -> str:
         bs = f", blocksize={self.blocksize}" if self.blocksize is not None else ""
@@ -339,6 +361,12 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if "weight_scales" in self._buffers or self._buffers["weight_indices"].dtype == torch.uint8:
+            # int8 values / uint8 gaps: no custom op takes them yet, so no autograd for x and
+            # torch.compile breaks the graph here.
+            bias = self._parameters["bias"]
+            return ops.linear_matrix(x, self._registered_matrix(),
+                                     None if bias is None else bias.detach(), self.backend)
         if not torch.compiler.is_compiling():
             mat = self._registered_matrix()  # keeps backend caches warm in eager mode
             bias = self._parameters["bias"]
@@ -388,14 +416,16 @@ class SparseLinear(nn.Module):
         # nn.Module.to(dtype)/half()/bfloat16() already skip integer tensors, but a custom
         # fn may not: index buffers only ever follow the device, never the dtype. Values may
         # only become one of the kernel value dtypes.
-        old = {n: getattr(self, n) for n in (*_BUFFERS, "weight_meta")}
+        extra = ("weight_scales",) if "weight_scales" in self._buffers else ()
+        old = {n: getattr(self, n) for n in (*_BUFFERS, "weight_meta", *extra)}
         super()._apply(fn, recurse)
-        for n in ("weight_indptr", "weight_indices", "weight_meta"):
+        for n in ("weight_indptr", "weight_indices", "weight_meta", *extra):
             new = getattr(self, n)
             if new.dtype != old[n].dtype:
                 self._buffers[n] = old[n].to(device=new.device)
         vals = self.weight_values
-        if vals.dtype not in ops.FLOAT_DTYPES:
+        if vals.dtype not in ops.FLOAT_DTYPES and not (
+                vals.dtype == torch.int8 and old["weight_values"].dtype == torch.int8):
             # Undo (keep module consistent) and explain.
             for n in (*_BUFFERS, "weight_meta"):
                 self._buffers[n] = old[n]
@@ -419,6 +449,7 @@ class SparseLinear(nn.Module):
                     state_dict[keys[0]], state_dict[keys[1]], state_dict[keys[2]],
                     state_dict[keys[3]], prefix=prefix,
                     expect_shape=(self.out_features, self.in_features),
+                    scales=state_dict.get(prefix + "weight_scales"),
                 )
             except (ValueError, TypeError) as e:
                 error_msgs.append(str(e))
@@ -442,6 +473,7 @@ def matrix_from_state(
     *,
     prefix: str = "",
     expect_shape: tuple[int, int] | None = None,
+    scales: Tensor | None = None,
 ):
     """Validate raw compressed arrays + ``weight_meta`` and build the CSR/BSR matrix.
 
@@ -461,16 +493,23 @@ def matrix_from_state(
             f"{name}: shape (out_features, in_features) = {(m, k)} does not match the module's "
             f"{tuple(expect_shape)}"
         )
+    # int8 values come with ``<prefix>weight_scales``; uint8 indices are delta8 gaps.
+    comp: dict = {
+        "scales": None if scales is None else scales.cpu(),
+        "index_encoding": "delta8" if indices.dtype == torch.uint8 else "plain",
+    }
+    if values.dtype == torch.int8 and scales is None:
+        raise ValueError(f"{prefix}weight_scales: expected float32 per-row scales for int8 "
+                         "weight_values, got none")
     if r == 0:
         if values.dim() != 1:
             raise ValueError(f"{prefix}weight_values: expected 1-D values for CSR, got "
                              f"shape {tuple(values.shape)}")
-        return CSRMatrix(indptr.cpu(), indices.cpu(), values.cpu(), (m, k)).to(
+        return CSRMatrix(indptr.cpu(), indices.cpu(), values.cpu(), (m, k), **comp).to(
             device=values.device
         )
     if values.dim() != 3 or tuple(values.shape[1:]) != (r, c):
         raise ValueError(f"{prefix}weight_values: expected shape (nnzb, {r}, {c}) for BSR, got "
                          f"{tuple(values.shape)}")
-    return BSRMatrix(indptr.cpu(), indices.cpu(), values.cpu(), (m, k), blocksize=(r, c)).to(
-        device=values.device
-    )
+    return BSRMatrix(indptr.cpu(), indices.cpu(), values.cpu(), (m, k), blocksize=(r, c),
+                     **comp).to(device=values.device)

@@ -127,6 +127,8 @@ class LayerReport:
     from_cache: bool = False
     module_type: str = "Linear"
     status: str = ""
+    #: int8 quantization error of the stored weights (``CSRMatrix.quantization``), or None.
+    quantization: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.status:
@@ -644,8 +646,9 @@ def sparsify(
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes or any(not isinstance(n, int) or n <= 0 for n in batch_sizes):
         raise ValueError(f"batch_sizes: expected positive ints, got {batch_sizes}")
-    if value_dtype is not None and value_dtype not in ops.FLOAT_DTYPES:
-        raise TypeError(f"value_dtype: expected float32, bfloat16 or float16, got {value_dtype}")
+    if value_dtype is not None and value_dtype not in (*ops.FLOAT_DTYPES, torch.int8):
+        raise TypeError(
+            f"value_dtype: expected float32, bfloat16, float16 or int8, got {value_dtype}")
     if cold is not None and not isinstance(cold, bool):
         raise TypeError(f"cold: expected a bool or None, got {type(cold).__name__}")
     selector = Selector(include, exclude, filter_fn)
@@ -806,6 +809,7 @@ def sparsify(
             src = mod if kind == "linear" else _as_linear(w2, bias)
             new = SparseLinear.from_dense(src, format=rep.choice, blocksize=rep.blocksize,
                                           value_dtype=vdt_of(w2), backend=backend)
+            rep.quantization = new.quantization
         new.train(mod.training)
         setattr(parent, cname, new)
     if cache_path is not None and new_entries:

@@ -1,0 +1,163 @@
+"""int8 values + delta8 (uint8 gap) indices against dense fp32, dense int8 and our float sparse.
+
+One run measures, for each shape / sparsity / batch, with weights rotated through enough copies
+to exceed twice the last-level cache (so every call streams its weights from DRAM):
+
+* ``dense_fp32``: the fastest of ``F.linear`` and ``x @ W.T`` on a pre-transposed weight;
+* ``dense_int8``: ``torch.ao.quantization.quantize_dynamic`` int8 ``nn.Linear`` (FBGEMM/oneDNN);
+* ``sparse_f32_u16``, ``sparse_bf16_u16``, ``sparse_bf16_d8``, ``sparse_i8_d8``: sparsekit CSR.
+
+Ratios are from the same run. Usage::
+
+    flock /work/bench.lock python benchmarks/bench_int8.py --threads 2 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _llc_bytes() -> int:
+    from sparsekit.bench.harness import llc_bytes
+
+    return int(llc_bytes())
+
+
+def _time(fns: list, x: torch.Tensor, reps: int) -> float:
+    """Median seconds per call, cycling through the rotated copies."""
+    for f in fns[:2]:
+        f(x)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for f in fns:
+            f(x)
+        times.append((time.perf_counter() - t0) / len(fns))
+    return statistics.median(times)
+
+
+def _copies(nbytes: int, llc: int, cap: int = 16) -> int:
+    return max(2, min(cap, math.ceil(2 * llc / max(nbytes, 1))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", default="4096x4096,11008x4096")
+    ap.add_argument("--quick", action="store_true", help="N=1 only")
+    args = ap.parse_args()
+    os.environ["SPARSEKIT_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    import sparsekit
+    from sparsekit import CSRMatrix
+
+    assert "cpp" in sparsekit.backends(), "build sparsekit._C first"
+    llc = _llc_bytes()
+    rows = []
+    for shp in args.shapes.split(","):
+        M, K = (int(s) for s in shp.split("x"))
+        for sparsity in (0.9, 0.7):
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(M, K, generator=g) * 0.02
+            w = w * (torch.rand(M, K, generator=g) >= sparsity)
+            batches = (1,) if args.quick or sparsity != 0.9 else (1, 32, 128)
+            variants: dict[str, list] = {}
+            dense_bytes = M * K * 4
+            nd = _copies(dense_bytes, llc)
+            dense_w = [w.clone() for _ in range(nd)]
+            dense_wt = [d.t().contiguous() for d in dense_w]
+            variants["dense_fp32_linear"] = [lambda x, d=d: F.linear(x, d) for d in dense_w]
+            variants["dense_fp32_matmul_t"] = [lambda x, d=d: x @ d for d in dense_wt]
+            lin = nn.Linear(K, M, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            qlins = [torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(copy_lin(lin)), {nn.Linear}, dtype=torch.qint8)
+                for _ in range(_copies(M * K, llc))]
+            variants["dense_int8_qdynamic"] = [lambda x, q=q: q(x) for q in qlins]
+            del dense_w
+            specs = {
+                "sparse_f32_u16": dict(value_dtype=torch.float32, index_encoding="plain"),
+                "sparse_bf16_u16": dict(value_dtype=torch.bfloat16, index_encoding="plain"),
+                "sparse_bf16_d8": dict(value_dtype=torch.bfloat16, index_encoding="delta8"),
+                "sparse_i8_u16": dict(value_dtype=torch.int8, index_encoding="plain"),
+                "sparse_i8_d8": dict(value_dtype=torch.int8, index_encoding="delta8"),
+            }
+            nbytes = {}
+            for name, kw in specs.items():
+                m0 = CSRMatrix.from_dense(w, **kw)
+                nbytes[name] = m0.nbytes
+                mats = [m0] + [_clone(m0) for _ in range(_copies(m0.nbytes, llc) - 1)]
+                variants[name] = [lambda x, m=m: sparsekit.linear(x, m) for m in mats]
+            for N in batches:
+                x = torch.randn(N, K)
+                t = {k: _time(v, x, args.reps if N == 1 else max(3, args.reps // 2))
+                     for k, v in variants.items()}
+                best_dense = min(t["dense_fp32_linear"], t["dense_fp32_matmul_t"])
+                row = {
+                    "shape": [M, K], "sparsity": sparsity, "N": N,
+                    "time_s": t, "bytes": nbytes,
+                    "i8_d8_vs_best_fp32_dense": best_dense / t["sparse_i8_d8"],
+                    "i8_d8_vs_int8_dense": t["dense_int8_qdynamic"] / t["sparse_i8_d8"],
+                    "bf16_d8_vs_bf16_u16": t["sparse_bf16_u16"] / t["sparse_bf16_d8"],
+                    "i8_d8_vs_f32_sparse": t["sparse_f32_u16"] / t["sparse_i8_d8"],
+                    "i8_d8_GBps": nbytes["sparse_i8_d8"] / t["sparse_i8_d8"] / 1e9,
+                    "dense_fp32_GBps": dense_bytes / best_dense / 1e9,
+                }
+                rows.append(row)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                                  for k, v in row.items() if k not in ("time_s", "bytes")}),
+                      flush=True)
+            del variants, qlins
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "cpu": _cpu_model(), "isa": sparsekit.backends().get("cpp"),
+        "threads": args.threads, "llc_bytes": llc, "torch": torch.__version__,
+        "sparsekit": sparsekit.__version__, "python": platform.python_version(),
+        "shared_machine": True,
+        "quantized_engine": torch.backends.quantized.engine,
+    }
+    res = {"machine": info, "results": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def _clone(m):
+    c = type(m)._from_parts(m.indptr.clone(), m.indices.clone(), m.values.clone(), m.shape)
+    c._set_compression(None if m.scales is None else m.scales.clone(), m.quantization)
+    return c
+
+
+def copy_lin(lin: nn.Linear) -> nn.Linear:
+    new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+    new.load_state_dict(lin.state_dict())
+    return new
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

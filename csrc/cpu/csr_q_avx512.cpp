@@ -1,0 +1,6 @@
+// Compressed-format CSR kernels compiled for the avx512 ISA (flags set per file in CMakeLists.txt).
+#define SPARSEKIT_ISA_AVX512 1
+#include "cpu/csr_q_impl.h"
+#include "cpu/spmm_q.h"
+
+SPARSEKIT_DEFINE_CSRQ_ENTRY(csrq_linear_avx512)

@@ -1,0 +1,132 @@
+// CSR kernels for the compressed formats (sparsekit/_compress.py): int8 values with per-row fp32
+// scales and/or uint8 column gaps (IndexType::D8), next to uint16/int32 column ids and
+// fp32/bf16/fp16 values. Compiled once per ISA (csrc/cpu/csr_q_{generic,avx2,avx512}.cpp).
+//
+// Gap coding: within row m the column of stored entry j is the sum of the gaps of the row's
+// entries up to and including j (the first gap is the first column). Larger gaps are split by
+// escape entries (gap 255, value 0), so the kernels never branch on them.
+//
+// Strategy: y[n][m] = scale[m] * sum_j v[j] * x_n[col(j)] + bias[m]. Threads own nnz-balanced
+// row ranges; each row is one pass over (indices, values) per vector with gathers of x, the
+// int8 -> fp32 widening and the gap prefix sum done in registers (simd.h), so the bytes read per
+// nonzero are 1 (gap) + 1 (int8) instead of 2 + 4. Meant for small N (SpMV): for larger N the
+// caller decodes once to the float/plain format and runs the tiled kernels.
+#pragma once
+
+#include "cpu/kernels_impl.h"
+
+namespace sparsekit {
+namespace cpu {
+namespace {
+
+inline int64_t scalar_col(uint8_t g, int64_t prev) { return prev + g; }
+inline int64_t scalar_col(uint16_t i, int64_t) { return i; }
+inline int64_t scalar_col(int32_t i, int64_t) { return i; }
+inline float q_to_f32(int8_t v) { return static_cast<float>(v); }
+template <class VT> inline float q_to_f32(VT v) { return to_f32(v); }
+
+// Micro-kernel. Returns sum_{j in [j, e)} v[j] * x[col(j)] for one row (columns decoded from
+// the row start; IT uint8_t means gaps). x is fp32 with at least K entries; every decoded
+// column is < K (validated when the matrix was built). Two accumulators, masked tail on
+// AVX-512, scalar tail elsewhere. O(e - j).
+template <class VT, class IT>
+inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e, const float* x) {
+  int64_t col = 0;
+  float sum = 0.f;
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  constexpr int W = Vec::W;
+  IdxV carry = idx_zero();
+  typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+  for (; j + 2 * W <= e; j += 2 * W) {
+    _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
+    IdxV c0, c1;
+    q_cols2(idx + j, carry, c0, c1);
+    a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
+    a1 = Vec::fma(q_vals(val + j + W), q_gather(x, c1), a1);
+  }
+  if (j + W <= e) {
+    const auto c0 = q_cols(idx + j, carry);
+    a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
+    j += W;
+  }
+#if defined(SPARSEKIT_ISA_AVX512)
+  if (j < e) {
+    const int n = static_cast<int>(e - j);
+    const auto c0 = q_cols_n(idx + j, n, carry);
+    a1 = Vec::fma(q_vals_n(val + j, n), q_gather_n(x, c0, n), a1);
+    j = e;
+  }
+#endif
+  sum = Vec::reduce(Vec::add(a0, a1));
+  col = idx_last(carry);
+#endif
+  for (; j < e; ++j) {
+    col = scalar_col(idx[j], col);
+    sum += q_to_f32(val[j]) * x[col];
+  }
+  return sum;
+}
+
+// Driver: y = x @ W^T (* scales) + bias for rows split across threads; any N (each vector is
+// a separate pass over the row, which stays in L1).
+template <class VT, class PT, class IT>
+void csrq_linear_t(const SpmmParams& p) {
+  const PT* indptr = static_cast<const PT*>(p.indptr);
+  const IT* idx = static_cast<const IT*>(p.indices);
+  const VT* val = static_cast<const VT*>(p.values);
+  const int64_t nnz = static_cast<int64_t>(indptr[p.M]);
+  const int threads = threads_for(p.num_threads, (nnz + p.M) * p.N);
+  const bool direct = p.x_dtype == DType::F32;
+  Scratch xs(direct ? 1 : static_cast<size_t>(p.N * p.K));
+  if (!direct)
+    for (int64_t n = 0; n < p.N; ++n) load_x_row(p, n, xs.p + n * p.K, p.K, 0, p.K);
+  const float* x = direct ? static_cast<const float*>(p.x) : xs.p;
+  const int64_t ldx = direct ? p.ldx : p.K;
+  parallel_run(threads, [&](int tid, int nt) {
+    const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
+    for (int64_t m = r0; m < r1; ++m) {
+      const int64_t s = static_cast<int64_t>(indptr[m]), e = static_cast<int64_t>(indptr[m + 1]);
+      const float sc = p.scales ? p.scales[m] : 1.f;
+      const float b = bias_at(p.bias, m);
+      for (int64_t n = 0; n < p.N; ++n) {
+        const float d = q_row_dot<VT, IT>(idx, val, s, e, x + n * ldx);
+        store_out(p.y, n * p.ldy + m, d * sc + b, p.x_dtype);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sparsekit
+
+// Exported entry point for this TU's ISA: every (value, indptr, index) combination, including
+// the plain float ones (the caller uses it for int8 values or D8 indices).
+#define SPARSEKIT_DEFINE_CSRQ_ENTRY(NAME)                                                   \
+  namespace sparsekit { namespace cpu {                                                    \
+  void NAME(const SpmmParams& p) {                                                         \
+    if (handle_trivial(p)) return;                                                         \
+    auto by_index = [&](auto vt) {                                                         \
+      using VT = decltype(vt);                                                             \
+      auto by_ptr = [&](auto pt) {                                                         \
+        using PT = decltype(pt);                                                           \
+        switch (p.index_type) {                                                            \
+          case IndexType::U16: return csrq_linear_t<VT, PT, uint16_t>(p);                   \
+          case IndexType::I32: return csrq_linear_t<VT, PT, int32_t>(p);                    \
+          case IndexType::D8: return csrq_linear_t<VT, PT, uint8_t>(p);                     \
+          default: throw std::invalid_argument("sparsekit: unsupported index type code");  \
+        }                                                                                  \
+      };                                                                                   \
+      if (p.indptr_type == IndexType::I64) return by_ptr(int64_t{});                       \
+      return by_ptr(int32_t{});                                                            \
+    };                                                                                     \
+    switch (p.value_dtype) {                                                               \
+      case DType::I8: return by_index(int8_t{});                                           \
+      case DType::F32: return by_index(float{});                                           \
+      case DType::BF16: return by_index(bf16_t{});                                         \
+      case DType::F16: return by_index(f16_t{});                                           \
+    }                                                                                      \
+    throw std::invalid_argument("sparsekit: unknown value dtype code");                    \
+                                                                                 \
+  } } }
