@@ -1,12 +1,14 @@
 """C++ CPU backend: ``sparsekit._C.csr_linear`` / ``bsr_linear`` (OpenMP + runtime-dispatched
 SIMD: AVX-512 / AVX2+FMA+F16C / portable), fp32 accumulation.
 
-Torch CPU tensors are handed to the extension zero-copy as numpy views (bfloat16 as a
-``uint16`` view with dtype code ``"bf16"``). The numpy views of the weight buffers are built
-once per matrix and cached on it, so the per-call Python work is a handful of attribute
-lookups (this dominates at N=1 for small layers: see ``benchmarks/bench_cpu.py``). All argument
-checks that the kernels rely on are re-done in C++ (``csrc/bindings.cpp``), so a bad call raises
-instead of crashing.
+Each matrix is bound once to a ``sparsekit._C.BoundMatrix`` (validated weight buffers, kept
+alive by it, sizes, dtype codes, ISA and the planned kernel variant per batch class), cached on
+the matrix. A call then passes only the addresses of ``x`` / ``out`` / ``bias``, the batch size
+and the thread count: no numpy views or array conversions per call, so a small layer's call
+costs about a microsecond over the kernel. The first call of a batch class plans the kernel
+variant (:mod:`sparsekit.kernels.planner`). The arrays this module hands over are checked by
+the caller (:func:`sparsekit.functional.launch_linear` allocates ``out`` and makes ``x``
+contiguous); the structure was validated when the matrix was built.
 
 Complexity: O(nnz * N) multiply-adds (BSR: O(nnz_blocks * r * c * N)), weights streamed once
 per call for N <= 64, plus O(N * K) to pack activations when N > 1.
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from ..formats import BSRMatrix, CSRMatrix
+from . import planner as _planner
 
 try:  # the core engineer's thread-count module
     from ..threads import get_num_threads
@@ -50,13 +53,30 @@ def _np(t: torch.Tensor):
     return t.numpy()
 
 
-def _prepared(mat: Any) -> tuple:
-    """(indptr, indices, values, value_code) numpy views, cached on the matrix."""
+_XCODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_BOUND_KEY = ("cpp", "bound")
 
-    def build() -> tuple:
-        return (mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values), _CODE[mat.values.dtype])
 
-    return mat._cached(("cpp", "np"), build)
+def bound_matrix(mat: Any) -> Any:
+    """The ``sparsekit._C.BoundMatrix`` of a CPU CSR/BSR matrix, built once and cached on it
+    (rebuilt after the matrix's cache is invalidated)."""
+    try:
+        return mat._cache[_BOUND_KEY]
+    except KeyError:
+        pass
+    if _C is None:
+        raise RuntimeError(f"cpp backend unavailable: {_IMPORT_ERROR}")
+
+    def build() -> Any:
+        m, k = mat.shape
+        if type(mat) is BSRMatrix or isinstance(mat, BSRMatrix):
+            r, c = mat.blocksize
+            return _C.BoundMatrix("bsr", mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values),
+                                  _CODE[mat.values.dtype], m, k, r, c)
+        return _C.BoundMatrix("csr", mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values),
+                              _CODE[mat.values.dtype], m, k)
+
+    return mat._cached(_BOUND_KEY, build)
 
 
 class CppBackend:
@@ -100,22 +120,24 @@ class CppBackend:
         out : torch.Tensor
             (N, M) C-contiguous, x2d's dtype; fully overwritten.
         """
-        if _C is None:
-            raise RuntimeError(f"cpp backend unavailable: {_IMPORT_ERROR}")
-        indptr, indices, values, vcode = _prepared(mat)
-        xcode = _CODE[x2d.dtype]
-        M, K = mat.shape
-        b = None if bias is None else bias.numpy()
-        if type(mat) is CSRMatrix:
-            _C.csr_linear(indptr, indices, values, vcode, _np(x2d), xcode, b, _np(out), xcode,
-                          M, K, get_num_threads())
-        elif isinstance(mat, BSRMatrix):
-            r, c = mat.blocksize
-            _C.bsr_linear(indptr, indices, values, vcode, _np(x2d), xcode, b, _np(out), xcode,
-                          M, K, r, c, get_num_threads())
-        else:
-            _C.csr_linear(indptr, indices, values, vcode, _np(x2d), xcode, b, _np(out), xcode,
-                          M, K, get_num_threads())
+        try:
+            bm = mat._cache[_BOUND_KEY]
+        except KeyError:
+            bm = bound_matrix(mat)
+        n = x2d.shape[0]
+        threads = get_num_threads()
+        if not bm.run(x2d.data_ptr(), out.data_ptr(), n, _XCODE[x2d.dtype],
+                      0 if bias is None else bias.data_ptr(), threads):
+            # first call of this batch class (or thread count): it ran the built-in choice;
+            # plan now so the next calls run the measured best variant
+            _planner.plan_bound(mat, bm, n, threads)
+
+    def variant(self, mat: Any, n: int) -> str:
+        """Name of the kernel variant planned for ``mat`` at batch size ``n`` (``"auto"``
+        when none yet)."""
+        bm = bound_matrix(mat)
+        vid = bm.get_variant(bm.n_class(n))
+        return "auto" if vid < 0 else _planner.variants()[vid]["name"]
 
 
 backend = CppBackend()
