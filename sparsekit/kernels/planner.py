@@ -98,7 +98,8 @@ class Plan:
     variant : str
         The chosen variant's name (``"auto"`` when nothing was measured).
     source : str
-        ``"measured"``, ``"wisdom"`` (read from the wisdom file), ``"forced"``
+        ``"measured"``, ``"cached"`` (measured earlier in this process for the same key),
+        ``"wisdom"`` (read from the wisdom file), ``"forced"``
         (``SPARSEKIT_KERNEL``), ``"off"`` (``SPARSEKIT_PLAN=0``) or ``"single"`` (one candidate).
     times_us : dict
         Best time per candidate in microseconds (measured plans only).
@@ -352,7 +353,10 @@ def plan_bound(mat: Any, bound: Any, n: int, threads: int) -> Plan:
         else:
             _load_wisdom()
             p = _plans.get(key)
-            if p is None or p.variant not in cands:
+            if p is not None and p.variant in cands:
+                p = Plan(key, p.variant, "cached" if p.source == "measured" else p.source,
+                         dict(p.times_us))
+            else:
                 m, k = mat.shape
                 nt = _CLASS_N[cls] if cls >= 2 else n
                 winner, times, cost = _measure(bound, k, m, nt, threads, cands, ids)
