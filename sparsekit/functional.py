@@ -9,6 +9,8 @@ import torch
 
 from .formats import BSRMatrix, CSRMatrix
 from .kernels import select_backend
+from .kernels.cpp import _BOUND_KEY as _CPP_BOUND
+from .kernels.cpp import run_bound as _cpp_run_bound
 
 __all__ = ["linear", "spmm"]
 
@@ -144,7 +146,13 @@ def launch_linear(x: torch.Tensor, weight: CSRMatrix | BSRMatrix, bias: torch.Te
     # new_empty inherits dtype/device and parses fewer arguments (~1 us cheaper at N=1)
     out = x2d.new_empty((N, M))
     if N:
-        select_backend(weight, x2d, backend).linear(weight, x2d, bias, out)
+        # cpp fast path: a matrix already bound to the C++ kernels (by an earlier auto call)
+        # skips backend selection; the bound call passes only addresses
+        bound = weight._cache.get(_CPP_BOUND) if backend == "auto" else None
+        if bound is not None and x2d.is_cpu:
+            _cpp_run_bound(bound, weight, x2d, bias, out)
+        else:
+            select_backend(weight, x2d, backend).linear(weight, x2d, bias, out)
     if cdt != x.dtype:
         out = out.to(x.dtype)
     return out if len(shape) == 2 else out.reshape(*shape[:-1], M)

@@ -79,6 +79,19 @@ def bound_matrix(mat: Any) -> Any:
     return mat._cached(_BOUND_KEY, build)
 
 
+def run_bound(bm: Any, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None,
+              out: torch.Tensor) -> None:
+    """``out = x2d @ W.T + bias`` through the bound matrix ``bm`` of ``mat`` (same contract as
+    :meth:`CppBackend.linear`); plans the batch class on its first call."""
+    n = x2d.shape[0]
+    threads = get_num_threads()
+    if not bm.run(x2d.data_ptr(), out.data_ptr(), n, _XCODE[x2d.dtype],
+                  0 if bias is None else bias.data_ptr(), threads):
+        # first call of this batch class (or thread count): it ran the built-in choice;
+        # plan now so the next calls run the measured best variant
+        _planner.plan_bound(mat, bm, n, threads)
+
+
 class CppBackend:
     """Backend object for the registry (see docs/design.md)."""
 
@@ -124,13 +137,7 @@ class CppBackend:
             bm = mat._cache[_BOUND_KEY]
         except KeyError:
             bm = bound_matrix(mat)
-        n = x2d.shape[0]
-        threads = get_num_threads()
-        if not bm.run(x2d.data_ptr(), out.data_ptr(), n, _XCODE[x2d.dtype],
-                      0 if bias is None else bias.data_ptr(), threads):
-            # first call of this batch class (or thread count): it ran the built-in choice;
-            # plan now so the next calls run the measured best variant
-            _planner.plan_bound(mat, bm, n, threads)
+        run_bound(bm, mat, x2d, bias, out)
 
     def variant(self, mat: Any, n: int) -> str:
         """Name of the kernel variant planned for ``mat`` at batch size ``n`` (``"auto"``

@@ -89,13 +89,8 @@ _MATS_LOCK = threading.Lock()
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> tuple[int | None, ...]:
-    out = []
-    for t in tensors:
-        try:
-            out.append(t._version)
-        except RuntimeError:  # inference tensors have no version counter
-            out.append(None)
-    return tuple(out)
+    # inference tensors have no version counter (reading it raises: ~10 us per tensor per call)
+    return tuple(None if t.is_inference() else t._version for t in tensors)
 
 
 def register_matrix(mat) -> None:
