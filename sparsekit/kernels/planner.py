@@ -418,8 +418,9 @@ def plan(matrix: Any, n: int = 1, threads: int | None = None) -> Plan:
 
 
 def plans() -> dict[str, dict[str, Any]]:
-    """The plans made (or read from wisdom) in this process, by key."""
+    """The plans made in this process and those in the wisdom file (if enabled), by key."""
     with _lock:
+        _load_wisdom()
         return {k: p.as_dict() for k, p in _plans.items()}
 
 
