@@ -390,8 +390,9 @@ class BoundMatrix {
   static int n_class(int64_t n) { return n <= 1 ? 0 : (n == 2 ? 1 : (n <= 8 ? 2 : (n <= 32 ? 3 : 4))); }
 
   // out = x @ W.T + bias. x_code: 0 f32, 1 bf16, 2 f16 (x and out). variant >= 0 runs that
-  // variant; -1 runs the one planned for this batch class and thread count. Returns false
-  // when there was no such plan (the built-in choice ran; the caller may plan now).
+  // variant; -1 runs the one planned for this batch class and, when there is
+  // no such plan, returns false WITHOUT computing (the caller plans, then calls again: every
+  // call of a class then runs the same variant, so repeated calls give bit-identical results).
   bool run(uintptr_t x, uintptr_t out, int64_t n, int x_code, uintptr_t bias, int threads,
            int variant) const {
     if (n < 0) value_error("n: expected a non-negative batch size, got " + std::to_string(n));
@@ -406,8 +407,11 @@ class BoundMatrix {
       value_error("variant: expected -1 or an id below " +
                   std::to_string(static_cast<int>(Variant::kCount)) + ", got " + std::to_string(variant));
     const int cls = n_class(n);
-    const bool planned = variant_[cls] >= 0 && planned_threads_[cls] == threads;
-    if (n == 0 || p_.M == 0) return planned;
+    // One plan per batch class whatever the thread count (the kernels' results do not depend
+    // on it, and a variant switch would change the summation order).
+    const bool planned = variant_[cls] >= 0;
+    if (n == 0 || p_.M == 0) return true;
+    if (variant < 0 && !planned) return false;
     if ((p_.K > 0 && x == 0) || out == 0)
       value_error("x / out: expected non-null addresses for a non-empty call, got 0");
     SpmmParams p = p_;
@@ -419,16 +423,16 @@ class BoundMatrix {
     p.x_dtype = xd;
     p.bias = reinterpret_cast<const float*>(bias);
     p.num_threads = threads > 4096 ? 4096 : threads;
-    p.variant = variant >= 0 ? variant : (planned ? variant_[cls] : 0);
+    p.variant = variant >= 0 ? variant : variant_[cls];
     {
       py::gil_scoped_release nogil;
       if (bsr_) sparsekit::cpu::bsr_linear(p, isa_);
       else sparsekit::cpu::csr_linear(p, isa_);
     }
-    return planned;
+    return true;
   }
 
-  // Records `variant` (name or id) as the plan for batch class n_cls at `threads` threads.
+  // Records `variant` (name or id) as the plan for batch class n_cls (measured at `threads`).
   void set_variant(int n_cls, const py::handle& variant, int threads) {
     if (n_cls < 0 || n_cls >= kClasses)
       value_error("n_class: expected an integer in [0, " + std::to_string(kClasses) + "), got " +
@@ -772,8 +776,9 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &BoundMatrix::run, py::arg("x"), py::arg("out"), py::arg("n"),
            py::arg("x_dtype"), py::arg("bias"), py::arg("num_threads"), py::arg("variant") = -1,
            "out (n, n_rows) = x (n, n_cols) @ W.T + bias from addresses (ints; bias 0 = none), "
-           "x_dtype code 0 f32 / 1 bf16 / 2 f16; variant -1 = the planned one. Returns whether "
-           "a plan existed for this batch class and thread count. Releases the GIL.")
+           "x_dtype code 0 f32 / 1 bf16 / 2 f16; variant -1 = the planned one. Returns False, "
+           "computing nothing, when variant is -1 and this batch class has no plan yet (plan "
+           "with set_variant, then call again). Releases the GIL.")
       .def("set_variant", &BoundMatrix::set_variant, py::arg("n_class"), py::arg("variant"),
            py::arg("num_threads"),
            "Records `variant` (name or id) as the plan for batch class n_class at num_threads.")

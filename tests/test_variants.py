@@ -159,15 +159,16 @@ def test_bound_matrix_matches_reference_and_keeps_buffers_alive():
     for n in (1, 2, 5, 40):
         x = random_x((n, 70), seed=n)
         out = torch.empty(n, 33)
-        planned = bm.run(x.data_ptr(), out.data_ptr(), n, 0, bias.data_ptr(), 1)
-        assert planned is False  # nothing planned yet: the built-in choice ran
+        assert bm.run(x.data_ptr(), out.data_ptr(), n, 0, bias.data_ptr(), 1) is False
+        assert bm.get_variant(bm.n_class(n)) == -1  # unplanned: nothing computed
+        bm.run(x.data_ptr(), out.data_ptr(), n, 0, bias.data_ptr(), 1, 0)  # explicit: auto
         assert_close_to_reference(out, x, dense, bias, msg=f"bound N={n}")
     bm.set_variant(0, "csr_spmv_scalar", 1)
     assert bm.get_variant(0) == [v["name"] for v in VARIANTS].index("csr_spmv_scalar")
     x = random_x((1, 70), seed=9)
     out = torch.empty(1, 33)
     assert bm.run(x.data_ptr(), out.data_ptr(), 1, 0, 0, 1) is True
-    assert bm.run(x.data_ptr(), out.data_ptr(), 1, 0, 0, 2) is False  # other thread count
+    assert bm.run(x.data_ptr(), out.data_ptr(), 1, 0, 0, 2) is True  # one plan per class
     assert_close_to_reference(out, x, dense, msg="bound planned")
     with pytest.raises(ValueError, match="x_dtype: expected code 0"):
         bm.run(x.data_ptr(), out.data_ptr(), 1, 5, 0, 1)

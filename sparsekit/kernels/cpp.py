@@ -6,9 +6,9 @@ alive by it, sizes, dtype codes, ISA and the planned kernel variant per batch cl
 the matrix. A call then passes only the addresses of ``x`` / ``out`` / ``bias``, the batch size
 and the thread count: no numpy views or array conversions per call, so a small layer's call
 costs about a microsecond over the kernel. The first call of a batch class plans the kernel
-variant (:mod:`sparsekit.kernels.planner`). The arrays this module hands over are checked by
-the caller (:func:`sparsekit.functional.launch_linear` allocates ``out`` and makes ``x``
-contiguous); the structure was validated when the matrix was built.
+variant (:mod:`sparsekit.kernels.planner`) before computing. The arrays this module hands over
+are checked by the caller (:func:`sparsekit.functional.launch_linear` allocates ``out`` and
+makes ``x`` contiguous); the structure was validated when the matrix was built.
 
 Complexity: O(nnz * N) multiply-adds (BSR: O(nnz_blocks * r * c * N)), weights streamed once
 per call for N <= 64, plus O(N * K) to pack activations when N > 1.
@@ -85,11 +85,13 @@ def run_bound(bm: Any, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None,
     :meth:`CppBackend.linear`); plans the batch class on its first call."""
     n = x2d.shape[0]
     threads = get_num_threads()
-    if not bm.run(x2d.data_ptr(), out.data_ptr(), n, _XCODE[x2d.dtype],
-                  0 if bias is None else bias.data_ptr(), threads):
-        # first call of this batch class (or thread count): it ran the built-in choice;
-        # plan now so the next calls run the measured best variant
+    xp, op, xc = x2d.data_ptr(), out.data_ptr(), _XCODE[x2d.dtype]
+    bp = 0 if bias is None else bias.data_ptr()
+    if not bm.run(xp, op, n, xc, bp, threads):
+        # first call of this batch class: nothing ran; plan, then run the
+        # planned variant (so every call of the class gives bit-identical results)
         _planner.plan_bound(mat, bm, n, threads)
+        bm.run(xp, op, n, xc, bp, threads)
 
 
 class CppBackend:
