@@ -125,7 +125,8 @@ def sparsekit_stats(mat: Any, x: torch.Tensor, backend: str, min_time: float) ->
     be = get_backend(backend)
     mats = sparse_copies(mat, H.rotation_count(mat.nbytes))
     out = torch.empty(x.shape[0], mat.shape[0], dtype=x.dtype)
-    be.linear(mats[0], x, None, out)  # warm caches of derived data (numpy views, numba jit)
+    for m in mats:  # warm derived data (bound matrices, numba jit) and plan kernel variants
+        be.linear(m, x, None, out)
     n = len(mats)
     return MEASURE(lambda i: be.linear(mats[i % n], x, None, out), min_time_s=min_time)
 

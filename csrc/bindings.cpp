@@ -13,7 +13,8 @@
 #include "cpu/cpu_features.h"
 #include "cpu/spmm_cpu.h"
 #include "cpu/spmm_q.h"
-// ---- CUDA bindings (owned by the GPU engineer; see also the block before PYBIND11_MODULE) ----
+#include "cpu/variants.h"
+// ---- CUDA bindings (see also the block before PYBIND11_MODULE) ----
 #ifdef SPARSEKIT_WITH_CUDA
 #include "cuda/spmm_cuda.h"
 #endif
@@ -274,10 +275,212 @@ void fill_common(Common& c, const py::handle& indptr_o, const py::handle& indice
   c.keep[0] = indptr; c.keep[1] = indices; c.keep[2] = values; c.keep[3] = x; c.keep[4] = out;
 }
 
+// ---- kernel variants (csrc/cpu/variants.h) -----------------------------------------------
+using sparsekit::cpu::Variant;
+namespace cpuv = sparsekit::cpu;
+
+unsigned isa_bit(sparsekit::cpu::Isa isa) { return 1u << static_cast<int>(isa); }
+
+std::string variant_names(const char* family, sparsekit::cpu::Isa isa) {
+  std::string s;
+  for (const auto& v : cpuv::kVariants) {
+    if (v.id != Variant::Auto && std::string(v.family) != family) continue;
+    if (!(v.isas & isa_bit(isa))) continue;
+    s += (s.empty() ? "'" : ", '") + std::string(v.name) + "'";
+  }
+  return s;
+}
+
+// Accepts a variant name or id; it must exist, belong to `family` ("csr" / "bsr") or be
+// "auto", and be compiled for `isa`.
+Variant parse_variant(const py::handle& obj, const char* family, sparsekit::cpu::Isa isa) {
+  int id = -1;
+  std::string shown;
+  if (obj.is_none()) return Variant::Auto;
+  if (py::isinstance<py::str>(obj)) {
+    shown = obj.cast<std::string>();
+    for (const auto& v : cpuv::kVariants)
+      if (shown == v.name) id = static_cast<int>(v.id);
+  } else if (py::isinstance<py::int_>(obj)) {
+    id = obj.cast<int>();
+    shown = std::to_string(id);
+    if (id < 0 || id >= static_cast<int>(Variant::kCount)) id = -1;
+  } else {
+    type_error("variant: expected a variant name (str) or id (int), got " + type_name(obj));
+  }
+  if (id >= 0) {
+    const auto& vi = cpuv::kVariants[id];
+    const bool fam_ok = vi.id == Variant::Auto || std::string(vi.family) == family;
+    if (fam_ok && (vi.isas & isa_bit(isa))) return vi.id;
+  }
+  value_error(std::string("variant: expected one of ") + variant_names(family, isa) + " for " +
+              family + " on ISA '" + sparsekit::cpu::isa_name(isa) + "', got '" + shown + "'");
+}
+
+py::list cpu_variants() {
+  py::list out;
+  for (const auto& v : cpuv::kVariants) {
+    py::dict d;
+    d["id"] = static_cast<int>(v.id);
+    d["name"] = v.name;
+    d["family"] = v.family;
+    d["n_min"] = v.n_min;
+    d["n_max"] = v.n_max < 0 ? py::object(py::none()) : py::object(py::int_(v.n_max));
+    py::list isas;
+    for (int i = 0; i < 3; ++i)
+      if (v.isas & (1u << i)) isas.append(sparsekit::cpu::isa_name(static_cast<sparsekit::cpu::Isa>(i)));
+    d["isas"] = isas;
+    d["dtypes"] = v.dtypes;
+    d["summary"] = v.summary;
+    out.append(d);
+  }
+  return out;
+}
+
+// A sparse matrix bound once to the kernels: validated buffers (kept alive by this object),
+// sizes, dtype codes, the ISA and the planned variant per batch class. A call passes only the
+// addresses of x / out / bias, the batch size and the thread count, so its cost is a few
+// integer conversions (no array objects, no dtype or shape inspection). The caller guarantees
+// what an address cannot show: x is C-contiguous (N, n_cols) and out C-contiguous (N, n_rows),
+// both of x_dtype, not overlapping each other or the weights; bias is (n_rows,) fp32.
+class BoundMatrix {
+ public:
+  static constexpr int kClasses = 5;  // batch classes: N = 1, 2, 3-8, 9-32, 33+
+
+  BoundMatrix(const std::string& format, const py::handle& indptr, const py::handle& indices,
+              const py::handle& values, const std::string& value_dtype, int64_t n_rows,
+              int64_t n_cols, int64_t block_r, int64_t block_c, const std::string& isa) {
+    if (format != "csr" && format != "bsr")
+      value_error("format: expected 'csr' or 'bsr', got '" + format + "'");
+    if (block_r < 1 || block_r > 4096)
+      value_error("block_r: expected an integer in [1, 4096], got " + std::to_string(block_r));
+    if (block_c < 1 || block_c > 4096)
+      value_error("block_c: expected an integer in [1, 4096], got " + std::to_string(block_c));
+    check_dim(n_rows, "n_rows");
+    check_dim(n_cols, "n_cols");
+    bsr_ = format == "bsr";
+    const int64_t n_ptr = bsr_ ? (n_rows + block_r - 1) / block_r : n_rows;
+    p_.M = n_rows;
+    p_.K = n_cols;
+    p_.block_r = static_cast<int>(block_r);
+    p_.block_c = static_cast<int>(block_c);
+    p_.value_dtype = parse_dtype(value_dtype, "value_dtype");
+    isa_ = sparsekit::cpu::resolve_isa(isa, "isa");
+    py::array ip = as_array(indptr, "indptr"), ix = as_array(indices, "indices"),
+              v = as_array(values, "values");
+    p_.indptr_type = indptr_type(ip, n_ptr + 1);
+    const int64_t first = read_index(ip, p_.indptr_type, 0);
+    nnz_ = read_index(ip, p_.indptr_type, n_ptr);
+    if (first != 0) value_error("indptr: expected indptr[0] == 0, got " + std::to_string(first));
+    if (nnz_ < 0) value_error("indptr: expected a non-negative last value, got " + std::to_string(nnz_));
+    p_.index_type = indices_type(ix, nnz_, " (= indptr[-1])");
+    if (!dtype_matches(v, p_.value_dtype)) {
+      std::ostringstream s;
+      s << "values: expected " << expected_numpy(p_.value_dtype) << " array for value_dtype '"
+        << value_dtype << "', got " << describe(v);
+      type_error(s.str());
+    }
+    if (!is_c_contig(v)) value_error("values: expected a C-contiguous array, got " + describe(v));
+    if (bsr_) {
+      if (v.ndim() != 3 || v.shape(0) != nnz_ || v.shape(1) != block_r || v.shape(2) != block_c) {
+        std::ostringstream s;
+        s << "values: expected array of shape (" << nnz_ << ", " << block_r << ", " << block_c
+          << ") (= (indptr[-1], block_r, block_c)), got " << describe(v);
+        value_error(s.str());
+      }
+    } else if (v.ndim() != 1 || v.shape(0) != nnz_) {
+      value_error("values: expected array of length " + std::to_string(nnz_) +
+                  " (= indptr[-1]), got " + describe(v));
+    }
+    p_.indptr = ip.data();
+    p_.indices = ix.data();
+    p_.values = v.data();
+    keep_[0] = ip;
+    keep_[1] = ix;
+    keep_[2] = v;
+    for (int& c : variant_) c = -1;
+    for (int& t : planned_threads_) t = 0;
+  }
+
+  static int n_class(int64_t n) { return n <= 1 ? 0 : (n == 2 ? 1 : (n <= 8 ? 2 : (n <= 32 ? 3 : 4))); }
+
+  // out = x @ W.T + bias. x_code: 0 f32, 1 bf16, 2 f16 (x and out). variant >= 0 runs that
+  // variant; -1 runs the one planned for this batch class and, when there is
+  // no such plan, returns false WITHOUT computing (the caller plans, then calls again: every
+  // call of a class then runs the same variant, so repeated calls give bit-identical results).
+  bool run(uintptr_t x, uintptr_t out, int64_t n, int x_code, uintptr_t bias, int threads,
+           int variant) const {
+    if (n < 0) value_error("n: expected a non-negative batch size, got " + std::to_string(n));
+    if (x_code < 0 || x_code > 2)
+      value_error("x_dtype: expected code 0 (f32), 1 (bf16) or 2 (f16), got " + std::to_string(x_code));
+    const DType xd = static_cast<DType>(x_code);
+    if (xd != DType::F32 && xd != p_.value_dtype)
+      value_error(std::string("x_dtype: expected 'f32' or the value dtype '") +
+                  sparsekit::dtype_name(p_.value_dtype) + "', got '" + sparsekit::dtype_name(xd) + "'");
+    if (threads < 1) value_error("num_threads: expected an integer >= 1, got " + std::to_string(threads));
+    if (variant >= static_cast<int>(Variant::kCount) || variant < -1)
+      value_error("variant: expected -1 or an id below " +
+                  std::to_string(static_cast<int>(Variant::kCount)) + ", got " + std::to_string(variant));
+    const int cls = n_class(n);
+    // One plan per batch class whatever the thread count (the kernels' results do not depend
+    // on it, and a variant switch would change the summation order).
+    const bool planned = variant_[cls] >= 0;
+    if (n == 0 || p_.M == 0) return true;
+    if (variant < 0 && !planned) return false;
+    if ((p_.K > 0 && x == 0) || out == 0)
+      value_error("x / out: expected non-null addresses for a non-empty call, got 0");
+    SpmmParams p = p_;
+    p.N = n;
+    p.x = reinterpret_cast<const void*>(x);
+    p.y = reinterpret_cast<void*>(out);
+    p.ldx = p.K;
+    p.ldy = p.M;
+    p.x_dtype = xd;
+    p.bias = reinterpret_cast<const float*>(bias);
+    p.num_threads = threads > 4096 ? 4096 : threads;
+    p.variant = variant >= 0 ? variant : variant_[cls];
+    {
+      py::gil_scoped_release nogil;
+      if (bsr_) sparsekit::cpu::bsr_linear(p, isa_);
+      else sparsekit::cpu::csr_linear(p, isa_);
+    }
+    return true;
+  }
+
+  // Records `variant` (name or id) as the plan for batch class n_cls (measured at `threads`).
+  void set_variant(int n_cls, const py::handle& variant, int threads) {
+    if (n_cls < 0 || n_cls >= kClasses)
+      value_error("n_class: expected an integer in [0, " + std::to_string(kClasses) + "), got " +
+                  std::to_string(n_cls));
+    variant_[n_cls] = static_cast<int>(parse_variant(variant, bsr_ ? "bsr" : "csr", isa_));
+    planned_threads_[n_cls] = threads;
+  }
+  // The planned variant id of batch class n_cls, or -1 when none.
+  int get_variant(int n_cls) const {
+    if (n_cls < 0 || n_cls >= kClasses)
+      value_error("n_class: expected an integer in [0, " + std::to_string(kClasses) + "), got " +
+                  std::to_string(n_cls));
+    return variant_[n_cls];
+  }
+  bool is_bsr() const { return bsr_; }
+  int64_t nnz() const { return nnz_; }
+  std::string isa() const { return sparsekit::cpu::isa_name(isa_); }
+
+ private:
+  SpmmParams p_;
+  sparsekit::cpu::Isa isa_ = sparsekit::cpu::Isa::Generic;
+  bool bsr_ = false;
+  int64_t nnz_ = 0;
+  int variant_[kClasses];
+  int planned_threads_[kClasses];
+  py::object keep_[3];
+};
+
 void csr_linear(const py::handle& indptr, const py::handle& indices, const py::handle& values,
                 const std::string& value_dtype, const py::handle& x, const std::string& x_dtype,
                 const py::handle& bias, const py::handle& out, const std::string& out_dtype,
-                int64_t n_rows, int64_t n_cols, int64_t num_threads, const std::string& isa) {
+                int64_t n_rows, int64_t n_cols, int64_t num_threads, const std::string& isa,
+                const py::handle& variant) {
   Common c;
   fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
               n_cols, n_rows, num_threads, isa);
@@ -286,6 +489,7 @@ void csr_linear(const py::handle& indptr, const py::handle& indices, const py::h
     value_error("values: expected array of length " + std::to_string(nnz) + " (= indptr[-1]), got " +
                 describe(c.arr(2)));
   reject_compressed(c.p, "csr_linear");
+  c.p.variant = static_cast<int>(parse_variant(variant, "csr", c.isa));
   py::gil_scoped_release nogil;
   sparsekit::cpu::csr_linear(c.p, c.isa);
 }
@@ -325,7 +529,7 @@ void bsr_linear(const py::handle& indptr, const py::handle& indices, const py::h
                 const std::string& value_dtype, const py::handle& x, const std::string& x_dtype,
                 const py::handle& bias, const py::handle& out, const std::string& out_dtype,
                 int64_t n_rows, int64_t n_cols, int64_t block_r, int64_t block_c,
-                int64_t num_threads, const std::string& isa) {
+                int64_t num_threads, const std::string& isa, const py::handle& variant) {
   if (block_r < 1 || block_r > 4096)
     value_error("block_r: expected an integer in [1, 4096], got " + std::to_string(block_r));
   if (block_c < 1 || block_c > 4096)
@@ -347,9 +551,11 @@ void bsr_linear(const py::handle& indptr, const py::handle& indices, const py::h
   reject_compressed(c.p, "bsr_linear");
   c.p.block_r = static_cast<int>(block_r);
   c.p.block_c = static_cast<int>(block_c);
+  c.p.variant = static_cast<int>(parse_variant(variant, "bsr", c.isa));
   py::gil_scoped_release nogil;
   sparsekit::cpu::bsr_linear(c.p, c.isa);
 }
+
 
 // O(nnz) structural check; returns an empty string when valid. Same checks, order and messages
 // as the numpy path in sparsekit/formats.py (_validate_structure_numpy), so both paths report the
@@ -480,7 +686,7 @@ py::dict build_info() {
 }  // namespace
 
 
-// ---- CUDA bindings: validation helpers (owned by the GPU engineer) -------------------------
+// ---- CUDA bindings: validation helpers ----------------------------------------------------
 #ifdef SPARSEKIT_WITH_CUDA
 namespace {
 
@@ -592,7 +798,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("csr_linear", &csr_linear, py::arg("indptr"), py::arg("indices"), py::arg("values"),
         py::arg("value_dtype"), py::arg("x"), py::arg("x_dtype"), py::arg("bias"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("num_threads"),
-        py::arg("isa") = "auto",
+        py::arg("isa") = "auto", py::arg("variant") = py::none(),
         "out (N, n_rows) = x (N, n_cols) @ W.T + bias for W in CSR (fp32 accumulation). "
         "The structure must have passed validate_csr. Releases the GIL.");
   m.def("csrq_linear", &csrq_linear, py::arg("indptr"), py::arg("indices"), py::arg("values"),
@@ -606,10 +812,39 @@ PYBIND11_MODULE(_C, m) {
         py::arg("value_dtype"), py::arg("x"), py::arg("x_dtype"), py::arg("bias"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("block_r"),
         py::arg("block_c"), py::arg("num_threads"), py::arg("isa") = "auto",
+        py::arg("variant") = py::none(),
         "out (N, n_rows) = x (N, n_cols) @ W.T + bias for W in BSR with (block_r, block_c) blocks, "
         "values of shape (nnzb, block_r, block_c). The structure must have passed validate_bsr.");
 
-  // ---- CUDA bindings (owned by the GPU engineer) ----------------------------------------
+  m.def("cpu_variants", &cpu_variants,
+        "The table of CPU kernel variants (csrc/cpu/variants.h): dicts with id, name, family "
+        "('csr' / 'bsr' / '' for auto), n_min / n_max (batch sizes it applies to), isas, dtypes, "
+        "summary.");
+  py::class_<BoundMatrix>(m, "BoundMatrix",
+                          "A CSR/BSR matrix validated once and bound to the CPU kernels; calls "
+                          "pass only addresses (see csrc/bindings.cpp).")
+      .def(py::init<const std::string&, const py::handle&, const py::handle&, const py::handle&,
+                    const std::string&, int64_t, int64_t, int64_t, int64_t, const std::string&>(),
+           py::arg("format"), py::arg("indptr"), py::arg("indices"), py::arg("values"),
+           py::arg("value_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("block_r") = 1,
+           py::arg("block_c") = 1, py::arg("isa") = "auto")
+      .def("run", &BoundMatrix::run, py::arg("x"), py::arg("out"), py::arg("n"),
+           py::arg("x_dtype"), py::arg("bias"), py::arg("num_threads"), py::arg("variant") = -1,
+           "out (n, n_rows) = x (n, n_cols) @ W.T + bias from addresses (ints; bias 0 = none), "
+           "x_dtype code 0 f32 / 1 bf16 / 2 f16; variant -1 = the planned one. Returns False, "
+           "computing nothing, when variant is -1 and this batch class has no plan yet (plan "
+           "with set_variant, then call again). Releases the GIL.")
+      .def("set_variant", &BoundMatrix::set_variant, py::arg("n_class"), py::arg("variant"),
+           py::arg("num_threads"),
+           "Records `variant` (name or id) as the plan for batch class n_class at num_threads.")
+      .def("get_variant", &BoundMatrix::get_variant, py::arg("n_class"))
+      .def_static("n_class", &BoundMatrix::n_class, py::arg("n"),
+                  "Batch class of N: 0 (N=1), 1 (N=2), 2 (3-8), 3 (9-32), 4 (33+).")
+      .def_property_readonly("is_bsr", &BoundMatrix::is_bsr)
+      .def_property_readonly("nnz", &BoundMatrix::nnz)
+      .def_property_readonly("isa", &BoundMatrix::isa);
+
+  // ---- CUDA bindings ----------------------------------------------------------------------
   // cuda_built() / cuda_device_count() / cuda_available() exist in every build (False / 0
   // without CUDA); the kernels only when compiled with SPARSEKIT_WITH_CUDA.
 #ifdef SPARSEKIT_WITH_CUDA

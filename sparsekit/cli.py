@@ -365,9 +365,29 @@ def _cmd_show(parser, args) -> int:
 def _cmd_info() -> int:
     from sparsekit.bench import harness as h
 
-    json.dump(h.machine_info(bandwidth=False), sys.stdout, indent=1)
+    info = h.machine_info(bandwidth=False)
+    info["cpu_kernels"] = _kernel_info()
+    json.dump(info, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
+
+
+def _kernel_info() -> dict:
+    """ISA path, kernel variants, forced variants, wisdom file and plans of the C++ backend."""
+    from sparsekit.kernels import planner
+
+    try:
+        forced: list[str] | str = planner.forced_variants()
+    except ValueError as e:
+        forced = f"error: {e}"
+    try:
+        import sparsekit._C as C
+
+        isa = C.cpu_isa()
+    except Exception as e:  # noqa: BLE001 - report why, info must not fail
+        isa = f"unavailable: {type(e).__name__}: {e}"
+    return {"isa_path": isa, "variants": [v["name"] for v in planner.variants()],
+            "forced": forced, "wisdom": planner.wisdom_path(), "plans": planner.plans()}
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:

@@ -42,6 +42,8 @@ from torch import Tensor
 
 from sparsekit.formats import BSRMatrix, CSRMatrix, _index_dtype_for, _indptr_dtype_for
 from sparsekit.kernels import select_backend
+from sparsekit.kernels.cpp import _BOUND_KEY as _CPP_BOUND
+from sparsekit.kernels.cpp import run_bound as _cpp_run_bound
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -137,9 +139,15 @@ def launch_linear(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None, ba
     N = x2d.shape[0]
     # new_empty inherits dtype/device and parses fewer arguments (~1 us cheaper at N=1)
     out = x2d.new_empty((N, M))
-    be = select_backend(mat, x2d, backend) if N or backend != "auto" else None
-    if N:
-        be.linear(mat, x2d, bias, out)
+    # cpp fast path: a matrix already bound to the C++ kernels (by an earlier "auto" call)
+    # skips backend selection; the bound call passes only addresses
+    bound = mat.cache_get(_CPP_BOUND) if backend == "auto" and N else None
+    if bound is not None and x2d.is_cpu:
+        _cpp_run_bound(bound, mat, x2d, bias, out)
+    else:
+        be = select_backend(mat, x2d, backend) if N or backend != "auto" else None
+        if N:
+            be.linear(mat, x2d, bias, out)
     if cdt != x.dtype:
         out = out.to(x.dtype)
     return out if len(shape) == 2 else out.reshape(*shape[:-1], M)
@@ -214,13 +222,8 @@ def matrix_from_parts(
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> tuple[int | None, ...]:
-    out = []
-    for t in tensors:
-        try:
-            out.append(t._version)
-        except RuntimeError:  # inference tensors have no version counter
-            out.append(None)
-    return tuple(out)
+    # inference tensors have no version counter (reading it raises: ~10 us per tensor per call)
+    return tuple(None if t.is_inference() else t._version for t in tensors)
 
 
 def _run_linear(x, indptr, indices, values, bias, out_features, in_features, blocksize,

@@ -170,7 +170,7 @@ fi
 # ------------------------------------------------------------------ tests
 T1=$(date +%s)
 TESTS=()
-for t in tests/test_cpp_bindings.py tests/test_kernels.py tests/test_formats.py \
+for t in tests/test_cpp_bindings.py tests/test_variants.py tests/test_kernels.py tests/test_formats.py \
          tests/test_fuzz.py; do
   [ -f "$ROOT/$t" ] && TESTS+=("$ROOT/$t")
 done

@@ -5,7 +5,7 @@
 //   build:  bash benchmarks/micro/build.sh            (AVX-512; ISA=avx2 for the AVX2 path)
 //   run:    build/micro/kernel_micro csr  M K N density [threads]     CSR, N > 1 (packed tiles)
 //           build/micro/kernel_micro bsr  M K N density r c [threads] BSR, N > 1
-//           build/micro/kernel_micro spmv M K density [threads] [warm] [bf16]  CSR N = 1,
+//           build/micro/kernel_micro spmv M K density [threads] [warm] [bf16] [v=<variant id>]  CSR N = 1,
 //                                         weights rotating over > 700 MB unless warm
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
 //           build/micro/kernel_micro rowtile K nnz                    L1/L2 row-tile loop
@@ -126,7 +126,7 @@ int run_bsr(int M, int K, int N, double d, int r, int c, int threads) {
 }
 
 // bf16 = true: values rounded to bf16 (the reference uses the rounded values).
-int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16) {
+int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16, int variant) {
   std::mt19937 g(0);
   Sparse s0 = random_sparse(M, K, d, 1, g);
   std::vector<uint16_t> v16;
@@ -137,7 +137,7 @@ int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16) {
     }
   }
   const double bytes = s0.idx.size() * (bf16 ? 4.0 : 6.0) + s0.indptr.size() * 4.0;
-  const int copies = warm ? 1 : std::max(2, int(700e6 / bytes) + 1);  // > 2x a 260 MiB LLC
+  const int copies = warm ? 1 : std::max(2, int(200e6 / bytes) + 1);  // > 6x a 32 MiB LLC
   std::vector<Sparse> mats(copies, s0);
   std::vector<std::vector<uint16_t>> vals16(bf16 ? copies : 0, v16);
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
@@ -145,6 +145,7 @@ int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16) {
   for (auto& v : x) v = u(g);
   auto call = [&](int c) {
     SpmmParams p = params(mats[c], M, K, 1, x.data(), y.data(), threads);
+    p.variant = variant;
     if (bf16) {
       p.values = vals16[c].data();
       p.value_dtype = DType::BF16;
@@ -161,8 +162,9 @@ int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16) {
     err = std::max(err, std::abs(ref - y[m]));
   }
   const double t = median_time(std::max(15, 2 * copies), [&](int i) { call(i % copies); });
-  std::printf("spmv %dx%d density=%.2f %s threads=%d %s: %.3f ms, %.1f GB/s on compressed bytes, max err %.1e\n",
-              M, K, d, bf16 ? "bf16" : "fp32", threads, warm ? "warm" : "rotating", t * 1e3,
+  std::printf("spmv %dx%d density=%.2f %s threads=%d %s %s: %.3f ms, %.1f GB/s on compressed bytes, max err %.1e\n",
+              M, K, d, bf16 ? "bf16" : "fp32", threads, warm ? "warm" : "rotating",
+              variant_info(static_cast<Variant>(variant)).name, t * 1e3,
               bytes / t / 1e9, err);
   return 0;
 }
@@ -251,11 +253,13 @@ int main(int argc, char** argv) {
   if (!std::strcmp(mode, "spmv") && argc >= 5)
   {
     bool warm = false, bf16 = false;
+    int variant = 0;
     for (int i = 6; i < argc; ++i) {
       warm |= !std::strcmp(argv[i], "warm");
       bf16 |= !std::strcmp(argv[i], "bf16");
+      if (!std::strncmp(argv[i], "v=", 2)) variant = std::atoi(argv[i] + 2);
     }
-    return run_spmv(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), warm, bf16);
+    return run_spmv(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), warm, bf16, variant);
   }
 #if defined(SPARSEKIT_ISA_AVX512)
   if (!std::strcmp(mode, "read") && argc >= 4) return run_read(ai(2, 1), ai(3, 0), ai(4, 2));

@@ -63,6 +63,7 @@ struct SpmmParams {
   int block_r = 1;  // BSR block shape (1 x 1 for CSR)
   int block_c = 1;
   int num_threads = 1;  // CPU: OpenMP threads for this call (>= 1); ignored by CUDA
+  int variant = 0;  // CPU: kernel variant id (csrc/cpu/variants.h), 0 = built-in choice; CUDA ignores it
 };
 
 }  // namespace sparsekit

@@ -30,6 +30,8 @@
 #include "common/dispatch.h"
 #include "common/format.h"
 #include "cpu/simd.h"
+#include "cpu/ukernel_csr_spmv.h"
+#include "cpu/variants.h"
 
 namespace sparsekit {
 namespace cpu {
@@ -235,9 +237,10 @@ inline void store_rows_tile(const SpmmParams& p, const float* part, int64_t ldp,
 #define SPARSEKIT_TILE_BYTES (3 << 19)  // xt tile budget (bytes) for N > 1
 #endif
 constexpr int64_t kTileBytes = SPARSEKIT_TILE_BYTES;
-inline int choose_v(int64_t N, int64_t kpad) {
+inline int choose_v(int64_t N, int64_t kpad, int vmax = 4) {
   const int64_t W = Vec::W;
   int v = N > 2 * W ? 4 : (N > W ? 2 : 1);
+  while (v > vmax) v /= 2;
   while (v > 1 && kpad * v * W * 4 > kTileBytes) v /= 2;
   return v;
 }
@@ -246,91 +249,42 @@ inline int choose_v(int64_t N, int64_t kpad) {
 // CSR
 // ============================================================================================
 
-#ifndef SPARSEKIT_PF_DIST
-#define SPARSEKIT_PF_DIST 1024
-#endif
-constexpr int64_t kPfDist = SPARSEKIT_PF_DIST;  // prefetch distance in nonzeros (N == 1)
 // Largest batch run by gathering x per vector (csr_spmv_rows) instead of packed tiles. Measured
 // (4096x4096, 2 threads, AVX-512) against the tile path: N=2 is 1.4x faster at 50-70% sparsity
 // and 1.09x at 90%; N=3 is within +-15% either way and N=4 up to 1.7x slower (each extra vector
 // costs a full 16-lane gather per 16 nonzeros).
 constexpr int64_t kMaxGatherBatch = 2;
 
-// SpMV against NB (1 or 2) vectors for rows [r0, r1): y[n][m] = sum_j values[j] * x_n[indices[j]]
-// + bias[m], where x_n = x + n * ldx (fp32). The weights are read once for all NB vectors and
-// each vector is gathered (the batch is too small for packed tiles, whose per-nonzero broadcast
-// + FMA costs the same for 2 vectors as for 16). O(NB * nnz in range).
+// Driver for N <= 2: rows [r0, r1), y[n][m] = row_m . x_n + bias[m] with one SpMV micro-kernel
+// (ukernel_csr_spmv.h) chosen by `variant`; x is fp32 with row stride ldx. The weights are read
+// once for all NB vectors. O(NB * nnz in range).
 template <int NB, class VT, class PT, class IT>
-void csr_spmv_rows(const SpmmParams& p, const float* x, int64_t ldx, int64_t r0, int64_t r1) {
+void csr_spmv_rows(const SpmmParams& p, Variant variant, const float* x, int64_t ldx, int64_t r0,
+                   int64_t r1) {
   const PT* indptr = static_cast<const PT*>(p.indptr);
   const IT* idx = static_cast<const IT*>(p.indices);
   const VT* val = static_cast<const VT*>(p.values);
-  for (int64_t m = r0; m < r1; ++m) {
-    int64_t j = static_cast<int64_t>(indptr[m]);
-    const int64_t e = static_cast<int64_t>(indptr[m + 1]);
-    float sum[NB];
+  auto rows = [&](auto&& ukernel) {
+    for (int64_t m = r0; m < r1; ++m) {
+      float sums[NB];
+      for (int n = 0; n < NB; ++n) sums[n] = 0.f;
+      ukernel(idx, val, static_cast<int64_t>(indptr[m]), static_cast<int64_t>(indptr[m + 1]), x,
+              ldx, sums);
+      const float b = bias_at(p.bias, m);
+      for (int n = 0; n < NB; ++n) store_out(p.y, n * p.ldy + m, sums[n] + b, p.x_dtype);
+    }
+  };
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
-    {
-      constexpr int W = Vec::W;
-      typename Vec::T a0[NB], a1[NB];
-      for (int n = 0; n < NB; ++n) a0[n] = a1[n] = Vec::zero();
-      for (; j + 2 * W <= e; j += 2 * W) {
-        // Software prefetch kPfDist nonzeros ahead: the two streams (values, indices) are read
-        // once; hardware prefetchers alone leave a single core's memory pipeline underused.
-        _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
-        if (sizeof(VT) * 2 * W > 64)
-          _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist) + 64, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
-        const typename Vec::T v0 = Vec::load_vals(val + j), v1 = Vec::load_vals(val + j + W);
-        for (int n = 0; n < NB; ++n) {
-          a0[n] = Vec::fma(v0, Vec::gather(x + n * ldx, idx + j), a0[n]);
-          a1[n] = Vec::fma(v1, Vec::gather(x + n * ldx, idx + j + W), a1[n]);
-        }
-      }
-      if (j + W <= e) {
-        const typename Vec::T v0 = Vec::load_vals(val + j);
-        for (int n = 0; n < NB; ++n) a0[n] = Vec::fma(v0, Vec::gather(x + n * ldx, idx + j), a0[n]);
-        j += W;
-      }
-#if defined(SPARSEKIT_ISA_AVX512)
-      if (j < e) {
-        const int cnt = static_cast<int>(e - j);
-        const typename Vec::T v0 = Vec::load_vals_n(val + j, cnt);
-        for (int n = 0; n < NB; ++n)
-          a1[n] = Vec::fma(v0, Vec::gather_n(x + n * ldx, idx + j, cnt), a1[n]);
-        j = e;
-      }
-#endif
-      for (int n = 0; n < NB; ++n) sum[n] = Vec::reduce(Vec::add(a0[n], a1[n]));
-      for (; j < e; ++j) {
-        const float w = to_f32(val[j]);
-        const int64_t k = idx_of(idx[j]);
-        for (int n = 0; n < NB; ++n) sum[n] += w * x[n * ldx + k];
-      }
-    }
-#else
-    {
-      float s0[NB], s1[NB];
-      for (int n = 0; n < NB; ++n) s0[n] = s1[n] = 0.f;
-      for (; j + 2 <= e; j += 2) {
-        const float w0 = to_f32(val[j]), w1 = to_f32(val[j + 1]);
-        const int64_t k0 = idx_of(idx[j]), k1 = idx_of(idx[j + 1]);
-        for (int n = 0; n < NB; ++n) {
-          s0[n] += w0 * x[n * ldx + k0];
-          s1[n] += w1 * x[n * ldx + k1];
-        }
-      }
-      for (; j < e; ++j) {
-        const float w = to_f32(val[j]);
-        const int64_t k = idx_of(idx[j]);
-        for (int n = 0; n < NB; ++n) s0[n] += w * x[n * ldx + k];
-      }
-      for (int n = 0; n < NB; ++n) sum[n] = s0[n] + s1[n];
-    }
-#endif
-    const float b = bias_at(p.bias, m);
-    for (int n = 0; n < NB; ++n) store_out(p.y, n * p.ldy + m, sum[n] + b, p.x_dtype);
+  switch (variant) {
+    case Variant::CsrSpmvScalar: return rows([](auto... a) { spmv_scalar<NB>(a...); });
+    case Variant::CsrSpmvAssemble: return rows([](auto... a) { spmv_assemble<NB>(a...); });
+    case Variant::CsrSpmvGather4: return rows([](auto... a) { spmv_gather<4, NB>(a...); });
+    default: return rows([](auto... a) { spmv_gather<2, NB>(a...); });
   }
+#else
+  (void)variant;
+  rows([](auto... a) { spmv_scalar<NB>(a...); });
+#endif
 }
 
 // One CSR row against one packed tile: out[0..NT) = sum_j values[j] * xt[indices[j]][0..NT)
@@ -467,12 +421,15 @@ void csr_linear_t(const SpmmParams& p) {
     parallel_run(threads, [&](int tid, int nt) {
       const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
       static_assert(kMaxGatherBatch == 2, "instantiate csr_spmv_rows for each gathered batch");
-      if (p.N == 1) csr_spmv_rows<1, VT, PT, IT>(p, x, ldx, r0, r1);
-      else csr_spmv_rows<2, VT, PT, IT>(p, x, ldx, r0, r1);
+      const Variant v = static_cast<Variant>(p.variant);
+      if (p.N == 1) csr_spmv_rows<1, VT, PT, IT>(p, v, x, ldx, r0, r1);
+      else csr_spmv_rows<2, VT, PT, IT>(p, v, x, ldx, r0, r1);
     });
     return;
   }
-  const int V = choose_v(p.N, p.K);
+  const Variant variant = static_cast<Variant>(p.variant);
+  const int vmax = variant == Variant::CsrTileV2 ? 2 : (variant == Variant::CsrTileV1 ? 1 : 4);
+  const int V = choose_v(p.N, p.K, vmax);
   const int64_t NT = V * Vec::W;
   const int64_t ntiles = (p.N + NT - 1) / NT;
   Scratch xt(static_cast<size_t>(ntiles * p.K * NT));
@@ -676,7 +633,11 @@ void bsr_linear_t(const SpmmParams& p) {
   // 8-lane ISAs (16 vector registers): with block rows to share each x load, 2-vector tiles and
   // 4-row register blocks beat 4-vector tiles and 2-row blocks (AVX2, 4096x4096 8x8 90% N=128:
   // 11.1 -> 8.6 ms; 16x16 and 4x1 alike); single-row blocks keep the wider tile (1x8: 11.9 vs 18.7).
-  const int vmax = (Vec::W == 8 && r >= 2) ? imin(2, SPARSEKIT_BSR_VMAX) : SPARSEKIT_BSR_VMAX;
+  const Variant variant = static_cast<Variant>(p.variant);
+  int vmax = (Vec::W == 8 && r >= 2) ? imin(2, SPARSEKIT_BSR_VMAX) : SPARSEKIT_BSR_VMAX;
+  if (variant == Variant::BsrTileV4) vmax = 4;
+  if (variant == Variant::BsrTileV2) vmax = 2;
+  if (variant == Variant::BsrTileV1) vmax = 1;
   const int V = imin(choose_v(p.N, kpad), vmax);
   const int64_t NT = V * Vec::W;
   const int64_t ntiles = (p.N + NT - 1) / NT;

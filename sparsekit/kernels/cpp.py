@@ -1,12 +1,14 @@
 """C++ CPU backend: ``sparsekit._C.csr_linear`` / ``bsr_linear`` (OpenMP + runtime-dispatched
 SIMD: AVX-512 / AVX2+FMA+F16C / portable), fp32 accumulation.
 
-Torch CPU tensors are handed to the extension zero-copy as numpy views (bfloat16 as a
-``uint16`` view with dtype code ``"bf16"``). The numpy views of the weight buffers are built
-once per matrix and cached on it, so the per-call Python work is a handful of attribute
-lookups (this dominates at N=1 for small layers: see ``benchmarks/bench_cpu.py``). All argument
-checks that the kernels rely on are re-done in C++ (``csrc/bindings.cpp``), so a bad call raises
-instead of crashing.
+Each matrix is bound once to a ``sparsekit._C.BoundMatrix`` (validated weight buffers, kept
+alive by it, sizes, dtype codes, ISA and the planned kernel variant per batch class), cached on
+the matrix. A call then passes only the addresses of ``x`` / ``out`` / ``bias``, the batch size
+and the thread count: no numpy views or array conversions per call, so a small layer's call
+costs about a microsecond over the kernel. The first call of a batch class plans the kernel
+variant (:mod:`sparsekit.kernels.planner`) before computing. The arrays this module hands over
+are checked by the caller (:func:`sparsekit.functional.launch_linear` allocates ``out`` and
+makes ``x`` contiguous); the structure was validated when the matrix was built.
 
 Complexity: O(nnz * N) multiply-adds (BSR: O(nnz_blocks * r * c * N)), weights streamed once
 per call for N <= 64, plus O(N * K) to pack activations when N > 1.
@@ -21,6 +23,7 @@ import torch
 
 from ..formats import BSRMatrix, CSRMatrix
 from ..threads import get_num_threads
+from . import planner as _planner
 
 _C: Any = None
 _IMPORT_ERROR: str | None = None
@@ -47,14 +50,55 @@ def _np(t: torch.Tensor):
     return t.numpy()
 
 
+_XCODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_BOUND_KEY = ("cpp", "bound")
+
+
+
 def _prepared(mat: Any) -> tuple:
-    """(indptr, indices, values, value_code) numpy views, cached on the matrix."""
+    """(indptr, indices, values, value_code) numpy views of a compressed matrix, cached on it."""
 
     def build() -> tuple:
         return (mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values),
                 _QCODE[mat.values.dtype])
 
     return mat.cached(("cpp", "np"), build)
+
+
+def bound_matrix(mat: Any) -> Any:
+    """The ``sparsekit._C.BoundMatrix`` of a CPU CSR/BSR matrix (plain indices, float values),
+    built once and cached on it (rebuilt after the matrix's cache is invalidated)."""
+    bm = mat.cache_get(_BOUND_KEY)
+    if bm is not None:
+        return bm
+    if _C is None:
+        raise RuntimeError(f"cpp backend unavailable: {_IMPORT_ERROR}")
+
+    def build() -> Any:
+        m, k = mat.shape
+        if isinstance(mat, BSRMatrix):
+            r, c = mat.blocksize
+            return _C.BoundMatrix("bsr", mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values),
+                                  _CODE[mat.values.dtype], m, k, r, c)
+        return _C.BoundMatrix("csr", mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values),
+                              _CODE[mat.values.dtype], m, k)
+
+    return mat.cached(_BOUND_KEY, build)
+
+
+def run_bound(bm: Any, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None,
+              out: torch.Tensor) -> None:
+    """``out = x2d @ W.T + bias`` through the bound matrix ``bm`` of ``mat`` (same contract as
+    :meth:`CppBackend.linear`); plans the batch class on its first call."""
+    n = x2d.shape[0]
+    threads = get_num_threads()
+    xp, op, xc = x2d.data_ptr(), out.data_ptr(), _XCODE[x2d.dtype]
+    bp = 0 if bias is None else bias.data_ptr()
+    if not bm.run(xp, op, n, xc, bp, threads):
+        # first call of this batch class: nothing ran; plan, then run the
+        # planned variant (so every call of the class gives bit-identical results)
+        _planner.plan_bound(mat, bm, n, threads)
+        bm.run(xp, op, n, xc, bp, threads)
 
 
 class CppBackend:
@@ -114,23 +158,21 @@ class CppBackend:
             # BSR, or a batch the tiled float kernels serve faster: decode once (cached)
             mat = mat.decoded()
             if x2d.dtype != torch.float32 and x2d.dtype != mat.values.dtype:
-                out.copy_(torch.empty_like(out, dtype=torch.float32).copy_(
-                    _linear_f32(self, mat, x2d, bias)))
+                out.copy_(_linear_f32(self, mat, x2d, bias))
                 return
-        indptr, indices, values, vcode = _prepared(mat)
-        xcode = _CODE[x2d.dtype]
-        M, K = mat.shape
-        b = None if bias is None else bias.numpy()
-        if type(mat) is CSRMatrix:
-            _C.csr_linear(indptr, indices, values, vcode, _np(x2d), xcode, b, _np(out), xcode,
-                          M, K, get_num_threads())
-        elif isinstance(mat, BSRMatrix):
-            r, c = mat.blocksize
-            _C.bsr_linear(indptr, indices, values, vcode, _np(x2d), xcode, b, _np(out), xcode,
-                          M, K, r, c, get_num_threads())
-        else:
-            _C.csr_linear(indptr, indices, values, vcode, _np(x2d), xcode, b, _np(out), xcode,
-                          M, K, get_num_threads())
+        bm = mat.cache_get(_BOUND_KEY)
+        if bm is None:
+            bm = bound_matrix(mat)
+        run_bound(bm, mat, x2d, bias, out)
+
+    def variant(self, mat: Any, n: int) -> str:
+        """Name of the kernel variant planned for ``mat`` at batch size ``n`` (``"auto"``
+        when none yet)."""
+        if mat.is_compressed:
+            return "csrq" if type(mat) is CSRMatrix and n <= COMPRESSED_MAX_BATCH else "auto"
+        bm = bound_matrix(mat)
+        vid = bm.get_variant(bm.n_class(n))
+        return "auto" if vid < 0 else _planner.variants()[vid]["name"]
 
 
 def _linear_f32(be: CppBackend, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None

@@ -1,0 +1,134 @@
+// CSR SpMV micro-kernels: the dot products of one sparse row with NB (1 or 2) dense vectors.
+// One loop nest each; the row loop, threads and output conversion live in the driver
+// (kernels_impl.h, csr_spmv_rows). Written against the Vec wrapper of simd.h, compiled per ISA.
+//
+// Contract (all variants): sums[n] = sum_{j in [j0, e)} to_f32(val[j]) * x[n * ldx + idx[j]]
+// for n < NB, accumulated in fp32 (the summation order differs between variants; results agree
+// to fp32 rounding). idx[j] < the length of x (validated when the matrix was built); x is
+// fp32, any alignment; val / idx any alignment. Reads exactly [j0, e) of val and idx (the
+// prefetches may name addresses beyond e, which never fault). No allocation, no state.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/simd.h"
+
+namespace sparsekit {
+namespace cpu {
+namespace {
+
+#ifndef SPARSEKIT_PF_DIST
+#define SPARSEKIT_PF_DIST 1024
+#endif
+// Software prefetch distance in nonzeros: the value and index streams are read once, and the
+// hardware prefetchers alone leave one core's memory pipeline underused.
+constexpr int64_t kPfDist = SPARSEKIT_PF_DIST;
+
+template <class VT, class IT>
+inline void prefetch_stream(const VT* val, const IT* idx, int64_t j) {
+  prefetch_t0(val + j + kPfDist);
+  if (sizeof(VT) * 2 * Vec::W > 64) prefetch_t0(reinterpret_cast<const char*>(val + j + kPfDist) + 64);
+  prefetch_t0(idx + j + kPfDist);
+}
+
+// Scalar tail / scalar variant: 4 independent sums per vector (hides the FMA latency).
+template <int NB, class VT, class IT>
+inline void spmv_scalar(const IT* idx, const VT* val, int64_t j, int64_t e, const float* x,
+                        int64_t ldx, float* sums) {
+  float s[4][NB];
+  for (int u = 0; u < 4; ++u)
+    for (int n = 0; n < NB; ++n) s[u][n] = 0.f;
+  for (; j + 4 <= e; j += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const float w = to_f32(val[j + u]);
+      const int64_t k = idx_of(idx[j + u]);
+      for (int n = 0; n < NB; ++n) s[u][n] += w * x[n * ldx + k];
+    }
+  }
+  for (; j < e; ++j) {
+    const float w = to_f32(val[j]);
+    const int64_t k = idx_of(idx[j]);
+    for (int n = 0; n < NB; ++n) s[0][n] += w * x[n * ldx + k];
+  }
+  for (int n = 0; n < NB; ++n) sums[n] += (s[0][n] + s[1][n]) + (s[2][n] + s[3][n]);
+}
+
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// Hardware-gather variant: U vectors of W nonzeros per step (U = 2: csr_spmv_gather, U = 4:
+// csr_spmv_gather4), U independent accumulators per vector of x. Remainder below U * W: one
+// vector at a time, then a masked gather (AVX-512) or the scalar loop.
+template <int U, int NB, class VT, class IT>
+inline void spmv_gather(const IT* idx, const VT* val, int64_t j, int64_t e, const float* x,
+                        int64_t ldx, float* sums) {
+  constexpr int W = Vec::W;
+  typename Vec::T acc[U][NB];
+  for (int u = 0; u < U; ++u)
+    for (int n = 0; n < NB; ++n) acc[u][n] = Vec::zero();
+  for (; j + U * W <= e; j += U * W) {
+    prefetch_stream(val, idx, j);
+    if (U * W * sizeof(VT) > 128) prefetch_stream(val, idx, j + 2 * W);
+    for (int u = 0; u < U; ++u) {
+      const typename Vec::T v = Vec::load_vals(val + j + u * W);
+      for (int n = 0; n < NB; ++n)
+        acc[u][n] = Vec::fma(v, Vec::gather(x + n * ldx, idx + j + u * W), acc[u][n]);
+    }
+  }
+  for (; j + W <= e; j += W) {
+    const typename Vec::T v = Vec::load_vals(val + j);
+    for (int n = 0; n < NB; ++n) acc[0][n] = Vec::fma(v, Vec::gather(x + n * ldx, idx + j), acc[0][n]);
+  }
+#if defined(SPARSEKIT_ISA_AVX512)
+  if (j < e) {
+    const int cnt = static_cast<int>(e - j);
+    const typename Vec::T v = Vec::load_vals_n(val + j, cnt);
+    for (int n = 0; n < NB; ++n)
+      acc[U - 1][n] = Vec::fma(v, Vec::gather_n(x + n * ldx, idx + j, cnt), acc[U - 1][n]);
+    j = e;
+  }
+#endif
+  for (int n = 0; n < NB; ++n) {
+    typename Vec::T s = acc[0][n];
+    for (int u = 1; u < U; ++u) s = Vec::add(s, acc[u][n]);
+    sums[n] += Vec::reduce(s);
+  }
+  if (j < e) spmv_scalar<NB>(idx, val, j, e, x, ldx, sums);
+}
+
+// Gather-free variant: each vector of x is assembled from W scalar loads (load4_indexed), so
+// the load ports do the indexing instead of the microcoded gather. bf16 values: 2W values are
+// widened with one load and two unpacks (Vec::load_bf16_pair), and x is assembled in the same
+// permuted lane order. Remainder below 2W: the scalar loop.
+template <int NB, class VT, class IT>
+inline void spmv_assemble(const IT* idx, const VT* val, int64_t j, int64_t e, const float* x,
+                          int64_t ldx, float* sums) {
+  constexpr int W = Vec::W;
+  typename Vec::T a0[NB], a1[NB];
+  for (int n = 0; n < NB; ++n) a0[n] = a1[n] = Vec::zero();
+  for (; j + 2 * W <= e; j += 2 * W) {
+    prefetch_stream(val, idx, j);
+    typename Vec::T v0, v1;
+    constexpr bool kPair = sizeof(VT) == 2 && !std::is_same<VT, f16_t>::value;  // bf16
+    if constexpr (kPair) {
+      Vec::load_bf16_pair(reinterpret_cast<const bf16_t*>(val + j), v0, v1);
+      for (int n = 0; n < NB; ++n) {
+        a0[n] = Vec::fma(v0, Vec::assemble(x + n * ldx, idx + j, 0, 8), a0[n]);
+        a1[n] = Vec::fma(v1, Vec::assemble(x + n * ldx, idx + j, 4, 8), a1[n]);
+      }
+    } else {
+      v0 = Vec::load_vals(val + j);
+      v1 = Vec::load_vals(val + j + W);
+      for (int n = 0; n < NB; ++n) {
+        a0[n] = Vec::fma(v0, Vec::assemble(x + n * ldx, idx + j), a0[n]);
+        a1[n] = Vec::fma(v1, Vec::assemble(x + n * ldx, idx + j + W), a1[n]);
+      }
+    }
+  }
+  for (int n = 0; n < NB; ++n) sums[n] += Vec::reduce(Vec::add(a0[n], a1[n]));
+  if (j < e) spmv_scalar<NB>(idx, val, j, e, x, ldx, sums);
+}
+#endif
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sparsekit

@@ -1,0 +1,272 @@
+"""Every CPU kernel variant (``sparsekit._C.cpu_variants()``) against the float64 reference, on
+every ISA this machine runs, with edge sweeps: rows around the register block / vector width,
+batch sizes around the tile widths, empty rows, nnz = 0, ragged BSR blocks, uint16 / int32 index
+limits. Plus the bound-matrix call path and the planner (forcing, wisdom file, errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+C = pytest.importorskip("sparsekit._C")
+torch = pytest.importorskip("torch")
+
+from reference import (  # noqa: E402
+    assert_close_to_reference,
+    random_block_pruned,
+    random_pruned,
+    random_x,
+)
+
+import sparsekit  # noqa: E402
+from sparsekit.kernels import planner  # noqa: E402
+
+ISA_ORDER = ["generic", "avx2", "avx512"]
+HW = C.build_info()["isa_hardware"]
+ISAS = ISA_ORDER[: ISA_ORDER.index(HW) + 1]
+VARIANTS = C.cpu_variants()
+TD = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _cases(family: str, isa: str):
+    for v in VARIANTS:
+        if v["family"] in (family, "") and isa in v["isas"]:
+            yield v
+
+
+def _batches(v) -> list[int]:
+    lo, hi = v["n_min"], v["n_max"]
+    ns = [1, 2, 3, 8, 9, 17, 33, 65]  # around W = 8 / 16 and the 16-64 column tiles
+    return [n for n in ns if n >= lo and (hi is None or n <= hi)]
+
+
+def _run_csr(mat, x, bias, isa, variant, threads=2):
+    m, _ = mat.shape
+    out = torch.full((x.shape[0], m), 7.0, dtype=x.dtype)  # garbage: must be overwritten
+    code = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+    C.csr_linear(mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values),
+                 code[mat.values.dtype], _np(x), code[x.dtype],
+                 None if bias is None else bias.numpy(), _np(out), code[x.dtype], m,
+                 mat.shape[1], threads, isa, variant)
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("vdt", ["f32", "bf16", "f16"])
+def test_csr_variants_edges(isa, vdt):
+    seed = 0
+    for v in _cases("csr", isa):
+        # rows around the register block / 2W-nonzero step: K (= nonzeros of a dense row)
+        # in {W-1, W, W+1, 2W-1, 2W, 2W+1, 4W+1} for W = 8 and 16
+        for m, k, sp, empty in [(1, 1, 0.0, 0), (7, 15, 0.0, 0), (9, 16, 0.0, 0),
+                                (33, 17, 0.0, 3), (5, 31, 0.0, 0), (6, 32, 0.0, 0),
+                                (4, 33, 0.0, 0), (3, 65, 0.0, 0), (97, 1025, 0.95, 10),
+                                (40, 300, 1.0, 0)]:
+            w = random_pruned(m, k, sp, seed=seed, dtype=TD[vdt], empty_rows=empty)
+            mat = sparsekit.CSRMatrix.from_dense(w)
+            bias = random_x((m,), seed=seed + 1)
+            for i, n in enumerate(_batches(v)):
+                for xdt in {torch.float32, TD[vdt] if i % 2 else torch.float32}:
+                    x = random_x((n, k), seed=seed + 2, dtype=xdt)
+                    y = _run_csr(mat, x, bias if n % 2 else None, isa, v["name"], 1 + n % 2)
+                    assert_close_to_reference(
+                        y, x, mat.to_dense(), bias if n % 2 else None,
+                        msg=f"{v['name']} {isa} {vdt} x={xdt} M={m} K={k} N={n}")
+            seed += 3
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_csr_variants_index_limits(isa):
+    # uint16 indices at their limit (K = 65536: column 65535 used) and int32 beyond it
+    for k, idx_dtype in [(65536, torch.uint16), (70001, torch.int32)]:
+        w = torch.zeros(3, k)
+        w[0, k - 1] = 2.0
+        w[1, 0] = -1.0
+        w[1, k - 1] = 3.0
+        w[2, ::997] = 0.5
+        mat = sparsekit.CSRMatrix.from_dense(w)
+        assert mat.indices.dtype == idx_dtype
+        for v in _cases("csr", isa):
+            for n in _batches(v)[:3]:
+                x = random_x((n, k), seed=n)
+                y = _run_csr(mat, x, None, isa, v["name"])
+                assert_close_to_reference(y, x, mat.to_dense(), msg=f"{v['name']} K={k} N={n}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bsr_variants_ragged(isa):
+    code = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+    seed = 100
+    for v in _cases("bsr", isa):
+        for (m, k), (r, c) in [((7, 33), (4, 4)), ((33, 97), (8, 8)), ((17, 40), (1, 8)),
+                               ((20, 20), (16, 16)), ((9, 50), (2, 3))]:
+            for vdt in ("f32", "bf16"):
+                w = random_block_pruned(m, k, (r, c), 0.5, seed=seed, dtype=TD[vdt])
+                mat = sparsekit.BSRMatrix.from_dense(w, blocksize=(r, c))
+                for n in [1, 2, 3, 9, 17, 33, 65][: 7 if v["name"] != "auto" else 3]:
+                    if n < v["n_min"]:
+                        continue
+                    x = random_x((n, k), seed=seed + n)
+                    out = torch.full((n, m), 7.0)
+                    C.bsr_linear(mat.indptr.numpy(), mat.indices.numpy(), _np(mat.values),
+                                 code[mat.values.dtype], x.numpy(), "f32", None, out.numpy(),
+                                 "f32", m, k, r, c, 2, isa, v["name"])
+                    assert_close_to_reference(out, x, mat.to_dense(),
+                                              msg=f"{v['name']} {isa} {r}x{c} M={m} N={n}")
+                seed += 1
+
+
+def test_variant_nnz_zero_and_errors():
+    mat = sparsekit.CSRMatrix.from_dense(torch.zeros(5, 40))
+    bias = random_x((5,), seed=3)
+    for v in _cases("csr", HW):
+        for n in _batches(v)[:2]:
+            x = random_x((n, 40), seed=n)
+            y = _run_csr(mat, x, bias, HW, v["name"])
+            assert torch.equal(y, bias.expand(n, 5))
+    w = random_pruned(4, 8, 0.5, seed=1)
+    m = sparsekit.CSRMatrix.from_dense(w)
+    x = random_x((1, 8), seed=1)
+    with pytest.raises(ValueError, match=r"variant: expected one of 'auto', 'csr_spmv_gather'.*"
+                                         r"got 'nope'"):
+        _run_csr(m, x, None, HW, "nope")
+    with pytest.raises(ValueError, match="variant: expected one of .* for csr .*got 'bsr_tile_v2'"):
+        _run_csr(m, x, None, HW, "bsr_tile_v2")
+    with pytest.raises(ValueError, match="variant: .*got '99'"):
+        _run_csr(m, x, None, HW, 99)
+    if "avx2" in ISAS:  # SIMD-only variants are not compiled into the generic path
+        with pytest.raises(ValueError, match="on ISA 'generic', got 'csr_spmv_assemble'"):
+            _run_csr(m, x, None, "generic", "csr_spmv_assemble")
+
+
+# ---------------------------------------------------------------------------- bound matrix
+def test_bound_matrix_matches_reference_and_keeps_buffers_alive():
+    w = random_pruned(33, 70, 0.7, seed=5)
+    mat = sparsekit.CSRMatrix.from_dense(w)
+    dense = mat.to_dense().clone()
+    bm = C.BoundMatrix("csr", mat.indptr.numpy(), mat.indices.numpy(), mat.values.numpy(), "f32",
+                       33, 70)
+    del mat  # the bound object keeps the buffers alive
+    bias = random_x((33,), seed=6)
+    for n in (1, 2, 5, 40):
+        x = random_x((n, 70), seed=n)
+        out = torch.empty(n, 33)
+        assert bm.run(x.data_ptr(), out.data_ptr(), n, 0, bias.data_ptr(), 1) is False
+        assert bm.get_variant(bm.n_class(n)) == -1  # unplanned: nothing computed
+        bm.run(x.data_ptr(), out.data_ptr(), n, 0, bias.data_ptr(), 1, 0)  # explicit: auto
+        assert_close_to_reference(out, x, dense, bias, msg=f"bound N={n}")
+    bm.set_variant(0, "csr_spmv_scalar", 1)
+    assert bm.get_variant(0) == [v["name"] for v in VARIANTS].index("csr_spmv_scalar")
+    x = random_x((1, 70), seed=9)
+    out = torch.empty(1, 33)
+    assert bm.run(x.data_ptr(), out.data_ptr(), 1, 0, 0, 1) is True
+    assert bm.run(x.data_ptr(), out.data_ptr(), 1, 0, 0, 2) is True  # one plan per class
+    assert_close_to_reference(out, x, dense, msg="bound planned")
+    with pytest.raises(ValueError, match="x_dtype: expected code 0"):
+        bm.run(x.data_ptr(), out.data_ptr(), 1, 5, 0, 1)
+    with pytest.raises(ValueError, match="x_dtype: expected 'f32' or the value dtype 'f32'"):
+        bm.run(x.data_ptr(), out.data_ptr(), 1, 1, 0, 1)
+    with pytest.raises(ValueError, match="x / out: expected non-null"):
+        bm.run(0, out.data_ptr(), 1, 0, 0, 1)
+    with pytest.raises(ValueError, match="num_threads"):
+        bm.run(x.data_ptr(), out.data_ptr(), 1, 0, 0, 0)
+    with pytest.raises(ValueError, match="n_class: expected an integer in"):
+        bm.set_variant(7, "auto", 1)
+    with pytest.raises(ValueError, match="format: expected 'csr' or 'bsr', got 'coo'"):
+        C.BoundMatrix("coo", np.zeros(2, np.int32), np.zeros(0, np.uint16),
+                      np.zeros(0, np.float32), "f32", 1, 1)
+    with pytest.raises(ValueError, match="indptr: expected contiguous int32 or int64 array of "
+                                         "length 3"):
+        C.BoundMatrix("csr", np.zeros(2, np.int32), np.zeros(0, np.uint16),
+                      np.zeros(0, np.float32), "f32", 2, 1)
+
+
+# ---------------------------------------------------------------------------- planner
+@pytest.fixture
+def fresh_planner(monkeypatch, tmp_path):
+    for var in ("SPARSEKIT_KERNEL", "SPARSEKIT_PLAN", "SPARSEKIT_WISDOM"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SPARSEKIT_PLAN_BUDGET_MS", "2")
+    planner.clear()
+    yield tmp_path
+    planner.clear()
+
+
+def test_planner_measures_once_and_calls_stay_correct(fresh_planner):
+    w = random_pruned(64, 256, 0.9, seed=7)
+    mat = sparsekit.CSRMatrix.from_dense(w)
+    p = planner.plan(mat, 1, threads=1)
+    assert p.source in ("measured", "single") and p.variant in p.times_us
+    assert p.cost_s >= 0 and len(p.times_us) == len(planner.candidates("csr", 1, C.cpu_isa()))
+    again = planner.plan(sparsekit.CSRMatrix.from_dense(w.clone()), 1, threads=1)
+    assert again.key == p.key and again.cost_s == 0.0  # same key: no second measurement
+    for n in (1, 2, 6, 20, 70):  # the first call of each class plans; all stay correct
+        x = random_x((n, 256), seed=n)
+        for _ in range(2):
+            assert_close_to_reference(sparsekit.linear(x, mat), x, mat.to_dense(), msg=f"N={n}")
+    assert len(planner.plans()) >= 5
+
+
+def test_planner_forced_and_unknown(fresh_planner, monkeypatch):
+    mat = sparsekit.CSRMatrix.from_dense(random_pruned(16, 64, 0.5, seed=8))
+    monkeypatch.setenv("SPARSEKIT_KERNEL", "csr_spmv_scalar,csr_tile_v1")
+    assert planner.plan(mat, 1, threads=1).variant == "csr_spmv_scalar"
+    assert planner.plan(mat, 40, threads=1).variant == "csr_tile_v1"
+    monkeypatch.setenv("SPARSEKIT_KERNEL", "csr_spmv_gahter")
+    with pytest.raises(ValueError, match=r"SPARSEKIT_KERNEL: expected .*'csr_spmv_assemble'.*"
+                                         r"got 'csr_spmv_gahter'"):
+        planner.plan(mat, 1, threads=1)
+    monkeypatch.delenv("SPARSEKIT_KERNEL")
+    monkeypatch.setenv("SPARSEKIT_PLAN", "0")
+    assert planner.plan(mat, 1, threads=1).variant == "auto"
+
+
+def test_wisdom_roundtrip_corrupt_and_foreign(fresh_planner, monkeypatch):
+    path = fresh_planner / "wisdom.json"
+    monkeypatch.setenv("SPARSEKIT_WISDOM", str(path))
+    mat = sparsekit.CSRMatrix.from_dense(random_pruned(32, 128, 0.8, seed=9))
+    p = planner.plan(mat, 1, threads=1)
+    data = json.loads(path.read_text())
+    assert data["format"] == "sparsekit-wisdom" and data["plans"][p.key]["variant"] == p.variant
+    planner.clear()
+    q = planner.plan(mat, 1, threads=1)
+    assert q.source == "wisdom" and q.variant == p.variant
+    # corrupt file: warning, ignored, left alone
+    path.write_text("{not json")
+    planner.clear()
+    with pytest.warns(RuntimeWarning, match="SPARSEKIT_WISDOM: ignoring"):
+        r = planner.plan(mat, 1, threads=1)
+    assert r.source == "measured" and path.read_text() == "{not json"
+    # foreign machine: warning, ignored, not overwritten
+    data["cpu"] = "Some Other CPU (family 1 model 1)"
+    path.write_text(json.dumps(data))
+    planner.clear()
+    with pytest.warns(RuntimeWarning, match="written on 'Some Other CPU"):
+        planner.plan(mat, 1, threads=1)
+    assert json.loads(path.read_text())["cpu"].startswith("Some Other CPU")
+    # user cache dir form
+    monkeypatch.setenv("SPARSEKIT_WISDOM", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(fresh_planner / "cache"))
+    assert planner.wisdom_path() == os.path.join(str(fresh_planner / "cache"), "sparsekit",
+                                                 "wisdom.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        planner.clear()
+        planner.plan(mat, 2, threads=1)
+    assert os.path.exists(planner.wisdom_path())
+
+
+def test_plan_argument_errors(fresh_planner):
+    mat = sparsekit.CSRMatrix.from_dense(random_pruned(4, 8, 0.5, seed=1))
+    with pytest.raises(ValueError, match="n: expected a positive int, got 0"):
+        planner.plan(mat, 0)
+    with pytest.raises(ValueError, match="threads: expected a positive int, got -1"):
+        planner.plan(mat, 1, threads=-1)
