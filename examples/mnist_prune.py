@@ -22,7 +22,7 @@ network it falls back to scikit-learn's 8x8 digits and says so.
 
 Usage::
 
-    python examples/mnist_prune.py                   # real MNIST, about 2-3 minutes on 2 cores
+    python examples/mnist_prune.py                   # real MNIST, one to two minutes on 2 cores
     python examples/mnist_prune.py --out examples/results/mnist_prune.json
     python examples/mnist_prune.py --quick --offline # digits, < 1 minute (the smoke test)
 """
