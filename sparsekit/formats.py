@@ -492,6 +492,12 @@ class CSRMatrix(_SparseBase):
         ``.to(dtype=...)`` for conversions.
     shape : tuple of int
         ``(M, K)``, both positive.
+    scales : torch.Tensor, optional
+        float32 ``(M,)`` finite, non-negative per-row scales; required exactly when ``values``
+        are int8 (the weight is ``values * scales[row]``).
+    index_encoding : {"plain", "delta8"}
+        ``"delta8"``: ``indices`` are uint8 column gaps with escape entries (see
+        :mod:`sparsekit._compress`); validated by decoding.
 
     Notes
     -----
@@ -754,9 +760,9 @@ class BSRMatrix(_SparseBase):
     indices : array_like of int, shape (nnzb,)
         Block-column ids in ``[0, Kb)``, ``Kb = ceil(K / c)``, sorted and unique per block row.
     values : torch.Tensor or numpy.ndarray, shape (nnzb, r, c)
-        Row-major blocks (int8 when ``scales`` is given). Blocks on a ragged edge (when ``r`` does not divide M or ``c`` does
-        not divide K) carry padding that is never read by the kernels; it is zero when built
-        by sparsekit.
+        Row-major blocks (int8 when ``scales`` is given). Blocks on a ragged edge (when ``r``
+        does not divide M or ``c`` does not divide K) carry padding that is never read by the
+        kernels; it is zero when built by sparsekit.
     shape : tuple of int
         ``(M, K)``.
     blocksize : tuple of int

@@ -9,14 +9,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from reference import assert_close_to_reference
 from torch import nn
 
 import sparsekit
 from sparsekit import BSRMatrix, CSRMatrix
 from sparsekit.io import SparsekitFileError
 from sparsekit.nn import SparseLinear
-
-from reference import assert_close_to_reference
 
 VDTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
 ENCODINGS = ["plain", "delta8"]
