@@ -101,7 +101,8 @@ def _resolve_value_dtype(value_dtype: Any, src: torch.dtype, name: str = "value_
         }.get(value_dtype, value_dtype)
     if value_dtype not in VALUE_DTYPES:
         raise TypeError(
-            f"{name}: expected one of torch.float32, torch.bfloat16, torch.float16, "
+            f"{name}: expected one of torch.float32, torch.bfloat16, torch.float16"
+            f"{' (or torch.int8 in from_dense)' if name == 'value_dtype' else ''}, "
             f"got {value_dtype!r}"
         )
     return value_dtype
