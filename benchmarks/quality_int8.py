@@ -157,10 +157,15 @@ def main() -> None:
         "minilm": minilm(args.sentences, 0.8),
     }
     print(json.dumps(out["minilm"], indent=1), flush=True)
+    _write(out, args.out)  # partial results survive an interrupted MNIST run
     out["mnist"] = mnist(args.mnist, 0.9, args.epochs, args.finetune_epochs)
     print(json.dumps(out["mnist"], indent=1), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
+    _write(out, args.out)
+
+
+def _write(out: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(out, f, indent=1)
 
 
