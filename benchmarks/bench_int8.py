@@ -48,6 +48,8 @@ def _time(fns: list, x: torch.Tensor, reps: int) -> float:
 
 
 def _copies(nbytes: int, llc: int, cap: int = 16) -> int:
+    if llc == 0:
+        return 1
     return max(2, min(cap, math.ceil(2 * llc / max(nbytes, 1))))
 
 
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default="4096x4096,11008x4096")
     ap.add_argument("--quick", action="store_true", help="N=1 only")
+    ap.add_argument("--resident", action="store_true",
+                    help="no rotation: weights stay in cache (measures the compute rate)")
     args = ap.parse_args()
     os.environ["SPARSEKIT_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
@@ -65,7 +69,7 @@ def main() -> None:
     from sparsekit import CSRMatrix
 
     assert "cpp" in sparsekit.backends(), "build sparsekit._C first"
-    llc = _llc_bytes()
+    llc = 0 if args.resident else _llc_bytes()
     rows = []
     for shp in args.shapes.split(","):
         M, K = (int(s) for s in shp.split("x"))
@@ -116,6 +120,8 @@ def main() -> None:
                     "i8_d8_vs_f32_sparse": t["sparse_f32_u16"] / t["sparse_i8_d8"],
                     "i8_d8_GBps": nbytes["sparse_i8_d8"] / t["sparse_i8_d8"] / 1e9,
                     "dense_fp32_GBps": dense_bytes / best_dense / 1e9,
+                    "ns_per_nonzero": {k: t[k] / N / max(1, int((w != 0).sum())) * 1e9
+                                       for k in specs},
                 }
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
@@ -127,7 +133,7 @@ def main() -> None:
         "cpu": _cpu_model(), "isa": sparsekit.backends().get("cpp"),
         "threads": args.threads, "llc_bytes": llc, "torch": torch.__version__,
         "sparsekit": sparsekit.__version__, "python": platform.python_version(),
-        "shared_machine": True,
+        "shared_machine": True, "weights_rotated": not args.resident,
         "quantized_engine": torch.backends.quantized.engine,
     }
     res = {"machine": info, "results": rows}

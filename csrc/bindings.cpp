@@ -731,6 +731,9 @@ SpmmParams cuda_params(uint64_t indptr, uint64_t indices, uint64_t values, uint6
   p.K = n_cols;
   p.N = batch;
   p.value_dtype = parse_dtype(value_dtype, "value_dtype");
+  if (p.value_dtype == DType::I8)
+    value_error("value_dtype: 'i8' (int8 weights) has no CUDA kernel; decode the matrix to a "
+                "float dtype first (CSRMatrix.decoded())");
   p.x_dtype = parse_dtype(x_dtype, "x_dtype");
   const DType od = parse_dtype(out_dtype, "out_dtype");
   if (p.x_dtype != DType::F32 && p.x_dtype != p.value_dtype)

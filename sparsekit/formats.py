@@ -102,7 +102,8 @@ def _resolve_value_dtype(value_dtype: Any, src: torch.dtype, name: str = "value_
         }.get(value_dtype, value_dtype)
     if value_dtype not in VALUE_DTYPES:
         raise TypeError(
-            f"{name}: expected one of torch.float32, torch.bfloat16, torch.float16, "
+            f"{name}: expected one of torch.float32, torch.bfloat16, torch.float16"
+            f"{' (or torch.int8 in from_dense)' if name == 'value_dtype' else ''}, "
             f"got {value_dtype!r}"
         )
     return value_dtype
@@ -520,6 +521,12 @@ class CSRMatrix(_SparseBase):
         ``.to(dtype=...)`` for conversions.
     shape : tuple of int
         ``(M, K)``, both positive.
+    scales : torch.Tensor, optional
+        float32 ``(M,)`` finite, non-negative per-row scales; required exactly when ``values``
+        are int8 (the weight is ``values * scales[row]``).
+    index_encoding : {"plain", "delta8"}
+        ``"delta8"``: ``indices`` are uint8 column gaps with escape entries (see
+        :mod:`sparsekit._compress`); validated by decoding.
 
     Notes
     -----

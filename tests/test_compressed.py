@@ -118,7 +118,7 @@ def _cpp_isas():
     return C, order[: order.index(hw) + 1]
 
 
-@pytest.mark.parametrize("M,K,density", [*SHAPES, (6, 1400, None)])
+@pytest.mark.parametrize("M,K,density", [*SHAPES, (6, 1400, None), (9, 3000, 0.2)])
 @pytest.mark.parametrize("vd", VDTYPES)
 @pytest.mark.parametrize("enc", ENCODINGS)
 def test_cpp_kernel_every_isa(M, K, density, vd, enc):

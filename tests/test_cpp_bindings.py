@@ -265,20 +265,23 @@ def _csr_args(M=4, K=6, N=2):
         (dict(indptr=np.array([1, 1, 3, 3, 4], np.int32)), ValueError,
          "indptr: expected indptr[0] == 0, got 1"),
         (dict(indices=np.array([0, 2, 5, 1], np.int64)), ValueError,
-         "indices: expected contiguous uint16 or int32 array of length 4 (= indptr[-1]), "
+         "indices: expected contiguous uint16, int32 or uint8 (gaps) array of length 4 "
+         "(= indptr[-1]), "
          "got int64 array of length 4"),
         (dict(indices=np.array([0, 2, 5], np.uint16)), ValueError,
-         "indices: expected contiguous uint16 or int32 array of length 4 (= indptr[-1]), "
+         "indices: expected contiguous uint16, int32 or uint8 (gaps) array of length 4 "
+         "(= indptr[-1]), "
          "got uint16 array of length 3"),
         (dict(indices=np.array([0, 0, 2, 2, 5, 5, 1, 1], np.uint16)[::2]), ValueError,
-         "indices: expected contiguous uint16 or int32 array of length 4 (= indptr[-1]), "
+         "indices: expected contiguous uint16, int32 or uint8 (gaps) array of length 4 "
+         "(= indptr[-1]), "
          "got non-contiguous uint16 array of length 4"),
         (dict(values=np.ones(4, np.float64)), TypeError,
          "values: expected float32 array for value_dtype 'f32', got float64 array of length 4"),
         (dict(values=np.ones(3, np.float32)), ValueError,
          "values: expected array of length 4 (= indptr[-1]), got float32 array of length 3"),
         (dict(value_dtype="f64"), ValueError,
-         "value_dtype: expected one of 'f32', 'bf16', 'f16', got 'f64'"),
+         "value_dtype: expected one of 'f32', 'bf16', 'f16', 'i8', got 'f64'"),
         (dict(x=np.ones((2, 5), np.float32)), ValueError,
          "x: expected array of shape (2, 6) (N, n_cols), got float32 2-d array of shape (2, 5)"),
         (dict(x=np.ones(6, np.float32)), ValueError, "x: expected a 2-d array (N, 6), got float32"),

@@ -182,8 +182,8 @@ def test_from_dense_errors():
         CSRMatrix.from_dense([[1.0]])
     with pytest.raises(TypeError, match="value_dtype: expected one of .* got torch.float64"):
         CSRMatrix.from_dense(torch.ones(2, 2), value_dtype=torch.float64)
-    with pytest.raises(TypeError, match="value_dtype: expected one of .* got 'int8'"):
-        CSRMatrix.from_dense(torch.ones(2, 2), value_dtype="int8")
+    with pytest.raises(TypeError, match="value_dtype: expected one of .* got 'int4'"):
+        CSRMatrix.from_dense(torch.ones(2, 2), value_dtype="int4")
     with pytest.raises(ValueError, match="blocksize: expected .* got None"):
         BSRMatrix.from_torch(torch.ones(2, 2).to_sparse_csr())
 

@@ -36,7 +36,20 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   constexpr int W = Vec::W;
   IdxV carry = idx_zero();
-  typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+  typename Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+  for (; j + 4 * W <= e; j += 4 * W) {  // 4 gathers in flight, 2 gap-decode chains
+    _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
+    IdxV c0, c1, c2, c3;
+    q_cols2(idx + j, carry, c0, c1);
+    q_cols2(idx + j + 2 * W, carry, c2, c3);
+    a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
+    a1 = Vec::fma(q_vals(val + j + W), q_gather(x, c1), a1);
+    a2 = Vec::fma(q_vals(val + j + 2 * W), q_gather(x, c2), a2);
+    a3 = Vec::fma(q_vals(val + j + 3 * W), q_gather(x, c3), a3);
+  }
+  a0 = Vec::add(a0, a2);
+  a1 = Vec::add(a1, a3);
   for (; j + 2 * W <= e; j += 2 * W) {
     _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
