@@ -27,6 +27,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import time
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     res["sparse_modules"] = sum(isinstance(m, SparseConv2d) for m in model.modules())
     res["machine"] = harness.machine_info(torch.get_num_threads(), bandwidth=False)
     res["machine"]["shared_machine"] = "yes: other processes may run (ratios are same-run)"
+    res["machine"]["loadavg_1_5_15"] = list(os.getloadavg())
     res["date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     res["versions"] = {"torch": torch.__version__, "sparsekit": sparsekit.__version__}
     if args.out:

@@ -33,6 +33,7 @@ import copy
 import datetime as dt
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-bf16-dense", action="store_true", help="skip the dense bf16 baseline")
+    ap.add_argument("--convert", choices=("tuned", "all"), default="tuned",
+                    help="tuned: sparsify keeps a layer dense where dense measures faster; all: "
+                         "every pruned layer becomes sparse (its fastest sparse variant), for "
+                         "machines too loaded for per-layer tuning; the end-to-end decode "
+                         "comparison decides")
     ap.add_argument("--out", default=None, help="results JSON path")
     args = ap.parse_args(argv)
     if args.threads:
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             sp = copy.deepcopy(model)
             t0 = time.perf_counter()
             srep = sparsify(sp, batch_sizes=(1,), value_dtype=vdt, min_sparsity=0.3,
-                            cache=False)
+                            cache=False, margin=-1e9 if args.convert == "all" else 0.05)
             sparsify_s = time.perf_counter() - t0
             if vdt != torch.float32:  # what the sparse kernels compute: rounded values, fp32 math
                 with torch.no_grad():
@@ -274,10 +280,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"dense: {run['tokens_equal_masked_dense']}", flush=True)
             del sp
             gc.collect()
+            write(results, args.out, partial=True)
         del model
         gc.collect()
+    results["convert"] = args.convert
+    write(results, args.out, partial=False)
+    return 0
+
+
+def write(results: dict[str, Any], out: str | None, *, partial: bool) -> None:
+    """Write the results JSON (after every run, so an interrupted run keeps what it measured)."""
+    if not out:
+        return
+    results = copy.deepcopy(results)
+    results["complete"] = not partial
     results["machine"] = harness.machine_info(torch.get_num_threads(), bandwidth=False)
     results["machine"]["shared_machine"] = "yes: other processes may run (ratios are same-run)"
+    results["machine"]["loadavg_1_5_15"] = list(os.getloadavg())
     results["date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results["versions"] = {"torch": torch.__version__, "sparsekit": sparsekit.__version__}
     try:
@@ -288,11 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     for b in results["baselines"].values():
         b.pop("tokens", None)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    return 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":
