@@ -33,6 +33,8 @@ import copy
 import datetime as dt
 import gc
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -122,15 +124,25 @@ def run_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int
     return out[0, prompt.numel():].tolist(), prefill, decode
 
 
-def timed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, reps: int
-          ) -> dict[str, Any]:
-    run_generate(model, prompt, 4)  # warm-up (allocations, backend caches)
-    runs = [run_generate(model, prompt, new_tokens) for _ in range(reps)]
-    prefill = sorted(r[1] for r in runs)[len(runs) // 2]
-    decode = sorted(r[2] for r in runs)[len(runs) // 2]
-    return {"tokens": runs[0][0], "prefill_s": prefill, "decode_s_per_token": decode,
-            "decode_tokens_per_s": 1.0 / decode,
-            "all_decode_s_per_token": [r[2] for r in runs]}
+def timed(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, reps: int
+          ) -> dict[str, dict[str, Any]]:
+    """Greedy-generate with every model ``reps`` times, round-robin (one run of each per
+    round), so load from other processes hits all of them alike; medians per model."""
+    for m in models.values():
+        run_generate(m, prompt, 4)  # warm-up (allocations, backend caches)
+    runs: dict[str, list[tuple[list[int], float, float]]] = {k: [] for k in models}
+    for _ in range(reps):
+        for k, m in models.items():
+            runs[k].append(run_generate(m, prompt, new_tokens))
+    out = {}
+    for k, rs in runs.items():
+        prefill = statistics.median(r[1] for r in rs)
+        decode = statistics.median(r[2] for r in rs)
+        out[k] = {"tokens": rs[0][0], "prefill_s": prefill, "decode_s_per_token": decode,
+                  "decode_tokens_per_s": 1.0 / decode,
+                  "all_decode_s_per_token": [r[2] for r in rs],
+                  "all_prefill_s": [r[1] for r in rs]}
+    return out
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -160,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-bf16-dense", action="store_true", help="skip the dense bf16 baseline")
+    ap.add_argument("--convert", choices=("tuned", "all"), default="tuned",
+                    help="tuned: sparsify keeps a layer dense where dense measures faster; all: "
+                         "every pruned layer becomes sparse (its fastest sparse variant), for "
+                         "machines too loaded for per-layer tuning; the end-to-end decode "
+                         "comparison decides")
     ap.add_argument("--out", default=None, help="results JSON path")
     args = ap.parse_args(argv)
     if args.threads:
@@ -180,31 +197,37 @@ def main(argv: list[str] | None = None) -> int:
     prompt = encode("Greedy decoding with a sparse model: the print() function writes",
                     tok, vocab)
     prompt = torch.cat([prompt, ids[-args.prompt_tokens:]])[-args.prompt_tokens:]
-    original = copy.deepcopy(model.state_dict())
     print(desc, flush=True)
 
     results: dict[str, Any] = {"model": desc, "command": " ".join(sys.argv),
                                "prompt_tokens": int(prompt.numel()),
                                "new_tokens": args.new_tokens, "reps": args.reps,
+                               "method": "each sparse model is timed round-robin with the dense "
+                                         "fp32 model (same run, same load); the dense bf16 "
+                                         "baseline is timed round-robin with dense fp32 once",
                                "baselines": {}, "runs": []}
-    dense = timed(model, prompt, args.new_tokens, args.reps)
-    dense["weight_bytes"] = weight_bytes(model)
-    results["baselines"]["dense_fp32"] = dense
-    print(f"dense fp32: prefill {dense['prefill_s'] * 1e3:.1f} ms, decode "
-          f"{dense['decode_tokens_per_s']:.2f} tok/s", flush=True)
+    dense_model = model
     if not args.no_bf16_dense:
-        mb = copy.deepcopy(model).to(torch.bfloat16)
-        r = timed(mb, prompt, args.new_tokens, args.reps)
-        r["weight_bytes"] = weight_bytes(mb)
-        r["tokens_equal_dense_fp32"] = r["tokens"] == dense["tokens"]
-        results["baselines"]["dense_bf16"] = r
-        print(f"dense bf16: prefill {r['prefill_s'] * 1e3:.1f} ms, decode "
-              f"{r['decode_tokens_per_s']:.2f} tok/s", flush=True)
+        mb = copy.deepcopy(dense_model).to(torch.bfloat16)
+        t = timed({"dense_fp32": dense_model, "dense_bf16": mb}, prompt, args.new_tokens,
+                  args.reps)
         del mb
         gc.collect()
+        for k in t:
+            t[k]["weight_bytes"] = (weight_bytes(dense_model) // (2 if k == "dense_bf16" else 1))
+        t["dense_bf16"]["tokens_equal_dense_fp32"] = (t["dense_bf16"]["tokens"]
+                                                      == t["dense_fp32"]["tokens"])
+        t["dense_bf16"]["decode_speedup_vs_dense_fp32"] = (
+            t["dense_fp32"]["decode_s_per_token"] / t["dense_bf16"]["decode_s_per_token"])
+        results["baselines"] = t
+        for k, r in t.items():
+            print(f"{k}: prefill {r['prefill_s'] * 1e3:.1f} ms, decode "
+                  f"{r['decode_tokens_per_s']:.2f} tok/s", flush=True)
+    bf16_ratio = (results["baselines"]["dense_bf16"]["decode_speedup_vs_dense_fp32"]
+                  if results["baselines"] else None)
 
     for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
-        model.load_state_dict(original)
+        model = copy.deepcopy(dense_model)
         if ":" in setting:
             kw: dict[str, Any] = dict(granularity=setting)
         else:
@@ -212,21 +235,23 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rep = prune(model, criterion="wanda", calibration=calibration, **kw)
         prune_s = time.perf_counter() - t0
-        for vname in value_dtypes:
+        # fp32 first: the bf16 check then rounds the masked weights in place
+        for vname in sorted(value_dtypes, key=lambda v: v != "fp32"):
             vdt = vdts[vname]
-            masked = copy.deepcopy(model)
-            if vdt != torch.float32:  # what the sparse kernels compute: rounded values, fp32 math
-                with torch.no_grad():
-                    for m in masked.modules():
-                        if isinstance(m, nn.Linear):
-                            m.weight.copy_(m.weight.to(vdt).float())
-            ref = run_generate(masked, prompt, args.new_tokens)[0]
             sp = copy.deepcopy(model)
             t0 = time.perf_counter()
             srep = sparsify(sp, batch_sizes=(1,), value_dtype=vdt, min_sparsity=0.3,
-                            cache=False)
+                            cache=False, margin=-1e9 if args.convert == "all" else 0.05)
             sparsify_s = time.perf_counter() - t0
-            r = timed(sp, prompt, args.new_tokens, args.reps)
+            if vdt != torch.float32:  # what the sparse kernels compute: rounded values, fp32 math
+                with torch.no_grad():
+                    for m in model.modules():
+                        if isinstance(m, nn.Linear):
+                            m.weight.copy_(m.weight.to(vdt).float())
+            ref = run_generate(model, prompt, args.new_tokens)[0]
+            t = timed({"dense_fp32": dense_model, "sparse": sp}, prompt, args.new_tokens,
+                      args.reps)
+            r, d = t["sparse"], t["dense_fp32"]
             run = {
                 "setting": setting, "value_dtype": vname,
                 "pruned_sparsity": rep.sparsity, "prune_s": prune_s, "sparsify_s": sparsify_s,
@@ -236,27 +261,42 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_equal_masked_dense": r["tokens"] == ref,
                 "matching_prefix": next((i for i, (a, b) in enumerate(zip(r["tokens"], ref))
                                          if a != b), len(ref)),
-                **{k: v for k, v in r.items() if k != "tokens"},
-                "decode_speedup_vs_dense_fp32": dense["decode_s_per_token"]
+                "sparse": {k: v for k, v in r.items() if k != "tokens"},
+                "dense_fp32_same_run": {k: v for k, v in d.items() if k != "tokens"},
+                "decode_speedup_vs_dense_fp32": d["decode_s_per_token"]
                 / r["decode_s_per_token"],
-                "prefill_speedup_vs_dense_fp32": dense["prefill_s"] / r["prefill_s"],
+                "prefill_speedup_vs_dense_fp32": d["prefill_s"] / r["prefill_s"],
             }
-            if "dense_bf16" in results["baselines"]:
-                run["decode_speedup_vs_dense_bf16"] = (
-                    results["baselines"]["dense_bf16"]["decode_s_per_token"]
-                    / r["decode_s_per_token"])
+            if bf16_ratio:
+                run["decode_speedup_vs_dense_bf16"] = (run["decode_speedup_vs_dense_fp32"]
+                                                       / bf16_ratio)
             results["runs"].append(run)
             print(f"{setting:>4} {vname}: sparsity {rep.sparsity:.3f}, "
                   f"{len(srep.replaced)} layers sparse (lm_head {srep['lm_head'].choice}), "
-                  f"prefill {r['prefill_s'] * 1e3:.1f} ms, decode "
-                  f"{r['decode_tokens_per_s']:.2f} tok/s = "
+                  f"prefill {r['prefill_s'] * 1e3:.1f} ms (dense {d['prefill_s'] * 1e3:.1f}), "
+                  f"decode {r['decode_tokens_per_s']:.2f} tok/s (dense "
+                  f"{d['decode_tokens_per_s']:.2f}) = "
                   f"{run['decode_speedup_vs_dense_fp32']:.2f}x dense fp32, tokens equal masked "
                   f"dense: {run['tokens_equal_masked_dense']}", flush=True)
-            del sp, masked
+            del sp
             gc.collect()
-    results["dense_tokens"] = dense.pop("tokens")
+            write(results, args.out, partial=True)
+        del model
+        gc.collect()
+    results["convert"] = args.convert
+    write(results, args.out, partial=False)
+    return 0
+
+
+def write(results: dict[str, Any], out: str | None, *, partial: bool) -> None:
+    """Write the results JSON (after every run, so an interrupted run keeps what it measured)."""
+    if not out:
+        return
+    results = copy.deepcopy(results)
+    results["complete"] = not partial
     results["machine"] = harness.machine_info(torch.get_num_threads(), bandwidth=False)
     results["machine"]["shared_machine"] = "yes: other processes may run (ratios are same-run)"
+    results["machine"]["loadavg_1_5_15"] = list(os.getloadavg())
     results["date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results["versions"] = {"torch": torch.__version__, "sparsekit": sparsekit.__version__}
     try:
@@ -267,11 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     for b in results["baselines"].values():
         b.pop("tokens", None)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    return 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sparsify_seconds": tune_s,
         "sparsify_report": report.to_dict(),
         "layers_sparse": len(report.replaced),
-        "layers_total": len(report.layers),
+        "layers_total": sum(lr.status != "unsupported" for lr in report.layers),
         "results": results,
         "best_dense": best_name,
         "speedup_vs_nn_linear": results["dense:nn.Linear"]["median_s"] / sp,

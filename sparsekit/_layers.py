@@ -68,7 +68,7 @@ def conv2d_extra_padding(mod: nn.Module) -> tuple[int, int, int, int] | None:
     """Zero padding ``(top, bottom, left, right)`` a Conv2d applies before its convolution.
 
     ``(0, 0, 0, 0)`` for a plain ``nn.Conv2d`` (its own ``padding`` is separate). Subclasses that
-    pad with a fixed ``static_padding`` module (``nn.ZeroPad2d`` or ``nn.Identity``; TensorFlow
+    pad with a fixed ``static_padding`` module (``nn.ZeroPad2d`` or an ``Identity``; TensorFlow
     "SAME" padding as in EfficientNet ports) return that padding. None for any other subclass
     that overrides ``forward``: its computation is unknown, so it is not converted.
     """
@@ -77,7 +77,9 @@ def conv2d_extra_padding(mod: nn.Module) -> tuple[int, int, int, int] | None:
     if type(mod).forward is nn.Conv2d.forward:
         return (0, 0, 0, 0)
     pad = getattr(mod, "static_padding", None)
-    if isinstance(pad, nn.Identity):
+    if isinstance(pad, nn.Identity) or (
+            isinstance(pad, nn.Module) and type(pad).__name__ == "Identity"
+            and not any(True for _ in pad.parameters())):
         return (0, 0, 0, 0)
     if isinstance(pad, nn.ZeroPad2d):
         left, right, top, bottom = pad.padding

@@ -292,3 +292,37 @@ def test_transformer_encoder_mha(tmp_path):
                           "NonDynamicallyQuantizableLinear": {"converted": 2},
                           "Linear": {"converted": 4}, "LayerNorm": {"unsupported": 4}})
     assert rep["layers.0.self_attn"].shape == (96, 32)
+
+
+def test_efficientnet_style_static_same_padding(tmp_path):
+    """Conv2d subclasses that pad with a fixed ``static_padding`` (TensorFlow "SAME" ports such
+    as EfficientNet-Lite) convert with that padding; depthwise ones stay dense."""
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x
+
+    class StaticSame(nn.Conv2d):
+        def __init__(self, *a, pad=None, **k):
+            super().__init__(*a, **k)
+            self.static_padding = nn.ZeroPad2d(pad) if pad else Identity()
+
+        def forward(self, x):
+            return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride,
+                            self.padding, self.dilation, self.groups)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = StaticSame(3, 8, 3, stride=2, bias=False, pad=(0, 1, 0, 1))
+            self.dw = StaticSame(8, 8, 3, groups=8, pad=(1, 1, 1, 1))
+            self.pw = StaticSame(8, 16, 1)
+
+        def forward(self, x):
+            return self.pw(F.relu(self.dw(F.relu(self.stem(x)))))
+
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    rep = _run_roundtrip(tmp_path, Net, x, lambda m, x: m(x),
+                         dict(filter_fn=lambda n, m: m.groups == 1),
+                         {"StaticSame": {"converted": 2, "unsupported": 1}})
+    assert "depthwise" in rep["dw"].reason

