@@ -25,13 +25,14 @@ Dampening: ``H += damp * mean(diag H) * I`` (as in SparseGPT, 1 % by default) ke
 factorisation stable for rank-deficient calibration data; features that are never active
 (``H_jj = 0``) get ``H_jj = 1`` (their weights are ranked, not zeroed, so counts stay exact).
 Because dampening makes the solved problem differ slightly from ``E``, every layer's
-reconstructed weights are checked against the plain masked weights on the undamped ``E``; if
-reconstruction did not reduce the error the plain masked weights are kept (``fallback`` in the
-report).  So reconstruction never increases a layer's calibration error over the same mask
-without it.
+reconstructed weights are checked against the plain masked weights on the undamped ``E``, row
+by row (``E`` is a sum over rows): a row whose error reconstruction did not reduce keeps its plain
+masked weights (``fallback_rows`` in the report).  So reconstruction never increases a layer's
+calibration error over the same mask without it.
 
 Layers are processed **sequentially** in the order the model calls them: the calibration batches
-are run through the model once per group of layers, so each layer's Hessian is collected from the
+are run through the model once per group of layers (each forward stops once it has passed the
+group), so each layer's Hessian is collected from the
 outputs of the *already pruned* earlier layers and reconstruction also corrects the error those
 layers introduced.  Layers that receive the very same input tensor (query/key/value projections)
 form one group and share one pass.  Costs (recorded per layer in the report): one pass over the
@@ -170,6 +171,11 @@ def layer_error(w_ref: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> 
     """``tr((w_ref - w) H (w_ref - w)^T)``: the calibration output error for ``H = X^T X / n``."""
     d = (w_ref.to(hessian.dtype) - w.to(hessian.dtype))
     return float(((d @ hessian) * d).sum())
+
+
+def _row_errors(w_ref: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    d = w_ref.to(hessian.dtype) - w.to(hessian.dtype)
+    return ((d @ hessian) * d).sum(dim=1)
 
 
 def _damped_inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +321,7 @@ class LayerReconstruction:
     seconds_solve: float
     error_masked: float
     error_reconstructed: float
-    fallback: bool
+    fallback_rows: int
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -401,6 +407,10 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
     return out_masks, reports
 
 
+class _StopPass(Exception):
+    """Raised by a hook to end a calibration forward early (caught by the pass loop)."""
+
+
 def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: list[str],
                    batches: list[object], device: torch.device | None,
                    masks: Mapping[str, torch.Tensor] | None,
@@ -418,12 +428,20 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
     inputs_seen: dict[str, list[int]] = {n: [] for n in pending}
     keep_alive: list[torch.Tensor] = []  # keeps ids unique within the pass
     handles = []
+    # After the first batch, a forward is cut short once another pending module receives a
+    # different input: unless the first module is called several times per forward (then its
+    # later calls would be lost and every forward runs to the end).
+    first_calls, may_stop = [0], [False]
 
     def make_hook(n: str) -> Callable[..., None]:
         mod = modules[n]
 
         def hook(m: nn.Module, args: tuple) -> None:
             x = args[0]
+            if n == first:
+                first_calls[0] += 1
+            elif (may_stop[0] and first_calls[0] > 0 and id(x) != inputs_seen[first][-1]):
+                raise _StopPass  # the rest of this forward cannot add to the group
             inputs_seen[n].append(id(x))
             keep_alive.append(x)
             if n != first and not (len(inputs_seen[n]) == len(inputs_seen[first])
@@ -443,13 +461,18 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
         handles.append(modules[n].register_forward_pre_hook(make_hook(n)))
     try:
         for i, batch in enumerate(batches):
+            first_calls[0] = 0
             try:
                 run_batch(model, batch, device)
+            except _StopPass:
+                pass
             except (ValueError, TypeError, RuntimeError) as e:
                 if str(e).startswith("calibration:"):
                     raise
                 raise ValueError(f"calibration: batch {i} could not be run through the model: "
                                  f"{e}") from e
+            if i == 0:
+                may_stop[0] = first_calls[0] == 1
             keep_alive.clear()
     finally:
         for h in handles:
@@ -472,18 +495,22 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
             w_new, keep = sparsegpt_layer(w0, h, sparsity=targets[n], granularity=granularity,
                                           damp=damp, block_size=block_size)
         w_masked = w0.masked_fill(~keep, 0.0)
-        e_masked = layer_error(w0, w_masked, h)
-        e_rec = layer_error(w0, w_new, h)
-        fallback = not (e_rec <= e_masked) or not bool(torch.isfinite(w_new).all())
-        set_w2d(mod, w_masked if fallback else w_new)
+        # The error is a sum over rows, so each row keeps the better of its reconstructed and
+        # plain masked weights (sequential OBS with dampening is not optimal for every row).
+        rows_masked = _row_errors(w0, w_masked, h)
+        rows_rec = _row_errors(w0, w_new, h)
+        worse = ~(rows_rec <= rows_masked)  # also catches NaN
+        w_out = torch.where(worse[:, None], w_masked, w_new)
+        e_masked, e_rec = float(rows_masked.sum()), layer_error(w0, w_out, h)
+        set_w2d(mod, w_out)
         t_solve = time.perf_counter() - t1
         out_masks[n] = (keep.t() if _is_hf_conv1d(mod) else keep).reshape(mod.weight.shape)
         out.append(LayerReconstruction(
             name=n, group=group_id, hessian_shape=tuple(h.shape),
             hessian_bytes=h.numel() * h.element_size(), calibration_rows=nrows[n],
             seconds_collect=t_collect / len(group), seconds_solve=t_solve,
-            error_masked=e_masked, error_reconstructed=e_masked if fallback else e_rec,
-            fallback=fallback))
+            error_masked=e_masked, error_reconstructed=e_rec,
+            fallback_rows=int(worse.sum())))
     return out, group
 
 
@@ -515,6 +542,6 @@ def prune_with_reconstruction(engine: object, targets: dict[str, float], target:
             "order": "sequential (call order; later layers see pruned earlier outputs)",
             "seconds": time.perf_counter() - t0,
             "max_hessian_bytes": max(la.hessian_bytes for la in layers),
-            "fallback_layers": [la.name for la in layers if la.fallback],
+            "fallback_rows": sum(la.fallback_rows for la in layers),
             "layers": [la.to_dict() for la in layers]}}
     return report
