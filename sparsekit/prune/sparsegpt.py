@@ -99,9 +99,12 @@ def run_batch(model: nn.Module, batch: object, device: torch.device | None) -> o
 
     if isinstance(batch, torch.Tensor):
         return model(mv(batch))
-    if isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)) and batch:
         return model(mv(batch[0]))  # (inputs, targets, ...) as a DataLoader yields
-    return model(**{k: mv(v) for k, v in batch.items()})
+    if isinstance(batch, Mapping):
+        return model(**{k: mv(v) for k, v in batch.items()})
+    raise ValueError(f"data: each batch must be a tensor, an (inputs, ...) tuple or a dict of "
+                     f"keyword inputs, got {type(batch).__name__}")
 
 
 # ----------------------------------------------------------------------------- layer views
