@@ -104,7 +104,8 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default="l1,wanda,sparsegpt")
+    ap.add_argument("--methods", default="l1,wanda,sparsegpt,sparsegpt-dense",
+                    help="l1, wanda, sparsegpt, sparsegpt-dense (dense_targets=True)")
     ap.add_argument("--targets", default="0.3,0.5,2:4,0.7,0.9",
                     help="sparsities and N:M patterns (comma-separated)")
     ap.add_argument("--reference-only-targets", default="0.3",
@@ -172,8 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
             model = copy.deepcopy(dense)
             kw = ({"granularity": target} if ":" in target else {"sparsity": float(target)})
             t0 = time.perf_counter()
-            rep = prune(model, criterion=method, include="encoder.*", types=nn.Linear,
-                        calibration=cal_b if method in ("wanda", "sparsegpt") else None, **kw)
+            crit, extra = method, {}
+            if method == "sparsegpt-dense":  # SparseGPT fitted to the dense model's outputs
+                crit, extra = "sparsegpt", {"dense_targets": True}
+            rep = prune(model, criterion=crit, include="encoder.*", types=nn.Linear,
+                        calibration=None if crit == "l1" else cal_b, **kw, **extra)
             t_prune = time.perf_counter() - t0
             q = measure(model, eval_b, ref)
             row = {"method": method, "target": target, "stage": "oneshot",

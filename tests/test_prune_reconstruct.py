@@ -300,3 +300,29 @@ def test_other_errors():
     with pytest.raises(NotImplementedError, match="groups=1"):
         prune(nn.Sequential(nn.Conv2d(2, 2, 1, groups=2)), 0.5, criterion="sparsegpt",
               calibration=[torch.ones(1, 2, 2, 2)])
+
+
+def test_dense_targets_single_layer_equals_default_and_least_squares():
+    torch.manual_seed(8)
+    m = nn.Sequential(nn.Linear(9, 4)).double()
+    cal = [torch.randn(40, 9, dtype=torch.float64)]
+    a, b = copy.deepcopy(m), copy.deepcopy(m)
+    prune(a, 0.5, criterion="sparsegpt", calibration=cal, damp=0.0)
+    prune(b, 0.5, criterion="sparsegpt", calibration=cal, damp=0.0, dense_targets=True)
+    torch.testing.assert_close(a[0].weight, b[0].weight, rtol=1e-9, atol=1e-10)
+
+
+def test_dense_targets_fit_the_dense_output_of_a_deep_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(6)]).double()
+    cal = [torch.randn(64, 16, dtype=torch.float64) for _ in range(2)]
+    x = torch.cat(cal)
+    errs = {}
+    for dt in (False, True):
+        p = copy.deepcopy(m)
+        rep = prune(p, 0.6, criterion="sparsegpt", calibration=cal, dense_targets=dt)
+        assert abs(rep.sparsity - 0.6) < 1e-2
+        with torch.no_grad():
+            errs[dt] = float(((p(x) - m(x)) ** 2).sum())
+    # Fitting each layer to the dense output undoes the drift of the earlier pruned layers.
+    assert errs[True] < 0.5 * errs[False]
