@@ -168,7 +168,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[object], *, s
             pruner: GradualPruner | None = None, include: Filter = None, exclude: Filter = None,
             types: type | tuple[type, ...] = SUPPORTED_TYPES, warmup: float = 0.1,
             max_grad_norm: float | None = 1.0, train_mode: bool = False,
-            cache_teacher: bool = False, seed: int = 0,
+            cache_teacher: bool | dict = False, seed: int = 0,
             callback: Callable[[int, float], None] | None = None) -> DistillReport:
     """Fine-tune the pruned ``student`` to match its dense ``teacher`` on unlabeled ``data``.
 
@@ -208,9 +208,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[object], *, s
     train_mode : bool
         Run the student in train mode (dropout on).  Off by default: short CPU recoveries converge
         faster and are deterministic without dropout.
-    cache_teacher : bool
+    cache_teacher : bool or dict
         Keep the teacher's outputs for each batch of a ``Sequence`` ``data`` (saves a forward per
-        step when the data is cycled; costs their memory).
+        step when the data is cycled; costs their memory).  A dict is used as the cache and
+        filled, so several ``distill`` calls with the same teacher, data and loss can share it.
     seed : int
         Seeds torch's RNG for the run (the global RNG state is restored afterwards).
     callback : callable, optional
@@ -264,8 +265,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[object], *, s
                 lambda g, k=masks[n]: g.masked_fill(~k, 0.0)))
     flags_s = {m: m.training for m in student.modules()}
     flags_t = {m: m.training for m in teacher.modules()}
-    cache: dict[int, object] = {}
-    cacheable = cache_teacher and isinstance(data, Sequence)
+    cache: dict = cache_teacher if isinstance(cache_teacher, dict) else {}
+    cacheable = bool(cache_teacher is not False) and isinstance(data, Sequence)
     n_warm = int(round(warmup * steps))
     base_lrs = [lr for _ in optimizer.param_groups]
     losses: list[float] = []
@@ -286,13 +287,14 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[object], *, s
                             probe = run_batch(teacher, batch, device)
                         kind = _resolve_loss(loss, probe)
                     all_hidden = kind == "hidden_all"
-                    if cacheable and bi in cache:
-                        t_out = cache[bi]
+                    key = (bi, kind)
+                    if cacheable and key in cache:
+                        t_out = cache[key]
                     else:
                         with torch.no_grad():
                             t_out = _detach(_forward(teacher, batch, device, all_hidden))
                         if cacheable:
-                            cache[bi] = t_out
+                            cache[key] = t_out
                     for g, b in zip(optimizer.param_groups, base_lrs, strict=True):
                         g["lr"] = b * _lr_factor(step, steps, n_warm)
                     s_out = _forward(student, batch, device, all_hidden)

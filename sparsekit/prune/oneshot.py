@@ -20,7 +20,8 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
           types: str | type | tuple[type, ...] = "auto",
           calibration: Iterable[object] | None = None, reconstruct: bool = False,
           damp: float = 0.01, block_size: int = 128,
-          hessian_dtype: torch.dtype = torch.float64) -> PruneReport:
+          hessian_dtype: torch.dtype = torch.float64,
+          dense_targets: bool = False) -> PruneReport:
     """Prune ``model``'s weights in place, once, to an exact sparsity.
 
     Pruned weights are set to exactly ``+0.0``; no hook or parametrization is left behind, so the
@@ -84,6 +85,11 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
         Reconstruction: columns per lazy-update block.
     hessian_dtype : torch.float64 or torch.float32
         Reconstruction: precision of the per-layer Hessian (``K x K``) and of the solver.
+    dense_targets : bool
+        Reconstruction: fit every layer to the dense model's output on its dense inputs, which
+        also undoes the drift of the layers pruned before it (a dense copy of the model runs
+        alongside; twice the forward cost).  Default: the layer's own dense weights applied to
+        the inputs of the model pruned so far, as in SparseGPT.
 
     Returns
     -------
@@ -110,6 +116,8 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
     """
     if not isinstance(reconstruct, bool):
         raise ValueError(f"reconstruct: expected a bool, got {reconstruct!r}")
+    if not isinstance(dense_targets, bool):
+        raise ValueError(f"dense_targets: expected a bool, got {dense_targets!r}")
     engine = Engine(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
                     include=include, exclude=exclude, types=types, calibration=calibration,
                     filter_fn=filter_fn)
@@ -121,7 +129,8 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
         from .sparsegpt import prune_with_reconstruction
 
         return prune_with_reconstruction(engine, targets, target, before, damp=damp,
-                                         block_size=block_size, hessian_dtype=hessian_dtype)
+                                         block_size=block_size, hessian_dtype=hessian_dtype,
+                                         dense_targets=dense_targets)
     masks = engine.compute_masks(float(sparsity) if scope == "global" else targets)
     apply_masks(engine.modules, masks)
     return engine.report(masks, before, None if scope == "global" else targets, target)

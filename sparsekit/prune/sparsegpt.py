@@ -25,13 +25,14 @@ Dampening: ``H += damp * mean(diag H) * I`` (as in SparseGPT, 1 % by default) ke
 factorisation stable for rank-deficient calibration data; features that are never active
 (``H_jj = 0``) get ``H_jj = 1`` (their weights are ranked, not zeroed, so counts stay exact).
 Because dampening makes the solved problem differ slightly from ``E``, every layer's
-reconstructed weights are checked against the plain masked weights on the undamped ``E``; if
-reconstruction did not reduce the error the plain masked weights are kept (``fallback`` in the
-report).  So reconstruction never increases a layer's calibration error over the same mask
-without it.
+reconstructed weights are checked against the plain masked weights on the undamped ``E``, row
+by row (``E`` is a sum over rows): a row whose error reconstruction did not reduce keeps its plain
+masked weights (``fallback_rows`` in the report).  So reconstruction never increases a layer's
+calibration error over the same mask without it.
 
 Layers are processed **sequentially** in the order the model calls them: the calibration batches
-are run through the model once per group of layers, so each layer's Hessian is collected from the
+are run through the model once per group of layers (each forward stops once it has passed the
+group), so each layer's Hessian is collected from the
 outputs of the *already pruned* earlier layers and reconstruction also corrects the error those
 layers introduced.  Layers that receive the very same input tensor (query/key/value projections)
 form one group and share one pass.  Costs (recorded per layer in the report): one pass over the
@@ -44,6 +45,7 @@ randomness is used; CPU float64 arithmetic is reproducible run to run).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -98,9 +100,12 @@ def run_batch(model: nn.Module, batch: object, device: torch.device | None) -> o
 
     if isinstance(batch, torch.Tensor):
         return model(mv(batch))
-    if isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)) and batch:
         return model(mv(batch[0]))  # (inputs, targets, ...) as a DataLoader yields
-    return model(**{k: mv(v) for k, v in batch.items()})
+    if isinstance(batch, Mapping):
+        return model(**{k: mv(v) for k, v in batch.items()})
+    raise ValueError(f"data: each batch must be a tensor, an (inputs, ...) tuple or a dict of "
+                     f"keyword inputs, got {type(batch).__name__}")
 
 
 # ----------------------------------------------------------------------------- layer views
@@ -170,6 +175,24 @@ def layer_error(w_ref: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> 
     """``tr((w_ref - w) H (w_ref - w)^T)``: the calibration output error for ``H = X^T X / n``."""
     d = (w_ref.to(hessian.dtype) - w.to(hessian.dtype))
     return float(((d @ hessian) * d).sum())
+
+
+def _row_errors(w_ref: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    d = w_ref.to(hessian.dtype) - w.to(hessian.dtype)
+    return ((d @ hessian) * d).sum(dim=1)
+
+
+def _best_dense_fit(w: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp: float
+                    ) -> torch.Tensor:
+    """``W* = W C H_d^-1``: the dense weights whose output on the model's inputs best matches
+    the dense model's output (``C = X^T X' / n``, ``H_d`` the dampened ``X'^T X' / n``)."""
+    h = hessian.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    idx = torch.arange(h.shape[0], device=h.device)
+    h[idx, idx] += damp * float(torch.diagonal(h).mean())
+    rhs = (w.to(h.dtype) @ cross).t()  # (K, R)
+    return torch.linalg.solve(h, rhs).t()
 
 
 def _damped_inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +338,7 @@ class LayerReconstruction:
     seconds_solve: float
     error_masked: float
     error_reconstructed: float
-    fallback: bool
+    fallback_rows: int
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -346,9 +369,18 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
                       damp: float = 0.01, block_size: int = 128,
                       hessian_dtype: torch.dtype = torch.float64,
                       what: str = "criterion 'sparsegpt'",
+                      dense_targets: bool = False,
                       progress: Callable[[str], None] | None = None
                       ) -> tuple[dict[str, torch.Tensor], list[LayerReconstruction]]:
     """Prune (``targets``) or reconstruct under fixed ``masks`` every module, sequentially.
+
+    With ``dense_targets=True`` each layer is fitted to the *dense* model's output on the dense
+    model's inputs, ``min ||W' X' - W X||`` (``X'``: inputs in the model pruned so far, ``X``: in
+    a dense copy), instead of ``min ||(W' - W) X'||``: this also undoes the drift the earlier
+    layers introduced.  Writing ``W* = W X X'^T (X' X'^T)^-1`` (the best dense fit), the objective
+    is ``||(W' - W*) X'||^2`` plus a constant, so the same solver runs on ``W*``.  Costs a dense
+    copy of the model and a second forward per batch; reported errors are then measured from
+    ``W*``.
 
     Returns the keep-masks (weight shape) and one :class:`LayerReconstruction` per module.  The
     model's weights are updated in place; training flags are restored and hooks removed, also on
@@ -372,6 +404,11 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
     flags = {m: m.training for m in model.modules()}
     out_masks: dict[str, torch.Tensor] = {}
     reports: list[LayerReconstruction] = []
+    ref_model, ref_modules = None, None
+    if dense_targets:
+        ref_model = copy.deepcopy(model).eval()
+        named = dict(ref_model.named_modules())
+        ref_modules = {n: named[n] for n in modules}
     model.eval()
     try:
         with torch.no_grad():
@@ -389,7 +426,8 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
             while pending:
                 reports_g, done = _process_group(model, modules, pending, batches, device,
                                                  masks, targets, granularity, damp, block_size,
-                                                 hessian_dtype, group_id, out_masks)
+                                                 hessian_dtype, group_id, out_masks,
+                                                 ref_model, ref_modules)
                 reports += reports_g
                 if progress is not None:
                     progress(f"group {group_id}: {', '.join(done)}")
@@ -401,12 +439,17 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
     return out_masks, reports
 
 
+class _StopPass(Exception):
+    """Raised by a hook to end a calibration forward early (caught by the pass loop)."""
+
+
 def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: list[str],
                    batches: list[object], device: torch.device | None,
                    masks: Mapping[str, torch.Tensor] | None,
                    targets: Mapping[str, float] | None, granularity: Granularity, damp: float,
                    block_size: int, hessian_dtype: torch.dtype, group_id: int,
-                   out_masks: dict[str, torch.Tensor]
+                   out_masks: dict[str, torch.Tensor], ref_model: nn.Module | None = None,
+                   ref_modules: Mapping[str, nn.Module] | None = None
                    ) -> tuple[list[LayerReconstruction], list[str]]:
     """One calibration pass: Hessians of the first pending module and of modules that receive
     the very same input tensors; then solve them."""
@@ -418,12 +461,40 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
     inputs_seen: dict[str, list[int]] = {n: [] for n in pending}
     keep_alive: list[torch.Tensor] = []  # keeps ids unique within the pass
     handles = []
+    # After the first batch, a forward is cut short once another pending module receives a
+    # different input: unless the first module is called several times per forward (then its
+    # later calls would be lost and every forward runs to the end).
+    first_calls, may_stop = [0], [False]
+    # Dense-target mode: inputs of the same modules in the dense copy, per call of this batch.
+    cross: dict[str, torch.Tensor] = {}
+    ref_inputs: dict[str, list[torch.Tensor]] = {n: [] for n in pending}
+    ref_last_first: list[int] = [0]
+    ref_first_calls = [0]
+    used: dict[str, int] = {}
+
+    def make_ref_hook(n: str) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if n == first:
+                ref_first_calls[0] += 1
+                ref_last_first[0] = id(x)
+            elif ref_first_calls[0] == 0 or id(x) != ref_last_first[0]:
+                if may_stop[0] and ref_first_calls[0] > 0:
+                    raise _StopPass
+                return
+            ref_inputs[n].append(x.detach())
+
+        return hook
 
     def make_hook(n: str) -> Callable[..., None]:
         mod = modules[n]
 
         def hook(m: nn.Module, args: tuple) -> None:
             x = args[0]
+            if n == first:
+                first_calls[0] += 1
+            elif (may_stop[0] and first_calls[0] > 0 and id(x) != inputs_seen[first][-1]):
+                raise _StopPass  # the rest of this forward cannot add to the group
             inputs_seen[n].append(id(x))
             keep_alive.append(x)
             if n != first and not (len(inputs_seen[n]) == len(inputs_seen[first])
@@ -435,21 +506,51 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
             h = hessian_from_inputs(cols, hessian_dtype)
             hess[n] = hess[n] + h if n in hess else h
             nrows[n] = nrows.get(n, 0) + cols.shape[0]
+            if ref_model is not None:
+                j = used.get(n, 0)
+                used[n] = j + 1
+                if j >= len(ref_inputs[n]):
+                    raise ValueError(f"model: module {n!r} is called more often than in the "
+                                     f"dense copy; dense_targets needs a deterministic call "
+                                     f"structure")
+                rc = input_columns(modules[n], ref_inputs[n][j], n).to(hessian_dtype)
+                if rc.shape != cols.shape:
+                    raise ValueError(f"model: inputs of module {n!r} differ in shape between "
+                                     f"the dense copy {tuple(rc.shape)} and the model "
+                                     f"{tuple(cols.shape)}")
+                c = rc.t() @ cols.to(hessian_dtype)
+                cross[n] = cross[n] + c if n in cross else c
 
         return hook
 
     t0 = time.perf_counter()
     for n in pending:
         handles.append(modules[n].register_forward_pre_hook(make_hook(n)))
+        if ref_modules is not None:
+            handles.append(ref_modules[n].register_forward_pre_hook(make_ref_hook(n)))
     try:
         for i, batch in enumerate(batches):
+            first_calls[0] = 0
+            if ref_model is not None:
+                ref_first_calls[0] = 0
+                used.clear()
+                for v in ref_inputs.values():
+                    v.clear()
+                try:
+                    run_batch(ref_model, batch, device)
+                except _StopPass:
+                    pass
             try:
                 run_batch(model, batch, device)
+            except _StopPass:
+                pass
             except (ValueError, TypeError, RuntimeError) as e:
                 if str(e).startswith("calibration:"):
                     raise
                 raise ValueError(f"calibration: batch {i} could not be run through the model: "
                                  f"{e}") from e
+            if i == 0:
+                may_stop[0] = first_calls[0] == 1
             keep_alive.clear()
     finally:
         for h in handles:
@@ -465,31 +566,40 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
         h = hess[n] / max(nrows[n], 1)
         w0 = get_w2d(mod).to(hessian_dtype)
         t1 = time.perf_counter()
+        w_target = w0
+        if ref_model is not None:
+            w_target = _best_dense_fit(w0, cross[n] / max(nrows[n], 1), h, damp)
         if masks is not None:
             keep_in = masks[n].reshape(w0.shape).to(torch.bool)
-            w_new, keep = sparsegpt_layer(w0, h, mask=keep_in, damp=damp, block_size=block_size)
+            w_new, keep = sparsegpt_layer(w_target, h, mask=keep_in, damp=damp,
+                                          block_size=block_size)
         else:
-            w_new, keep = sparsegpt_layer(w0, h, sparsity=targets[n], granularity=granularity,
-                                          damp=damp, block_size=block_size)
+            w_new, keep = sparsegpt_layer(w_target, h, sparsity=targets[n],
+                                          granularity=granularity, damp=damp,
+                                          block_size=block_size)
         w_masked = w0.masked_fill(~keep, 0.0)
-        e_masked = layer_error(w0, w_masked, h)
-        e_rec = layer_error(w0, w_new, h)
-        fallback = not (e_rec <= e_masked) or not bool(torch.isfinite(w_new).all())
-        set_w2d(mod, w_masked if fallback else w_new)
+        # The error is a sum over rows, so each row keeps the better of its reconstructed and
+        # plain masked weights (sequential OBS with dampening is not optimal for every row).
+        rows_masked = _row_errors(w_target, w_masked, h)
+        rows_rec = _row_errors(w_target, w_new, h)
+        worse = ~(rows_rec <= rows_masked)  # also catches NaN
+        w_out = torch.where(worse[:, None], w_masked, w_new)
+        e_masked, e_rec = float(rows_masked.sum()), layer_error(w_target, w_out, h)
+        set_w2d(mod, w_out)
         t_solve = time.perf_counter() - t1
         out_masks[n] = (keep.t() if _is_hf_conv1d(mod) else keep).reshape(mod.weight.shape)
         out.append(LayerReconstruction(
             name=n, group=group_id, hessian_shape=tuple(h.shape),
             hessian_bytes=h.numel() * h.element_size(), calibration_rows=nrows[n],
             seconds_collect=t_collect / len(group), seconds_solve=t_solve,
-            error_masked=e_masked, error_reconstructed=e_masked if fallback else e_rec,
-            fallback=fallback))
+            error_masked=e_masked, error_reconstructed=e_rec,
+            fallback_rows=int(worse.sum())))
     return out, group
 
 
 def prune_with_reconstruction(engine: object, targets: dict[str, float], target: object,
                               before: Mapping[str, int], *, damp: float, block_size: int,
-                              hessian_dtype: torch.dtype) -> object:
+                              hessian_dtype: torch.dtype, dense_targets: bool = False) -> object:
     """``prune``'s path for ``criterion='sparsegpt'`` and ``reconstruct=True``."""
     t0 = time.perf_counter()
     static_masks = None
@@ -506,15 +616,16 @@ def prune_with_reconstruction(engine: object, targets: dict[str, float], target:
     masks, layers = reconstruct_model(
         engine.model, engine.modules, engine.calibration, masks=static_masks, targets=targets,
         granularity=engine.gran, damp=damp, block_size=block_size, hessian_dtype=hessian_dtype,
-        what=what)
+        what=what, dense_targets=dense_targets)
     report = engine.report(masks, before, None if engine.scope == "global" else targets, target)
     report.extra = {
         "reconstruction": {
             "method": "sparsegpt" if static_masks is None else f"{engine.crit.name}+reconstruct",
             "damp": damp, "block_size": block_size, "hessian_dtype": str(hessian_dtype),
             "order": "sequential (call order; later layers see pruned earlier outputs)",
+            "targets": "dense model outputs" if dense_targets else "dense weights on pruned inputs",
             "seconds": time.perf_counter() - t0,
             "max_hessian_bytes": max(la.hessian_bytes for la in layers),
-            "fallback_layers": [la.name for la in layers if la.fallback],
+            "fallback_rows": sum(la.fallback_rows for la in layers),
             "layers": [la.to_dict() for la in layers]}}
     return report
