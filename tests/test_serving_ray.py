@@ -53,9 +53,20 @@ def cluster(tmp_path_factory):
     path = tmp_path_factory.mktemp("ray_model") / "mlp_sparse.safetensors"
     make_model_file(str(path), LAYERS, sparsity=0.9, seed=1)
     local = sparsekit.load(path, mlp(LAYERS)).eval()
+    # Kernel variants of one family differ in summation order (sparsekit.kernels.planner), so
+    # bit-identical outputs across processes need the same plans: plan here at the replicas'
+    # thread count (1) into a wisdom file, and hand the replicas that file, as a deployment
+    # that wants reproducible outputs does.
+    wisdom = tmp_path_factory.mktemp("wisdom") / "wisdom.json"
+    saved_wisdom = os.environ.get("SPARSEKIT_WISDOM")
+    os.environ["SPARSEKIT_WISDOM"] = str(wisdom)
+    rng = np.random.default_rng(123)
+    for rows in (1, 2, 8, 32, 64):
+        _local(local, rng.standard_normal((rows, LAYERS[0])).astype(np.float32))
+    assert wisdom.is_file(), "planning wrote no wisdom file"
     port = _free_port()
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("SPARSEKIT_NUM_THREADS", None)
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "SPARSEKIT_WISDOM": str(wisdom)}
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=80 * 1024 * 1024, log_to_driver=False,
              runtime_env={"env_vars": env}, configure_logging=False)
@@ -71,6 +82,10 @@ def cluster(tmp_path_factory):
             serve.shutdown()
         finally:
             ray.shutdown()
+            if saved_wisdom is None:
+                os.environ.pop("SPARSEKIT_WISDOM", None)
+            else:
+                os.environ["SPARSEKIT_WISDOM"] = saved_wisdom
 
 
 def _post(client: httpx.Client, url: str, body: object, **kw) -> httpx.Response:
@@ -80,7 +95,10 @@ def _post(client: httpx.Client, url: str, body: object, **kw) -> httpx.Response:
 
 
 def _local(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
+    """The local model's output with one kernel thread, as each num_cpus=1 replica runs."""
+    from sparsekit.threads import threads
+
+    with torch.inference_mode(), threads(1):
         return model(torch.from_numpy(x)).numpy()
 
 
