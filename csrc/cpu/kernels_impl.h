@@ -1,6 +1,8 @@
-// CSR / BSR SpMM kernels, written once against the Vec wrapper of csrc/cpu/simd.h and compiled
-// once per ISA (csrc/cpu/{csr,bsr}_{generic,avx2,avx512}.cpp). Internal linkage throughout;
-// each TU exports only its csr_linear_<isa> / bsr_linear_<isa> entry point.
+// CSR / BSR SpMM drivers (partitioning, threads, tile and block loops), written once against
+// the Vec wrapper of csrc/cpu/simd.h and compiled once per ISA
+// (csrc/cpu/{csr,bsr}_{generic,avx2,avx512}.cpp). Micro-kernels: ukernel_csr_spmv.h,
+// ukernel_csr_tile.h, ukernel_bsr.h; packing: packing.h; threading: threading.h; variants:
+// variants.h. Internal linkage throughout; each TU exports only its entry points.
 //
 // Strategy (y (N, M) = x (N, K) @ W^T + bias, fp32 accumulation):
 //  * Threads own nnz-balanced contiguous row ranges (binary search in indptr, a small per-row
@@ -29,207 +31,17 @@
 
 #include "common/dispatch.h"
 #include "common/format.h"
+#include "cpu/packing.h"
 #include "cpu/simd.h"
+#include "cpu/threading.h"
+#include "cpu/ukernel_bsr.h"
 #include "cpu/ukernel_csr_spmv.h"
+#include "cpu/ukernel_csr_tile.h"
 #include "cpu/variants.h"
 
 namespace sparsekit {
 namespace cpu {
 namespace {
-
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-
-// Per-call aligned scratch, freed on scope exit (no STL containers in ISA-specific TUs).
-struct Scratch {
-  float* p = nullptr;
-  explicit Scratch(size_t n) {
-    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
-    if (bytes == 0) bytes = 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (p == nullptr) throw std::bad_alloc();
-  }
-  ~Scratch() { std::free(p); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
-// Runs body(tid, nthreads) on up to `threads` OpenMP threads (serially when 1).
-template <class F>
-inline void parallel_run(int threads, F&& body) {
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    body(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  body(0, 1);
-}
-
-inline void barrier(int nthreads) {
-#ifdef _OPENMP
-  if (nthreads > 1) {
-#pragma omp barrier
-  }
-#endif
-}
-
-// First row r in [0, rows] with cost(r) = indptr[r] + r * kRowCost >= target.
-// Monotone in r, so a binary search gives contiguous, nnz(+rows)-balanced partitions.
-template <class PT>
-inline int64_t split_point(const PT* indptr, int64_t rows, int64_t part, int64_t parts) {
-  constexpr int64_t kRowCost = 8;
-  if (part <= 0) return 0;
-  if (part >= parts) return rows;
-  const int64_t total = static_cast<int64_t>(indptr[rows]) + rows * kRowCost;
-  const int64_t target = static_cast<int64_t>(static_cast<double>(total) * part / parts);
-  int64_t lo = 0, hi = rows;
-  while (lo < hi) {
-    int64_t mid = lo + (hi - lo) / 2;
-    if (static_cast<int64_t>(indptr[mid]) + mid * kRowCost < target) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
-// Threads worth using for `work` multiply-adds (a parallel region costs a few microseconds).
-inline int threads_for(int requested, int64_t work) {
-  constexpr int64_t kMinWorkPerThread = 16384;
-  int64_t t = work / kMinWorkPerThread;
-  if (t < 1) t = 1;
-  return static_cast<int>(imin(t, requested < 1 ? 1 : requested));
-}
-
-inline float bias_at(const float* bias, int64_t m) { return bias ? bias[m] : 0.f; }
-
-// Converts `n` activations of dtype t starting at x to fp32.
-inline float x_at(const void* x, DType t, int64_t off) {
-  switch (t) {
-    case DType::BF16: return to_f32(static_cast<const bf16_t*>(x)[off]);
-    case DType::F16: return to_f32(static_cast<const f16_t*>(x)[off]);
-    default: return static_cast<const float*>(x)[off];
-  }
-}
-
-// Fills xs[k0..k1) from x row n converted to fp32, zero-padded for k >= K (up to len). O(k1 - k0).
-inline void load_x_row(const SpmmParams& p, int64_t n, float* xs, int64_t len, int64_t k0,
-                       int64_t k1) {
-  const int64_t kend = imin(k1, p.K);
-  const int64_t row = n * p.ldx;
-  if (p.x_dtype == DType::F32) {
-    const float* x = static_cast<const float*>(p.x) + row;
-    for (int64_t k = k0; k < kend; ++k) xs[k] = x[k];
-  } else {
-    for (int64_t k = k0; k < kend; ++k) xs[k] = x_at(p.x, p.x_dtype, row + k);
-  }
-  for (int64_t k = imax(k0, p.K); k < imin(k1, len); ++k) xs[k] = 0.f;
-}
-
-// Packs x rows [n0, n0 + NT) for k in [k0, k1) into xt[k * NT + t] (fp32, zero-padded for rows
-// >= N and for k >= K, up to k < kpad). O((k1 - k0) * NT).
-inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int64_t k0,
-                        int64_t k1) {
-  const int64_t nn = imin(NT, p.N - n0);
-  const int64_t kend = imin(k1, p.K);
-#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
-  // fp32 x: one strided gather per (k, W batch rows) and a contiguous store. The scalar
-  // transpose below took 0.58 ms of a 4.3 ms call at 4096x4096, N = 128.
-  if (p.x_dtype == DType::F32 && p.ldx < (int64_t{1} << 31) / Vec::W) {
-    constexpr int64_t W = Vec::W;
-    const float* x = static_cast<const float*>(p.x);
-    for (int64_t g = 0; g < NT; g += W) {
-      const int n = static_cast<int>(imax(0, imin(W, nn - g)));  // batch rows present
-      if (n == 0) {
-        for (int64_t k = k0; k < kend; ++k) Vec::store(xt + k * NT + g, Vec::zero());
-      } else {
-        const float* base = x + (n0 + g) * p.ldx;
-        for (int64_t k = k0; k < kend; ++k)
-          Vec::store(xt + k * NT + g, Vec::gather_column(base + k, p.ldx, n));
-      }
-    }
-    for (int64_t k = imax(k0, p.K); k < k1; ++k)
-      for (int64_t t = 0; t < NT; ++t) xt[k * NT + t] = 0.f;
-    return;
-  }
-#endif
-  constexpr int64_t KB = 64;  // k block: NT x KB reads stay in L1 while transposing
-  for (int64_t kb = k0; kb < kend; kb += KB) {
-    const int64_t ke = imin(kb + KB, kend);
-    for (int64_t t = 0; t < nn; ++t) {
-      const int64_t row = (n0 + t) * p.ldx;
-      if (p.x_dtype == DType::F32) {
-        const float* x = static_cast<const float*>(p.x) + row;
-        for (int64_t k = kb; k < ke; ++k) xt[k * NT + t] = x[k];
-      } else {
-        for (int64_t k = kb; k < ke; ++k) xt[k * NT + t] = x_at(p.x, p.x_dtype, row + k);
-      }
-    }
-    for (int64_t t = nn; t < NT; ++t)
-      for (int64_t k = kb; k < ke; ++k) xt[k * NT + t] = 0.f;
-  }
-  for (int64_t k = imax(k0, p.K); k < k1; ++k)
-    for (int64_t t = 0; t < NT; ++t) xt[k * NT + t] = 0.f;
-}
-
-// Prefetches [p, p + bytes) into L2, one request per cache line (no-op for bytes <= 0).
-inline void prefetch_l2(const void* p, int64_t bytes) {
-#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
-constexpr int64_t kOutRows = 64;  // rows per output flush: 4 cache lines of fp32 per y row
-
-// Writes y[n0 + t][m0 + i] = part[i * ldp + t] + bias[m0 + i] for t < nn, i < rows (part: a
-// rows x NT fp32 partial-sum tile, tbuf: scratch of >= rows * nn floats). y is written
-// batch-major, in runs of `rows` consecutive outputs: writing each row's NT outputs with
-// NT-strided scalar stores (y rows 16 KiB apart at M = 4096) measured ~1 ms of a 4.3 ms BSR call
-// (4096x4096, N = 128); callers pass 32-64 rows so every y row gets whole cache lines.
-// O(rows * nn).
-inline void store_rows_tile(const SpmmParams& p, const float* part, int64_t ldp, int64_t rows,
-                            int64_t nn, int64_t n0, int64_t m0, float* tbuf) {
-#if defined(SPARSEKIT_ISA_AVX512)
-  // fp32 y: read each run of W rows of one batch column with a strided gather (in L1) and
-  // store it contiguously; no transpose buffer. Masked stores would be needed for the ragged
-  // run, so only AVX-512 takes this path.
-  if (p.x_dtype == DType::F32) {
-    constexpr int64_t W = Vec::W;
-    for (int64_t t = 0; t < nn; ++t) {
-      float* dst = static_cast<float*>(p.y) + (n0 + t) * p.ldy + m0;
-      for (int64_t i = 0; i < rows; i += W) {
-        const int n = static_cast<int>(imin(W, rows - i));
-        __m512 v = Vec::gather_column(part + i * ldp + t, ldp, n);
-        if (p.bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(Vec::mask16(n), p.bias + m0 + i));
-        _mm512_mask_storeu_ps(dst + i, Vec::mask16(n), v);
-      }
-    }
-    return;
-  }
-#endif
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* src = part + i * ldp;
-    for (int64_t t = 0; t < nn; ++t) tbuf[t * rows + i] = src[t];
-  }
-  for (int64_t t = 0; t < nn; ++t) {
-    const float* src = tbuf + t * rows;
-    const int64_t off = (n0 + t) * p.ldy + m0;
-    if (p.x_dtype == DType::F32) {
-      float* dst = static_cast<float*>(p.y) + off;
-      if (p.bias != nullptr) {
-        const float* b = p.bias + m0;
-        for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] + b[i];
-      } else {
-        for (int64_t i = 0; i < rows; ++i) dst[i] = src[i];
-      }
-    } else {
-      for (int64_t i = 0; i < rows; ++i) store_out(p.y, off + i, src[i] + bias_at(p.bias, m0 + i), p.x_dtype);
-    }
-  }
-}
 
 // Batch tile width (in vectors) for N > 1: as wide as the batch needs (<= 4 vectors) while one
 // packed tile (kpad x NT fp32) stays within ~1.5 MiB of L2.
@@ -285,44 +97,6 @@ void csr_spmv_rows(const SpmmParams& p, Variant variant, const float* x, int64_t
   (void)variant;
   rows([](auto... a) { spmv_scalar<NB>(a...); });
 #endif
-}
-
-// One CSR row against one packed tile: out[0..NT) = sum_j values[j] * xt[indices[j]][0..NT)
-// over the nonzeros j in [j, e); with kBounded only over those with column < kend (the row's
-// indices are sorted, so these come first). Returns the first nonzero not used.
-// U nonzeros in flight x V vectors = independent accumulator chains (hides FMA latency).
-// If `init` is not null the sums start from init[0..NT) (it may alias `out`).
-template <int V, bool kBounded = false, class VT, class IT>
-inline int64_t csr_row_tile(const IT* idx, const VT* val, int64_t j, int64_t e, const float* xt,
-                            float* out, const float* init = nullptr, int64_t kend = 0) {
-  constexpr int W = Vec::W;
-  constexpr int NT = V * W;
-  constexpr int U = V >= 4 ? 2 : 4;
-  typename Vec::T acc[U][V];
-  for (int u = 0; u < U; ++u)
-    for (int v = 0; v < V; ++v) acc[u][v] = Vec::zero();
-  if (init != nullptr)
-    for (int v = 0; v < V; ++v) acc[0][v] = Vec::load(init + v * W);
-  // The bound test is fused into the loop conditions (a separate scan for the block end
-  // measured 1.6x slower in the K-blocked walk).
-  for (; j + U <= e && (!kBounded || idx_of(idx[j + U - 1]) < kend); j += U) {
-    for (int u = 0; u < U; ++u) {
-      const typename Vec::T b = Vec::set1(to_f32(val[j + u]));
-      const float* xr = xt + idx_of(idx[j + u]) * NT;
-      for (int v = 0; v < V; ++v) acc[u][v] = Vec::fma(b, Vec::load(xr + v * W), acc[u][v]);
-    }
-  }
-  for (; j < e && (!kBounded || idx_of(idx[j]) < kend); ++j) {
-    const typename Vec::T b = Vec::set1(to_f32(val[j]));
-    const float* xr = xt + idx_of(idx[j]) * NT;
-    for (int v = 0; v < V; ++v) acc[0][v] = Vec::fma(b, Vec::load(xr + v * W), acc[0][v]);
-  }
-  for (int v = 0; v < V; ++v) {
-    typename Vec::T s = acc[0][v];
-    for (int u = 1; u < U; ++u) s = Vec::add(s, acc[u][v]);
-    Vec::store(out + v * W, s);
-  }
-  return j;
 }
 
 template <int V, class VT, class PT, class IT>
@@ -457,70 +231,6 @@ void csr_linear_t(const SpmmParams& p) {
 // ============================================================================================
 // BSR
 // ============================================================================================
-
-// N == 1, one block row: out[i] = sum over blocks b, j < c of B_b[i0 + i][j] * xs[col_b + j]
-// for i < rows. acc holds rows x CC partial sums (CC = compile-time c, or c when 0) so the
-// inner loop is a contiguous, vectorisable multiply-add; reduced once per block row.
-template <int CC, class VT, class IT>
-inline void bsr_spmv_blockrow(const IT* idx, const VT* val, int64_t s, int64_t e, int r, int c_rt,
-                              int rows, const float* xs, float* acc, float* out) {
-  const int c = CC > 0 ? CC : c_rt;
-  for (int i = 0; i < rows * c; ++i) acc[i] = 0.f;
-  for (int64_t b = s; b < e; ++b) {
-    const VT* B = val + b * static_cast<int64_t>(r) * c;
-    const float* xb = xs + idx_of(idx[b]) * c;
-    for (int i = 0; i < rows; ++i) {
-      float* a = acc + i * c;
-      const VT* Bi = B + i * c;
-      for (int j = 0; j < c; ++j) a[j] += to_f32(Bi[j]) * xb[j];
-    }
-  }
-  for (int i = 0; i < rows; ++i) {
-    float sum = 0.f;
-    for (int j = 0; j < c; ++j) sum += acc[i * c + j];
-    out[i] = sum;
-  }
-}
-
-// N > 1 micro-kernel: block rows [i0, i0 + RB) of the blocks [s, e) of one block row against
-// one packed tile: out[i][0..NT) = sum_b sum_j B_b[i0 + i][j] * xt[col_b + j][0..NT).
-// RB x V accumulators; each xt vector is loaded once and used RB times. With `accumulate` the
-// sums start from out[i][0..NT) instead of zero.
-template <int RB, int V, class VT, class IT>
-inline void bsr_tile_rows(const IT* idx, const VT* val, int64_t s, int64_t e, int r, int c,
-                          int i0, const float* xt, float* out, bool accumulate) {
-  constexpr int W = Vec::W;
-  constexpr int NT = V * W;
-  typename Vec::T acc[RB][V];
-  for (int i = 0; i < RB; ++i)
-    for (int v = 0; v < V; ++v)
-      acc[i][v] = accumulate ? Vec::load(out + i * NT + v * W) : Vec::zero();
-  const int64_t bsz = static_cast<int64_t>(r) * c;
-  for (int64_t b = s; b < e; ++b) {
-    const VT* B = val + b * bsz + static_cast<int64_t>(i0) * c;
-    const float* xb = xt + idx_of(idx[b]) * c * NT;
-    for (int j = 0; j < c; ++j) {
-      typename Vec::T xv[V];
-      for (int v = 0; v < V; ++v) xv[v] = Vec::load(xb + j * NT + v * W);
-      for (int i = 0; i < RB; ++i) {
-        const typename Vec::T w = Vec::set1(to_f32(B[i * c + j]));
-        for (int v = 0; v < V; ++v) acc[i][v] = Vec::fma(w, xv[v], acc[i][v]);
-      }
-    }
-  }
-  for (int i = 0; i < RB; ++i)
-    for (int v = 0; v < V; ++v) Vec::store(out + i * NT + v * W, acc[i][v]);
-}
-
-// Largest register block for V vectors given the register file (32 zmm / 16 ymm).
-template <int V>
-constexpr int max_rb() {
-#if defined(SPARSEKIT_ISA_AVX512)
-  return V >= 4 ? 4 : 8;
-#else
-  return V >= 4 ? 2 : (V == 2 ? 4 : 8);
-#endif
-}
 
 // N > 1 for block rows [br0, br1). The batch tile is the outer loop (one 1 MiB tile hot in L2
 // instead of all of them; the weights stream once per tile). Within a block row the blocks are

@@ -173,6 +173,8 @@ struct Vec {
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static __mmask16 mask16(int n) { return n >= 16 ? __mmask16(0xffff) : mask(n); }
   static T load_vals_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static T load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask16(n), p); }
+  static void store_n(float* p, T v, int n) { _mm512_mask_storeu_ps(p, mask16(n), v); }
   static T load_vals_n(const bf16_t* p, int n) {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask(n), p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
