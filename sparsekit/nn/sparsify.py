@@ -484,6 +484,7 @@ def sparsify(
     max_fill: float = 1.5,
     margin: float = 0.05,
     cold: bool | None = None,
+    index_encoding: str | None = None,
 ) -> SparsifyReport:
     """Replace eligible :class:`torch.nn.Linear` layers of ``model`` by SparseLinear, in place.
 
@@ -504,12 +505,15 @@ def sparsify(
     tune : bool
         Measure on this machine (True) or use :func:`heuristic_choice` (False).
     value_dtype : torch.dtype, optional
-        Stored value dtype; default the layer weight's dtype (fp32/bf16/fp16).
+        Stored value dtype; default the layer weight's dtype (fp32/bf16/fp16). torch.int8:
+        weight-only int8 with per-row scales (each layer's report has ``quantization``).
     cache : bool or path
         True: in-process cache, persisted to ``$SPARSEKIT_TUNE_CACHE`` if set; a path: also
         persisted to that JSON file; False: always measure.
     backend : str
         Kernel backend for the created layers.
+    index_encoding : {"plain", "delta8", "auto"}, optional
+        Column index coding of the created layers (see ``CSRMatrix.from_dense``).
     max_fill : float
         Largest BSR fill ratio (stored entries / nonzeros) considered.
     margin : float
@@ -645,7 +649,8 @@ def sparsify(
         layers.append(rep)
         if rep.choice != "dense":
             new = SparseLinear.from_dense(
-                lin, format=rep.choice, blocksize=rep.blocksize, value_dtype=vdt, backend=backend
+                lin, format=rep.choice, blocksize=rep.blocksize, value_dtype=vdt, backend=backend,
+                index_encoding=index_encoding,
             )
             new.train(lin.training)
             rep.quantization = new.quantization
