@@ -120,11 +120,8 @@ class CppBackend:
                                xcode, M, K, get_num_threads())
                 return
             # BSR, or a batch the tiled float kernels serve faster: decode once (cached)
+            # (x is fp32 or the stored float dtype, which decoding keeps: see supports)
             mat = mat.decoded()
-            if x2d.dtype != torch.float32 and x2d.dtype != mat.values.dtype:
-                out.copy_(torch.empty_like(out, dtype=torch.float32).copy_(
-                    _linear_f32(self, mat, x2d, bias)))
-                return
         indptr, indices, values, vcode = _prepared(mat)
         xcode = _CODE[x2d.dtype]
         M, K = mat.shape
@@ -139,13 +136,6 @@ class CppBackend:
         else:
             _C.csr_linear(indptr, indices, values, vcode, _np(x2d), xcode, b, _np(out), xcode,
                           M, K, get_num_threads())
-
-
-def _linear_f32(be: CppBackend, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None
-                ) -> torch.Tensor:
-    out = torch.empty((x2d.shape[0], mat.shape[0]), dtype=torch.float32)
-    be.linear(mat, x2d.float(), bias, out)
-    return out
 
 
 backend = CppBackend()
