@@ -9,7 +9,7 @@ to exceed twice the last-level cache (so every call streams its weights from DRA
 
 Ratios are from the same run. Usage::
 
-    flock /work/bench.lock python benchmarks/bench_int8.py --threads 2 --out results.json
+    flock <lockfile> python benchmarks/bench_int8.py --threads 2 --out results.json
 """
 
 from __future__ import annotations

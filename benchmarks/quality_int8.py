@@ -133,7 +133,8 @@ def mnist(data: str | None, sparsity: float, epochs: int, ft_epochs: int) -> dic
         res[name] = evaluate(m, (xte, yte)).accuracy
     delta = 100.0 * (res["int8_sparse"] - res["fp32_sparse"])
     return {
-        "model": "LeNet-300-100", "data": d.source, "sparsity": sparsity,
+        "model": "LeNet-300-100", "data": d.source.replace(str(Path(data).parent) + "/", "")
+        if data else d.source, "sparsity": sparsity,
         "pruned_sparsity": prep.sparsity, "dense_epochs": epochs, "finetune_epochs": ft_epochs,
         "accuracy_fp32_sparse": res["fp32_sparse"], "accuracy_int8_sparse": res["int8_sparse"],
         "delta_points": delta, "target": "|delta| <= 0.2 points", "pass": abs(delta) <= 0.2,
@@ -151,7 +152,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = {
-        "script": "benchmarks/quality_int8.py", "argv": sys.argv[1:],
+        "script": "benchmarks/quality_int8.py",
+        "argv": [os.path.basename(a) if os.sep in a else a for a in sys.argv[1:]],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "minilm": minilm(args.sentences, 0.8),

@@ -625,13 +625,15 @@ class CSRMatrix(_SparseBase):
             stored is decided on ``w`` itself, before conversion.
         index_encoding : {"plain", "delta8", "auto"}, optional
             Column index coding. ``"auto"`` picks uint8 gaps when they take fewer bytes.
-            Default: ``"auto"`` for int8 values, ``"plain"`` otherwise.
+            Default ``"plain"``: on the CPUs measured (docs/compression.md) the gap decoding
+            costs more compute than the byte it saves, so gaps pay only where the SpMV is
+            bandwidth-bound at under 2 bytes per nonzero.
 
         Complexity O(M*K), vectorised.
         """
         t = _as_tensor_dense(w)
         if _is_int8(value_dtype):
-            return cls._from_dense_compressed(t, torch.int8, index_encoding or "auto")
+            return cls._from_dense_compressed(t, torch.int8, index_encoding or "plain")
         vdt = _resolve_value_dtype(value_dtype, t.dtype)
         if index_encoding not in (None, "plain"):
             return cls._from_dense_compressed(t, vdt, index_encoding)
@@ -898,7 +900,7 @@ class BSRMatrix(_SparseBase):
         int8 = _is_int8(value_dtype)
         vdt = torch.int8 if int8 else _resolve_value_dtype(value_dtype, t.dtype)
         if index_encoding is None:
-            index_encoding = "auto" if int8 else "plain"
+            index_encoding = "plain"
         _check_encoding(index_encoding, allow_auto=True)
         M, K = t.shape
         Mb, Kb = -(-M // r), -(-K // c)

@@ -89,10 +89,12 @@ def test_gaps_and_escapes():
 
 def test_auto_encoding_and_bytes():
     dense90 = _weight(64, 4096, 0.1)
-    assert CSRMatrix.from_dense(dense90, value_dtype=torch.int8).index_encoding == "delta8"
+    assert CSRMatrix.from_dense(dense90, value_dtype=torch.int8).index_encoding == "plain"
+    assert CSRMatrix.from_dense(dense90, value_dtype=torch.int8,
+                                index_encoding="auto").index_encoding == "delta8"
     very_sparse = _weight(64, 60000, 0.0005)
     assert CSRMatrix.from_dense(very_sparse, index_encoding="auto").index_encoding == "plain"
-    m8 = CSRMatrix.from_dense(dense90, value_dtype=torch.int8)
+    m8 = CSRMatrix.from_dense(dense90, value_dtype=torch.int8, index_encoding="auto")
     mf = CSRMatrix.from_dense(dense90)
     assert m8.nbytes < 0.4 * mf.nbytes  # ~2 bytes per nonzero against 6
 
@@ -245,7 +247,9 @@ def test_sparse_linear_and_sparsify_int8(tmp_path):
     assert sl.weight_values.dtype == torch.int8 and sl.quantization["rel_error"] < 0.02
     assert_close_to_reference(sl(x), x, sl.weight, model[0].bias)
     q = copy.deepcopy(model)
-    rep = sparsekit.sparsify(q, value_dtype=torch.int8, tune=False, min_sparsity=0.5)
+    rep = sparsekit.sparsify(q, value_dtype=torch.int8, tune=False, min_sparsity=0.5,
+                             index_encoding="delta8")
+    assert q[0].weight_indices.dtype == torch.uint8
     assert all(layer.quantization is not None for layer in rep.layers)
     y = q(x)
     assert torch.allclose(y, model(x), atol=0.02)
@@ -264,7 +268,8 @@ def test_sparse_linear_and_sparsify_int8(tmp_path):
 
 def test_corrupt_file(tmp_path):
     q = copy.deepcopy(_model())
-    sparsekit.sparsify(q, value_dtype=torch.int8, tune=False, min_sparsity=0.5)
+    sparsekit.sparsify(q, value_dtype=torch.int8, tune=False, min_sparsity=0.5,
+                       index_encoding="delta8")
     path = os.path.join(tmp_path, "q.safetensors")
     sparsekit.save(q, path)
     raw = bytearray(open(path, "rb").read())

@@ -156,10 +156,8 @@ class CppBackend:
                                xcode, M, K, get_num_threads())
                 return
             # BSR, or a batch the tiled float kernels serve faster: decode once (cached)
+            # (x is fp32 or the stored float dtype, which decoding keeps: see supports)
             mat = mat.decoded()
-            if x2d.dtype != torch.float32 and x2d.dtype != mat.values.dtype:
-                out.copy_(_linear_f32(self, mat, x2d, bias))
-                return
         bm = mat.cache_get(_BOUND_KEY)
         if bm is None:
             bm = bound_matrix(mat)
@@ -173,13 +171,6 @@ class CppBackend:
         bm = bound_matrix(mat)
         vid = bm.get_variant(bm.n_class(n))
         return "auto" if vid < 0 else _planner.variants()[vid]["name"]
-
-
-def _linear_f32(be: CppBackend, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None
-                ) -> torch.Tensor:
-    out = torch.empty((x2d.shape[0], mat.shape[0]), dtype=torch.float32)
-    be.linear(mat, x2d.float(), bias, out)
-    return out
 
 
 backend = CppBackend()

@@ -225,7 +225,7 @@ class SparseLinear(nn.Module):
             Kernel backend (see class docs).
         index_encoding : {"plain", "delta8", "auto"}, optional
             Column index coding (see :meth:`sparsekit.CSRMatrix.from_dense`); default
-            ``"auto"`` for int8 values, ``"plain"`` otherwise.
+            ``"plain"``.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")

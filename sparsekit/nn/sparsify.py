@@ -558,6 +558,7 @@ def sparsify(
     margin: float = 0.05,
     cold: bool | None = None,
     example_inputs: Any = None,
+    index_encoding: str | None = None,
 ) -> SparsifyReport:
     """Replace the pruned layers of ``model`` by sparse modules, in place.
 
@@ -596,12 +597,15 @@ def sparsify(
     tune : bool
         Measure on this machine (True) or use :func:`heuristic_choice` (False).
     value_dtype : torch.dtype, optional
-        Stored value dtype; default the layer weight's dtype (fp32/bf16/fp16).
+        Stored value dtype; default the layer weight's dtype (fp32/bf16/fp16). torch.int8:
+        weight-only int8 with per-row scales (each layer's report has ``quantization``).
     cache : bool or path
         True: in-process cache, persisted to ``$SPARSEKIT_TUNE_CACHE`` if set; a path: also
         persisted to that JSON file; False: always measure.
     backend : str
         Kernel backend for the created layers.
+    index_encoding : {"plain", "delta8", "auto"}, optional
+        Column index coding of the created layers (see ``CSRMatrix.from_dense``).
     max_fill : float
         Largest BSR fill ratio (stored entries / nonzeros) considered.
     margin : float
@@ -808,7 +812,8 @@ def sparsify(
         else:
             src = mod if kind == "linear" else _as_linear(w2, bias)
             new = SparseLinear.from_dense(src, format=rep.choice, blocksize=rep.blocksize,
-                                          value_dtype=vdt_of(w2), backend=backend)
+                                          value_dtype=vdt_of(w2), backend=backend,
+                                          index_encoding=index_encoding)
             rep.quantization = new.quantization
         new.train(mod.training)
         setattr(parent, cname, new)
