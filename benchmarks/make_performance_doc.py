@@ -114,6 +114,44 @@ def mnist_table(r: dict[str, Any]) -> list[str]:
     return out
 
 
+#: Columns of the per-machine table: (target id, header).
+MACHINE_COLS = (("N1-90-4096", "N=1 90%"), ("N1-70-4096", "N=1 70%"), ("N1-50-4096", "N=1 50%"),
+                ("N1-90-bf16-vs-f32-4096", "bf16 vs fp32 values"),
+                ("BW-N1-90-4096", "bytes/s vs dense read"), ("N32-90", "N=32 90%"),
+                ("N128-80", "N=128 80%"), ("BSR-N128-90", "BSR N=128 90%"))
+
+
+def machines_table() -> list[str]:
+    """One row per (CPU, ISA path): the newest wall-clock bench_cpu run of each."""
+    newest: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    for p in sorted(RESULTS.glob("cpu-*.json")):
+        d = _load(p)
+        if d.get("benchmark", "bench_cpu") != "bench_cpu" or d.get("clock") != "wall":
+            continue
+        m = d["machine"]
+        isa = d.get("isa_path") or m.get("sparsekit", {}).get("cpp_isa", "?")
+        newest[(f"{m.get('cpu_model', '?')} ({m.get('cpu_family_model', '?')})", isa)] = (p, d)
+    out = ["| CPU | ISA path | threads | " + " | ".join(h for _, h in MACHINE_COLS)
+           + " | N=1 variant | file |", "|---|---|---|" + "---|" * len(MACHINE_COLS) + "---|---|"]
+    for (cpu, isa), (p, d) in sorted(newest.items()):
+        by_id = {t["id"]: t for t in d["targets"]}
+        cells = []
+        for tid, _ in MACHINE_COLS:
+            t = by_id.get(tid)
+            cells.append("" if t is None else f"{t['value']:.2f}x" + ("" if t.get("pass", True)
+                                                                      else " (miss)"))
+        variant = by_id.get("N1-90-4096", {}).get("variant", "built-in")
+        notes = []
+        if "--quick" in d.get("argv", []):
+            notes.append("quick")
+        if d.get("machine_shared"):
+            notes.append("shared machine")
+        note = f" ({', '.join(notes)})" if notes else ""
+        out.append(f"| {cpu} | {isa} | {d['threads']} | " + " | ".join(cells)
+                   + f" | {variant} | `{p.name}`{note} |")
+    return out
+
+
 def render() -> tuple[str, str]:
     wall = _latest("cpu-2*.json", lambda d: d.get("clock") == "wall")
     cpu = _latest("cpu-cputime-*.json")
@@ -145,6 +183,17 @@ def render() -> tuple[str, str]:
                     f"{d['machine'].get('cpu_model')} ({d['machine'].get('cores_logical')} "
                     f"logical CPUs, {d['machine'].get('sparsekit', {}).get('cpp_isa')}), from "
                     f"`{_rel(p)}`:", ""] + targets_table(d, HEADLINE)
+    machines = machines_table()
+    if len(machines) > 2:
+        doc += ["## Machines measured", "",
+                "The newest wall-clock `bench_cpu.py` run of each CPU and ISA path (force a path "
+                "with `SPARSEKIT_ISA=avx2`); speedups against the fastest dense path of the same "
+                "run, and the kernel variant the planner chose at N=1 (`built-in` for runs made "
+                "before the planner existed). Runs marked shared were taken while other jobs "
+                "loaded the machine.", ""] + machines + [""]
+        headline += ["", "Every machine measured, with the kernel variant the planner chose "
+                     "([docs/performance.md](docs/performance.md#machines-measured)):", ""]
+        headline += machines
     if cpu:
         p, d = cpu
         doc += [f"## Same cases, 1 thread, CPU time, `{_rel(p)}`", "",
