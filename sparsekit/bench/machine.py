@@ -155,9 +155,11 @@ def _blas_info() -> list[dict[str, Any]]:
     try:
         from threadpoolctl import threadpool_info
 
+        # the library's file name, not its path: results must not carry one machine's layout
         return [
-            {k: d.get(k) for k in ("internal_api", "architecture", "version", "num_threads",
-                                   "threading_layer", "filepath")}
+            {**{k: d.get(k) for k in ("internal_api", "architecture", "version", "num_threads",
+                                      "threading_layer")},
+             "library": os.path.basename(d.get("filepath") or "")}
             for d in threadpool_info()
         ]
     except Exception:
