@@ -38,8 +38,8 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
   IdxV carry = idx_zero();
   typename Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
   for (; j + 4 * W <= e; j += 4 * W) {  // 4 gathers in flight, 2 gap-decode chains
-    _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
+    prefetch_t0(val + j + kPfDist);
+    prefetch_t0(idx + j + kPfDist);
     IdxV c0, c1, c2, c3;
     q_cols2(idx + j, carry, c0, c1);
     q_cols2(idx + j + 2 * W, carry, c2, c3);
@@ -51,8 +51,8 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
   a0 = Vec::add(a0, a2);
   a1 = Vec::add(a1, a3);
   for (; j + 2 * W <= e; j += 2 * W) {
-    _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
+    prefetch_t0(val + j + kPfDist);
+    prefetch_t0(idx + j + kPfDist);
     IdxV c0, c1;
     q_cols2(idx + j, carry, c0, c1);
     a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
