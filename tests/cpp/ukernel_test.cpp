@@ -202,7 +202,7 @@ void spmv_case(F&& kernel, int64_t L, int64_t K, bool last, int pad, const char*
       ref += t;
       mag += std::fabs(t);
     }
-    char what[160];
+    char what[256];
     std::snprintf(what, sizeof what, "%s NB=%d %s/%s L=%lld K=%lld pad=%d n=%d", kname, NB,
                   Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L),
                   static_cast<long long>(K), pad, n);
@@ -270,7 +270,7 @@ void tile_case(int64_t L, int64_t K, bool last, int mode, int64_t kend_sel, int 
   const int64_t got_j =
       bounded ? csr_row_tile<V, true>(row.idx.data(), row.val.data(), row.j0, row.e, xt, o, in, kend)
               : csr_row_tile<V>(row.idx.data(), row.val.data(), row.j0, row.e, xt, o, in);
-  char what[160];
+  char what[256];
   std::snprintf(what, sizeof what, "csr_row_tile V=%d %s/%s L=%lld K=%lld init=%d kend=%lld",
                 V, Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L),
                 static_cast<long long>(K), mode, static_cast<long long>(bounded ? kend : -1));
@@ -364,7 +364,7 @@ void blockrow_case(int64_t nb, int r, int c, int rows, int64_t Kb, bool last) {
   bsr_spmv_blockrow<CC>(br.idx.data(), br.val.data(), 0, nb, r, c, rows, xs.data(), acc.data(),
                         out.data());
   for (int i = 0; i < rows; ++i) {
-    char what[160];
+    char what[256];
     std::snprintf(what, sizeof what, "bsr_spmv_blockrow CC=%d %dx%d rows=%d %s/%s nb=%lld Kb=%lld i=%d",
                   CC, r, c, rows, Val<VT>::name(), idx_name<IT>(), static_cast<long long>(nb),
                   static_cast<long long>(Kb), i);
@@ -410,7 +410,7 @@ void bsr_tile_case(int64_t nb, int r, int c, int i0, bool accumulate, int64_t Kb
   for (int i = 0; i < RB; ++i)
     for (int t = 0; t < NT; ++t) {
       const double s0 = accumulate ? start[static_cast<size_t>(i * NT + t)] : 0.0;
-      char what[180];
+      char what[256];
       std::snprintf(what, sizeof what,
                     "bsr_tile_rows RB=%d V=%d %dx%d i0=%d acc=%d %s/%s nb=%lld Kb=%lld i=%d t=%d",
                     RB, V, r, c, i0, accumulate, Val<VT>::name(), idx_name<IT>(),
@@ -496,7 +496,7 @@ void q_case(int64_t L, int64_t K, bool last, int pad, float scale) {
     ref += t;
     mag += std::fabs(t);
   }
-  char what[160];
+  char what[256];
   std::snprintf(what, sizeof what, "q_row_dot %s/%s L=%lld stored=%lld K=%lld pad=%d",
                 Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L),
                 static_cast<long long>(n), static_cast<long long>(K), pad);
@@ -557,7 +557,7 @@ void pack_case(int NT, int64_t N, int64_t K) {
       for (int t = 0; t < NT; ++t) {
         const int64_t n = tile * NT + t;
         const double want = (n < N && k < K) ? xb.f[static_cast<size_t>(n * ldx + k)] : 0.0;
-        char what[120];
+        char what[256];
         std::snprintf(what, sizeof what, "pack_x_tile %s NT=%d N=%lld K=%lld tile=%lld k=%lld t=%d",
                       Val<XT>::name(), NT, static_cast<long long>(N), static_cast<long long>(K),
                       static_cast<long long>(tile), static_cast<long long>(k), t);
@@ -605,7 +605,7 @@ void store_case(int NT, int64_t rows, int64_t nn, int64_t n0, int64_t m0, bool w
                         (with_bias ? bias[static_cast<size_t>(m)] : 0.f);
         want = v;
       }
-      char what[140];
+      char what[256];
       std::snprintf(what, sizeof what, "store_rows_tile %s NT=%d rows=%lld nn=%lld n0=%lld m0=%lld bias=%d n=%lld m=%lld",
                     Val<YT>::name(), NT, static_cast<long long>(rows), static_cast<long long>(nn),
                     static_cast<long long>(n0), static_cast<long long>(m0), with_bias,
