@@ -26,15 +26,15 @@ inline float q_to_f32(int8_t v) { return static_cast<float>(v); }
 template <class VT> inline float q_to_f32(VT v) { return to_f32(v); }
 
 // Contract (micro-kernel). Returns sum_{j in [j0, e)} v(val[j]) * x[col(j)] in fp32 for one row,
-// unscaled (the driver multiplies by the row's scale). col(j) is idx[j] for IT uint16_t /
-// int32_t; for IT uint8_t (gap coding) it is the running sum of the gaps idx[j0..j], so j0 (the
-// argument j) must be the row start. v widens int8 / fp32 / bf16 / fp16. Sizes: any stored length
-// e - j0 >= 0, escape entries (gap 255, value 0) included. Layout: one CSR row's stored indices
-// and values. x is fp32 with at least K entries. Alignment: none. Assumes: every decoded column <
-// K (validated when the matrix was built). Reads exactly [j0, e) of idx and val (the prefetches
-// may name addresses beyond e). No allocation, no state. Cost: O(e - j0); steps of 4W stored
-// entries (4 gathers in flight, 2 gap-decode chains), then 2W, W, and the tail (masked on
-// AVX-512, scalar elsewhere), so the edges are lengths around W, 2W and 4W.
+// unscaled (the driver multiplies by the row's scale). col(j) is idx[j] for IT uint16_t / int32_t;
+// for IT uint8_t (gap coding) it is the running sum of the gaps idx[j0..j], so j0 (the argument j)
+// must be the row start. v widens int8 / fp32 / bf16 / fp16. Sizes: any stored length e - j0 >= 0,
+// escape entries (gap 255, value 0) included. Layout: one CSR row's stored indices and values. x
+// is fp32 with at least K entries. Alignment: none. Assumes: every decoded column < K (validated
+// when the matrix was built). Reads exactly [j0, e) of idx and val (the prefetches may name
+// addresses beyond e). No allocation, no state. Cost: O(e - j0); steps of 4W stored entries (4
+// gathers in flight, 2 gap-decode chains), then 2W, W, and the tail (masked on AVX-512, scalar
+// elsewhere), so the edges are lengths around W, 2W and 4W.
 template <class VT, class IT>
 inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e, const float* x) {
   int64_t col = 0;
