@@ -270,3 +270,20 @@ def test_plan_argument_errors(fresh_planner):
         planner.plan(mat, 0)
     with pytest.raises(ValueError, match="threads: expected a positive int, got -1"):
         planner.plan(mat, 1, threads=-1)
+
+
+def test_docs_quote_the_variants_table():
+    """docs/kernels.md quotes csrc/cpu/variants.h (the one table of variants) row for row."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs/kernels.md").read_text()
+    section = text.split("## Variants", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    documented = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in rows]
+    expected = []
+    for v in VARIANTS:
+        n = f"{v['n_min']}+" if v["n_max"] is None else f"{v['n_min']}-{v['n_max']}"
+        expected.append([v["name"], v["family"] or "any", n, ", ".join(v["isas"]),
+                         v["dtypes"].replace(",", ", "), v["summary"]])
+    table = "\n".join("| `" + r[0] + "` | " + " | ".join(r[1:]) + " |" for r in expected)
+    assert documented == expected, f"docs/kernels.md variants table is stale, expected:\n{table}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build sparsekit._C with AddressSanitizer + UndefinedBehaviorSanitizer and run the kernel
-# tests against it. Fails (exit 1) on any sanitizer report or test failure.
+# tests against it, plus the per-micro-kernel tester (tests/cpp/ukernel_test.cpp) built with
+# the same sanitizers. Fails (exit 1) on any sanitizer report or test failure.
 #
 #   bash tools/sanitize.sh              # build into build/sanitize/, run the fast test subset
 #   bash tools/sanitize.sh --self-test  # also prove the setup catches a planted heap overflow
@@ -24,7 +25,7 @@ SELF_TEST=0
 for a in "$@"; do
   case "$a" in
     --self-test) SELF_TEST=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "sanitize.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -178,6 +179,14 @@ done
 # The fuzz-harness wrapper test is excluded (the harness runs below with its own case count).
 run_step pytest nice "$PYTHON" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}" \
   -k "not harness and not slow" ${SANITIZE_PYTEST_ARGS:-}
+
+# The stand-alone micro-kernel tester (tests/cpp/ukernel_test.cpp), built per ISA with the
+# sanitizers linked in (the compiler itself runs without the preload; see test_ukernels.py).
+if [ "$fail" = 0 ]; then
+  run_step ukernels env SPARSEKIT_UKERNEL_CXXFLAGS="-fsanitize=address,undefined \
+-fno-sanitize-recover=undefined -fno-omit-frame-pointer -g" \
+    nice "$PYTHON" -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_ukernels.py"
+fi
 
 FUZZ_CASES="${SANITIZE_FUZZ_CASES:-600}"
 if [ "$fail" = 0 ] && [ "$FUZZ_CASES" -gt 0 ]; then

@@ -1,6 +1,7 @@
 // Stand-alone timing of the CPU kernels in csrc/cpu/kernels_impl.h, without Python, for kernel
-// work (the numbers quoted in README "What bounds each number" come from here). Every case
-// checks its result against a float64 reference before timing and prints the max error.
+// work (the figures in docs/kernels.md "Measured here" come from here). Every case checks its
+// result against a float64 reference before timing and prints the max error. Intrinsics only
+// through the csrc/cpu/simd.h wrappers.
 //
 //   build:  bash benchmarks/micro/build.sh            (AVX-512; ISA=avx2 for the AVX2 path)
 //   run:    build/micro/kernel_micro csr  M K N density [threads]     CSR, N > 1 (packed tiles)
@@ -188,16 +189,16 @@ int run_read(int streams, int pf, int threads) {
     {
       const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
       const size_t b0 = n / nt * tid, len = (n / nt) / streams / 64 * 64;
-      __m512 acc = _mm512_setzero_ps();
+      Vec::T acc = Vec::zero();  // W = 16: one cache line per load
       for (size_t o = 0; o < len; o += 64)
         for (int s = 0; s < streams; ++s) {
           const float* q = d + b0 + s * len + o;
           if (pf)
-            for (int l = 0; l < 64; l += 16) _mm_prefetch(reinterpret_cast<const char*>(q + pf + l), _MM_HINT_T0);
-          acc = _mm512_add_ps(acc, _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(q), _mm512_load_ps(q + 16)),
-                                                 _mm512_add_ps(_mm512_load_ps(q + 32), _mm512_load_ps(q + 48))));
+            for (int l = 0; l < 64; l += 16) prefetch_t0(q + pf + l);
+          acc = Vec::add(acc, Vec::add(Vec::add(Vec::load(q), Vec::load(q + 16)),
+                                       Vec::add(Vec::load(q + 32), Vec::load(q + 48))));
         }
-      tot += _mm512_reduce_add_ps(acc);
+      tot += Vec::reduce(acc);
     }
     sink += tot;
   });

@@ -25,10 +25,16 @@ inline int64_t scalar_col(int32_t i, int64_t) { return i; }
 inline float q_to_f32(int8_t v) { return static_cast<float>(v); }
 template <class VT> inline float q_to_f32(VT v) { return to_f32(v); }
 
-// Micro-kernel. Returns sum_{j in [j, e)} v[j] * x[col(j)] for one row (columns decoded from
-// the row start; IT uint8_t means gaps). x is fp32 with at least K entries; every decoded
-// column is < K (validated when the matrix was built). Two accumulators, masked tail on
-// AVX-512, scalar tail elsewhere. O(e - j).
+// Contract (micro-kernel). Returns sum_{j in [j0, e)} v(val[j]) * x[col(j)] in fp32 for one row,
+// unscaled (the driver multiplies by the row's scale). col(j) is idx[j] for IT uint16_t / int32_t;
+// for IT uint8_t (gap coding) it is the running sum of the gaps idx[j0..j], so j0 (the argument j)
+// must be the row start. v widens int8 / fp32 / bf16 / fp16. Sizes: any stored length e - j0 >= 0,
+// escape entries (gap 255, value 0) included. Layout: one CSR row's stored indices and values. x
+// is fp32 with at least K entries. Alignment: none. Assumes: every decoded column < K (validated
+// when the matrix was built). Reads exactly [j0, e) of idx and val (the prefetches may name
+// addresses beyond e). No allocation, no state. Cost: O(e - j0); steps of 4W stored entries (4
+// gathers in flight, 2 gap-decode chains), then 2W, W, and the tail (masked on AVX-512, scalar
+// elsewhere), so the edges are lengths around W, 2W and 4W.
 template <class VT, class IT>
 inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e, const float* x) {
   int64_t col = 0;
@@ -38,8 +44,8 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
   IdxV carry = idx_zero();
   typename Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
   for (; j + 4 * W <= e; j += 4 * W) {  // 4 gathers in flight, 2 gap-decode chains
-    _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
+    prefetch_t0(val + j + kPfDist);
+    prefetch_t0(idx + j + kPfDist);
     IdxV c0, c1, c2, c3;
     q_cols2(idx + j, carry, c0, c1);
     q_cols2(idx + j + 2 * W, carry, c2, c3);
@@ -51,8 +57,8 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
   a0 = Vec::add(a0, a2);
   a1 = Vec::add(a1, a3);
   for (; j + 2 * W <= e; j += 2 * W) {
-    _mm_prefetch(reinterpret_cast<const char*>(val + j + kPfDist), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(idx + j + kPfDist), _MM_HINT_T0);
+    prefetch_t0(val + j + kPfDist);
+    prefetch_t0(idx + j + kPfDist);
     IdxV c0, c1;
     q_cols2(idx + j, carry, c0, c1);
     a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);

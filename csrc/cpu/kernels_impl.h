@@ -8,8 +8,9 @@
 //  * Threads own nnz-balanced contiguous row ranges (binary search in indptr, a small per-row
 //    cost added so many short rows are balanced too). No shared scratch is written after the
 //    packing barrier, no global state; every buffer is allocated per call.
-//  * N == 1 (SpMV, memory bound): one pass over (indices, values); CSR uses gathers of x
-//    (AVX2/AVX-512) with 2 independent accumulators and masked tails (AVX-512).
+//  * N <= 2 (SpMV, memory bound): one pass over (indices, values) for all vectors; CSR runs
+//    one of the SpMV micro-kernel variants (hardware gather, gather-free assembly, scalar),
+//    chosen by the caller through SpmmParams::variant (variants.h).
 //  * N > 1: x is packed once per call, transposed and converted to fp32, into tiles
 //    xt[tile][k][0..NT) (NT = V * W batch columns, zero-padded), so that one nonzero w_mk
 //    updates NT outputs with V broadcast-FMAs from one contiguous row of xt.
@@ -61,10 +62,9 @@ inline int choose_v(int64_t N, int64_t kpad, int vmax = 4) {
 // CSR
 // ============================================================================================
 
-// Largest batch run by gathering x per vector (csr_spmv_rows) instead of packed tiles. Measured
-// (4096x4096, 2 threads, AVX-512) against the tile path: N=2 is 1.4x faster at 50-70% sparsity
-// and 1.09x at 90%; N=3 is within +-15% either way and N=4 up to 1.7x slower (each extra vector
-// costs a full 16-lane gather per 16 nonzeros).
+// Largest batch run by indexing x per vector (csr_spmv_rows) instead of packed tiles: each extra
+// vector costs a full indexed load of x per nonzero, so beyond N = 2 the packed tiles win
+// (measurements: docs/kernels.md, "Design measurements").
 constexpr int64_t kMaxGatherBatch = 2;
 
 // Driver for N <= 2: rows [r0, r1), y[n][m] = row_m . x_n + bias[m] with one SpMV micro-kernel
@@ -136,13 +136,11 @@ void csr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
 // packed tile is far beyond L1. Rows are taken kRows at a time; for each block of kb xt rows
 // (kL1Tile bytes, L1-resident) every row of the chunk continues from its cursor into its
 // sorted indices while the column stays below the block end, adding into an fp32 partial-sum
-// tile. Each nonzero then reads its xt row from L1 instead of L2. On the 2 MiB-L2 Xeon
-// (4096x4096, 80%, N = 128, one thread) this took 25.8 ms -> 14.9 ms against the previous
-// walk (separate block-end scan, tile loop inside the row chunk); 14.3 ms with store_rows_tile.
-// Cost per (row, block) visit: one mispredicted loop exit and a partial-sum load/store; the
-// cursor test is fused into the multiply loop (csr_row_tile<V, true>). The batch tile is the
-// outer loop, so the weights stream once per tile: keeping several 1 MiB tiles hot spilled L2
-// and measured slower. Same flops; O(kRows * NT) scratch per thread.
+// tile. Each nonzero then reads its xt row from L1 instead of L2 (measurements:
+// docs/kernels.md, "Design measurements"). Cost per (row, block) visit: one mispredicted loop
+// exit and a partial-sum load/store; the cursor test is fused into the multiply loop
+// (csr_row_tile<V, true>). The batch tile is the outer loop, so the weights stream once per
+// tile: keeping several 1 MiB tiles hot spills L2. Same flops; O(kRows * NT) scratch per thread.
 constexpr int64_t kL1Tile = 48 * 1024;
 template <int V, class VT, class PT, class IT>
 void csr_batch_rows_kb(const SpmmParams& p, const float* xt_all, int64_t r0, int64_t r1) {
@@ -236,9 +234,8 @@ void csr_linear_t(const SpmmParams& p) {
 // instead of all of them; the weights stream once per tile). Within a block row the blocks are
 // taken in groups whose xt rows fit in L1 (kL1Tile bytes); every register block of rows runs
 // over one group, adding into an fp32 partial-sum tile (r x NT, L1), so the xt rows of a group
-// are read from L2 once instead of once per register block. On the 2 MiB-L2 Xeon (4096x4096,
-// 8x8 blocks, 90%, N = 128, one thread) this took 6.3 ms -> 4.1 ms (16x16: 5.8 -> 4.9 ms), and
-// 3.75 ms with the gathered x packing and batch-major output (store_rows_tile).
+// are read from L2 once instead of once per register block (measurements: docs/kernels.md,
+// "Design measurements").
 template <int V, class VT, class PT, class IT>
 void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int64_t br0,
                     int64_t br1) {
@@ -272,7 +269,7 @@ void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
           const int64_t ge = imin(e, gs + group);
           const bool acc = gs > s;
           // The weights arrive from memory once per tile; fetch the next group's values into
-          // L2 while this group computes (the streamers alone left 2.77 vs 2.27 ms cold/warm).
+          // L2 while this group computes (the hardware streamers alone leave a cold/warm gap).
           prefetch_l2(val + ge * bsz, imin(group, nnzb - ge) * bsz * static_cast<int64_t>(sizeof(VT)));
           int i0 = 0;
           while (i0 < rows) {
@@ -341,8 +338,8 @@ void bsr_linear_t(const SpmmParams& p) {
     return;
   }
   // 8-lane ISAs (16 vector registers): with block rows to share each x load, 2-vector tiles and
-  // 4-row register blocks beat 4-vector tiles and 2-row blocks (AVX2, 4096x4096 8x8 90% N=128:
-  // 11.1 -> 8.6 ms; 16x16 and 4x1 alike); single-row blocks keep the wider tile (1x8: 11.9 vs 18.7).
+  // 4-row register blocks beat 4-vector tiles and 2-row blocks; single-row blocks keep the wider
+  // tile (measurements: docs/kernels.md, "Design measurements").
   const Variant variant = static_cast<Variant>(p.variant);
   int vmax = (Vec::W == 8 && r >= 2) ? imin(2, SPARSEKIT_BSR_VMAX) : SPARSEKIT_BSR_VMAX;
   if (variant == Variant::BsrTileV4) vmax = 4;

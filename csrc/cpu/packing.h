@@ -44,8 +44,8 @@ inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int6
   const int64_t nn = imin(NT, p.N - n0);
   const int64_t kend = imin(k1, p.K);
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
-  // fp32 x: one strided gather per (k, W batch rows) and a contiguous store. The scalar
-  // transpose below took 0.58 ms of a 4.3 ms call at 4096x4096, N = 128.
+  // fp32 x: one strided gather per (k, W batch rows) and a contiguous store; the scalar
+  // transpose below is a measurable share of a large call (docs/kernels.md).
   if (p.x_dtype == DType::F32 && p.ldx < (int64_t{1} << 31) / Vec::W) {
     constexpr int64_t W = Vec::W;
     const float* x = static_cast<const float*>(p.x);
@@ -93,10 +93,9 @@ constexpr int64_t kOutRows = 64;  // rows per output flush: 4 cache lines of fp3
 
 // Writes y[n0 + t][m0 + i] = part[i * ldp + t] + bias[m0 + i] for t < nn, i < rows (part: a
 // rows x NT fp32 partial-sum tile, tbuf: scratch of >= rows * nn floats). y is written
-// batch-major, in runs of `rows` consecutive outputs: writing each row's NT outputs with
-// NT-strided scalar stores (y rows 16 KiB apart at M = 4096) measured ~1 ms of a 4.3 ms BSR call
-// (4096x4096, N = 128); callers pass 32-64 rows so every y row gets whole cache lines.
-// O(rows * nn).
+// batch-major, in runs of `rows` consecutive outputs, instead of each row's NT outputs with
+// NT-strided scalar stores (y rows are M * 4 bytes apart; docs/kernels.md); callers pass 32-64
+// rows so every y row gets whole cache lines. O(rows * nn).
 inline void store_rows_tile(const SpmmParams& p, const float* part, int64_t ldp, int64_t rows,
                             int64_t nn, int64_t n0, int64_t m0, float* tbuf) {
 #if defined(SPARSEKIT_ISA_AVX512)

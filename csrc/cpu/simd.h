@@ -1,8 +1,9 @@
-// Thin SIMD wrappers used by csrc/cpu/kernels_impl.h. Included ONLY from a per-ISA
-// translation unit that defines exactly one of SPARSEKIT_ISA_AVX512 / _AVX2 / _GENERIC and is
-// compiled with the matching flags (see CMakeLists.txt). Everything here has internal linkage
-// (anonymous namespace) so code built for one ISA can never be merged into another's by the
-// linker (the classic ODR hazard of per-file -m flags).
+// Thin SIMD wrappers: the only place in csrc/cpu that uses intrinsics (the micro-kernels,
+// drivers, packing and csr_q kernels call these; tests/test_ukernels.py checks). Included ONLY
+// from a per-ISA translation unit that defines exactly one of SPARSEKIT_ISA_AVX512 / _AVX2 /
+// _GENERIC and is compiled with the matching flags (see CMakeLists.txt). Everything here has
+// internal linkage (anonymous namespace) so code built for one ISA can never be merged into
+// another's by the linker (the classic ODR hazard of per-file -m flags).
 #pragma once
 
 #include <cstdint>
@@ -89,7 +90,7 @@ inline int64_t idx_of(int32_t i) { return static_cast<int64_t>(i); }
 // ---- vector type ---------------------------------------------------------------------------
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
 // {x[i[0]], x[i[1]], x[i[2]], x[i[3]]} from four scalar loads and three shuffles: the
-// gather-free way to index x (vpgatherdd is microcoded, ~3x slower per lane, on AMD Zen 2/3).
+// gather-free way to index x (vpgatherdd is microcoded on AMD Zen; docs/kernels.md).
 // The indices are read with one 64-bit load (uint16) or two (int32) and split with integer
 // shifts: the kernel is bound by load-port throughput, and this takes it from 2 loads per
 // nonzero to 1.25 (1.5 for int32).

@@ -1,5 +1,6 @@
 // BSR micro-kernels: one block row at N = 1 (bsr_spmv_blockrow) and the RB x V register-blocked
-// block-row kernel for N > 1 (bsr_tile_rows). Contracts below; drivers in kernels_impl.h.
+// block-row kernel for N > 1 (bsr_tile_rows). Contracts below; drivers in kernels_impl.h; edge
+// tester: tests/cpp/ukernel_test.cpp.
 #pragma once
 
 #include <cstdint>
@@ -10,9 +11,18 @@ namespace sparsekit {
 namespace cpu {
 namespace {
 
-// N == 1, one block row: out[i] = sum over blocks b, j < c of B_b[i0 + i][j] * xs[col_b + j]
-// for i < rows. acc holds rows x CC partial sums (CC = compile-time c, or c when 0) so the
-// inner loop is a contiguous, vectorisable multiply-add; reduced once per block row.
+// Contract (N = 1, one block row). Computes out[i] = sum_{b in [s, e)} sum_{j < c}
+// to_f32(val[(b * r + i) * c + j]) * xs[idx[b] * c + j] for i < rows, in fp32, overwriting out.
+// Sizes: r x c blocks with c = CC when CC > 0 (then CC == c_rt; the driver instantiates 1, 2, 4,
+// 8, 16) or c = c_rt when CC = 0; 1 <= rows <= r (the last block row of a matrix whose M is not a
+// multiple of r passes the rows it has); any block count e - s >= 0. Layout: each block's r * c
+// values row-major, blocks consecutive; xs is x in fp32, zero-padded to whole blocks; acc is
+// caller scratch of rows * c fp32; out holds rows fp32. Alignment: none. Assumes:
+// idx[b] * c + c <= the length of xs; the values of ragged right-edge blocks beyond K are zero
+// (format contract) and so is xs there, so there are no edge tests. Reads value rows < rows only.
+// No allocation, no state. Cost: O((e - s) * rows * c) multiply-adds; acc keeps one partial sum
+// per (row, column) so the inner loop is a contiguous, vectorisable multiply-add, reduced once per
+// block row.
 template <int CC, class VT, class IT>
 inline void bsr_spmv_blockrow(const IT* idx, const VT* val, int64_t s, int64_t e, int r, int c_rt,
                               int rows, const float* xs, float* acc, float* out) {
@@ -34,10 +44,16 @@ inline void bsr_spmv_blockrow(const IT* idx, const VT* val, int64_t s, int64_t e
   }
 }
 
-// N > 1 micro-kernel: block rows [i0, i0 + RB) of the blocks [s, e) of one block row against
-// one packed tile: out[i][0..NT) = sum_b sum_j B_b[i0 + i][j] * xt[col_b + j][0..NT).
-// RB x V accumulators; each xt vector is loaded once and used RB times. With `accumulate` the
-// sums start from out[i][0..NT) instead of zero.
+// Contract (N > 1, one register block). Computes, for i < RB and t < NT = V * W,
+// out[i * NT + t] = (out[i * NT + t] with accumulate, else 0) + sum_{b in [s, e)} sum_{j < c}
+// to_f32(val[(b * r + i0 + i) * c + j]) * xt[(idx[b] * c + j) * NT + t], in fp32. Sizes: r x c
+// blocks, i0 + RB <= r (RB = 1, 2, 4 or 8, see max_rb), V = 1, 2 or 4, any block count e - s >= 0.
+// Layout: blocks row-major as above; xt is one packed tile (packing.h pack_x_tile) of whole block
+// columns (row k holds NT batch columns, contiguous fp32, zero rows beyond K); out is RB rows of
+// NT fp32. Alignment: none. Assumes: (idx[b] + 1) * c <= the rows of xt; ragged right-edge blocks
+// are zero-padded (format contract). Reads value rows [i0, i0 + RB) only. No allocation, no state.
+// Cost: O((e - s) * c * RB * V) vector multiply-adds; RB x V accumulators, and each loaded xt
+// vector is used RB times, so RB * V + V registers must fit the register file (max_rb).
 template <int RB, int V, class VT, class IT>
 inline void bsr_tile_rows(const IT* idx, const VT* val, int64_t s, int64_t e, int r, int c,
                           int i0, const float* xt, float* out, bool accumulate) {

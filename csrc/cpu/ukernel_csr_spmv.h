@@ -2,11 +2,17 @@
 // One loop nest each; the row loop, threads and output conversion live in the driver
 // (kernels_impl.h, csr_spmv_rows). Written against the Vec wrapper of simd.h, compiled per ISA.
 //
-// Contract (all variants): sums[n] = sum_{j in [j0, e)} to_f32(val[j]) * x[n * ldx + idx[j]]
-// for n < NB, accumulated in fp32 (the summation order differs between variants; results agree
-// to fp32 rounding). idx[j] < the length of x (validated when the matrix was built); x is
-// fp32, any alignment; val / idx any alignment. Reads exactly [j0, e) of val and idx (the
-// prefetches may name addresses beyond e, which never fault). No allocation, no state.
+// Contract (all variants). Computes sums[n] += sum_{j in [j0, e)}
+// to_f32(val[j]) * x[n * ldx + idx[j]] for n < NB (NB = 1 or 2), in fp32 (the summation order
+// differs between variants; results agree to fp32 rounding). Sizes: any row length e - j0 >= 0 (j0
+// is the argument j; empty rows included); x holds NB rows of fp32 with row stride ldx (only the
+// columns idx names are read). Layout: val / idx are one CSR row's stored values (fp32 / bf16 /
+// fp16) and column ids (uint16 / int32). Alignment: none for val, idx, x or sums. Assumes:
+// idx[j] < the row length of x (validated when the matrix was built). Reads exactly [j0, e) of val
+// and idx (the prefetches may name addresses beyond e, which never fault); writes only
+// sums[0..NB). No allocation, no state. Cost: O(NB * (e - j0)) multiply-adds; the steps are 2W
+// nonzeros (gather, assemble) or 4W (gather4) with the remainder as described per variant, so the
+// edges are row lengths around W, 2W and 4W (tests/cpp/ukernel_test.cpp sweeps 0 .. 5W + 3).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,6 @@
 // CSR micro-kernel for N > 1: one sparse row against one packed x tile (NT = V * W batch
-// columns). Contract below; the row/tile loops live in kernels_impl.h (csr_batch_rows[_kb]).
+// columns). Contract below; the row/tile loops live in kernels_impl.h (csr_batch_rows[_kb]);
+// edge tester: tests/cpp/ukernel_test.cpp.
 #pragma once
 
 #include <cstdint>
@@ -10,11 +11,18 @@ namespace sparsekit {
 namespace cpu {
 namespace {
 
-// One CSR row against one packed tile: out[0..NT) = sum_j values[j] * xt[indices[j]][0..NT)
-// over the nonzeros j in [j, e); with kBounded only over those with column < kend (the row's
-// indices are sorted, so these come first). Returns the first nonzero not used.
-// U nonzeros in flight x V vectors = independent accumulator chains (hides FMA latency).
-// If `init` is not null the sums start from init[0..NT) (it may alias `out`).
+// Contract. Computes out[t] = init[t] (0 when init is null) + sum_{j in [j0, jend)}
+// to_f32(val[j]) * xt[idx[j] * NT + t] for t < NT = V * W, in fp32, and returns jend: e, or with
+// kBounded the first j in [j0, e) with idx[j] >= kend (e if none). Sizes: any row length
+// e - j0 >= 0 (j0 is the argument j); V = 1, 2 or 4 vectors. Layout: xt is one packed tile
+// (packing.h pack_x_tile): row k holds the NT batch columns of x at position k, contiguous fp32;
+// out and init hold NT fp32. Alignment: none (unaligned vector loads and stores). Assumes:
+// idx[j] < the rows of xt; with kBounded, idx ascending within the row (CSR rows are sorted), so
+// the used nonzeros come first. init may alias out; out must not overlap xt. Reads idx within [j0,
+// e) and val within [j0, jend); writes out[0..NT). No allocation, no state. Cost:
+// O((jend - j0) * V) vector multiply-adds; U = 4 (V < 4) or 2 nonzeros in flight times V vectors
+// are independent accumulator chains (hiding the FMA latency), then one nonzero at a time, so the
+// edges are row lengths around U.
 template <int V, bool kBounded = false, class VT, class IT>
 inline int64_t csr_row_tile(const IT* idx, const VT* val, int64_t j, int64_t e, const float* xt,
                             float* out, const float* init = nullptr, int64_t kend = 0) {
@@ -26,8 +34,8 @@ inline int64_t csr_row_tile(const IT* idx, const VT* val, int64_t j, int64_t e, 
     for (int v = 0; v < V; ++v) acc[u][v] = Vec::zero();
   if (init != nullptr)
     for (int v = 0; v < V; ++v) acc[0][v] = Vec::load(init + v * W);
-  // The bound test is fused into the loop conditions (a separate scan for the block end
-  // measured 1.6x slower in the K-blocked walk).
+  // The bound test is fused into the loop conditions: a separate scan for the block end costs
+  // more than it saves in the K-blocked walk (docs/kernels.md).
   for (; j + U <= e && (!kBounded || idx_of(idx[j + U - 1]) < kend); j += U) {
     for (int u = 0; u < U; ++u) {
       const typename Vec::T b = Vec::set1(to_f32(val[j + u]));

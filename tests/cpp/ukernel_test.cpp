@@ -1,0 +1,690 @@
+// Stand-alone edge tester of the CPU micro-kernels, called directly (not through the drivers)
+// against a float64 reference. Built once per ISA with that ISA's flags
+// (benchmarks/micro/build.sh with SRC=tests/cpp/ukernel_test.cpp), driven by
+// tests/test_ukernels.py and, under ASan + UBSan, by tools/sanitize.sh.
+//
+// Covered, each over the value types fp32 / bf16 / fp16 (int8 for the csr_q kernel) and the
+// index types uint16 / int32 (uint8 gaps for csr_q):
+//   spmv_scalar / spmv_gather<2> / spmv_gather<4> / spmv_assemble (NB = 1, 2)
+//       row lengths 0 .. 5W + 3 (around W, 2W, 4W), long rows, unaligned row starts, x with a
+//       row stride, uint16 column 65535 and int32 columns beyond it;
+//   csr_row_tile<V, kBounded> (V = 1, 2, 4)
+//       lengths around the U-nonzero step, with / without / aliased init, K-block bounds,
+//       unaligned tiles, index limits;
+//   bsr_spmv_blockrow<CC> (CC = c and CC = 0) and bsr_tile_rows<RB, V>
+//       block shapes 1..8 x 1..16, ragged bottom (rows < r) and right (zero padding) edges,
+//       empty block rows, accumulate, index limits;
+//   q_row_dot (csr_q_impl.h)
+//       int8 values (full range, scales applied as the driver does), uint8 gaps with escapes;
+//   pack_x_tile / load_x_row / store_rows_tile (packing.h)
+//       N around the tile width, ragged K, bf16 / fp16 activations and outputs, bias.
+// Values outside the range a kernel may read are NaN, so a kernel that reads past its tail
+// reports a mismatch (and ASan sees over-reads of the exactly sized buffers).
+//
+// Usage: ukernel_test [-v]. Prints one line per kernel and a total; exit 1 on any mismatch.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/csr_q_impl.h"
+
+using namespace sparsekit;
+using namespace sparsekit::cpu;
+
+namespace {
+
+#if defined(SPARSEKIT_ISA_AVX512)
+const char* kIsaName = "avx512";
+#elif defined(SPARSEKIT_ISA_AVX2)
+const char* kIsaName = "avx2";
+#else
+const char* kIsaName = "generic";
+#endif
+constexpr int W = Vec::W;
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+bool g_verbose = false;
+
+// ---- bookkeeping -----------------------------------------------------------------------------
+struct Tally {
+  const char* name;
+  long cases = 0, mismatches = 0;
+};
+std::vector<Tally> g_tally;
+Tally* cur = nullptr;
+
+void begin(const char* name) {
+  g_tally.push_back(Tally{name});
+  cur = &g_tally.back();
+}
+// One compared number: |got - ref| <= tol (NaN fails).
+void check(double got, double ref, double tol, const std::string& what) {
+  ++cur->cases;
+  if (std::fabs(got - ref) <= tol) return;
+  if (++cur->mismatches <= 5 || g_verbose)
+    std::fprintf(stderr, "MISMATCH %s: %s: got %.9g want %.9g (tol %.3g)\n", cur->name,
+                 what.c_str(), got, ref, tol);
+}
+// fp32 accumulation of n terms whose magnitudes sum to s.
+double tol_sum(int64_t n, double s) { return 6e-8 * static_cast<double>(n + 16) * s + 1e-30; }
+
+// ---- random numbers (fast, reproducible) -------------------------------------------------------
+uint64_t g_state = 0x9e3779b97f4a7c15ull;
+uint64_t next_u64() {
+  g_state ^= g_state << 13;
+  g_state ^= g_state >> 7;
+  g_state ^= g_state << 17;
+  return g_state;
+}
+int64_t rnd(int64_t n) { return static_cast<int64_t>(next_u64() % static_cast<uint64_t>(n)); }
+// +-[0.5, 1): no term is small enough to hide inside the tolerance.
+float rnd_mag() {
+  const float m = 0.5f + 0.5f * static_cast<float>(next_u64() >> 40) / 16777216.0f;
+  return (next_u64() & 1) ? m : -m;
+}
+
+// ---- value types: encode a random value, decode independently to double ---------------------
+template <class VT> struct Val;
+template <> struct Val<float> {
+  static float make() { return rnd_mag(); }
+  static float nan() { return kNaN; }
+  static double dec(float v) { return v; }
+  static const char* name() { return "f32"; }
+};
+template <> struct Val<bf16_t> {
+  static bf16_t make() {  // exponent 126 (|v| in [0.5, 1)), random mantissa and sign
+    const uint16_t b = static_cast<uint16_t>((126u << 7) | rnd(128) | (rnd(2) << 15));
+    return bf16_t{b};
+  }
+  static bf16_t nan() { return bf16_t{0x7fc0}; }
+  static double dec(bf16_t v) {
+    const uint32_t b = static_cast<uint32_t>(v.bits) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  }
+  static const char* name() { return "bf16"; }
+};
+template <> struct Val<f16_t> {
+  static f16_t make() {  // exponent 14 (|v| in [0.5, 1)), random mantissa and sign
+    return f16_t{static_cast<uint16_t>((14u << 10) | rnd(1024) | (rnd(2) << 15))};
+  }
+  static f16_t nan() { return f16_t{0x7e00}; }
+  static double dec(f16_t v) {
+    const int e = (v.bits >> 10) & 31, m = v.bits & 1023;
+    const double mag = e == 0 ? std::ldexp(m, -24) : std::ldexp(1024 + m, e - 25);
+    return (v.bits & 0x8000) ? -mag : mag;
+  }
+  static const char* name() { return "f16"; }
+};
+template <> struct Val<int8_t> {
+  static int8_t make() {  // the full range except 0, -128 included
+    int v = static_cast<int>(rnd(255)) - 128;
+    if (v == 0) v = 127;
+    return static_cast<int8_t>(v);
+  }
+  static int8_t nan() { return 127; }
+  static double dec(int8_t v) { return v; }
+  static const char* name() { return "i8"; }
+};
+template <class IT> const char* idx_name();
+template <> const char* idx_name<uint16_t>() { return "u16"; }
+template <> const char* idx_name<int32_t>() { return "i32"; }
+template <> const char* idx_name<uint8_t>() { return "d8"; }
+
+// L distinct sorted columns in [0, K); with `last` the column K - 1 is one of them.
+std::vector<int64_t> sorted_cols(int64_t L, int64_t K, bool last) {
+  std::vector<char> used(static_cast<size_t>(K), 0);
+  std::vector<int64_t> cols;
+  if (last && L > 0) {
+    used[static_cast<size_t>(K - 1)] = 1;
+    cols.push_back(K - 1);
+  }
+  while (static_cast<int64_t>(cols.size()) < L) {
+    const int64_t k = rnd(K);
+    if (!used[static_cast<size_t>(k)]) used[static_cast<size_t>(k)] = 1, cols.push_back(k);
+  }
+  std::vector<int64_t> out;
+  for (int64_t k = 0; k < K; ++k)
+    if (used[static_cast<size_t>(k)]) out.push_back(k);
+  return out;
+}
+
+std::vector<float> rnd_floats(size_t n) {
+  std::vector<float> v(n);
+  for (auto& f : v) f = rnd_mag();
+  return v;
+}
+
+// A row of L nonzeros stored in a buffer with `pad` NaN-valued entries on both sides (index 0),
+// or in exactly sized heap arrays when pad < 0 (ASan sees any over-read).
+template <class VT, class IT>
+struct Row {
+  std::vector<IT> idx;
+  std::vector<VT> val;
+  int64_t j0 = 0, e = 0;
+  Row(const std::vector<int64_t>& cols, int pad) {
+    const int64_t L = static_cast<int64_t>(cols.size());
+    const int64_t p = pad < 0 ? 0 : pad;
+    idx.assign(static_cast<size_t>(L + 2 * p), IT(0));
+    val.assign(static_cast<size_t>(L + 2 * p), Val<VT>::nan());
+    for (int64_t j = 0; j < L; ++j) {
+      idx[static_cast<size_t>(p + j)] = static_cast<IT>(cols[static_cast<size_t>(j)]);
+      val[static_cast<size_t>(p + j)] = Val<VT>::make();
+    }
+    j0 = p;
+    e = p + L;
+  }
+};
+
+// ================================================================================================
+// CSR SpMV micro-kernels (ukernel_csr_spmv.h)
+// ================================================================================================
+template <int NB, class VT, class IT, class F>
+void spmv_case(F&& kernel, int64_t L, int64_t K, bool last, int pad, const char* kname) {
+  const std::vector<int64_t> cols = sorted_cols(L, K, last);
+  Row<VT, IT> row(cols, pad);
+  const int64_t ldx = NB == 1 ? K : K + 3;
+  std::vector<float> x(static_cast<size_t>((NB - 1) * ldx + K), kNaN);  // row padding: NaN
+  for (int n = 0; n < NB; ++n)
+    for (int64_t k = 0; k < K; ++k) x[static_cast<size_t>(n * ldx + k)] = rnd_mag();
+  float sums[NB];
+  for (int n = 0; n < NB; ++n) sums[n] = 0.25f * static_cast<float>(n + 1);  // adds to sums
+  kernel(row.idx.data(), row.val.data(), row.j0, row.e, x.data(), ldx, sums);
+  for (int n = 0; n < NB; ++n) {
+    double ref = 0.25 * (n + 1), mag = std::fabs(ref);
+    for (int64_t j = row.j0; j < row.e; ++j) {
+      const double t = Val<VT>::dec(row.val[static_cast<size_t>(j)]) *
+                       x[static_cast<size_t>(n * ldx + static_cast<int64_t>(row.idx[static_cast<size_t>(j)]))];
+      ref += t;
+      mag += std::fabs(t);
+    }
+    char what[256];
+    std::snprintf(what, sizeof what, "%s NB=%d %s/%s L=%lld K=%lld pad=%d n=%d", kname, NB,
+                  Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L),
+                  static_cast<long long>(K), pad, n);
+    check(sums[n], ref, tol_sum(L, mag), what);
+  }
+}
+
+template <int NB, class VT, class IT, class F>
+void spmv_sweep(F&& kernel, const char* kname) {
+  for (int64_t L = 0; L <= 5 * W + 3; ++L)
+    for (int pad : {-1, 3}) spmv_case<NB, VT, IT>(kernel, L, 2 * L + 7, L % 3 == 0, pad, kname);
+  for (int64_t L : {97, 1025}) spmv_case<NB, VT, IT>(kernel, L, 4 * L + 1, true, 5, kname);
+  // Index limits: uint16 column 65535, int32 columns beyond 65535.
+  const int64_t K = sizeof(IT) == 2 ? 65536 : 70001;
+  for (int64_t L : {1, W - 1, 2 * W + 1, 4 * W + 3, 300})
+    spmv_case<NB, VT, IT>(kernel, L, K, true, 1, kname);
+}
+
+template <int NB, class VT, class IT>
+void spmv_all() {
+  spmv_sweep<NB, VT, IT>([](auto... a) { spmv_scalar<NB>(a...); }, "spmv_scalar");
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  spmv_sweep<NB, VT, IT>([](auto... a) { spmv_gather<2, NB>(a...); }, "spmv_gather");
+  spmv_sweep<NB, VT, IT>([](auto... a) { spmv_gather<4, NB>(a...); }, "spmv_gather4");
+  spmv_sweep<NB, VT, IT>([](auto... a) { spmv_assemble<NB>(a...); }, "spmv_assemble");
+#endif
+}
+
+template <class VT, class IT>
+void spmv_types() {
+  spmv_all<1, VT, IT>();
+  spmv_all<2, VT, IT>();
+}
+
+// ================================================================================================
+// CSR row x packed tile (ukernel_csr_tile.h)
+// ================================================================================================
+// mode 0: init = null; 1: separate init; 2: init aliases out. kend < 0: unbounded.
+template <int V, class VT, class IT>
+void tile_case(int64_t L, int64_t K, bool last, int mode, int64_t kend_sel, int misalign) {
+  constexpr int NT = V * W;
+  const std::vector<int64_t> cols = sorted_cols(L, K, last);
+  Row<VT, IT> row(cols, 2);
+  std::vector<float> xt_buf(static_cast<size_t>(K * NT + misalign));
+  for (auto& f : xt_buf) f = rnd_mag();
+  const float* xt = xt_buf.data() + misalign;
+  std::vector<float> out(NT + 1, kNaN), init = rnd_floats(NT);
+  float* o = out.data() + misalign;  // any alignment
+  const float* in = nullptr;
+  if (mode == 1) in = init.data();
+  if (mode == 2) {
+    for (int t = 0; t < NT; ++t) o[t] = init[t];
+    in = o;
+  }
+  const bool bounded = kend_sel >= 0;
+  // K-block end: before the first column, mid-row, just past the last column, or K.
+  int64_t kend = K;
+  if (bounded && L > 0) {
+    const int64_t sel[4] = {cols[0], cols[static_cast<size_t>(L / 2)], cols.back() + 1, K};
+    kend = sel[kend_sel % 4];
+  }
+  int64_t jend = row.e;
+  if (bounded)
+    for (jend = row.j0; jend < row.e && static_cast<int64_t>(row.idx[static_cast<size_t>(jend)]) < kend;) ++jend;
+  const int64_t got_j =
+      bounded ? csr_row_tile<V, true>(row.idx.data(), row.val.data(), row.j0, row.e, xt, o, in, kend)
+              : csr_row_tile<V>(row.idx.data(), row.val.data(), row.j0, row.e, xt, o, in);
+  char what[256];
+  std::snprintf(what, sizeof what, "csr_row_tile V=%d %s/%s L=%lld K=%lld init=%d kend=%lld",
+                V, Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L),
+                static_cast<long long>(K), mode, static_cast<long long>(bounded ? kend : -1));
+  check(static_cast<double>(got_j), static_cast<double>(jend), 0, std::string(what) + " return");
+  for (int t = 0; t < NT; ++t) {
+    double ref = in ? init[t] : 0.0, mag = std::fabs(ref);
+    for (int64_t j = row.j0; j < jend; ++j) {
+      const double term = Val<VT>::dec(row.val[static_cast<size_t>(j)]) *
+                          xt[static_cast<int64_t>(row.idx[static_cast<size_t>(j)]) * NT + t];
+      ref += term;
+      mag += std::fabs(term);
+    }
+    check(o[t], ref, tol_sum(jend - row.j0, mag), std::string(what) + " t=" + std::to_string(t));
+  }
+}
+
+template <int V, class VT, class IT>
+void tile_all() {
+  for (int64_t L = 0; L <= 13; ++L)
+    for (int mode = 0; mode < 3; ++mode) {
+      tile_case<V, VT, IT>(L, 3 * L + 5, L % 2 == 1, mode, -1, static_cast<int>(L % 2));
+      for (int s = 0; s < 4; ++s) tile_case<V, VT, IT>(L, 3 * L + 5, false, mode, s, 0);
+    }
+  tile_case<V, VT, IT>(150, 400, true, 1, -1, 1);
+  tile_case<V, VT, IT>(150, 400, true, 2, 1, 0);
+  if (V == 1) {  // index limits (the packed tile has K rows of NT floats)
+    const int64_t K = sizeof(IT) == 2 ? 65536 : 70001;
+    for (int64_t L : {1, 5, 9}) {
+      tile_case<V, VT, IT>(L, K, true, 0, -1, 0);
+      tile_case<V, VT, IT>(L, K, true, 1, 2, 0);
+    }
+  }
+}
+
+template <class VT, class IT>
+void tile_types() {
+  tile_all<1, VT, IT>();
+  tile_all<2, VT, IT>();
+  tile_all<4, VT, IT>();
+}
+
+// ================================================================================================
+// BSR (ukernel_bsr.h)
+// ================================================================================================
+// One block row of nb blocks of r x c over Kb block columns; K = Kb * c - ragged (>= 1). Value
+// rows >= rows are NaN (the kernels must not read them); columns >= K are zero (format padding).
+template <class VT, class IT>
+struct BlockRow {
+  std::vector<IT> idx;
+  std::vector<VT> val;
+  std::vector<int64_t> bcols;
+  BlockRow(int64_t nb, int64_t Kb, int r, int c, int rows, int64_t K, bool last) {
+    bcols = sorted_cols(nb, Kb, last);
+    for (int64_t b = 0; b < nb; ++b) {
+      idx.push_back(static_cast<IT>(bcols[static_cast<size_t>(b)]));
+      for (int i = 0; i < r; ++i)
+        for (int j = 0; j < c; ++j) {
+          const int64_t k = bcols[static_cast<size_t>(b)] * c + j;
+          VT v = Val<VT>::make();
+          if (i >= rows) v = Val<VT>::nan();
+          else if (k >= K) v = VT{};  // zero padding (bits 0 for bf16 / fp16)
+          val.push_back(v);
+        }
+    }
+  }
+  double ref(int i, int c, int r, const float* xcol, int64_t ldt) const {  // row i, one batch col
+    double s = 0;
+    for (size_t b = 0; b < bcols.size(); ++b)
+      for (int j = 0; j < c; ++j)
+        s += Val<VT>::dec(val[b * r * c + static_cast<size_t>(i) * c + j]) *
+             xcol[(bcols[b] * c + j) * ldt];
+    return s;
+  }
+  double mag(int i, int c, int r, const float* xcol, int64_t ldt) const {
+    double s = 0;
+    for (size_t b = 0; b < bcols.size(); ++b)
+      for (int j = 0; j < c; ++j)
+        s += std::fabs(Val<VT>::dec(val[b * r * c + static_cast<size_t>(i) * c + j]) *
+                       xcol[(bcols[b] * c + j) * ldt]);
+    return s;
+  }
+};
+
+template <int CC, class VT, class IT>
+void blockrow_case(int64_t nb, int r, int c, int rows, int64_t Kb, bool last) {
+  const int64_t K = c > 1 ? Kb * c - 1 : Kb * c;  // ragged right edge
+  BlockRow<VT, IT> br(nb, Kb, r, c, rows, K, last);
+  std::vector<float> xs(static_cast<size_t>(Kb * c), 0.f);  // zero-padded to whole blocks
+  for (int64_t k = 0; k < K; ++k) xs[static_cast<size_t>(k)] = rnd_mag();
+  std::vector<float> acc(static_cast<size_t>(rows * c), kNaN), out(static_cast<size_t>(rows), kNaN);
+  bsr_spmv_blockrow<CC>(br.idx.data(), br.val.data(), 0, nb, r, c, rows, xs.data(), acc.data(),
+                        out.data());
+  for (int i = 0; i < rows; ++i) {
+    char what[256];
+    std::snprintf(what, sizeof what, "bsr_spmv_blockrow CC=%d %dx%d rows=%d %s/%s nb=%lld Kb=%lld i=%d",
+                  CC, r, c, rows, Val<VT>::name(), idx_name<IT>(), static_cast<long long>(nb),
+                  static_cast<long long>(Kb), i);
+    check(out[static_cast<size_t>(i)], br.ref(i, c, r, xs.data(), 1),
+          tol_sum(nb * c, br.mag(i, c, r, xs.data(), 1)), what);
+  }
+}
+
+template <int CC, class VT, class IT>
+void blockrow_c(int c) {
+  for (int r : {1, 2, 3, 4, 8})
+    for (int rows : {r, r - 1, 1}) {
+      if (rows < 1) continue;
+      for (int64_t nb : {0, 1, 2, 3, 5}) blockrow_case<CC, VT, IT>(nb, r, c, rows, 2 * nb + 3, nb == 3);
+    }
+  const int64_t Kb = sizeof(IT) == 2 ? 65536 : 70001;  // block-column index limits
+  if (c <= 2) blockrow_case<CC, VT, IT>(4, 2, c, 2, Kb, true);
+}
+
+template <class VT, class IT>
+void blockrow_types() {
+  blockrow_c<1, VT, IT>(1);
+  blockrow_c<2, VT, IT>(2);
+  blockrow_c<4, VT, IT>(4);
+  blockrow_c<8, VT, IT>(8);
+  blockrow_c<16, VT, IT>(16);
+  for (int c : {1, 2, 3, 4, 5, 8, 16}) blockrow_c<0, VT, IT>(c);
+}
+
+template <int RB, int V, class VT, class IT>
+void bsr_tile_case(int64_t nb, int r, int c, int i0, bool accumulate, int64_t Kb, bool last) {
+  constexpr int NT = V * W;
+  const int rows = i0 + RB;  // rows below i0 + RB are NaN: never read
+  const int64_t K = c > 1 ? Kb * c - 1 : Kb * c;
+  BlockRow<VT, IT> br(nb, Kb, r, c, rows, K, last);
+  std::vector<float> xt(static_cast<size_t>(Kb * c * NT), 0.f);  // packed, zero rows k >= K
+  for (int64_t k = 0; k < K; ++k)
+    for (int t = 0; t < NT; ++t) xt[static_cast<size_t>(k * NT + t)] = rnd_mag();
+  std::vector<float> out = accumulate ? rnd_floats(RB * NT) : std::vector<float>(RB * NT, kNaN);
+  const std::vector<float> start = out;
+  bsr_tile_rows<RB, V>(br.idx.data(), br.val.data(), 0, nb, r, c, i0, xt.data(), out.data(),
+                       accumulate);
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < NT; ++t) {
+      const double s0 = accumulate ? start[static_cast<size_t>(i * NT + t)] : 0.0;
+      char what[256];
+      std::snprintf(what, sizeof what,
+                    "bsr_tile_rows RB=%d V=%d %dx%d i0=%d acc=%d %s/%s nb=%lld Kb=%lld i=%d t=%d",
+                    RB, V, r, c, i0, accumulate, Val<VT>::name(), idx_name<IT>(),
+                    static_cast<long long>(nb), static_cast<long long>(Kb), i, t);
+      check(out[static_cast<size_t>(i * NT + t)], s0 + br.ref(i0 + i, c, r, xt.data() + t, NT),
+            tol_sum(nb * c, std::fabs(s0) + br.mag(i0 + i, c, r, xt.data() + t, NT)), what);
+    }
+}
+
+template <int RB, int V, class VT, class IT>
+void bsr_tile_rb() {
+  for (int r : {RB, RB + 1, 16}) {
+    if (r < RB) continue;
+    for (int c : {1, 3, 4, 8})
+      for (int64_t nb : {0, 1, 2, 5})
+        for (bool acc : {false, true}) {
+          bsr_tile_case<RB, V, VT, IT>(nb, r, c, 0, acc, nb + 2, nb == 2);
+          if (r > RB) bsr_tile_case<RB, V, VT, IT>(nb, r, c, r - RB, acc, nb + 2, false);
+        }
+  }
+  if (V == 1) {  // block-column index limits (c = 1 keeps the packed tile small)
+    const int64_t Kb = sizeof(IT) == 2 ? 65536 : 70001;
+    bsr_tile_case<RB, V, VT, IT>(3, RB, 1, 0, false, Kb, true);
+  }
+}
+
+template <int V, class VT, class IT>
+void bsr_tile_v() {
+  bsr_tile_rb<1, V, VT, IT>();
+  bsr_tile_rb<2, V, VT, IT>();
+  bsr_tile_rb<4, V, VT, IT>();
+  bsr_tile_rb<8, V, VT, IT>();
+}
+
+template <class VT, class IT>
+void bsr_tile_types() {
+  bsr_tile_v<1, VT, IT>();
+  bsr_tile_v<2, VT, IT>();
+  bsr_tile_v<4, VT, IT>();
+}
+
+// ================================================================================================
+// Compressed CSR row (csr_q_impl.h): int8 values, uint8 gaps with escapes
+// ================================================================================================
+template <class VT, class IT>
+void q_case(int64_t L, int64_t K, bool last, int pad, float scale) {
+  const std::vector<int64_t> cols = sorted_cols(L, K, last);
+  std::vector<IT> sidx;   // stored indices (column ids, or gaps with escapes)
+  std::vector<int64_t> scol;  // column of each stored entry
+  std::vector<VT> sval;
+  int64_t prev = 0;
+  for (int64_t k : cols) {
+    if (std::is_same<IT, uint8_t>::value) {
+      while (k - prev > 255) {  // escape: gap 255, value 0
+        prev += 255;
+        sidx.push_back(static_cast<IT>(255));
+        scol.push_back(prev);
+        sval.push_back(VT{});
+      }
+      sidx.push_back(static_cast<IT>(k - prev));
+      prev = k;
+    } else {
+      sidx.push_back(static_cast<IT>(k));
+    }
+    scol.push_back(k);
+    sval.push_back(Val<VT>::make());
+  }
+  const int64_t n = static_cast<int64_t>(sidx.size());
+  const int64_t p = pad < 0 ? 0 : pad;
+  std::vector<IT> idx(static_cast<size_t>(n + 2 * p), IT(0));
+  std::vector<VT> val(static_cast<size_t>(n + 2 * p), Val<VT>::nan());
+  for (int64_t j = 0; j < n; ++j) {
+    idx[static_cast<size_t>(p + j)] = sidx[static_cast<size_t>(j)];
+    val[static_cast<size_t>(p + j)] = sval[static_cast<size_t>(j)];
+  }
+  std::vector<float> x(static_cast<size_t>(K));
+  for (auto& f : x) f = rnd_mag();
+  // Scaled as csrq_linear_t does (scale after the dot product).
+  const float got = q_row_dot<VT, IT>(idx.data(), val.data(), p, p + n, x.data()) * scale;
+  double ref = 0, mag = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double t = Val<VT>::dec(sval[static_cast<size_t>(j)]) * x[static_cast<size_t>(scol[static_cast<size_t>(j)])];
+    ref += t;
+    mag += std::fabs(t);
+  }
+  char what[256];
+  std::snprintf(what, sizeof what, "q_row_dot %s/%s L=%lld stored=%lld K=%lld pad=%d",
+                Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L),
+                static_cast<long long>(n), static_cast<long long>(K), pad);
+  check(got, ref * scale, tol_sum(n, mag) * std::fabs(scale) + 1e-30, what);
+}
+
+template <class VT, class IT>
+void q_types() {
+  const float scales[3] = {1.f, 0.0078125f, -3.5f};
+  for (int64_t L = 0; L <= 5 * W + 3; ++L)
+    for (int pad : {-1, 3}) {
+      q_case<VT, IT>(L, L + 3, L % 4 == 1, pad, scales[L % 3]);      // dense: gaps of 1-3
+      q_case<VT, IT>(L, 40 * L + 300, L % 2 == 0, pad, scales[L % 3]);  // sparse: escapes
+    }
+  for (int64_t L : {97, 1025}) q_case<VT, IT>(L, 4 * L + 1, true, 5, 1.f);
+  const int64_t K = sizeof(IT) == 2 ? 65536 : 70001;  // index limits (gaps: long escape runs)
+  for (int64_t L : {1, W + 1, 4 * W + 3, 300}) q_case<VT, IT>(L, K, true, 1, 0.5f);
+}
+
+// ================================================================================================
+// Packing (packing.h): x -> fp32 rows / tiles, tile -> y
+// ================================================================================================
+template <class XT>
+struct XBuf {  // N x ldx activations of type XT (row padding NaN), with their fp32 values
+  std::vector<XT> x;
+  std::vector<float> f;
+  XBuf(int64_t N, int64_t K, int64_t ldx) : x(static_cast<size_t>(N * ldx), Val<XT>::nan()),
+                                           f(static_cast<size_t>(N * ldx), kNaN) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        x[static_cast<size_t>(n * ldx + k)] = Val<XT>::make();
+        f[static_cast<size_t>(n * ldx + k)] = static_cast<float>(Val<XT>::dec(x[static_cast<size_t>(n * ldx + k)]));
+      }
+  }
+};
+template <class XT> DType dtype_of();
+template <> DType dtype_of<float>() { return DType::F32; }
+template <> DType dtype_of<bf16_t>() { return DType::BF16; }
+template <> DType dtype_of<f16_t>() { return DType::F16; }
+
+template <class XT>
+void pack_case(int NT, int64_t N, int64_t K) {
+  const int64_t ldx = K + 2, kpad = K + 5;
+  XBuf<XT> xb(N, K, ldx);
+  SpmmParams p;
+  p.N = N;
+  p.K = K;
+  p.x = xb.x.data();
+  p.ldx = ldx;
+  p.x_dtype = dtype_of<XT>();
+  const int64_t ntiles = (N + NT - 1) / NT;
+  for (int64_t tile = 0; tile < ntiles; ++tile) {
+    std::vector<float> xt(static_cast<size_t>(kpad * NT), kNaN);
+    const int64_t kh = kpad / 2;  // two k ranges, as two threads pack them
+    pack_x_tile(p, xt.data(), NT, tile * NT, 0, kh);
+    pack_x_tile(p, xt.data(), NT, tile * NT, kh, kpad);
+    for (int64_t k = 0; k < kpad; ++k)
+      for (int t = 0; t < NT; ++t) {
+        const int64_t n = tile * NT + t;
+        const double want = (n < N && k < K) ? xb.f[static_cast<size_t>(n * ldx + k)] : 0.0;
+        char what[256];
+        std::snprintf(what, sizeof what, "pack_x_tile %s NT=%d N=%lld K=%lld tile=%lld k=%lld t=%d",
+                      Val<XT>::name(), NT, static_cast<long long>(N), static_cast<long long>(K),
+                      static_cast<long long>(tile), static_cast<long long>(k), t);
+        check(xt[static_cast<size_t>(k * NT + t)], want, 0, what);
+      }
+  }
+  for (int64_t n = 0; n < N; n += (N > 3 ? N - 1 : 1)) {  // load_x_row: first and last row
+    std::vector<float> xs(static_cast<size_t>(kpad), kNaN);
+    load_x_row(p, n, xs.data(), kpad, 0, K / 2);
+    load_x_row(p, n, xs.data(), kpad, K / 2, kpad);
+    for (int64_t k = 0; k < kpad; ++k)
+      check(xs[static_cast<size_t>(k)], k < K ? xb.f[static_cast<size_t>(n * ldx + k)] : 0.0, 0,
+            std::string("load_x_row ") + Val<XT>::name() + " k=" + std::to_string(k));
+  }
+}
+
+template <class YT>
+double y_value(const std::vector<YT>& y, size_t i) { return Val<YT>::dec(y[i]); }
+
+template <class YT>
+void store_case(int NT, int64_t rows, int64_t nn, int64_t n0, int64_t m0, bool with_bias) {
+  const int64_t M = m0 + rows + 2, ldy = M + 3, N = n0 + nn + 1;
+  const std::vector<float> part = rnd_floats(static_cast<size_t>(rows * NT));
+  const std::vector<float> bias = rnd_floats(static_cast<size_t>(M));
+  const YT sentinel = Val<YT>::make();
+  std::vector<YT> y(static_cast<size_t>(N * ldy), sentinel);
+  std::vector<float> tbuf(static_cast<size_t>(rows * nn), kNaN);
+  SpmmParams p;
+  p.M = M;
+  p.N = N;
+  p.y = y.data();
+  p.ldy = ldy;
+  p.x_dtype = dtype_of<YT>();
+  p.bias = with_bias ? bias.data() : nullptr;
+  store_rows_tile(p, part.data(), NT, rows, nn, n0, m0, tbuf.data());
+  // bf16 / fp16 outputs are rounded once: allow half an ulp of the stored type.
+  const double rel = std::is_same<YT, float>::value ? 0.0 : (std::is_same<YT, bf16_t>::value ? 0x1p-8 : 0x1p-11);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < ldy; ++m) {
+      const size_t at = static_cast<size_t>(n * ldy + m);
+      const bool written = n >= n0 && n < n0 + nn && m >= m0 && m < m0 + rows;
+      double want = Val<YT>::dec(sentinel);
+      if (written) {
+        const float v = part[static_cast<size_t>((m - m0) * NT + (n - n0))] +
+                        (with_bias ? bias[static_cast<size_t>(m)] : 0.f);
+        want = v;
+      }
+      char what[256];
+      std::snprintf(what, sizeof what, "store_rows_tile %s NT=%d rows=%lld nn=%lld n0=%lld m0=%lld bias=%d n=%lld m=%lld",
+                    Val<YT>::name(), NT, static_cast<long long>(rows), static_cast<long long>(nn),
+                    static_cast<long long>(n0), static_cast<long long>(m0), with_bias,
+                    static_cast<long long>(n), static_cast<long long>(m));
+      check(y_value(y, at), want, written ? rel * std::fabs(want) : 0.0, what);
+    }
+}
+
+template <class XT>
+void packing_types() {
+  for (int V : {1, 2, 4}) {
+    const int NT = V * W;
+    for (int64_t N : {1, W - 1, W, W + 1, NT - 1, NT, NT + 1, 2 * NT + 3})
+      for (int64_t K : {1, 7, 33}) pack_case<XT>(NT, N, K);
+    for (int64_t rows : {1, W - 1, W, W + 1, 33, 64})
+      for (int64_t nn : {1, W - 1, W, NT}) {
+        if (nn < 1 || nn > NT) continue;
+        store_case<XT>(NT, rows, nn, rows % 2 ? 0 : NT, rows % 3 ? 0 : 5, nn % 2 == 1);
+      }
+  }
+}
+
+template <class VT>
+void q_index_types() {
+  q_types<VT, uint16_t>();
+  q_types<VT, int32_t>();
+  q_types<VT, uint8_t>();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "-v")) {
+      g_verbose = true;
+    } else {
+      std::fprintf(stderr, "usage: ukernel_test [-v]\n");
+      return 2;
+    }
+  }
+  // Grouped per kernel family so each line of the report names one micro-kernel group.
+  begin("csr_spmv");
+  spmv_types<float, uint16_t>();
+  spmv_types<float, int32_t>();
+  spmv_types<bf16_t, uint16_t>();
+  spmv_types<bf16_t, int32_t>();
+  spmv_types<f16_t, uint16_t>();
+  spmv_types<f16_t, int32_t>();
+  begin("csr_row_tile");
+  tile_types<float, uint16_t>();
+  tile_types<float, int32_t>();
+  tile_types<bf16_t, uint16_t>();
+  tile_types<f16_t, int32_t>();
+  begin("bsr_spmv_blockrow");
+  blockrow_types<float, uint16_t>();
+  blockrow_types<float, int32_t>();
+  blockrow_types<bf16_t, uint16_t>();
+  blockrow_types<f16_t, int32_t>();
+  begin("bsr_tile_rows");
+  bsr_tile_types<float, uint16_t>();
+  bsr_tile_types<float, int32_t>();
+  bsr_tile_types<bf16_t, uint16_t>();
+  bsr_tile_types<f16_t, int32_t>();
+  begin("q_row_dot");
+  q_index_types<int8_t>();
+  q_index_types<float>();
+  q_index_types<bf16_t>();
+  q_index_types<f16_t>();
+  begin("packing");
+  packing_types<float>();
+  packing_types<bf16_t>();
+  packing_types<f16_t>();
+  long cases = 0, bad = 0;
+  for (const Tally& t : g_tally) {
+    std::printf("%-18s %8ld checks, %ld mismatches\n", t.name, t.cases, t.mismatches);
+    cases += t.cases;
+    bad += t.mismatches;
+  }
+  std::printf("ukernel_test %s (W=%d): %ld checks, %ld mismatches\n", kIsaName, W, cases, bad);
+  return bad == 0 ? 0 : 1;
+}
