@@ -180,3 +180,19 @@ def test_warm_module_pickles_and_copies():
             assert clone._fast is None
             for _ in range(3):
                 assert torch.equal(clone(x), y)
+
+
+def test_module_built_in_inference_mode():
+    with torch.inference_mode():
+        sl = _layer()
+        x = random_x((1, 70), seed=8)
+        for _ in range(3):
+            y = sl(x)
+        assert sl._fast is not None and sl._fast[3] is None
+        assert torch.equal(y, _general(x, sl.matrix, sl.bias))
+        assert_close_to_reference(y, x, sl.matrix.to_dense(), sl.bias)
+        sl.weight_values.mul_(-1.0)  # no version counter: invalidate explicitly
+        sl.matrix.cache_invalidate()
+        y2 = sl(x)
+        assert_close_to_reference(y2, x, sl.matrix.to_dense(), sl.bias)
+        assert not torch.equal(y2, y)

@@ -382,7 +382,8 @@ class SparseLinear(nn.Module):
                 ip, ix, v, versions, mat = st
                 if (b["weight_values"] is v and b["weight_indices"] is ix
                         and b["weight_indptr"] is ip
-                        and (ip._version, ix._version, v._version) == versions
+                        and (versions is None
+                             or (ip._version, ix._version, v._version) == versions)
                         and "weight_scales" not in b and self.backend == "auto"
                         and _current_dispatch_mode() is None):
                     bias = self._parameters["bias"]
@@ -425,19 +426,23 @@ class SparseLinear(nn.Module):
         )
 
     def _enable_fast_path(self, mat) -> None:
-        """Remember ``mat`` for forward()'s fast path once its launcher exists (float values,
-        buffers with version counters; inference tensors have none, so in-place edits could
-        not be noticed and such modules always take the general path)."""
+        """Remember ``mat`` for forward()'s fast path once its launcher exists (float values).
+        In-place edits are noticed by the buffers' version counters. Inference tensors have
+        none (versions None): as on the general path (``cache_sync``), edits to them need
+        ``matrix.cache_invalidate()``, which drops the launcher and so the fast path."""
         if ops.fast_launcher(mat) is None or "weight_scales" in self._buffers:
             return
         b = self._buffers
         ip, ix, v = b["weight_indptr"], b["weight_indices"], b["weight_values"]
         if not (mat.indptr is ip and mat.indices is ix and mat.values is v):
             return
-        try:
-            versions = (ip._version, ix._version, v._version)
-        except RuntimeError:
-            return
+        if ip.is_inference() and ix.is_inference() and v.is_inference():
+            versions = None
+        else:
+            try:
+                versions = (ip._version, ix._version, v._version)
+            except RuntimeError:  # some, not all, inference tensors
+                return
         self.__dict__["_fast"] = (ip, ix, v, versions, mat)
 
     def to_linear(self) -> nn.Linear:
