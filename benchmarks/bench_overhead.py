@@ -85,6 +85,52 @@ def variants_of(model: nn.Module, n: int) -> dict[str, str]:
     return out
 
 
+def call_path_steps(sl: Any, lin: nn.Linear, x: torch.Tensor, calls: int,
+                    rounds: int) -> dict[str, float]:
+    """Per-call microseconds of the pieces of a 64x64 N=1 call (for the docs' breakdown):
+    the general path's plan/launch, the pybind11 ``BoundMatrix.run`` against the
+    ``runner()`` builtin (kernel included in both), the output allocation, the thread-count
+    read, and a 3000-nonzero (100x300, 90%) kernel call against ``F.linear`` on that layer."""
+    from sparsekit import ops
+    from sparsekit.kernels.cpp import bound_matrix, run_bound
+
+    mat = sl.matrix
+    M, K = mat.shape
+    b = lin.bias
+    bm = bound_matrix(mat)
+    runner = bm.runner()
+    out = torch.empty(1, M)
+    tmpl = torch.empty(1, M)
+    xp, op, bp = x.data_ptr(), out.data_ptr(), b.data_ptr()
+    with torch.inference_mode(False):  # built as a user builds it (see main)
+        big = nn.Linear(300, 100)
+        prune_(big, 0.9)
+        sbig = sparsekit.nn.SparseLinear.from_dense(big)
+    xb = torch.randn(1, 300)
+    for _ in range(3):
+        sbig(xb)
+    run_big = bound_matrix(sbig.matrix).runner()
+    ob = torch.empty(1, 100)
+    xbp, obp = xb.data_ptr(), ob.data_ptr()
+    wb, bb = big.weight, big.bias
+    t = timed({
+        "SparseLinear.forward": lambda: sl.forward(x),
+        "general path (ops.linear_matrix)": lambda: ops.linear_matrix(x, mat, b),
+        "plan_linear": lambda: ops.plan_linear(x, K, M, mat.values, b),
+        "launch_linear": lambda: ops.launch_linear(x, mat, b, "auto", torch.float32),
+        "run_bound (pybind11 BoundMatrix.run)": lambda: run_bound(bm, mat, x, b, out),
+        "BoundMatrix.run, ints only": lambda: bm.run(xp, op, 1, 0, bp, 1),
+        "runner, ints only": lambda: runner(xp, op, 1, 0, bp, 1),
+        "torch.empty_like(template)": lambda: torch.empty_like(tmpl),
+        "x.new_empty((1, M))": lambda: x.new_empty((1, M)),
+        "sparsekit.get_num_threads": sparsekit.get_num_threads,
+        "100x300 runner, ints only": lambda: run_big(xbp, obp, 1, 0, 0, 1),
+        "100x300 F.linear": lambda: F.linear(xb, wb, bb),
+        "100x300 SparseLinear.forward": lambda: sbig.forward(xb),
+    }, calls, rounds)
+    return {k: v * 1e6 for k, v in t.items()}
+
+
 def main(argv=None) -> int:
     H.reexec_without_openblas_overrides()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -127,6 +173,11 @@ def main(argv=None) -> int:
         print(f"  SparseLinear - nn.Linear = {over['SparseLinear_minus_nn.Linear_us']:.2f} us "
               f"(need <= 1.0); sparsekit.linear - F.linear = "
               f"{over['sparsekit.linear_minus_F.linear_us']:.2f} us (need <= 1.5)")
+
+        # ---- 1b. where the time goes: each step of the call path on its own
+        records["call_path_steps_us"] = call_path_steps(sl, lin, x, a.calls, a.rounds)
+        print("call path steps (us): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in records["call_path_steps_us"].items()))
 
         # ---- 2. LeNet-300-100, 90% pruned, sparsify() vs dense
         n_sparse = sum(isinstance(m, sparsekit.nn.SparseLinear) for m in sparse.modules())

@@ -476,6 +476,80 @@ class BoundMatrix {
   py::object keep_[3];
 };
 
+// BoundMatrix.runner(): the same call as BoundMatrix.run(x, out, n, x_dtype, bias, num_threads)
+// as a plain CPython METH_FASTCALL builtin bound to one matrix. pybind11's dispatcher (overload
+// resolution, one type caster per argument, keyword matching) costs more than the whole 64x64
+// product at batch 1; this entry point converts six ints and calls run(), so a small layer's call
+// is dominated by its kernel again. The builtin's self is a capsule that owns a reference to the
+// BoundMatrix object, so the matrix (and the buffers it keeps alive) outlives every runner.
+constexpr const char* kRunnerCapsule = "sparsekit._C.BoundMatrix.runner";
+
+struct Runner {
+  PyObject* owner;        // strong reference to the Python BoundMatrix
+  const BoundMatrix* bm;  // its C++ object
+};
+
+void runner_capsule_free(PyObject* capsule) {
+  auto* r = static_cast<Runner*>(PyCapsule_GetPointer(capsule, kRunnerCapsule));
+  if (r == nullptr) return;
+  Py_XDECREF(r->owner);
+  delete r;
+}
+
+PyObject* runner_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  auto* r = static_cast<Runner*>(PyCapsule_GetPointer(self, kRunnerCapsule));
+  if (r == nullptr) return nullptr;
+  if (nargs != 6) {
+    PyErr_Format(PyExc_TypeError,
+                 "run: expected 6 positional arguments (x, out, n, x_dtype, bias, num_threads), "
+                 "got %zd",
+                 nargs);
+    return nullptr;
+  }
+  const unsigned long long x = PyLong_AsUnsignedLongLong(args[0]);
+  const unsigned long long out = PyLong_AsUnsignedLongLong(args[1]);
+  const long long n = PyLong_AsLongLong(args[2]);
+  const long x_code = PyLong_AsLong(args[3]);
+  const unsigned long long bias = PyLong_AsUnsignedLongLong(args[4]);
+  const long threads = PyLong_AsLong(args[5]);
+  if (PyErr_Occurred()) return nullptr;
+  try {
+    const bool ran = r->bm->run(static_cast<uintptr_t>(x), static_cast<uintptr_t>(out),
+                                static_cast<int64_t>(n), static_cast<int>(x_code),
+                                static_cast<uintptr_t>(bias), static_cast<int>(threads), -1);
+    return PyBool_FromLong(ran ? 1 : 0);
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyMethodDef runner_def = {
+    "run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(runner_call)),
+    METH_FASTCALL,
+    "run(x, out, n, x_dtype, bias, num_threads) -> bool: BoundMatrix.run with the planned "
+    "variant, positional ints only (see BoundMatrix.runner)."};
+
+py::object make_runner(const py::object& self) {
+  const BoundMatrix* bm = self.cast<const BoundMatrix*>();
+  auto* r = new Runner{self.ptr(), bm};
+  Py_INCREF(self.ptr());
+  PyObject* capsule = PyCapsule_New(r, kRunnerCapsule, runner_capsule_free);
+  if (capsule == nullptr) {
+    Py_DECREF(self.ptr());
+    delete r;
+    throw py::error_already_set();
+  }
+  PyObject* fn = PyCFunction_New(&runner_def, capsule);
+  Py_DECREF(capsule);  // the function holds it now
+  if (fn == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(fn);
+}
+
 void csr_linear(const py::handle& indptr, const py::handle& indices, const py::handle& values,
                 const std::string& value_dtype, const py::handle& x, const std::string& x_dtype,
                 const py::handle& bias, const py::handle& out, const std::string& out_dtype,
@@ -837,6 +911,10 @@ PYBIND11_MODULE(_C, m) {
            "x_dtype code 0 f32 / 1 bf16 / 2 f16; variant -1 = the planned one. Returns False, "
            "computing nothing, when variant is -1 and this batch class has no plan yet (plan "
            "with set_variant, then call again). Releases the GIL.")
+      .def("runner", &make_runner,
+           "A builtin run(x, out, n, x_dtype, bias, num_threads) -> bool doing exactly what "
+           "run() does with variant -1, for positional ints only, at a fraction of the call "
+           "cost (no pybind11 dispatch). It keeps this matrix alive.")
       .def("set_variant", &BoundMatrix::set_variant, py::arg("n_class"), py::arg("variant"),
            py::arg("num_threads"),
            "Records `variant` (name or id) as the plan for batch class n_class at num_threads.")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from . import ops
 from .formats import BSRMatrix, CSRMatrix
@@ -16,6 +17,7 @@ from .formats import BSRMatrix, CSRMatrix
 __all__ = ["linear", "spmm"]
 
 _SPARSE = (CSRMatrix, BSRMatrix)
+_LAUNCHER_KEY = ops.LAUNCHER_KEY
 
 
 def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
@@ -66,6 +68,17 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
             + (" (convert with CSRMatrix.from_dense(w))" if isinstance(weight, torch.Tensor)
                else "")
         )
+    if type(x) is Tensor and backend == "auto" and not torch.compiler.is_compiling():
+        # Fast path (see ops.fast_launcher): a weight already bound to the kernels, a plain
+        # tensor, no autograd graph needed. Anything the launcher does not take as is (it
+        # returns None) goes through the general checks below.
+        launch = weight.cache_get(_LAUNCHER_KEY)
+        if launch is not None and (bias is None or isinstance(bias, Tensor)) and (
+                not torch.is_grad_enabled()
+                or not (x.requires_grad or (bias is not None and bias.requires_grad))):
+            y = launch(x, bias)
+            if y is not None:
+                return y
     is_np = isinstance(x, np.ndarray)
     if is_np:
         if x.dtype not in (np.float32, np.float16):

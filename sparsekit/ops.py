@@ -43,6 +43,8 @@ from torch import Tensor
 from sparsekit.formats import BSRMatrix, CSRMatrix, _index_dtype_for, _indptr_dtype_for
 from sparsekit.kernels import select_backend
 from sparsekit.kernels.cpp import _BOUND_KEY as _CPP_BOUND
+from sparsekit.kernels.cpp import LAUNCHER_KEY
+from sparsekit.kernels.cpp import bound_launcher as _cpp_bound_launcher
 from sparsekit.kernels.cpp import run_bound as _cpp_run_bound
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     "plan_linear",
     "launch_linear",
     "linear_matrix",
+    "fast_launcher",
+    "LAUNCHER_KEY",
     "register_matrix",
     "matrix_from_parts",
     "csr_linear",
@@ -144,6 +148,9 @@ def launch_linear(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None, ba
     bound = mat.cache_get(_CPP_BOUND) if backend == "auto" and N else None
     if bound is not None and x2d.is_cpu:
         _cpp_run_bound(bound, mat, x2d, bias, out)
+        if mat.cache_get(LAUNCHER_KEY) is None:
+            # from now on the entry points' fast paths (fast_launcher) skip this function
+            mat.cache_put(LAUNCHER_KEY, _cpp_bound_launcher(mat, bound))
     else:
         be = select_backend(mat, x2d, backend) if N or backend != "auto" else None
         if N:
@@ -151,6 +158,17 @@ def launch_linear(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None, ba
     if cdt != x.dtype:
         out = out.to(x.dtype)
     return out if len(shape) == 2 else out.reshape(*shape[:-1], M)
+
+
+def fast_launcher(mat: CSRMatrix | BSRMatrix):
+    """The launcher of ``mat`` once its C++ binding exists (after its second "auto" call on the
+    CPU), else None: ``launch(x, bias)`` returns ``x @ mat.T + bias`` for a plain contiguous 2-D
+    CPU ``x`` of a dtype the kernel takes as is and a float32 contiguous ``bias`` (or None),
+    and None for anything else. Callers use it only where no autograd graph is needed and
+    ``backend == "auto"``, and fall back to :func:`plan_linear` + :func:`launch_linear` on None,
+    so every argument check and error message stays theirs; the result is the one
+    :func:`launch_linear` gives (same kernel variant, bit for bit)."""
+    return mat.cache_get(LAUNCHER_KEY)
 
 
 def linear_matrix(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None,

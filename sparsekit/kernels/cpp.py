@@ -52,7 +52,8 @@ def _np(t: torch.Tensor):
 
 _XCODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BOUND_KEY = ("cpp", "bound")
-
+#: Cache key of the matrix's launcher (:func:`bound_launcher`).
+LAUNCHER_KEY = ("cpp", "launcher")
 
 
 def _prepared(mat: Any) -> tuple:
@@ -99,6 +100,69 @@ def run_bound(bm: Any, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None,
         # planned variant (so every call of the class gives bit-identical results)
         _planner.plan_bound(mat, bm, n, threads)
         bm.run(xp, op, n, xc, bp, threads)
+
+
+def bound_launcher(mat: Any, bm: Any):
+    """A function ``launch(x, bias) -> Tensor | None`` computing ``x @ W.T + bias`` through the
+    bound matrix ``bm`` of ``mat`` for the common call only, with everything per-matrix resolved
+    once: ``x`` a C-contiguous CPU (..., K) tensor with N >= 1 rows, of dtype float32 or the
+    weight's value dtype; ``bias`` None or a contiguous (M,) float32 CPU tensor. For anything
+    else it returns None without computing, and the caller takes the general path (which checks
+    and raises).
+
+    The caller decides that no autograd graph is needed. The result and the variant that runs are
+    those of :func:`run_bound` (same kernel call, same planned variant, same thread count), so
+    both paths give bit-identical results. The launcher holds no mutable state.
+    """
+    M, K = mat.shape
+    run = bm.runner()  # METH_FASTCALL builtin: no pybind11 dispatch per call
+    f32 = torch.float32
+    codes = {f32: 0, mat.values.dtype: _XCODE[mat.values.dtype]}
+    # N=1 outputs come from empty_like of a template: cheaper than parsing a shape per call
+    with torch.inference_mode(False):
+        templates = {dt: torch.empty((1, M), dtype=dt, device="cpu") for dt in codes}
+    bias_shape = (M,)
+    empty_like = torch.empty_like
+    num_threads = get_num_threads
+    plan = _planner.plan_bound
+    Tensor = torch.Tensor
+
+    def launch(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        xdt = x.dtype
+        code = codes.get(xdt)
+        shape = x.shape
+        if code is None or not shape or shape[-1] != K or not x.is_cpu \
+                or not x.is_contiguous():
+            return None
+        if bias is None:
+            bp = 0
+        elif isinstance(bias, Tensor) and bias.dtype is f32 and bias.shape == bias_shape \
+                and bias.is_cpu and bias.is_contiguous():
+            bp = bias.data_ptr()
+        else:
+            return None
+        if len(shape) == 2:
+            n = shape[0]
+            if n == 1:
+                out = empty_like(templates[xdt])
+            elif n:
+                out = x.new_empty(n, M)
+            else:
+                return None
+        else:  # (..., K) contiguous is (n, K) in memory: no reshape needed
+            n = x.numel() // K if K else 0
+            if not n:
+                return None
+            out = x.new_empty((*shape[:-1], M))
+        threads = num_threads()
+        xp = x.data_ptr()
+        op = out.data_ptr()
+        if not run(xp, op, n, code, bp, threads):
+            plan(mat, bm, n, threads)  # first call of this batch class (see run_bound)
+            run(xp, op, n, code, bp, threads)
+        return out
+
+    return launch
 
 
 class CppBackend:

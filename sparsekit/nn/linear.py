@@ -132,6 +132,10 @@ class SparseLinear(nn.Module):
     weight_indices: Tensor
     weight_values: Tensor
     weight_meta: Tensor
+    # (indptr, indices, values, their version counters, matrix): the state the eager fast path
+    # of forward() checks before calling the matrix's launcher. Set in the instance __dict__
+    # by the general path; never pickled or deep-copied (the launcher holds C++ objects).
+    _fast: tuple | None = None
 
     def __init__(self, weight: Any, bias: Tensor | None = None, *, backend: str = "auto") -> None:
         super().__init__()
@@ -171,7 +175,13 @@ class SparseLinear(nn.Module):
             self.register_parameter("bias", None)
 
     # ------------------------------------------------------------------ construction
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_fast", None)
+        return state
+
     def _set_matrix(self, mat: Any) -> None:
+        self.__dict__.pop("_fast", None)
         m, k = (int(s) for s in mat.shape)
         if isinstance(mat, BSRMatrix):
             r, c = (int(b) for b in mat.blocksize)
@@ -361,6 +371,29 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():
+            # Eager fast path: the buffers are the ones the launcher was built for and were
+            # not modified in place, plain tensor, no tracing mode, no autograd graph needed.
+            # The launcher returns None for any argument it does not take as is; the general
+            # path below then checks (and raises) exactly as on the first call.
+            st = self._fast
+            if st is not None and type(x) is Tensor:
+                b = self._buffers
+                ip, ix, v, versions, mat = st
+                if (b["weight_values"] is v and b["weight_indices"] is ix
+                        and b["weight_indptr"] is ip
+                        and (versions is None
+                             or (ip._version, ix._version, v._version) == versions)
+                        and "weight_scales" not in b and self.backend == "auto"
+                        and _current_dispatch_mode() is None):
+                    bias = self._parameters["bias"]
+                    if not torch.is_grad_enabled() or not (
+                            x.requires_grad or (bias is not None and bias.requires_grad)):
+                        launch = mat.cache_get(ops.LAUNCHER_KEY)
+                        if launch is not None:
+                            y = launch(x, bias)
+                            if y is not None:
+                                return y
         if "weight_scales" in self._buffers or self._buffers["weight_indices"].dtype == torch.uint8:
             # int8 values / uint8 gaps: no custom op takes them yet, so no autograd for x and
             # torch.compile breaks the graph here.
@@ -377,7 +410,10 @@ class SparseLinear(nn.Module):
                 # Plain eager inference (no autograd, no tracing mode, no tensor subclass):
                 # call the kernels directly. The dispatcher + autograd wrapper of the custom
                 # op cost tens of microseconds per layer -- the whole product at batch 1.
-                return ops.linear_matrix(x, mat, bias, self.backend)
+                y = ops.linear_matrix(x, mat, bias, self.backend)
+                if self.backend == "auto":
+                    self._enable_fast_path(mat)
+                return y
         if self.blocksize is None:
             return torch.ops.sparsekit.csr_linear(
                 x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
@@ -388,6 +424,26 @@ class SparseLinear(nn.Module):
             x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
             self.out_features, self.in_features, r, c, self.backend,
         )
+
+    def _enable_fast_path(self, mat) -> None:
+        """Remember ``mat`` for forward()'s fast path once its launcher exists (float values).
+        In-place edits are noticed by the buffers' version counters. Inference tensors have
+        none (versions None): as on the general path (``cache_sync``), edits to them need
+        ``matrix.cache_invalidate()``, which drops the launcher and so the fast path."""
+        if ops.fast_launcher(mat) is None or "weight_scales" in self._buffers:
+            return
+        b = self._buffers
+        ip, ix, v = b["weight_indptr"], b["weight_indices"], b["weight_values"]
+        if not (mat.indptr is ip and mat.indices is ix and mat.values is v):
+            return
+        if ip.is_inference() and ix.is_inference() and v.is_inference():
+            versions = None
+        else:
+            try:
+                versions = (ip._version, ix._version, v._version)
+            except RuntimeError:  # some, not all, inference tensors
+                return
+        self.__dict__["_fast"] = (ip, ix, v, versions, mat)
 
     def to_linear(self) -> nn.Linear:
         """A :class:`torch.nn.Linear` with the exact dense weight.
@@ -416,6 +472,7 @@ class SparseLinear(nn.Module):
         # nn.Module.to(dtype)/half()/bfloat16() already skip integer tensors, but a custom
         # fn may not: index buffers only ever follow the device, never the dtype. Values may
         # only become one of the kernel value dtypes.
+        self.__dict__.pop("_fast", None)
         extra = ("weight_scales",) if "weight_scales" in self._buffers else ()
         old = {n: getattr(self, n) for n in (*_BUFFERS, "weight_meta", *extra)}
         super()._apply(fn, recurse)
