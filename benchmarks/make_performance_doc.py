@@ -219,8 +219,9 @@ def render() -> tuple[str, str]:
                 + ("; **the machine was oversubscribed during this run**"
                    if r.get("oversubscribed") else "") + ". `sparsify` is tuned at the "
                 "batch size it is timed at. At batch 1 the two pruned layers (784x300, 300x100) "
-                "take microseconds, so the per-call cost of a layer decides and the tuned model "
-                "keeps them dense; with more rows per call the sparse product wins.", ""]
+                "take microseconds, so the per-call cost of a layer weighs as much as its "
+                "bytes and the tuned model keeps a layer dense where the sparse call does not "
+                "pay; with more rows per call the sparse product wins.", ""]
         doc += mnist_table(r) + [""]
     return "\n".join(doc).rstrip() + "\n", "\n".join(headline)
 
