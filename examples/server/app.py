@@ -29,7 +29,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -93,46 +92,9 @@ class ServerConfig:
         return max(1, default_num_threads() // max(1, self.workers))
 
 
-# ------------------------------------------------------------------------------ metrics
-class Metrics:
-    """Thread-safe counters and a sliding window of /predict latencies."""
-
-    def __init__(self, window: int = 10_000) -> None:
-        self._lock = threading.Lock()
-        self.requests = 0
-        self.errors = 0
-        self.by_status: dict[int, int] = {}
-        self._lat: deque[float] = deque(maxlen=window)
-
-    def record(self, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests += 1
-            if status >= 400:
-                self.errors += 1
-            self.by_status[status] = self.by_status.get(status, 0) + 1
-            self._lat.append(seconds)
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            lat = np.array(self._lat, dtype=np.float64)
-            out: dict[str, Any] = {
-                "requests": self.requests,
-                "errors": self.errors,
-                "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-                "latency_window": int(lat.size),
-            }
-        if lat.size:
-            p50, p90, p99 = np.percentile(lat, [50, 90, 99]) * 1e3
-            out["latency_ms"] = {"p50": round(float(p50), 3), "p90": round(float(p90), 3),
-                                 "p99": round(float(p99), 3)}
-        else:
-            out["latency_ms"] = {"p50": None, "p90": None, "p99": None}
-        return out
-
-
 # ------------------------------------------------------------------------------ validation
-# The request parser is shared with the Ray Serve deployment (sparsekit.serving.ray).
-from sparsekit.serving.http import RequestError, parse_inputs  # noqa: E402
+# Request parsing and counters are shared with the Ray Serve deployment (sparsekit.serving.ray).
+from sparsekit.serving.http import RequestError, RequestStats, parse_inputs  # noqa: E402
 
 
 class BodyTooLarge(Exception):
@@ -147,7 +109,7 @@ class BodyLimitMiddleware:
     without one (chunked) is counted while it streams in and refused as soon as it exceeds.
     """
 
-    def __init__(self, app: Any, max_bytes: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, app: Any, max_bytes: int, metrics: RequestStats | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics  # refusals here never reach the endpoint: count them here
@@ -168,7 +130,7 @@ class BodyLimitMiddleware:
                     await _send_json(send, 413, {
                         "detail": f"body: {n} bytes exceeds the limit of {self.max_bytes}"})
                     if self.metrics is not None and scope.get("path") == "/predict":
-                        self.metrics.record(413, time.perf_counter() - t0)
+                        self.metrics.record_request(413, time.perf_counter() - t0)
                     return
         seen = 0
         started = False
@@ -233,7 +195,7 @@ def create_app(config: ServerConfig | None = None) -> Any:
     max_batch = cfg.max_batch
     warm = sparsekit.warmup(model, example_input(model, 1),
                             batch_sizes=sorted({1, min(8, max_batch), max_batch}))
-    metrics = Metrics()
+    metrics = RequestStats()
     limiter = anyio.CapacityLimiter(cfg.max_concurrency)
 
     app = FastAPI(title="sparsekit example server", docs_url=None, redoc_url=None)
@@ -276,7 +238,7 @@ def create_app(config: ServerConfig | None = None) -> Any:
             return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"},
                                 status_code=500)
         finally:
-            metrics.record(status, time.perf_counter() - t0)
+            metrics.record_request(status, time.perf_counter() - t0)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Used by the FastAPI example server (``examples/server``) and by the Ray Serve deployment
 (:mod:`sparsekit.serving.ray`), so both accept exactly the same requests and give the same
-errors. Only numpy and the standard library are imported here.
+errors, and count requests the same way (:class:`RequestStats`). Only numpy and the standard
+library are imported here.
 
 Request body: ``{"inputs": [[f, ...], ...]}`` (N rows of ``n_features`` finite numbers).
 Errors are :class:`RequestError` with an HTTP status: 400 malformed JSON, 413 too many rows,
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RequestError", "parse_inputs"]
+__all__ = ["RequestError", "RequestStats", "parse_inputs"]
 
 
 class RequestError(Exception):
@@ -103,3 +106,41 @@ def _find_bad_element(rows: list[list[Any]]) -> None:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise RequestError(422, f"inputs: row {i} column {j}: expected a number, got "
                                         f"{'null' if v is None else type(v).__name__}")
+
+
+class RequestStats:
+    """Thread-safe request/error counters and a sliding window of request latencies."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.errors = 0
+        self.by_status: dict[int, int] = {}
+        self._lat: deque[float] = deque(maxlen=window)
+
+    def record_request(self, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests += 1
+            if status >= 400:
+                self.errors += 1
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+            self._lat.append(seconds)
+
+    def _counters(self) -> dict[str, Any]:
+        """Counters for :meth:`snapshot`, read under the lock (subclasses add theirs)."""
+        return {"requests": self.requests, "errors": self.errors,
+                "by_status": {str(k): v for k, v in sorted(self.by_status.items())}}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters plus p50/p90/p99 latency (ms) over the window."""
+        with self._lock:
+            lat = np.array(self._lat, dtype=np.float64)
+            out = self._counters()
+            out["latency_window"] = int(lat.size)
+        if lat.size:
+            p50, p90, p99 = np.percentile(lat, [50, 90, 99]) * 1e3
+            out["latency_ms"] = {"p50": round(float(p50), 3), "p90": round(float(p90), 3),
+                                 "p99": round(float(p99), 3)}
+        else:
+            out["latency_ms"] = {"p50": None, "p90": None, "p99": None}
+        return out

@@ -58,10 +58,8 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,7 +73,7 @@ from starlette.responses import JSONResponse
 
 import sparsekit
 from sparsekit.serving import warmup
-from sparsekit.serving.http import RequestError, parse_inputs
+from sparsekit.serving.http import RequestError, RequestStats, parse_inputs
 
 __all__ = [
     "SparsekitDeployment", "SparsekitReplica", "build_app", "app_builder", "resolve_factory",
@@ -205,27 +203,15 @@ def _check_pos_int(name: str, v: Any) -> int:
     return v
 
 
-class ReplicaStats:
-    """Thread-safe request/batch/error counters and a sliding window of request latencies."""
+class ReplicaStats(RequestStats):
+    """:class:`~sparsekit.serving.http.RequestStats` plus the replica's batch counters."""
 
     def __init__(self, window: int = 10_000) -> None:
-        self._lock = threading.Lock()
-        self.requests = 0
-        self.errors = 0
-        self.by_status: dict[int, int] = {}
+        super().__init__(window)
         self.batches = 0
         self.batched_requests = 0
         self.rows = 0
         self.max_batch_seen = 0
-        self._lat: deque[float] = deque(maxlen=window)
-
-    def record_request(self, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests += 1
-            if status >= 400:
-                self.errors += 1
-            self.by_status[status] = self.by_status.get(status, 0) + 1
-            self._lat.append(seconds)
 
     def record_batch(self, n_requests: int, n_rows: int) -> None:
         with self._lock:
@@ -234,27 +220,15 @@ class ReplicaStats:
             self.rows += n_rows
             self.max_batch_seen = max(self.max_batch_seen, n_requests)
 
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            lat = np.array(self._lat, dtype=np.float64)
-            out: dict[str, Any] = {
-                "requests": self.requests,
-                "errors": self.errors,
-                "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-                "batches": self.batches,
-                "rows": self.rows,
-                "mean_batch_requests": (round(self.batched_requests / self.batches, 3)
-                                        if self.batches else None),
-                "max_batch_requests": self.max_batch_seen,
-                "latency_window": int(lat.size),
-            }
-        if lat.size:
-            p50, p90, p99 = np.percentile(lat, [50, 90, 99]) * 1e3
-            out["latency_ms"] = {"p50": round(float(p50), 3), "p90": round(float(p90), 3),
-                                 "p99": round(float(p99), 3)}
-        else:
-            out["latency_ms"] = {"p50": None, "p90": None, "p99": None}
-        return out
+    def _counters(self) -> dict[str, Any]:
+        return {
+            **super()._counters(),
+            "batches": self.batches,
+            "rows": self.rows,
+            "mean_batch_requests": (round(self.batched_requests / self.batches, 3)
+                                    if self.batches else None),
+            "max_batch_requests": self.max_batch_seen,
+        }
 
 
 # ------------------------------------------------------------------------------ deployment
