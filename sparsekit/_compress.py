@@ -132,7 +132,7 @@ def delta8_validate(indptr: np.ndarray, gaps: np.ndarray, n_rows: int, n_cols: i
     if gaps.dtype != np.uint8:
         raise TypeError(f"indices: expected uint8 gaps for index_encoding='delta8', got dtype "
                         f"{gaps.dtype}")
-    _check_indptr(indptr, n_rows, gaps.shape[0])
+    check_indptr(indptr, n_rows, gaps.shape[0])
     if gaps.shape[0] == 0:
         return
     ip_t = torch.from_numpy(np.ascontiguousarray(indptr.astype(np.int64)))
@@ -158,7 +158,9 @@ def delta8_validate(indptr: np.ndarray, gaps: np.ndarray, n_rows: int, n_cols: i
         )
 
 
-def _check_indptr(indptr: np.ndarray, n_rows: int, nnz: int) -> None:
+def check_indptr(indptr: np.ndarray, n_rows: int, nnz: int) -> None:
+    """The indptr invariants of every CSR/BSR structure: length ``n_rows + 1``, starts at 0,
+    non-decreasing, ends at ``nnz``. Raises ``ValueError`` naming the first violation."""
     if indptr.shape[0] != n_rows + 1:
         raise ValueError(
             f"indptr: expected a 1-D array of length n_rows + 1 = {n_rows + 1}, "
@@ -176,11 +178,6 @@ def _check_indptr(indptr: np.ndarray, n_rows: int, nnz: int) -> None:
         )
     if int(ip[-1]) != nnz:
         raise ValueError(f"indptr: expected indptr[-1] == len(indices) = {nnz}, got {int(ip[-1])}")
-
-
-def check_indptr(indptr: np.ndarray, n_rows: int, nnz: int) -> None:
-    """indptr invariants only (same messages as the plain structure check)."""
-    _check_indptr(indptr, n_rows, nnz)
 
 
 # ------------------------------------------------------------------------------ int8

@@ -237,24 +237,8 @@ def validate_structure(indptr: np.ndarray, indices: np.ndarray, n_rows: int, n_c
 def _validate_structure_numpy(indptr: np.ndarray, indices: np.ndarray, n_rows: int,
                               n_cols: int) -> None:
     nnz = indices.shape[0]
-    if indptr.shape[0] != n_rows + 1:
-        raise ValueError(
-            f"indptr: expected a 1-D array of length n_rows + 1 = {n_rows + 1}, "
-            f"got length {indptr.shape[0]}"
-        )
-    if int(indptr[0]) != 0:
-        raise ValueError(f"indptr: expected indptr[0] == 0, got {int(indptr[0])}")
+    _compress.check_indptr(indptr, n_rows, nnz)
     ip = indptr.astype(np.int64, copy=False)
-    d = np.diff(ip)
-    bad = np.flatnonzero(d < 0)
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"indptr: expected non-decreasing values, got indptr[{i + 1}] = {int(ip[i + 1])} "
-            f"< indptr[{i}] = {int(ip[i])}"
-        )
-    if int(ip[-1]) != nnz:
-        raise ValueError(f"indptr: expected indptr[-1] == len(indices) = {nnz}, got {int(ip[-1])}")
     if nnz == 0:
         return
     ix = indices
