@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit.bench.machine import cpu_model
+
 
 def _llc_bytes() -> int:
     from sparsekit.bench.harness import llc_bytes
@@ -130,7 +132,7 @@ def main() -> None:
             del variants, qlins
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "cpu": _cpu_model(), "isa": sparsekit.backends().get("cpp"),
+        "cpu": cpu_model(), "isa": sparsekit.backends().get("cpp"),
         "threads": args.threads, "llc_bytes": llc, "torch": torch.__version__,
         "sparsekit": sparsekit.__version__, "python": platform.python_version(),
         "shared_machine": True, "weights_rotated": not args.resident,
@@ -152,17 +154,6 @@ def copy_lin(lin: nn.Linear) -> nn.Linear:
     new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
     new.load_state_dict(lin.state_dict())
     return new
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -44,9 +44,6 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 import sparsekit  # noqa: E402
 from sparsekit.bench import harness  # noqa: E402
 from sparsekit.nn import SparseLinear, sparsify  # noqa: E402

@@ -35,10 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_linear as BL  # noqa: E402
-
 import sparsekit  # noqa: E402
+from benchmarks import bench_linear as BL  # noqa: E402
 from sparsekit.bench import harness as H  # noqa: E402
 
 

@@ -38,8 +38,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import sparsekit  # noqa: E402
 from examples.ray_serve.model import mlp  # noqa: E402
 

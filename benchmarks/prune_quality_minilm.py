@@ -40,8 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
+from sparsekit.bench.machine import cpu_model  # noqa: E402
 from sparsekit.prune import (  # noqa: E402
     distill,
     embedding_cosine,
@@ -242,7 +241,7 @@ def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, d
         "distill": {"steps": args.distill_steps, "lr": args.distill_lr,
                     "loss": args.distill_loss, "optimizer": "AdamW, warm-up 10 %, cosine decay",
                     "batch_size": args.batch_size},
-        "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "transformers": transformers.__version__,
                     "python": platform.python_version(),
@@ -251,16 +250,6 @@ def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, d
         "complete": not partial,
     }
     return result
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(r: dict) -> str:

@@ -31,7 +31,8 @@ import torch
 from sparsekit.bench.probes import copy_bandwidth_gbs
 from sparsekit.timing import llc_bytes
 
-__all__ = ["machine_info", "reexec_without_openblas_overrides", "OPENBLAS_OVERRIDE_VARS"]
+__all__ = ["machine_info", "cpu_model", "reexec_without_openblas_overrides",
+           "OPENBLAS_OVERRIDE_VARS"]
 
 #: Environment variables that change numpy's OpenBLAS kernel selection (read at library load).
 OPENBLAS_OVERRIDE_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -79,6 +80,12 @@ def _cpuinfo() -> dict[str, str]:
     except OSError:
         pass
     return info
+
+
+def cpu_model(cpu: dict[str, str] | None = None) -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` reports."""
+    cpu = _cpuinfo() if cpu is None else cpu
+    return cpu.get("model name") or platform.processor() or "unknown"
 
 
 _ISA_FLAGS = (
@@ -214,7 +221,7 @@ def machine_info(num_threads: int | None = None, *, bandwidth: bool = True) -> d
         except Exception as exc:
             gpu = {"error": str(exc)}
     return {
-        "cpu_model": cpu.get("model name", platform.processor() or "unknown"),
+        "cpu_model": cpu_model(cpu),
         "cpu_family_model": (
             f"family {cpu.get('cpu family', '?')} model {cpu.get('model', '?')} "
             f"stepping {cpu.get('stepping', '?')}"
