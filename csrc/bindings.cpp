@@ -182,6 +182,29 @@ void reject_compressed(const SpmmParams& p, const char* fn) {
     value_error(std::string(fn) + ": uint8 gap indices are only taken by csrq_linear (CSR)");
 }
 
+// indptr (n_ptr + 1 entries, starting at 0, last value >= 0), indices (that many entries) and
+// values (the dtype p.value_dtype names, C-contiguous): sets p's index types, returns nnz
+// (= indptr[-1]). Shared by the per-call entry points and BoundMatrix.
+static int64_t check_structure_arrays(const py::array& indptr, const py::array& indices,
+                                      const py::array& values, const std::string& value_dtype,
+                                      int64_t n_ptr, SpmmParams& p) {
+  p.indptr_type = indptr_type(indptr, n_ptr + 1);
+  const int64_t first = read_index(indptr, p.indptr_type, 0);
+  const int64_t nnz = read_index(indptr, p.indptr_type, n_ptr);
+  if (first != 0) value_error("indptr: expected indptr[0] == 0, got " + std::to_string(first));
+  if (nnz < 0)
+    value_error("indptr: expected a non-negative last value, got " + std::to_string(nnz));
+  p.index_type = indices_type(indices, nnz, " (= indptr[-1])");
+  if (!dtype_matches(values, p.value_dtype)) {
+    std::ostringstream s;
+    s << "values: expected " << expected_numpy(p.value_dtype) << " array for value_dtype '"
+      << value_dtype << "', got " << describe(values);
+    type_error(s.str());
+  }
+  if (!is_c_contig(values)) value_error("values: expected a C-contiguous array, got " + describe(values));
+  return nnz;
+}
+
 struct Common {
   SpmmParams p;
   sparsekit::cpu::Isa isa;
@@ -222,21 +245,7 @@ void fill_common(Common& c, const py::handle& indptr_o, const py::handle& indice
   py::array values = as_array(values_o, "values");
   py::array x = as_array(x_o, "x");
   py::array out = as_array(out_o, "out");
-  p.indptr_type = indptr_type(indptr, n_ptr + 1);
-  const int64_t first = read_index(indptr, p.indptr_type, 0);
-  const int64_t nnz = read_index(indptr, p.indptr_type, n_ptr);
-  if (first != 0) value_error("indptr: expected indptr[0] == 0, got " + std::to_string(first));
-  if (nnz < 0)
-    value_error("indptr: expected a non-negative last value, got " + std::to_string(nnz));
-  p.index_type = indices_type(indices, nnz, " (= indptr[-1])");
-
-  if (!dtype_matches(values, p.value_dtype)) {
-    std::ostringstream s;
-    s << "values: expected " << expected_numpy(p.value_dtype) << " array for value_dtype '"
-      << value_dtype << "', got " << describe(values);
-    type_error(s.str());
-  }
-  if (!is_c_contig(values)) value_error("values: expected a C-contiguous array, got " + describe(values));
+  check_structure_arrays(indptr, indices, values, value_dtype, n_ptr, p);
 
   if (x.ndim() != 2) value_error("x: expected a 2-d array (N, " + std::to_string(n_cols) + "), got " + describe(x));
   const int64_t N = x.shape(0);
@@ -368,19 +377,7 @@ class BoundMatrix {
     isa_ = sparsekit::cpu::resolve_isa(isa, "isa");
     py::array ip = as_array(indptr, "indptr"), ix = as_array(indices, "indices"),
               v = as_array(values, "values");
-    p_.indptr_type = indptr_type(ip, n_ptr + 1);
-    const int64_t first = read_index(ip, p_.indptr_type, 0);
-    nnz_ = read_index(ip, p_.indptr_type, n_ptr);
-    if (first != 0) value_error("indptr: expected indptr[0] == 0, got " + std::to_string(first));
-    if (nnz_ < 0) value_error("indptr: expected a non-negative last value, got " + std::to_string(nnz_));
-    p_.index_type = indices_type(ix, nnz_, " (= indptr[-1])");
-    if (!dtype_matches(v, p_.value_dtype)) {
-      std::ostringstream s;
-      s << "values: expected " << expected_numpy(p_.value_dtype) << " array for value_dtype '"
-        << value_dtype << "', got " << describe(v);
-      type_error(s.str());
-    }
-    if (!is_c_contig(v)) value_error("values: expected a C-contiguous array, got " + describe(v));
+    nnz_ = check_structure_arrays(ip, ix, v, value_dtype, n_ptr, p_);
     if (bsr_) {
       if (v.ndim() != 3 || v.shape(0) != nnz_ || v.shape(1) != block_r || v.shape(2) != block_c) {
         std::ostringstream s;
