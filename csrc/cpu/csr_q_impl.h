@@ -96,12 +96,9 @@ void csrq_linear_t(const SpmmParams& p) {
   const VT* val = static_cast<const VT*>(p.values);
   const int64_t nnz = static_cast<int64_t>(indptr[p.M]);
   const int threads = threads_for(p.num_threads, (nnz + p.M) * p.N);
-  const bool direct = p.x_dtype == DType::F32;
-  Scratch xs(direct ? 1 : static_cast<size_t>(p.N * p.K));
-  if (!direct)
-    for (int64_t n = 0; n < p.N; ++n) load_x_row(p, n, xs.p + n * p.K, p.K, 0, p.K);
-  const float* x = direct ? static_cast<const float*>(p.x) : xs.p;
-  const int64_t ldx = direct ? p.ldx : p.K;
+  const XRowsF32 xr(p);
+  const float* x = xr.x;
+  const int64_t ldx = xr.ldx;
   parallel_run(threads, [&](int tid, int nt) {
     const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
     for (int64_t m = r0; m < r1; ++m) {

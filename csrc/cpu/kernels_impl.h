@@ -184,12 +184,9 @@ void csr_linear_t(const SpmmParams& p) {
   if (p.N <= kMaxGatherBatch) {
     // 1-2 vectors: weights read once, x gathered per vector (see csr_spmv_rows).
     const int threads = threads_for(p.num_threads, (nnz + p.M) * p.N);
-    const bool direct = p.x_dtype == DType::F32;
-    Scratch xs(direct ? 1 : static_cast<size_t>(p.N * p.K));
-    if (!direct)
-      for (int64_t n = 0; n < p.N; ++n) load_x_row(p, n, xs.p + n * p.K, p.K, 0, p.K);
-    const float* x = direct ? static_cast<const float*>(p.x) : xs.p;
-    const int64_t ldx = direct ? p.ldx : p.K;
+    const XRowsF32 xr(p);
+    const float* x = xr.x;
+    const int64_t ldx = xr.ldx;
     parallel_run(threads, [&](int tid, int nt) {
       const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
       static_assert(kMaxGatherBatch == 2, "instantiate csr_spmv_rows for each gathered batch");

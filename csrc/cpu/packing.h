@@ -37,6 +37,26 @@ inline void load_x_row(const SpmmParams& p, int64_t n, float* xs, int64_t len, i
   for (int64_t k = imax(k0, p.K); k < imin(k1, len); ++k) xs[k] = 0.f;
 }
 
+// All N rows of x as fp32 for the per-row (SpMV-style) drivers: x itself when it is fp32
+// (row stride p.ldx), else converted once into owned scratch (row stride K). O(N * K) when
+// converting, O(1) otherwise.
+struct XRowsF32 {
+  Scratch xs;
+  const float* x;
+  int64_t ldx;
+  explicit XRowsF32(const SpmmParams& p)
+      : xs(p.x_dtype == DType::F32 ? 1 : static_cast<size_t>(p.N * p.K)) {
+    if (p.x_dtype == DType::F32) {
+      x = static_cast<const float*>(p.x);
+      ldx = p.ldx;
+    } else {
+      for (int64_t n = 0; n < p.N; ++n) load_x_row(p, n, xs.p + n * p.K, p.K, 0, p.K);
+      x = xs.p;
+      ldx = p.K;
+    }
+  }
+};
+
 // Packs x rows [n0, n0 + NT) for k in [k0, k1) into xt[k * NT + t] (fp32, zero-padded for rows
 // >= N and for k >= K, up to k < kpad). O((k1 - k0) * NT).
 inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int64_t k0,
