@@ -284,6 +284,18 @@ def _pack_structure(indptr_np: np.ndarray, indices_np: np.ndarray, n_cols: int,
     return ip.to(device), ix.to(device)
 
 
+def _validate_and_pack(indptr_np: np.ndarray, indices_np: np.ndarray, n_rows: int, n_cols: int,
+                       index_encoding: str, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate user index arrays (plain column ids, or uint8 gaps for ``"delta8"``) for an
+    ``n_rows x n_cols`` structure (block rows / columns for BSR) and pack them on ``device``."""
+    if index_encoding == "delta8":
+        _compress.delta8_validate(indptr_np, indices_np, n_rows, n_cols)
+        return _pack_delta8(indptr_np, indices_np, device)
+    validate_structure(indptr_np, indices_np, n_rows, n_cols)
+    return _pack_structure(indptr_np, indices_np, n_cols, device)
+
+
 @contextlib.contextmanager
 def _quiet_sparse_beta():
     # torch warns on every sparse CSR/BSR construction that the layout is "beta"
@@ -546,12 +558,7 @@ class CSRMatrix(_SparseBase):
                 f"values: expected length nnz = len(indices) = {ix.shape[0]}, got {vals.shape[0]}"
             )
         sc = None if scales is None else _compress.validate_scales(scales, M)
-        if index_encoding == "delta8":
-            _compress.delta8_validate(ip, ix, M, K)
-            ipt, ixt = _pack_delta8(ip, ix, device)
-        else:
-            validate_structure(ip, ix, M, K)
-            ipt, ixt = _pack_structure(ip, ix, K, device)
+        ipt, ixt = _validate_and_pack(ip, ix, M, K, index_encoding, device)
         self._set(ipt, ixt, vals.to(device), (M, K))
         if sc is not None:
             self._set_compression(sc.to(device))
@@ -805,12 +812,7 @@ class BSRMatrix(_SparseBase):
             )
         Mb, Kb = -(-M // r), -(-K // c)
         sc = None if scales is None else _compress.validate_scales(scales, M)
-        if index_encoding == "delta8":
-            _compress.delta8_validate(ip, ix, Mb, Kb)
-            ipt, ixt = _pack_delta8(ip, ix, device)
-        else:
-            validate_structure(ip, ix, Mb, Kb)
-            ipt, ixt = _pack_structure(ip, ix, Kb, device)
+        ipt, ixt = _validate_and_pack(ip, ix, Mb, Kb, index_encoding, device)
         self._set(ipt, ixt, vals.to(device), (M, K), (r, c))
         if sc is not None:
             self._set_compression(sc.to(device))
