@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._layers import is_hf_conv1d, to_param_shape, weight_2d
 from ._masks import Granularity, group_scores, parse_granularity, select_pruned_groups
 
 __all__ = ["LayerReconstruction", "sparsegpt_layer", "layer_error", "reconstruct_model",
@@ -109,12 +110,8 @@ def run_batch(model: nn.Module, batch: object, device: torch.device | None) -> o
 
 
 # ----------------------------------------------------------------------------- layer views
-def _is_hf_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
 def _check_supported(name: str, m: nn.Module) -> None:
-    if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
+    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
         return
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         if m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
@@ -127,21 +124,14 @@ def _check_supported(name: str, m: nn.Module) -> None:
                               f"is {type(m).__name__}")
 
 
-def get_w2d(m: nn.Module) -> torch.Tensor:
-    """The ``(out, K)`` view of the weight (a copy for HF Conv1D, whose weight is ``(in, out)``)."""
-    w = m.weight.detach()
-    return w.t() if _is_hf_conv1d(m) else w.reshape(w.shape[0], -1)
-
-
 def set_w2d(m: nn.Module, w2d: torch.Tensor) -> None:
     with torch.no_grad():
-        w = w2d.t() if _is_hf_conv1d(m) else w2d.reshape(m.weight.shape)
-        m.weight.copy_(w.to(m.weight.dtype))
+        m.weight.copy_(to_param_shape(m, w2d).to(m.weight.dtype))
 
 
 def input_columns(m: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
     """Layer input ``x`` as rows of the ``(n, K)`` matrix the 2-D weight multiplies."""
-    if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
+    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
         k = m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
         if x.shape[-1] != k:
             raise ValueError(f"calibration: module {name!r} expects inputs with last dimension "
@@ -564,7 +554,7 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
     for n in group:
         mod = modules[n]
         h = hess[n] / max(nrows[n], 1)
-        w0 = get_w2d(mod).to(hessian_dtype)
+        w0 = weight_2d(mod).to(hessian_dtype)
         t1 = time.perf_counter()
         w_target = w0
         if ref_model is not None:
@@ -587,7 +577,7 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
         e_masked, e_rec = float(rows_masked.sum()), layer_error(w_target, w_out, h)
         set_w2d(mod, w_out)
         t_solve = time.perf_counter() - t1
-        out_masks[n] = (keep.t() if _is_hf_conv1d(mod) else keep).reshape(mod.weight.shape)
+        out_masks[n] = to_param_shape(mod, keep)
         out.append(LayerReconstruction(
             name=n, group=group_id, hessian_shape=tuple(h.shape),
             hessian_bytes=h.numel() * h.element_size(), calibration_rows=nrows[n],
