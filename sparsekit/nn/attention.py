@@ -8,19 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsekit.nn.linear import SparseLinear
+from sparsekit.nn.linear import SparseLinear, linear_from_weight
 
 __all__ = ["SparseMultiheadAttention"]
 
 
 def _proj(weight: Tensor, bias: Tensor | None, choice: tuple[str, tuple[int, int] | None] | None,
           value_dtype: torch.dtype | None, backend: str) -> nn.Module:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
+    lin = linear_from_weight(weight, bias)
     if choice is None:
         return lin
     fmt, bs = choice

@@ -30,6 +30,18 @@ _BUFFERS = ("weight_indptr", "weight_indices", "weight_values")
 _MODULE_MATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def linear_from_weight(weight_2d: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear holding a copy of an ``(out, K)`` weight and bias (the dense form of a
+    transformers Conv1D or an attention projection)."""
+    lin = nn.Linear(weight_2d.shape[1], weight_2d.shape[0], bias=bias is not None,
+                    device=weight_2d.device, dtype=weight_2d.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight_2d)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
 def block_fill(mask: Tensor, blocksize: tuple[int, int]) -> tuple[int, int]:
     """Return ``(nnz_blocks, nnz)`` of a boolean ``(M, K)`` mask tiled with ``blocksize``.
 

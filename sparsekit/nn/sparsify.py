@@ -66,6 +66,7 @@ from sparsekit.nn.linear import (
     SparseLinear,
     block_fill,
     heuristic_choice,
+    linear_from_weight,
 )
 
 __all__ = [
@@ -478,17 +479,6 @@ def _cold_bytes(model: nn.Module, cold: bool | None) -> int:
     return 2 * llc if cold else 0
 
 
-def _as_linear(weight_2d: Tensor, bias: Tensor | None) -> nn.Linear:
-    """A throw-away nn.Linear over an (out, K) weight (for Conv1D / attention projections)."""
-    lin = nn.Linear(weight_2d.shape[1], weight_2d.shape[0], bias=bias is not None,
-                    device=weight_2d.device, dtype=weight_2d.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight_2d)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    return lin
-
-
 def _record_conv_inputs(model: nn.Module, example_inputs: Any) -> dict[int, tuple[Any, ...]]:
     """``id(conv) -> (C, H, W, channels_last)`` of every Conv2d's input in one forward pass."""
     seen: dict[int, tuple[Any, ...]] = {}
@@ -778,7 +768,7 @@ def sparsify(
                                    module_type=mtype)
             else:
                 r_in = decide(name, w_in, b_in is not None, mtype,
-                              lambda w=w_in, b=b_in: _as_linear(w, b))
+                              lambda w=w_in, b=b_in: linear_from_weight(w, b))
             if why_out:
                 r_out = LayerReport(out_name, tuple(op.weight.shape), 0.0, "dense", None,
                                     why_out, module_type=type(op).__name__)
@@ -804,7 +794,7 @@ def sparsify(
             rep = decide(name, w2, bias is not None, mtype, lambda mod=mod: mod)
         elif kind == "conv1d_hf":
             rep = decide(name, w2, bias is not None, mtype,
-                         lambda w=w2, b=bias: _as_linear(w, b))
+                         lambda w=w2, b=bias: linear_from_weight(w, b))
         else:
             rep = decide(name, w2, bias is not None, mtype, None, conv=mod)
         layers.append(rep)
@@ -813,7 +803,7 @@ def sparsify(
         if kind == "conv":
             new = SparseConv2d.from_module(mod, rep.choice, rep.blocksize, vdt_of(w2), backend)
         else:
-            src = mod if kind == "linear" else _as_linear(w2, bias)
+            src = mod if kind == "linear" else linear_from_weight(w2, bias)
             new = SparseLinear.from_dense(src, format=rep.choice, blocksize=rep.blocksize,
                                           value_dtype=vdt_of(w2), backend=backend,
                                           index_encoding=index_encoding)
