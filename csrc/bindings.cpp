@@ -182,6 +182,13 @@ void reject_compressed(const SpmmParams& p, const char* fn) {
     value_error(std::string(fn) + ": uint8 gap indices are only taken by csrq_linear (CSR)");
 }
 
+// CSR values: one per stored entry.
+static void check_csr_values(const py::array& values, int64_t nnz) {
+  if (values.ndim() != 1 || values.shape(0) != nnz)
+    value_error("values: expected array of length " + std::to_string(nnz) + " (= indptr[-1]), got " +
+                describe(values));
+}
+
 // indptr (n_ptr + 1 entries, starting at 0, last value >= 0), indices (that many entries) and
 // values (the dtype p.value_dtype names, C-contiguous): sets p's index types, returns nnz
 // (= indptr[-1]). Shared by the per-call entry points and BoundMatrix.
@@ -385,9 +392,8 @@ class BoundMatrix {
           << ") (= (indptr[-1], block_r, block_c)), got " << describe(v);
         value_error(s.str());
       }
-    } else if (v.ndim() != 1 || v.shape(0) != nnz_) {
-      value_error("values: expected array of length " + std::to_string(nnz_) +
-                  " (= indptr[-1]), got " + describe(v));
+    } else {
+      check_csr_values(v, nnz_);
     }
     p_.indptr = ip.data();
     p_.indices = ix.data();
@@ -555,10 +561,7 @@ void csr_linear(const py::handle& indptr, const py::handle& indices, const py::h
   Common c;
   fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
               n_cols, n_rows, num_threads, isa);
-  const int64_t nnz = c.arr(1).shape(0);
-  if (c.arr(2).ndim() != 1 || c.arr(2).shape(0) != nnz)
-    value_error("values: expected array of length " + std::to_string(nnz) + " (= indptr[-1]), got " +
-                describe(c.arr(2)));
+  check_csr_values(c.arr(2), c.arr(1).shape(0));
   reject_compressed(c.p, "csr_linear");
   c.p.variant = static_cast<int>(parse_variant(variant, "csr", c.isa));
   py::gil_scoped_release nogil;
@@ -574,10 +577,7 @@ void csrq_linear(const py::handle& indptr, const py::handle& indices, const py::
   Common c;
   fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
               n_cols, n_rows, num_threads, isa);
-  const int64_t nnz = c.arr(1).shape(0);
-  if (c.arr(2).ndim() != 1 || c.arr(2).shape(0) != nnz)
-    value_error("values: expected array of length " + std::to_string(nnz) + " (= indptr[-1]), got " +
-                describe(c.arr(2)));
+  check_csr_values(c.arr(2), c.arr(1).shape(0));
   if (c.p.x_dtype == DType::I8) value_error("x_dtype: expected 'f32' for int8 weights, got 'i8'");
   py::object keep_scales;
   if (c.p.value_dtype == DType::I8) {
