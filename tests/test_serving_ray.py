@@ -102,15 +102,55 @@ def _local(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
-def _metrics_by_replica(client: httpx.Client, url: str, want: int, tries: int = 60) -> dict:
-    """Poll /metrics until ``want`` distinct replicas answered (bounded)."""
+def _serve_diagnostics() -> str:
+    """What Serve reports about the app and its replicas' recent state changes (for failures)."""
+    lines = [repr(serve.status().applications.get(APP))]
+    try:
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+        for f in sorted(logs.glob("controller_*.log")):
+            hits = [ln.rstrip() for ln in f.read_text(errors="replace").splitlines()
+                    if "eplica" in ln and any(w in ln for w in (
+                        "unhealthy", "died", "Stopping", "Adding", "Removing", "failed",
+                        "health check", "STOPPING", "RUNNING"))]
+            lines += hits[-40:]
+    except Exception as e:  # noqa: BLE001 - diagnostics must not mask the real failure
+        lines.append(f"(controller log unavailable: {e})")
+    return "\n".join(lines)
+
+
+def _metrics_by_replica(client: httpx.Client, url: str, want: int,
+                        timeout_s: float = READY_TIMEOUT_S) -> dict:
+    """Poll /metrics until ``want`` distinct replicas answered, or the deadline passes.
+
+    Serve routes each request to one replica (power of two choices on queue length), so
+    polling reaches every routable replica within a few calls; a replica being replaced
+    (health check, restart) becomes routable again only after its constructor ran, which
+    on a loaded machine takes seconds -- hence a deadline rather than a count of tries.
+    """
     seen: dict[str, dict] = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         m = client.get(url + "/metrics").json()
         seen[m["replica"]] = m
         if len(seen) >= want:
             break
+        time.sleep(0.02)
     return seen
+
+
+def _wait_routable(url: str, want: int = 2) -> None:
+    """Block (bounded) until ``want`` replicas are RUNNING and answer; fail with diagnostics."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        st = serve.status().applications[APP]
+        running = sum(d.replica_states.get("RUNNING", 0) for d in st.deployments.values())
+        if running >= want:
+            break
+        assert time.monotonic() < deadline, _serve_diagnostics()
+        time.sleep(0.5)
+    with httpx.Client(timeout=30) as c:
+        seen = _metrics_by_replica(c, url, want)
+    assert len(seen) >= want, f"{len(seen)} of {want} replicas answered:\n{_serve_diagnostics()}"
 
 
 def test_outputs_bit_identical_to_local_model(cluster):
@@ -177,6 +217,7 @@ def test_two_replicas_answer_every_request_under_load(cluster):
     xs = [rng.standard_normal((int(rng.integers(1, 9)), LAYERS[0])).astype(np.float32)
           for _ in range(160)]
     with httpx.Client(timeout=30) as c:
+        _wait_routable(url)
         before = {k: v["requests"] for k, v in _metrics_by_replica(c, url, 2).items()}
 
     def one(x: np.ndarray) -> np.ndarray:
@@ -193,7 +234,8 @@ def test_two_replicas_answer_every_request_under_load(cluster):
     with httpx.Client(timeout=30) as c:
         after = _metrics_by_replica(c, url, 2)
     served = {k: v["requests"] - before.get(k, 0) for k, v in after.items()}
-    assert len(served) == 2 and all(n > 0 for n in served.values()), served
+    assert len(served) == 2 and all(n > 0 for n in served.values()), \
+        f"{served}\n{_serve_diagnostics()}"
     assert any(v["mean_batch_requests"] and v["max_batch_requests"] > 1
                for v in after.values()), "no request was ever batched with another"
 
@@ -217,6 +259,7 @@ BAD = [
 def test_malformed_requests_get_4xx_and_replicas_keep_serving(cluster):
     url, local, _ = cluster
     x = np.full((1, LAYERS[0]), 0.5, dtype=np.float32)
+    _wait_routable(url)
     with httpx.Client(timeout=30) as c:
         for body, status, detail in BAD:
             r = _post(c, url, body)
@@ -234,7 +277,7 @@ def test_malformed_requests_get_4xx_and_replicas_keep_serving(cluster):
             assert np.array_equal(np.asarray(r.json()["outputs"], dtype=np.float32),
                                   _local(local, x))
         seen = _metrics_by_replica(c, url, 2)
-    assert len(seen) == 2
+    assert len(seen) == 2, _serve_diagnostics()
     assert sum(m["errors"] for m in seen.values()) >= len(BAD) + 1
     assert sum(m["by_status"].get("422", 0) for m in seen.values()) >= 9
 
