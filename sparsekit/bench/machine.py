@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsekit._cpuinfo import cpu_fields, cpu_model_name
 from sparsekit.bench.probes import copy_bandwidth_gbs
 from sparsekit.timing import llc_bytes
 
@@ -69,23 +70,12 @@ def reexec_without_openblas_overrides(argv: Sequence[str] | None = None) -> None
 
 
 def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if not line.strip():
-                    break  # first processor block is enough
-                key, _, val = line.partition(":")
-                info.setdefault(key.strip(), val.strip())
-    except OSError:
-        pass
-    return info
+    return dict(cpu_fields())
 
 
 def cpu_model(cpu: dict[str, str] | None = None) -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` reports."""
-    cpu = _cpuinfo() if cpu is None else cpu
-    return cpu.get("model name") or platform.processor() or "unknown"
+    return cpu_model_name(cpu)
 
 
 _ISA_FLAGS = (

@@ -42,7 +42,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -51,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from sparsekit._cpuinfo import cpu_key
 
 __all__ = [
     "Plan", "plan", "variants", "variant_table", "plans", "forced_variants", "wisdom_path",
@@ -79,7 +80,6 @@ _lock = threading.RLock()
 _plans: dict[str, Plan] = {}
 _wisdom_loaded_from: str | None = None
 _wisdom_foreign = False
-_cpu_model_cache: str | None = None
 
 
 def n_class_name(n: int) -> str:
@@ -202,27 +202,8 @@ def wisdom_path() -> str | None:
 
 
 def cpu_model() -> str:
-    """CPU model string used in plan keys (``/proc/cpuinfo`` model name + family/model)."""
-    global _cpu_model_cache
-    if _cpu_model_cache is None:
-        name, fam, mod = platform.processor() or platform.machine(), "?", "?"
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    k, _, v = line.partition(":")
-                    k, v = k.strip(), v.strip()
-                    if k == "model name":
-                        name = v
-                    elif k == "cpu family":
-                        fam = v
-                    elif k == "model":
-                        mod = v
-                    elif not line.strip():
-                        break
-        except OSError:
-            pass
-        _cpu_model_cache = f"{name} (family {fam} model {mod})"
-    return _cpu_model_cache
+    """CPU model string used in plan keys (model name + family/model numbers)."""
+    return cpu_key()
 
 
 def _shape_class(mat: Any, nnz: int) -> str:

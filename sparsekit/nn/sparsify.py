@@ -36,7 +36,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import tempfile
 import threading
 import warnings
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsekit import ops, timing
+from sparsekit._cpuinfo import cpu_key
 from sparsekit._layers import (
     Filter,
     Selector,
@@ -248,14 +248,7 @@ def _variant_name(fmt: str, blocksize: tuple[int, int] | None) -> str:
 def _hw_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_key()
 
 
 def _num_threads() -> int:
