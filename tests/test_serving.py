@@ -148,3 +148,20 @@ def test_serving_package_keeps_public_names():
     assert x.dtype.name == "float32" and x.tolist() == [[1.0, 2.5]]
     with pytest.raises(RequestError, match="row 0: expected 3 numbers, got 2"):
         parse_inputs(b'{"inputs": [[1, 2.5]]}', 3, 4)
+
+
+@pytest.mark.parametrize("ctype", [None, "application/json", "application/json; charset=utf-8",
+                                   "Application/JSON", "application/vnd.api+json"])
+def test_require_json_accepts_json_content_types(ctype):
+    from sparsekit.serving.http import require_json
+
+    require_json(ctype)
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "json/xml"])
+def test_require_json_rejects_others_with_415(ctype):
+    from sparsekit.serving.http import RequestError, require_json
+
+    with pytest.raises(RequestError, match=f"content-type: expected application/json, got {ctype}") as e:
+        require_json(ctype)
+    assert e.value.status == 415

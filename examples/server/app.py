@@ -94,7 +94,7 @@ class ServerConfig:
 
 # ------------------------------------------------------------------------------ validation
 # Request parsing and counters are shared with the Ray Serve deployment (sparsekit.serving.ray).
-from sparsekit.serving.http import RequestError, RequestStats, parse_inputs  # noqa: E402
+from sparsekit.serving.http import RequestError, RequestStats, parse_inputs, require_json  # noqa: E402
 
 
 class BodyTooLarge(Exception):
@@ -219,9 +219,7 @@ def create_app(config: ServerConfig | None = None) -> Any:
         t0 = time.perf_counter()
         status = 200
         try:
-            ctype = request.headers.get("content-type", "application/json")
-            if not ctype.split(";")[0].strip().lower().endswith("json"):
-                raise RequestError(415, f"content-type: expected application/json, got {ctype}")
+            require_json(request.headers.get("content-type"))
             body = await request.body()  # BodyLimitMiddleware caps what this can read
             x = parse_inputs(body, n_features, max_batch)
             classes, logits = await anyio.to_thread.run_sync(_run, x, limiter=limiter)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RequestError", "RequestStats", "parse_inputs"]
+__all__ = ["RequestError", "RequestStats", "parse_inputs", "require_json"]
 
 
 class RequestError(Exception):
@@ -30,6 +30,13 @@ class RequestError(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+def require_json(content_type: str | None) -> None:
+    """Raise a 415 :class:`RequestError` unless ``content_type`` is JSON (absent means JSON)."""
+    ctype = content_type or "application/json"
+    if not ctype.split(";")[0].strip().lower().endswith("json"):
+        raise RequestError(415, f"content-type: expected application/json, got {ctype}")
 
 
 def _reject_constant(name: str) -> float:

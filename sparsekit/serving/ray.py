@@ -73,7 +73,12 @@ from starlette.responses import JSONResponse
 
 import sparsekit
 from sparsekit.serving import warmup
-from sparsekit.serving.http import RequestError, RequestStats, parse_inputs
+from sparsekit.serving.http import (
+    RequestError,
+    RequestStats,
+    parse_inputs,
+    require_json,
+)
 
 __all__ = [
     "SparsekitDeployment", "SparsekitReplica", "build_app", "app_builder", "resolve_factory",
@@ -385,9 +390,7 @@ class SparsekitReplica:
         t0 = time.perf_counter()
         status = 200
         try:
-            ctype = request.headers.get("content-type", "application/json")
-            if not ctype.split(";")[0].strip().lower().endswith("json"):
-                raise RequestError(415, f"content-type: expected application/json, got {ctype}")
+            require_json(request.headers.get("content-type"))
             declared = request.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 raise RequestError(413, f"body: {declared} bytes exceeds the limit of "
