@@ -162,6 +162,7 @@ def test_require_json_accepts_json_content_types(ctype):
 def test_require_json_rejects_others_with_415(ctype):
     from sparsekit.serving.http import RequestError, require_json
 
-    with pytest.raises(RequestError, match=f"content-type: expected application/json, got {ctype}") as e:
+    want = f"content-type: expected application/json, got {ctype}"
+    with pytest.raises(RequestError, match=want) as e:
         require_json(ctype)
     assert e.value.status == 415
