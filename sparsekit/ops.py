@@ -58,6 +58,8 @@ __all__ = [
     "matrix_from_parts",
     "csr_linear",
     "bsr_linear",
+    "csr_linear_compressed",
+    "bsr_linear_compressed",
     "csr_transpose",
     "bsr_transpose",
 ]
@@ -411,6 +413,73 @@ def bsr_linear(
 def _bsr_linear_fake(
     x, indptr, indices, values, bias, out_features, in_features, block_r, block_c, backend="auto"
 ):
+    return _fake_linear(x, values, bias, out_features, in_features)
+
+
+def _run_linear_compressed(x, indptr, indices, values, scales, bias, out_features, in_features,
+                           blocksize, backend) -> Tensor:
+    mat = matrix_from_parts(indptr, indices, values, (out_features, in_features), blocksize)
+    if mat.scales is not scales:
+        # a matrix over these three buffers but other scales (or none): derived data is stale
+        mat.cache_invalidate()
+        mat._set_compression(scales)
+    if not mat.is_compressed:
+        raise ValueError("values/indices: expected int8 values or uint8 (delta8) indices for "
+                         f"the compressed op, got {values.dtype} values and {indices.dtype} "
+                         "indices (use csr_linear / bsr_linear)")
+    cdt, bias = plan_linear(x, in_features, out_features, values, bias)
+    return launch_linear(x.detach(), mat, bias, backend, cdt)
+
+
+@torch.library.custom_op("sparsekit::csr_linear_compressed", mutates_args=())
+def csr_linear_compressed(
+    x: Tensor,
+    indptr: Tensor,
+    indices: Tensor,
+    values: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    out_features: int,
+    in_features: int,
+    backend: str = "auto",
+) -> Tensor:
+    """``x @ W.T + bias`` for a compressed CSR ``W``: int8 ``values`` with per-row fp32
+    ``scales`` (``W[i, j] = values * scales[i]``), and/or uint8 delta8 ``indices`` (column gaps
+    with escape entries, see :mod:`sparsekit.formats`). As :func:`csr_linear`, but the weight
+    is inference-only: no gradient flows to ``x`` (the int8 weight is a deployment format).
+    """
+    return _run_linear_compressed(x, indptr, indices, values, scales, bias, out_features,
+                                  in_features, None, backend)
+
+
+@csr_linear_compressed.register_fake
+def _csr_linear_compressed_fake(x, indptr, indices, values, scales, bias, out_features,
+                                in_features, backend="auto"):
+    return _fake_linear(x, values, bias, out_features, in_features)
+
+
+@torch.library.custom_op("sparsekit::bsr_linear_compressed", mutates_args=())
+def bsr_linear_compressed(
+    x: Tensor,
+    indptr: Tensor,
+    indices: Tensor,
+    values: Tensor,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    out_features: int,
+    in_features: int,
+    block_r: int,
+    block_c: int,
+    backend: str = "auto",
+) -> Tensor:
+    """``x @ W.T + bias`` for a compressed BSR ``W``; as :func:`csr_linear_compressed`."""
+    return _run_linear_compressed(x, indptr, indices, values, scales, bias, out_features,
+                                  in_features, (block_r, block_c), backend)
+
+
+@bsr_linear_compressed.register_fake
+def _bsr_linear_compressed_fake(x, indptr, indices, values, scales, bias, out_features,
+                                in_features, block_r, block_c, backend="auto"):
     return _fake_linear(x, values, bias, out_features, in_features)
 
 

@@ -131,3 +131,58 @@ def test_fake_registration_checks_shapes(fmt):
         assert y.shape == (3, 4, 8) and y.dtype == torch.bfloat16
         with pytest.raises(ValueError, match="x: expected last dimension == weight in_features"):
             sl(torch.empty(3, 15))
+
+
+COMPRESSED = [
+    pytest.param(dict(value_dtype=torch.int8), "csr_linear_compressed", id="int8-csr"),
+    pytest.param(dict(index_encoding="delta8"), "csr_linear_compressed", id="delta8-fp32-csr"),
+    pytest.param(dict(value_dtype=torch.int8, index_encoding="delta8"), "csr_linear_compressed",
+                 id="int8-delta8-csr"),
+    pytest.param(dict(value_dtype=torch.int8, format="bsr", blocksize=(4, 4)),
+                 "bsr_linear_compressed", id="int8-bsr"),
+]
+
+
+def _compressed_mlp(kw, seed):
+    torch.manual_seed(seed)
+    model = magnitude_prune(mlp((96, 160, 33)), 0.85).eval()
+    for i, mod in enumerate(model):
+        if isinstance(mod, torch.nn.Linear):
+            model[i] = SparseLinear.from_dense(mod, **kw)
+    return model
+
+
+@pytest.mark.parametrize("kw, op", COMPRESSED)
+def test_compressed_weights_compile_fullgraph_and_export(kw, op, tmp_path):
+    """int8 values / delta8 indices go through their own custom ops: no graph break, and every
+    layer of a compiled or exported model uses its own weight (checked against float64)."""
+    torch._dynamo.reset()
+    model = _compressed_mlp(kw, seed=31)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        eager = model(x)
+        ref = x.double()
+        for mod in model:  # float64 reference from each layer's decoded dense weight
+            ref = (ref @ mod.weight.double().T + mod.bias.double() if isinstance(mod, SparseLinear)
+                   else mod(ref))
+        _close(eager, ref, 1e-5)
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        _close(compiled(x), eager, 0.0)
+        ep = torch.export.export(model, (x,))
+        targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        assert f"sparsekit.{op}.default" in targets, targets
+        x2 = torch.randn(5, 96)  # exported shapes are static
+        _close(ep.module()(x2), model(x2), 0.0)
+        p = tmp_path / "prog.pt2"
+        torch.export.save(ep, p)
+        _close(torch.export.load(p).module()(x2), model(x2), 0.0)
+
+
+def test_compressed_op_rejects_plain_weights():
+    sl = SparseLinear.from_dense(torch.nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="expected int8 values or uint8 \\(delta8\\) indices"):
+        torch.ops.sparsekit.csr_linear_compressed(
+            torch.randn(2, 16), sl.weight_indptr, sl.weight_indices, sl.weight_values, None,
+            None, 8, 16)

@@ -406,12 +406,18 @@ class SparseLinear(nn.Module):
                             y = launch(x, bias)
                             if y is not None:
                                 return y
-        if "weight_scales" in self._buffers or self._buffers["weight_indices"].dtype == torch.uint8:
-            # int8 values / uint8 gaps: no custom op takes them yet, so no autograd for x and
-            # torch.compile breaks the graph here.
+        b = self._buffers
+        if "weight_scales" in b or b["weight_indices"].dtype == torch.uint8:
+            # int8 values / uint8 gaps: an inference-only weight (no gradient to x)
             bias = self._parameters["bias"]
-            return ops.linear_matrix(x, self._registered_matrix(),
-                                     None if bias is None else bias.detach(), self.backend)
+            bias = None if bias is None else bias.detach()
+            if not torch.compiler.is_compiling() and _current_dispatch_mode() is None:
+                return ops.linear_matrix(x, self._registered_matrix(), bias, self.backend)
+            args = (x.detach(), b["weight_indptr"], b["weight_indices"], b["weight_values"],
+                    b.get("weight_scales"), bias, self.out_features, self.in_features)
+            if self.blocksize is None:
+                return torch.ops.sparsekit.csr_linear_compressed(*args, self.backend)
+            return torch.ops.sparsekit.bsr_linear_compressed(*args, *self.blocksize, self.backend)
         if not torch.compiler.is_compiling():
             mat = self._registered_matrix()  # keeps backend caches warm in eager mode
             bias = self._parameters["bias"]
