@@ -95,12 +95,20 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
     cdt, bias32 = ops.plan_linear(x, K, M, weight.values, bias)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         # Differentiable: through the custom ops, whose backward uses the transposed weight.
+        # int8 values / delta8 indices: through their float decoding (cached on the matrix).
+        weight = weight.decoded()
         if isinstance(weight, CSRMatrix):
             return ops.csr_linear(x, weight.indptr, weight.indices, weight.values, bias, M, K,
                                   backend)
         r, c = weight.blocksize
         return ops.bsr_linear(x, weight.indptr, weight.indices, weight.values, bias, M, K, r, c,
                               backend)
+    if weight.is_compressed and torch.compiler.is_compiling():
+        # the compressed ops keep the graph whole (the eager launch below would break it)
+        args = (x, weight.indptr, weight.indices, weight.values, weight.scales, bias, M, K)
+        if isinstance(weight, CSRMatrix):
+            return ops.csr_linear_compressed(*args, backend)
+        return ops.bsr_linear_compressed(*args, *weight.blocksize, backend)
     if x.requires_grad:
         x = x.detach()
     y = ops.launch_linear(x, weight, bias32, backend, cdt)

@@ -293,3 +293,30 @@ def test_corrupt_file(tmp_path):
 
         matrix_from_state(st["0.weight_indptr"], st["0.weight_indices"],
                           st["0.weight_values"], st["0.weight_meta"], prefix="0.")
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+@pytest.mark.parametrize("vd, enc", [(torch.int8, "plain"), (torch.int8, "delta8"),
+                                     (torch.float32, "delta8")])
+def test_functional_linear_gradients_and_compile(fmt, vd, enc):
+    """sparsekit.linear on a compressed weight: gradients to x and bias through the float
+    decoding, and a whole graph under torch.compile (no eager fallback)."""
+    w = _weight(40, 72, 0.2, seed=5)
+    W = (CSRMatrix.from_dense(w, value_dtype=vd, index_encoding=enc) if fmt == "csr" else
+         BSRMatrix.from_dense(w, (4, 8), value_dtype=vd, index_encoding=enc))
+    dense = W.to_dense().double()
+    x = torch.randn(6, 72, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    y = sparsekit.linear(x, W, b)
+    g = torch.randn(6, 40)
+    y.backward(g)
+    torch.testing.assert_close(y.double(), x.double() @ dense.T + b.double(),
+                               rtol=1e-5, atol=1e-5, check_dtype=False)
+    torch.testing.assert_close(x.grad.double(), g.double() @ dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, g.sum(0), rtol=1e-5, atol=1e-5)
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, W: sparsekit.linear(x, W), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        x2 = torch.randn(3, 72)
+        torch.testing.assert_close(f(x2, W), sparsekit.linear(x2, W), rtol=0, atol=0)
