@@ -113,7 +113,7 @@ class _TinyLM(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("loss", ["auto", "logits", "hidden_all"])
+@pytest.mark.parametrize("loss", ["auto", "logits", "hidden_all", "pooled", "hidden_all+pooled"])
 def test_distill_dict_batches_and_losses(loss):
     torch.manual_seed(0)
     teacher = _TinyLM()
@@ -128,6 +128,26 @@ def test_distill_dict_batches_and_losses(loss):
     for n, z in _zeros(student).items():
         if not n.startswith("emb"):
             assert torch.equal(z, zeros[n])
+
+
+def test_pooled_loss_matches_numpy():
+    from sparsekit.prune.distill import _loss
+
+    g = np.random.default_rng(5)
+    hs, ht = g.standard_normal((3, 6, 4)), g.standard_normal((3, 6, 4))
+    am = np.ones((3, 6), dtype=np.int64)
+    am[0, 4:] = 0
+    am[2, 1:] = 0
+    batch = {"input_ids": torch.zeros(3, 6, dtype=torch.int64),
+             "attention_mask": torch.from_numpy(am)}
+    got = _loss("pooled", {"last_hidden_state": torch.from_numpy(hs)},
+                {"last_hidden_state": torch.from_numpy(ht)}, batch, 2.0)
+    ref = []
+    for b in range(3):
+        k = am[b].astype(bool)
+        ps, pt = hs[b, k].mean(0), ht[b, k].mean(0)
+        ref.append(1 - ps @ pt / np.linalg.norm(ps) / np.linalg.norm(pt))
+    assert float(got) == pytest.approx(float(np.mean(ref)), rel=1e-5)
 
 
 def test_distill_errors():

@@ -10,6 +10,7 @@ See ``docs/pruning.md`` for a guide (which method when, costs, measured quality)
 
 from ._core import SUPPORTED_TYPES, LayerReport, PruneReport
 from ._masks import Granularity, parse_granularity
+from .allocation import OWL, owl_sparsities
 from .criteria import CRITERIA
 from .distill import DistillReport, distill
 from .evaluate import (
@@ -27,4 +28,5 @@ from .oneshot import prune
 __all__ = ["prune", "GradualPruner", "sparsity_schedule", "evaluate", "Evaluation",
            "PruneReport", "LayerReport", "Granularity", "parse_granularity", "CRITERIA",
            "SCHEDULES", "SUPPORTED_TYPES", "distill", "DistillReport", "embedding_cosine",
-           "neighbour_agreement", "logit_kl", "mean_pooled_embeddings", "perplexity"]
+           "neighbour_agreement", "logit_kl", "mean_pooled_embeddings", "perplexity",
+           "OWL", "owl_sparsities"]

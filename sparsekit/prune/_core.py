@@ -186,7 +186,11 @@ class Engine:
                  granularity: object, scope: str, include: Filter, exclude: Filter,
                  types: object, calibration: Iterable[object] | None,
                  sparsity_arg: str = "sparsity",
-                 filter_fn: Callable[[str, nn.Module], bool] | None = None) -> None:
+                 filter_fn: Callable[[str, nn.Module], bool] | None = None,
+                 skip_padding: bool = True) -> None:
+        if not isinstance(skip_padding, bool):
+            raise ValueError(f"skip_padding: expected a bool, got {skip_padding!r}")
+        self.skip_padding = skip_padding
         self.crit: Criterion = resolve_criterion(criterion)
         self.gran: Granularity = parse_granularity(granularity)
         if scope not in SCOPES:
@@ -275,7 +279,8 @@ class Engine:
             raise ValueError("criterion: 'sparsegpt' chooses masks while reconstructing layers "
                              "one-shot; use prune(..., criterion='sparsegpt') (then "
                              "sparsekit.prune.distill to recover), or a static criterion here")
-        norms = (collect_input_norms(self.model, self.modules, self.calibration)
+        norms = (collect_input_norms(self.model, self.modules, self.calibration,
+                                     skip_padding=self.skip_padding)
                  if self.crit.needs_calibration else {})
         elems = {n: element_scores(self.crit, n, m, norms.get(n)) for n, m in self.modules.items()}
         prev = {n: (~already[n].reshape(e.shape)) if already is not None else None

@@ -32,7 +32,8 @@ from torch import nn
 
 from .._layers import from_param_shape, is_hf_conv1d, prunable_weight, weight_2d
 
-__all__ = ["CRITERIA", "Criterion", "resolve_criterion", "element_scores", "collect_input_norms"]
+__all__ = ["CRITERIA", "Criterion", "resolve_criterion", "element_scores", "collect_input_norms",
+           "real_token_mask", "drop_padding_rows"]
 
 CRITERIA = ("l1", "l2", "mean", "wanda", "sparsegpt")
 
@@ -112,6 +113,32 @@ def _check_wanda_module(name: str, module: nn.Module) -> None:
                               f"is {type(module).__name__}")
 
 
+def real_token_mask(batch: object) -> torch.Tensor | None:
+    """Boolean ``(B, T)`` mask of the real tokens of a dict batch with a 2-D ``attention_mask``.
+
+    None for other batches.  Padding positions carry hidden states that no output uses (mean
+    pooling, attention and losses all mask them), so statistics of layer inputs leave them out.
+    """
+    if isinstance(batch, Mapping):
+        am = batch.get("attention_mask")
+        if isinstance(am, torch.Tensor) and am.dim() == 2:
+            return am != 0
+    return None
+
+
+def drop_padding_rows(x: torch.Tensor, cols: torch.Tensor,
+                      token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``cols`` (``x`` flattened to ``(B*T, K)``) that belong to real tokens.
+
+    Only applies when ``x`` is a ``(B, T, K)`` token tensor matching ``token_mask``'s ``(B, T)``
+    and ``cols`` has one row per token; otherwise ``cols`` is returned unchanged.
+    """
+    if (token_mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(token_mask.shape)
+            or cols.shape[0] != x.shape[0] * x.shape[1]):
+        return cols
+    return cols[token_mask.to(cols.device).reshape(-1)]
+
+
 def _run_batch(model: nn.Module, batch: object, device: torch.device | None) -> None:
     def mv(t: object) -> object:
         return t.to(device) if isinstance(t, torch.Tensor) and device is not None else t
@@ -136,8 +163,12 @@ def _shape_of(batch: object) -> str:
 
 
 def collect_input_norms(model: nn.Module, modules: Mapping[str, nn.Module],
-                        calibration: Iterable[object] | None) -> dict[str, torch.Tensor]:
+                        calibration: Iterable[object] | None, *, skip_padding: bool = True
+                        ) -> dict[str, torch.Tensor]:
     """L2 norm of every input feature of ``modules`` over the ``calibration`` batches.
+
+    With ``skip_padding`` (default), token positions that a dict batch's ``attention_mask``
+    marks as padding are left out (see :func:`real_token_mask`).
 
     The model runs in eval mode under ``torch.no_grad()``; per-module training flags are restored
     and all hooks are removed afterwards, also on error.
@@ -154,13 +185,15 @@ def collect_input_norms(model: nn.Module, modules: Mapping[str, nn.Module],
         _check_wanda_module(name, mod)
     sumsq: dict[str, torch.Tensor] = {}
     handles = []
+    token_mask: list[torch.Tensor | None] = [None]
 
     def make_hook(name: str, mod: nn.Module) -> Callable[..., None]:
         def sumsq_rows(x: torch.Tensor, k: int) -> torch.Tensor:
             if x.shape[-1] != k:
                 raise ValueError(f"calibration: module {name!r} expects inputs with last "
                                  f"dimension {k}, got shape {tuple(x.shape)}")
-            cols = x.detach().reshape(-1, k).to(torch.float64)
+            cols = drop_padding_rows(x, x.detach().reshape(-1, k), token_mask[0])
+            cols = cols.to(torch.float64)
             return (cols * cols).sum(dim=0)
 
         def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -196,6 +229,7 @@ def collect_input_norms(model: nn.Module, modules: Mapping[str, nn.Module],
         n_batches = 0
         with torch.no_grad():
             for i, batch in enumerate(calibration):
+                token_mask[0] = real_token_mask(batch) if skip_padding else None
                 try:
                     _run_batch(model, batch, device)
                 except (ValueError, TypeError, RuntimeError) as e:

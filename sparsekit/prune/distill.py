@@ -5,8 +5,10 @@ labels are needed: ``loss="logits"`` matches softened output distributions (KL d
 temperature, Hinton et al., 2015), ``loss="hidden"`` the final hidden states / tensor output
 (mean squared error normalised by the teacher's mean square), ``loss="hidden_all"`` every hidden
 state a Hugging Face model returns with ``output_hidden_states=True`` (layer-wise matching as in
-the gradual-pruning-with-distillation recipes of Sanh et al., 2020 and Kurtic et al., 2022).  For
-dict batches with an ``attention_mask`` only real tokens count.
+the gradual-pruning-with-distillation recipes of Sanh et al., 2020 and Kurtic et al., 2022),
+``loss="pooled"`` the mean-pooled final hidden state (the sentence embedding of
+sentence-transformers models) by ``1 - cosine``, and ``loss="hidden_all+pooled"`` the sum of the
+two.  For dict batches with an ``attention_mask`` only real tokens count.
 
 Sparsity is kept *exactly*: the zero pattern of every pruned module is frozen when ``distill``
 starts (or taken from a :class:`~sparsekit.prune.GradualPruner`, whose schedule then keeps
@@ -32,7 +34,7 @@ from .sparsegpt import run_batch
 
 __all__ = ["distill", "DistillReport", "LOSSES"]
 
-LOSSES = ("auto", "logits", "hidden", "hidden_all")
+LOSSES = ("auto", "logits", "hidden", "hidden_all", "pooled", "hidden_all+pooled")
 
 
 @dataclass
@@ -110,8 +112,26 @@ def _tensor_out(out: object) -> torch.Tensor:
     raise ValueError(f"loss: model output of type {type(out).__name__} has no tensor to match")
 
 
+def _pooled(out: object, batch: object) -> torch.Tensor:
+    """Mean over real tokens of the final hidden state (``(B, T, D)`` -> ``(B, D)``)."""
+    h = _tensor_out(out)
+    if h.dim() != 3:
+        raise ValueError(f"loss: 'pooled' needs a (batch, tokens, features) output, got shape "
+                         f"{tuple(h.shape)}")
+    w = _token_weights(batch, h)
+    if w is None:
+        return h.mean(dim=1)
+    return (h * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1)
+
+
 def _loss(kind: str, s_out: object, t_out: object, batch: object, temperature: float
           ) -> torch.Tensor:
+    if kind == "hidden_all+pooled":
+        return (_loss("hidden_all", s_out, t_out, batch, temperature)
+                + _loss("pooled", s_out, t_out, batch, temperature))
+    if kind == "pooled":
+        ps, pt = _pooled(s_out, batch), _pooled(t_out, batch)
+        return (1.0 - F.cosine_similarity(ps.float(), pt.float(), dim=-1)).mean()
     if kind == "logits":
         s, t = _get(s_out, "logits"), _get(t_out, "logits")
         if s is None and isinstance(s_out, torch.Tensor):
@@ -189,7 +209,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[object], *, s
     lr : float
         Peak learning rate of the default AdamW optimizer (linear warm-up over ``warmup`` of the
         steps, then cosine decay to 0; also applied to a given ``optimizer``'s groups).
-    loss : {"auto", "logits", "hidden", "hidden_all"} or callable
+    loss : {"auto", "logits", "hidden", "hidden_all", "pooled", "hidden_all+pooled"} or callable
         What to match (see the module docs).  ``"auto"``: logits if the output has them, else the
         tensor / ``last_hidden_state`` output.  A callable gets ``(student_out, teacher_out,
         batch)`` and returns a scalar tensor.
@@ -286,7 +306,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[object], *, s
                         with torch.no_grad():
                             probe = run_batch(teacher, batch, device)
                         kind = _resolve_loss(loss, probe)
-                    all_hidden = kind == "hidden_all"
+                    all_hidden = kind in ("hidden_all", "hidden_all+pooled")
                     key = (bi, kind)
                     if cacheable and key in cache:
                         t_out = cache[key]

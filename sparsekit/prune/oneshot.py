@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from ._core import Engine, Filter, PruneReport, apply_masks, count_nonzero
+from ._masks import parse_granularity
+from .allocation import OWL, owl_sparsities
+from .sparsegpt import calibration_batches, prune_with_reconstruction
 
 __all__ = ["prune"]
 
@@ -21,7 +24,8 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
           calibration: Iterable[object] | None = None, reconstruct: bool = False,
           damp: float = 0.01, block_size: int = 128,
           hessian_dtype: torch.dtype = torch.float64,
-          dense_targets: bool = False) -> PruneReport:
+          dense_targets: bool = False, update_bias: bool = False, skip_padding: bool = True,
+          allocation: str | OWL = "uniform") -> PruneReport:
     """Prune ``model``'s weights in place, once, to an exact sparsity.
 
     Pruned weights are set to exactly ``+0.0``; no hook or parametrization is left behind, so the
@@ -90,6 +94,18 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
         also undoes the drift of the layers pruned before it (a dense copy of the model runs
         alongside; twice the forward cost).  Default: the layer's own dense weights applied to
         the inputs of the model pruned so far, as in SparseGPT.
+    update_bias : bool
+        Reconstruction: also re-fit each layer's bias (it absorbs the mean output shift; the
+        solver then works on the centred input covariance).  Not with ``dense_targets``.
+    skip_padding : bool
+        Calibration statistics (Wanda norms, Hessians, OWL outlier ratios) leave out token
+        positions that a dict batch's ``attention_mask`` marks as padding.
+    allocation : {"uniform", "owl"} or OWL
+        How a float ``sparsity`` (``scope='layer'``) is spread over the modules.  ``"uniform"``:
+        every module gets it.  ``"owl"`` / ``OWL(lam, m, group)``: outlier-weighted layerwise
+        sparsity (:mod:`sparsekit.prune.allocation`; needs ``calibration``): blocks with more
+        outlier Wanda scores are pruned less, others more, and the total stays exactly
+        ``sparsity`` (to one weight).  ``report.extra["allocation"]`` holds the per-module targets.
 
     Returns
     -------
@@ -118,19 +134,46 @@ def prune(model: nn.Module, sparsity: float | Mapping[str, float] | None = None,
         raise ValueError(f"reconstruct: expected a bool, got {reconstruct!r}")
     if not isinstance(dense_targets, bool):
         raise ValueError(f"dense_targets: expected a bool, got {dense_targets!r}")
+    owl = None
+    if isinstance(allocation, OWL) or allocation == "owl":
+        owl = allocation if isinstance(allocation, OWL) else OWL()
+    elif allocation != "uniform":
+        raise ValueError(f"allocation: expected 'uniform', 'owl' or an OWL(...) instance, got "
+                         f"{allocation!r}")
+    if owl is not None:
+        if isinstance(sparsity, Mapping) or sparsity is None or scope != "layer" or (
+                parse_granularity(granularity).kind == "nm"):
+            raise ValueError(f"allocation: OWL spreads one float sparsity over the layers "
+                             f"(scope='layer', not N:M); got sparsity={sparsity!r}, "
+                             f"scope={scope!r}, granularity={granularity!r}")
+        if calibration is None:
+            raise ValueError("calibration: allocation='owl' needs calibration data (an iterable "
+                             "of input batches), got None")
+        calibration = calibration_batches(calibration, "allocation='owl'")
+        sparsity = owl_sparsities(model, sparsity, calibration, owl=owl, include=include,
+                                  exclude=exclude, types=types, filter_fn=filter_fn,
+                                  skip_padding=skip_padding)
+        include = exclude = filter_fn = None
     engine = Engine(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
                     include=include, exclude=exclude, types=types, calibration=calibration,
-                    filter_fn=filter_fn)
+                    filter_fn=filter_fn, skip_padding=skip_padding)
     before = count_nonzero(engine.modules)
     targets = engine.targets_for(sparsity)
     target = engine.gran.fixed_sparsity if sparsity is None else (
         dict(sparsity) if isinstance(sparsity, Mapping) else float(sparsity))
     if engine.crit.name == "sparsegpt" or reconstruct:
-        from .sparsegpt import prune_with_reconstruction
-
-        return prune_with_reconstruction(engine, targets, target, before, damp=damp,
-                                         block_size=block_size, hessian_dtype=hessian_dtype,
-                                         dense_targets=dense_targets)
-    masks = engine.compute_masks(float(sparsity) if scope == "global" else targets)
-    apply_masks(engine.modules, masks)
-    return engine.report(masks, before, None if scope == "global" else targets, target)
+        report = prune_with_reconstruction(engine, targets, target, before, damp=damp,
+                                           block_size=block_size, hessian_dtype=hessian_dtype,
+                                           dense_targets=dense_targets, update_bias=update_bias,
+                                           skip_padding=skip_padding)
+    else:
+        if update_bias:
+            raise ValueError("update_bias: only used by reconstruction (criterion='sparsegpt' "
+                             "or reconstruct=True)")
+        masks = engine.compute_masks(float(sparsity) if scope == "global" else targets)
+        apply_masks(engine.modules, masks)
+        report = engine.report(masks, before, None if scope == "global" else targets, target)
+    if owl is not None:
+        report.extra["allocation"] = {"method": "owl", "lam": owl.lam, "m": owl.m,
+                                      "targets": dict(sparsity)}
+    return report

@@ -57,6 +57,7 @@ from torch import nn
 
 from .._layers import is_hf_conv1d, to_param_shape, weight_2d
 from ._masks import Granularity, group_scores, parse_granularity, select_pruned_groups
+from .criteria import drop_padding_rows, real_token_mask
 
 __all__ = ["LayerReconstruction", "sparsegpt_layer", "layer_error", "reconstruct_model",
            "calibration_batches", "run_batch", "hessian_from_inputs",
@@ -359,7 +360,8 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
                       damp: float = 0.01, block_size: int = 128,
                       hessian_dtype: torch.dtype = torch.float64,
                       what: str = "criterion 'sparsegpt'",
-                      dense_targets: bool = False,
+                      dense_targets: bool = False, update_bias: bool = False,
+                      skip_padding: bool = True,
                       progress: Callable[[str], None] | None = None
                       ) -> tuple[dict[str, torch.Tensor], list[LayerReconstruction]]:
     """Prune (``targets``) or reconstruct under fixed ``masks`` every module, sequentially.
@@ -372,6 +374,15 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
     copy of the model and a second forward per batch; reported errors are then measured from
     ``W*``.
 
+    With ``update_bias=True`` the bias of every layer that has one is re-fitted together with the
+    kept weights.  For a fixed weight change ``D = W - W'`` the best bias change is ``D mu``
+    (``mu``: the mean calibration input) and the error left is ``tr(D C D^T)`` with the *centred*
+    second moment ``C = H - mu mu^T``; so the solver runs on ``C`` and the bias absorbs the mean
+    output shift (``b' = b + D mu``).
+
+    With ``skip_padding`` (default) the rows of padding tokens (``attention_mask == 0`` in dict
+    batches) are left out of the Hessians: their hidden states feed no output.
+
     Returns the keep-masks (weight shape) and one :class:`LayerReconstruction` per module.  The
     model's weights are updated in place; training flags are restored and hooks removed, also on
     error.
@@ -381,6 +392,13 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
                          f"diagonal), got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+    for arg, v in (("dense_targets", dense_targets), ("update_bias", update_bias),
+                   ("skip_padding", skip_padding)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{arg}: expected a bool, got {v!r}")
+    if dense_targets and update_bias:
+        raise ValueError("update_bias: not supported together with dense_targets=True (the "
+                         "dense fit is solved without a bias term); pass one of them")
     if hessian_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"hessian_dtype: expected torch.float32 or torch.float64, got "
                          f"{hessian_dtype}")
@@ -417,7 +435,8 @@ def reconstruct_model(model: nn.Module, modules: Mapping[str, nn.Module],
                 reports_g, done = _process_group(model, modules, pending, batches, device,
                                                  masks, targets, granularity, damp, block_size,
                                                  hessian_dtype, group_id, out_masks,
-                                                 ref_model, ref_modules)
+                                                 ref_model, ref_modules, update_bias,
+                                                 skip_padding)
                 reports += reports_g
                 if progress is not None:
                     progress(f"group {group_id}: {', '.join(done)}")
@@ -439,7 +458,8 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
                    targets: Mapping[str, float] | None, granularity: Granularity, damp: float,
                    block_size: int, hessian_dtype: torch.dtype, group_id: int,
                    out_masks: dict[str, torch.Tensor], ref_model: nn.Module | None = None,
-                   ref_modules: Mapping[str, nn.Module] | None = None
+                   ref_modules: Mapping[str, nn.Module] | None = None,
+                   update_bias: bool = False, skip_padding: bool = True
                    ) -> tuple[list[LayerReconstruction], list[str]]:
     """One calibration pass: Hessians of the first pending module and of modules that receive
     the very same input tensors; then solve them."""
@@ -447,7 +467,9 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
     # Candidates: every pending module; the group is those whose inputs are the same tensor
     # objects as the first module's in every call.
     hess: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}  # input sums, for the bias update
     nrows: dict[str, int] = {}
+    token_mask: list[torch.Tensor | None] = [None]
     inputs_seen: dict[str, list[int]] = {n: [] for n in pending}
     keep_alive: list[torch.Tensor] = []  # keeps ids unique within the pass
     handles = []
@@ -490,11 +512,13 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
             if n != first and not (len(inputs_seen[n]) == len(inputs_seen[first])
                                    and inputs_seen[first][-1] == id(x)):
                 return  # not fed the first module's input tensor: not in this group
-            cols = input_columns(mod, x.detach(), n)
+            cols = drop_padding_rows(x, input_columns(mod, x.detach(), n), token_mask[0])
             if not torch.isfinite(cols).all():
                 raise ValueError(f"calibration: inputs of module {n!r} contain NaN or inf")
             h = hessian_from_inputs(cols, hessian_dtype)
             hess[n] = hess[n] + h if n in hess else h
+            sm = cols.to(hessian_dtype).sum(dim=0)
+            sums[n] = sums[n] + sm if n in sums else sm
             nrows[n] = nrows.get(n, 0) + cols.shape[0]
             if ref_model is not None:
                 j = used.get(n, 0)
@@ -503,7 +527,9 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
                     raise ValueError(f"model: module {n!r} is called more often than in the "
                                      f"dense copy; dense_targets needs a deterministic call "
                                      f"structure")
-                rc = input_columns(modules[n], ref_inputs[n][j], n).to(hessian_dtype)
+                rc = drop_padding_rows(ref_inputs[n][j],
+                                       input_columns(modules[n], ref_inputs[n][j], n),
+                                       token_mask[0]).to(hessian_dtype)
                 if rc.shape != cols.shape:
                     raise ValueError(f"model: inputs of module {n!r} differ in shape between "
                                      f"the dense copy {tuple(rc.shape)} and the model "
@@ -521,6 +547,7 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
     try:
         for i, batch in enumerate(batches):
             first_calls[0] = 0
+            token_mask[0] = real_token_mask(batch) if skip_padding else None
             if ref_model is not None:
                 ref_first_calls[0] = 0
                 used.clear()
@@ -555,27 +582,40 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
         mod = modules[n]
         h = hess[n] / max(nrows[n], 1)
         w0 = weight_2d(mod).to(hessian_dtype)
+        bias = getattr(mod, "bias", None)
+        fit_bias = update_bias and isinstance(bias, torch.Tensor)
+        # With a re-fitted bias the error left for a weight change D is tr(D C D^T), C centred.
+        mu = sums[n] / max(nrows[n], 1)
+        h_fit = h - torch.outer(mu, mu) if fit_bias else h
         t1 = time.perf_counter()
         w_target = w0
         if ref_model is not None:
             w_target = _best_dense_fit(w0, cross[n] / max(nrows[n], 1), h, damp)
         if masks is not None:
             keep_in = masks[n].reshape(w0.shape).to(torch.bool)
-            w_new, keep = sparsegpt_layer(w_target, h, mask=keep_in, damp=damp,
+            w_new, keep = sparsegpt_layer(w_target, h_fit, mask=keep_in, damp=damp,
                                           block_size=block_size)
         else:
-            w_new, keep = sparsegpt_layer(w_target, h, sparsity=targets[n],
+            w_new, keep = sparsegpt_layer(w_target, h_fit, sparsity=targets[n],
                                           granularity=granularity, damp=damp,
                                           block_size=block_size)
         w_masked = w0.masked_fill(~keep, 0.0)
         # The error is a sum over rows, so each row keeps the better of its reconstructed and
         # plain masked weights (sequential OBS with dampening is not optimal for every row).
-        rows_masked = _row_errors(w_target, w_masked, h)
-        rows_rec = _row_errors(w_target, w_new, h)
+        # With a bias update both candidates get their best bias (error under h_fit <= under h).
+        rows_plain = _row_errors(w_target, w_masked, h)
+        rows_masked = _row_errors(w_target, w_masked, h_fit)
+        rows_rec = _row_errors(w_target, w_new, h_fit)
         worse = ~(rows_rec <= rows_masked)  # also catches NaN
         w_out = torch.where(worse[:, None], w_masked, w_new)
-        e_masked, e_rec = float(rows_masked.sum()), layer_error(w_target, w_out, h)
+        e_masked = float(rows_plain.sum())
+        e_rec = float(torch.where(worse, rows_masked, rows_rec).sum())
+        # Before set_w2d: w0 / w_target may alias the weight (same dtype, no copy).
+        shift = (w_target - w_out) @ mu if fit_bias else None  # b' = b + D mu
         set_w2d(mod, w_out)
+        if shift is not None:
+            with torch.no_grad():
+                bias.add_(shift.to(bias.dtype))
         t_solve = time.perf_counter() - t1
         out_masks[n] = to_param_shape(mod, keep)
         out.append(LayerReconstruction(
@@ -589,7 +629,8 @@ def _process_group(model: nn.Module, modules: Mapping[str, nn.Module], pending: 
 
 def prune_with_reconstruction(engine: object, targets: dict[str, float], target: object,
                               before: Mapping[str, int], *, damp: float, block_size: int,
-                              hessian_dtype: torch.dtype, dense_targets: bool = False) -> object:
+                              hessian_dtype: torch.dtype, dense_targets: bool = False,
+                              update_bias: bool = False, skip_padding: bool = True) -> object:
     """``prune``'s path for ``criterion='sparsegpt'`` and ``reconstruct=True``."""
     t0 = time.perf_counter()
     static_masks = None
@@ -606,7 +647,8 @@ def prune_with_reconstruction(engine: object, targets: dict[str, float], target:
     masks, layers = reconstruct_model(
         engine.model, engine.modules, engine.calibration, masks=static_masks, targets=targets,
         granularity=engine.gran, damp=damp, block_size=block_size, hessian_dtype=hessian_dtype,
-        what=what, dense_targets=dense_targets)
+        what=what, dense_targets=dense_targets, update_bias=update_bias,
+        skip_padding=skip_padding)
     report = engine.report(masks, before, None if engine.scope == "global" else targets, target)
     report.extra = {
         "reconstruction": {
@@ -614,6 +656,7 @@ def prune_with_reconstruction(engine: object, targets: dict[str, float], target:
             "damp": damp, "block_size": block_size, "hessian_dtype": str(hessian_dtype),
             "order": "sequential (call order; later layers see pruned earlier outputs)",
             "targets": "dense model outputs" if dense_targets else "dense weights on pruned inputs",
+            "update_bias": update_bias, "skip_padding": skip_padding,
             "seconds": time.perf_counter() - t0,
             "max_hessian_bytes": max(la.hessian_bytes for la in layers),
             "fallback_rows": sum(la.fallback_rows for la in layers),
