@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default); all: every pruned layer sparse (its fastest variant)")
     gp.add_argument("--no-bf16-dense", action="store_true",
                     help="skip the dense bf16 model baseline")
+    gp.add_argument("--lock", metavar="FILE", default=None,
+                    help="hold an exclusive flock on FILE while timing and tuning (each "
+                         "section separately; building, pruning and copying models run "
+                         "outside it), so timed runs on a shared machine never overlap")
     _add_common(mp, batches="1,8", sparsities="0.7,0.9", formats="csr,bsr4x4",
                 dtypes="fp32,bf16", sparsity_type=_sparsity_setting,
                 sparsity_what="fractions in [0, 1) (or N:M patterns with --task generate)")
@@ -363,7 +367,7 @@ _FORWARD_DEFAULTS = {"batches": [1, 8], "sparsities": [0.7, 0.9], "formats": "cs
 _GENERATE_ONLY = {"hf_config": None, "hidden": None, "ffn": None, "heads": None,
                   "kv_heads": None, "vocab": None, "prompt_tokens": 32, "new_tokens": 24,
                   "reps": 3, "calib_seqs": 8, "calib_len": 128, "convert": "tuned",
-                  "no_bf16_dense": False}
+                  "no_bf16_dense": False, "lock": None}
 # DecodeBench field -> the option that sets it (error messages name the option)
 _DECODE_OPTION = {"settings": "--sparsities", "value_dtypes": "--dtypes", "model": "--model",
                   "hf_config": "--hf-config", "kv_heads": "--kv-heads",
@@ -450,12 +454,14 @@ def _cmd_generate(parser, args, argv) -> int:
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, reps=args.reps,
         calib_seqs=args.calib_seqs, calib_len=args.calib_len, threads=args.threads,
         seed=args.seed, dense_bf16=not args.no_bf16_dense, dense=list(args.dense),
-        convert=args.convert, backend=(args.backends or ["auto"])[0])
+        convert=args.convert, backend=(args.backends or ["auto"])[0], lock=args.lock)
     try:
         cfg.validate()
     except ValueError as exc:
         field_name, _, rest = str(exc).partition(":")
         parser.error(f"{_DECODE_OPTION.get(field_name, _opt(field_name))}:{rest}")
+    if args.lock is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.lock))):
+        parser.error(f"--lock: directory of {args.lock!r} does not exist")
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
 
     def save(res: dict[str, Any], complete: bool = False) -> None:

@@ -67,7 +67,7 @@ def test_generate_gpt2_config_convert_all_quiet(tmp_path, capsys):
     out_json = tmp_path / "gpt2.json"
     argv = ["bench", "model", "--hf-config", "gpt2", *TINY, "--sparsities", "0.7",
             "--dtypes", "fp32", "--dense", "F.linear", "--no-bf16-dense", "--convert", "all",
-            "-q", "--out", str(out_json)]
+            "-q", "--out", str(out_json), "--lock", str(tmp_path / "bench.lock")]
     code, out, err = _run(argv, capsys)
     assert code == 0, err
     assert out == ""
@@ -128,6 +128,8 @@ GEN = ["bench", "model", "--hf-config", "llama"]
     (["bench", "model", "--hf-config", "gpt2", "--kv-heads", "2"], "--kv-heads"),
     ([*GEN, "--new-tokens", "1"], "--new-tokens"),
     ([*GEN, "--reps", "0"], "--reps"),
+    ([*GEN, "--lock", "/nonexistent/dir/bench.lock"], "--lock"),
+    (["bench", "model", "--lock", "x.lock"], "--lock: only applies to --task generate"),
 ])
 def test_generate_bad_arguments(argv, needle, capsys):
     with pytest.raises(SystemExit) as ei:

@@ -23,6 +23,7 @@ so load from other processes hits them alike):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import gc
@@ -31,7 +32,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ class DecodeBench:
     dense: Sequence[str] = DECODE_DENSE
     convert: str = "tuned"
     backend: str = "auto"
+    #: a file to hold an exclusive ``flock`` on while timing (and tuning ``sparsify``), so
+    #: timed runs of several processes on a shared machine never overlap; building, pruning
+    #: and copying models run outside it
+    lock: str | None = None
     prompt: str = "Greedy decoding with a sparse model: the print() function writes"
 
     def validate(self) -> None:
@@ -334,6 +339,22 @@ def formulate(model: nn.Module, name: str) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(path: str | None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` inside the block (nothing when None)."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _strip(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k != "tokens"}
 
@@ -388,18 +409,20 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
             for vname in sorted(cfg.value_dtypes, key=lambda v: v != "fp32"):
                 vdt = _VALUE_DTYPES[vname]
                 sp = copy.deepcopy(masked)
-                t0 = time.perf_counter()
-                srep = sparsify(sp, batch_sizes=(1,), value_dtype=vdt, min_sparsity=0.3,
-                                cache=False, backend=cfg.backend,
-                                margin=-1e9 if cfg.convert == "all" else 0.05)
-                sparsify_s = time.perf_counter() - t0
+                with _locked(cfg.lock):  # sparsify's tuning is a measurement too
+                    t0 = time.perf_counter()
+                    srep = sparsify(sp, batch_sizes=(1,), value_dtype=vdt, min_sparsity=0.3,
+                                    cache=False, backend=cfg.backend,
+                                    margin=-1e9 if cfg.convert == "all" else 0.05)
+                    sparsify_s = time.perf_counter() - t0
                 if vdt != torch.float32:  # what the kernels compute: rounded values, fp32 math
                     round_weights_(masked, vdt, srep.replaced)
                 ref = run_generate(masked, prompt, cfg.new_tokens)[0]
                 models = {"dense_fp32": model, "sparse": sp}
                 if best_model is not None:
                     models["best_dense"] = best_model
-                t = time_round_robin(models, prompt, cfg.new_tokens, cfg.reps)
+                with _locked(cfg.lock):
+                    t = time_round_robin(models, prompt, cfg.new_tokens, cfg.reps)
                 res["runs"].append(_run_record(label, vname, prep, prune_s, srep, sparsify_s,
                                                sp, ref, t, res["baselines"], best_name))
                 _log_run(log, res["runs"][-1])
@@ -426,7 +449,9 @@ def _baselines(cfg: DecodeBench, model: nn.Module, prompt: torch.Tensor, res: di
         except Exception as e:  # noqa: BLE001 - unsupported here: record why, go on
             base["skipped"][name] = f"{type(e).__name__}: {e}"
             continue
-        t = time_round_robin({"dense_fp32": model, name: fm}, prompt, cfg.new_tokens, cfg.reps)
+        with _locked(cfg.lock):
+            t = time_round_robin({"dense_fp32": model, name: fm}, prompt, cfg.new_tokens,
+                                 cfg.reps)
         del fm
         gc.collect()
         r = t[name]
@@ -440,8 +465,9 @@ def _baselines(cfg: DecodeBench, model: nn.Module, prompt: torch.Tensor, res: di
             f"{t['dense_fp32']['decode_tokens_per_s']:.2f}) = {ratios[name]:.2f}x")
     if cfg.dense_bf16:
         mb = copy.deepcopy(model).to(torch.bfloat16)
-        t = time_round_robin({"dense_fp32": model, "dense_bf16": mb}, prompt, cfg.new_tokens,
-                             cfg.reps)
+        with _locked(cfg.lock):
+            t = time_round_robin({"dense_fp32": model, "dense_bf16": mb}, prompt,
+                                 cfg.new_tokens, cfg.reps)
         del mb
         gc.collect()
         r = t["dense_bf16"]
@@ -454,8 +480,9 @@ def _baselines(cfg: DecodeBench, model: nn.Module, prompt: torch.Tensor, res: di
         log(f"dense bf16: decode {r['decode_tokens_per_s']:.2f} tok/s = "
             f"{r['decode_speedup_vs_dense_fp32']:.2f}x dense fp32")
     if not fp32_runs:  # nothing else to compare: time dense fp32 alone
-        fp32_runs.append(time_round_robin({"dense_fp32": model}, prompt, cfg.new_tokens,
-                                          cfg.reps)["dense_fp32"])
+        with _locked(cfg.lock):
+            fp32_runs.append(time_round_robin({"dense_fp32": model}, prompt, cfg.new_tokens,
+                                              cfg.reps)["dense_fp32"])
     dense = dict(fp32_runs[0])
     dense["decode_s_per_token"] = statistics.median(r["decode_s_per_token"] for r in fp32_runs)
     dense["decode_tokens_per_s"] = 1.0 / dense["decode_s_per_token"]
