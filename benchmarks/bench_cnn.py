@@ -41,6 +41,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 import sparsekit  # noqa: E402
 from sparsekit.bench import harness  # noqa: E402
+from sparsekit.bench.decode import sched_policy  # noqa: E402
 from sparsekit.nn import SparseConv2d, sparsify  # noqa: E402
 from sparsekit.prune import prune  # noqa: E402
 
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     res["machine"] = harness.machine_info(torch.get_num_threads(), bandwidth=False)
     res["machine"]["shared_machine"] = "yes: other processes may run (ratios are same-run)"
     res["machine"]["loadavg_1_5_15"] = list(os.getloadavg())
+    res["machine"]["sched_policy"] = sched_policy()
     res["date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     res["versions"] = {"torch": torch.__version__, "sparsekit": sparsekit.__version__}
     if args.out:

@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hold an exclusive flock on FILE while timing and tuning (each "
                          "section separately; building, pruning and copying models run "
                          "outside it), so timed runs on a shared machine never overlap")
+    gp.add_argument("--realtime", action="store_true",
+                    help="time (and tune) with SCHED_FIFO priority 1 on every thread, only "
+                         "inside those sections: on a shared machine other sessions' jobs "
+                         "otherwise delay each operator's thread hand-offs by scheduler ticks "
+                         "(Linux; needs root / CAP_SYS_NICE)")
     _add_common(mp, batches="1,8", sparsities="0.7,0.9", formats="csr,bsr4x4",
                 dtypes="fp32,bf16", sparsity_type=_sparsity_setting,
                 sparsity_what="fractions in [0, 1) (or N:M patterns with --task generate)")
@@ -367,7 +372,8 @@ _FORWARD_DEFAULTS = {"batches": [1, 8], "sparsities": [0.7, 0.9], "formats": "cs
 _GENERATE_ONLY = {"hf_config": None, "hidden": None, "ffn": None, "heads": None,
                   "kv_heads": None, "vocab": None, "prompt_tokens": 32, "new_tokens": 24,
                   "reps": 3, "calib_seqs": 8, "calib_len": 128, "convert": "tuned",
-                  "no_bf16_dense": False, "lock": None}
+                  "no_bf16_dense": False, "lock": None,
+                  "realtime": False}
 # DecodeBench field -> the option that sets it (error messages name the option)
 _DECODE_OPTION = {"settings": "--sparsities", "value_dtypes": "--dtypes", "model": "--model",
                   "hf_config": "--hf-config", "kv_heads": "--kv-heads",
@@ -454,7 +460,8 @@ def _cmd_generate(parser, args, argv) -> int:
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, reps=args.reps,
         calib_seqs=args.calib_seqs, calib_len=args.calib_len, threads=args.threads,
         seed=args.seed, dense_bf16=not args.no_bf16_dense, dense=list(args.dense),
-        convert=args.convert, backend=(args.backends or ["auto"])[0], lock=args.lock)
+        convert=args.convert, backend=(args.backends or ["auto"])[0], lock=args.lock,
+        realtime=args.realtime)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -8,6 +8,7 @@ machine), and rejects arguments that do not apply with errors naming the option.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -68,6 +69,8 @@ def test_generate_gpt2_config_convert_all_quiet(tmp_path, capsys):
     argv = ["bench", "model", "--hf-config", "gpt2", *TINY, "--sparsities", "0.7",
             "--dtypes", "fp32", "--dense", "F.linear", "--no-bf16-dense", "--convert", "all",
             "-q", "--out", str(out_json), "--lock", str(tmp_path / "bench.lock")]
+    if _can_realtime():
+        argv.append("--realtime")
     code, out, err = _run(argv, capsys)
     assert code == 0, err
     assert out == ""
@@ -79,6 +82,18 @@ def test_generate_gpt2_config_convert_all_quiet(tmp_path, capsys):
     assert run["lm_head"]["status"] == "converted"
     assert "dense_bf16" not in doc["baselines"]
     assert doc["baselines"]["best_dense"]["formulation"] == "F.linear"
+    if "--realtime" in argv:
+        assert doc["machine"]["sched_policy_timed"].startswith("SCHED_FIFO")
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # restored after the timed sections
+
+
+def _can_realtime() -> bool:
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except (AttributeError, PermissionError, OSError):
+        return False
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return True
 
 
 def test_generate_from_local_directory(tmp_path, capsys):

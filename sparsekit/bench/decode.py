@@ -106,6 +106,10 @@ class DecodeBench:
     #: timed runs of several processes on a shared machine never overlap; building, pruning
     #: and copying models run outside it
     lock: str | None = None
+    #: run the timed sections (and sparsify's tuning) with SCHED_FIFO priority 1 on every
+    #: thread of the process: on a shared machine, other sessions' jobs otherwise delay the
+    #: OpenMP hand-offs of every operator by scheduler ticks (Linux, needs CAP_SYS_NICE)
+    realtime: bool = False
     prompt: str = "Greedy decoding with a sparse model: the print() function writes"
 
     def validate(self) -> None:
@@ -355,6 +359,47 @@ def _locked(path: str | None) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def sched_policy() -> str:
+    """This process's CPU scheduling policy (``SCHED_FIFO`` when run under ``chrt -f``)."""
+    try:
+        pol = os.sched_getscheduler(0)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return "unknown"
+    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR",
+                                         "SCHED_BATCH", "SCHED_IDLE") if hasattr(os, n)}
+    name = names.get(pol, str(pol))
+    if name in ("SCHED_FIFO", "SCHED_RR"):
+        name += f" priority {os.sched_getparam(0).sched_priority}"
+    return name
+
+
+def _set_fifo(policy: int, priority: int) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(tid), policy, os.sched_param(priority))
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
+@contextlib.contextmanager
+def _exclusive(lock: str | None, realtime: bool) -> Iterator[None]:
+    """The lock (if any), and SCHED_FIFO 1 on every thread inside the block when ``realtime``
+    (threads started inside inherit it; all go back to SCHED_OTHER after)."""
+    with _locked(lock):
+        if not realtime:
+            yield
+            return
+        try:
+            _set_fifo(os.SCHED_FIFO, 1)
+        except PermissionError as e:
+            _set_fifo(os.SCHED_OTHER, 0)
+            raise RuntimeError(f"realtime: SCHED_FIFO needs CAP_SYS_NICE (root), got {e}") from e
+        try:
+            yield
+        finally:
+            _set_fifo(os.SCHED_OTHER, 0)
+
+
 def _strip(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k != "tokens"}
 
@@ -409,7 +454,7 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
             for vname in sorted(cfg.value_dtypes, key=lambda v: v != "fp32"):
                 vdt = _VALUE_DTYPES[vname]
                 sp = copy.deepcopy(masked)
-                with _locked(cfg.lock):  # sparsify's tuning is a measurement too
+                with _exclusive(cfg.lock, cfg.realtime):  # sparsify's tuning is a measurement too
                     t0 = time.perf_counter()
                     srep = sparsify(sp, batch_sizes=(1,), value_dtype=vdt, min_sparsity=0.3,
                                     cache=False, backend=cfg.backend,
@@ -421,7 +466,7 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
                 models = {"dense_fp32": model, "sparse": sp}
                 if best_model is not None:
                     models["best_dense"] = best_model
-                with _locked(cfg.lock):
+                with _exclusive(cfg.lock, cfg.realtime):
                     t = time_round_robin(models, prompt, cfg.new_tokens, cfg.reps)
                 res["runs"].append(_run_record(label, vname, prep, prune_s, srep, sparsify_s,
                                                sp, ref, t, res["baselines"], best_name))
@@ -449,7 +494,7 @@ def _baselines(cfg: DecodeBench, model: nn.Module, prompt: torch.Tensor, res: di
         except Exception as e:  # noqa: BLE001 - unsupported here: record why, go on
             base["skipped"][name] = f"{type(e).__name__}: {e}"
             continue
-        with _locked(cfg.lock):
+        with _exclusive(cfg.lock, cfg.realtime):
             t = time_round_robin({"dense_fp32": model, name: fm}, prompt, cfg.new_tokens,
                                  cfg.reps)
         del fm
@@ -465,7 +510,7 @@ def _baselines(cfg: DecodeBench, model: nn.Module, prompt: torch.Tensor, res: di
             f"{t['dense_fp32']['decode_tokens_per_s']:.2f}) = {ratios[name]:.2f}x")
     if cfg.dense_bf16:
         mb = copy.deepcopy(model).to(torch.bfloat16)
-        with _locked(cfg.lock):
+        with _exclusive(cfg.lock, cfg.realtime):
             t = time_round_robin({"dense_fp32": model, "dense_bf16": mb}, prompt,
                                  cfg.new_tokens, cfg.reps)
         del mb
@@ -480,7 +525,7 @@ def _baselines(cfg: DecodeBench, model: nn.Module, prompt: torch.Tensor, res: di
         log(f"dense bf16: decode {r['decode_tokens_per_s']:.2f} tok/s = "
             f"{r['decode_speedup_vs_dense_fp32']:.2f}x dense fp32")
     if not fp32_runs:  # nothing else to compare: time dense fp32 alone
-        with _locked(cfg.lock):
+        with _exclusive(cfg.lock, cfg.realtime):
             fp32_runs.append(time_round_robin({"dense_fp32": model}, prompt, cfg.new_tokens,
                                               cfg.reps)["dense_fp32"])
     dense = dict(fp32_runs[0])
@@ -590,6 +635,9 @@ def write_results(res: dict[str, Any], path: str | os.PathLike[str], *, complete
     doc["machine"] = machine_info(res.get("threads") or torch.get_num_threads(),
                                   bandwidth=False)
     doc["machine"]["loadavg_1_5_15"] = list(os.getloadavg())
+    doc["machine"]["sched_policy"] = sched_policy()
+    if res.get("config", {}).get("realtime"):
+        doc["machine"]["sched_policy_timed"] = "SCHED_FIFO priority 1 (realtime=True)"
     doc["date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     versions = {"torch": torch.__version__}
     try:
