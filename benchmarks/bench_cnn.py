@@ -41,6 +41,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 import sparsekit  # noqa: E402
 from sparsekit.bench import harness  # noqa: E402
+from sparsekit.bench.decode import sched_policy  # noqa: E402
 from sparsekit.nn import SparseConv2d, sparsify  # noqa: E402
 from sparsekit.prune import prune  # noqa: E402
 
@@ -88,12 +89,69 @@ def latency(model: nn.Module, x: torch.Tensor, reps: int) -> dict[str, float]:
             "p90_s": ts[(9 * len(ts)) // 10]}
 
 
+def _category(name: str, m: nn.Module) -> str | None:
+    """What a timed module is (None: not timed on its own; its time lands in "other")."""
+    if isinstance(m, SparseConv2d):
+        return "groups=1 conv (sparse)"
+    if isinstance(m, nn.Conv2d):
+        if m.groups == 1:
+            return "stem conv" if m.kernel_size != (1, 1) else "groups=1 1x1 conv (dense)"
+        return "depthwise conv"
+    if isinstance(m, nn.BatchNorm2d):
+        return "BatchNorm"
+    if isinstance(m, (nn.ReLU, nn.ReLU6)):
+        return "activation"
+    if isinstance(m, nn.Linear):
+        return "classifier"
+    return None
+
+
+def breakdown(model: nn.Module, x: torch.Tensor, reps: int) -> dict[str, Any]:
+    """Per-module forward time (median over ``reps`` passes, forward hooks with perf_counter;
+    CPU ops return when done, so a module's interval is its cost) and the total by category;
+    "other" is the whole pass minus the timed modules (residual adds, pooling, dropout, the
+    hooks' own cost)."""
+    mods = {n: m for n, m in model.named_modules() if _category(n, m) is not None}
+    starts: dict[str, float] = {}
+    times: dict[str, list[float]] = {n: [] for n in mods}
+    hooks = []
+    for n, m in mods.items():
+        hooks.append(m.register_forward_pre_hook(
+            lambda _m, _a, n=n: starts.__setitem__(n, time.perf_counter())))
+        hooks.append(m.register_forward_hook(
+            lambda _m, _a, _o, n=n: times[n].append(time.perf_counter() - starts[n])))
+    totals = []
+    try:
+        with torch.inference_mode():
+            model(x)
+            for v in times.values():
+                v.clear()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                model(x)
+                totals.append(time.perf_counter() - t0)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    per = {n: statistics.median(v) for n, v in times.items()}
+    cats: dict[str, float] = {}
+    for n, t in per.items():
+        c = _category(n, mods[n])
+        cats[c] = cats.get(c, 0.0) + t
+    total = statistics.median(totals)
+    cats["other"] = total - sum(per.values())
+    return {"total_s": total, "by_category_s": cats, "per_module_s": per}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--crops", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time every convolution / BatchNorm / activation at batch 1 "
+                         "(forward hooks), dense and sparse, summed by kind")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -159,10 +217,18 @@ def main(argv: list[str] | None = None) -> int:
               f"channels_last {lat['dense_channels_last']['median_s'] * 1e3:.2f} ms, sparse "
               f"{lat['sparse_channels_last']['median_s'] * 1e3:.2f} ms -> "
               f"{lat['speedup_vs_best_dense']:.2f}x", flush=True)
+    if args.breakdown:
+        xb_cl = x[:1].contiguous(memory_format=torch.channels_last)
+        res["breakdown_batch1"] = bd = {"dense_channels_last": breakdown(dense_cl, xb_cl,
+                                                                         args.reps),
+                                        "sparse_channels_last": breakdown(model, xb_cl,
+                                                                          args.reps)}
+        _print_breakdown(bd)
     res["sparse_modules"] = sum(isinstance(m, SparseConv2d) for m in model.modules())
     res["machine"] = harness.machine_info(torch.get_num_threads(), bandwidth=False)
     res["machine"]["shared_machine"] = "yes: other processes may run (ratios are same-run)"
     res["machine"]["loadavg_1_5_15"] = list(os.getloadavg())
+    res["machine"]["sched_policy"] = sched_policy()
     res["date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     res["versions"] = {"torch": torch.__version__, "sparsekit": sparsekit.__version__}
     if args.out:
@@ -170,6 +236,20 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def _print_breakdown(bd: dict[str, Any]) -> None:
+    d, sp = bd["dense_channels_last"], bd["sparse_channels_last"]
+    print(f"batch 1 breakdown (hooked pass: dense {d['total_s'] * 1e3:.2f} ms, sparse "
+          f"{sp['total_s'] * 1e3:.2f} ms):")
+    for c in sorted(set(d["by_category_s"]) | set(sp["by_category_s"])):
+        print(f"  {c:28s} dense {d['by_category_s'].get(c, 0.0) * 1e3:7.3f} ms   sparse "
+              f"{sp['by_category_s'].get(c, 0.0) * 1e3:7.3f} ms")
+    g1 = sum(t for c, t in d["by_category_s"].items() if c.startswith(("groups=1", "stem")))
+    rest = d["total_s"] - g1
+    print(f"  groups=1 convolutions: {g1 * 1e3:.3f} ms of {d['total_s'] * 1e3:.3f} ms dense; "
+          f"bound with them free: {d['total_s'] / rest:.2f}x; 1.2x needs them at "
+          f"<= {(d['total_s'] / 1.2 - rest) * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

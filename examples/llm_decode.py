@@ -14,7 +14,8 @@ Usage::
     PYTHONPATH=. python examples/llm_decode.py --model ./my-llama --sparsity 0.5 --bf16
     PYTHONPATH=. python examples/llm_decode.py --granularity 2:4
 
-For a timed comparison at 7B layer shapes see ``benchmarks/bench_llm.py``.
+For a timed comparison (prefill and decode apart, dense baselines in the same run) use
+``sparsekit bench model --hf-config llama ...`` or ``--task generate --model hf:DIR``.
 """
 
 from __future__ import annotations
@@ -22,42 +23,32 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import sparsekit
+from sparsekit.bench import decode
 from sparsekit.prune import prune
 
 
 def load(args: argparse.Namespace):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
+    """(model, tokenizer or None): the local model, or a 4-layer Llama (hidden 512) from a
+    config with random weights (the same weights on every call)."""
     if args.model:
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
-        return model.eval(), AutoTokenizer.from_pretrained(args.model)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=8, vocab_size=512,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval(), None
-
-
-def encode(text: str, tok, vocab: int) -> torch.Tensor:
-    if tok is not None:
-        return torch.tensor(tok(text)["input_ids"])
-    return torch.tensor(list(text.encode("utf-8"))) % vocab  # bytes as token ids
+        cfg = decode.DecodeBench(model=args.model)
+    else:
+        cfg = decode.DecodeBench(hf_config="llama", hidden=512, ffn=1376, layers=4, heads=8,
+                                 vocab=512)
+    model, tok, _ = decode.build_causal_lm(cfg)
+    return model, tok
 
 
 def greedy(model, prompt: torch.Tensor, n: int) -> tuple[list[int], float]:
-    with torch.inference_mode():
-        model.generate(prompt[None], max_new_tokens=2, do_sample=False, pad_token_id=0)
-        t0 = time.perf_counter()
-        out = model.generate(prompt[None], max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
-        dt = time.perf_counter() - t0
-    return out[0, prompt.numel():].tolist(), n / dt
+    """(generated ids, decode tokens/s) after one untimed warm-up call."""
+    decode.run_generate(model, prompt, 2)
+    ids, _prefill, per_token = decode.run_generate(model, prompt, n)
+    return ids, 1.0 / per_token
 
 
 def main() -> None:
@@ -72,11 +63,8 @@ def main() -> None:
 
     model, tok = load(args)
     vocab = model.config.vocab_size
-    from pydoc_data.topics import topics
-
-    text = "\n".join(topics[k] for k in sorted(topics))
-    ids = encode(text[:200_000], tok, vocab)
-    calibration = [ids[i * 256:(i + 1) * 256][None] for i in range(8)]
+    ids = decode.encode(decode.calibration_text()[:200_000], tok, vocab)
+    calibration = decode.calibration_batches(ids, 8, 256, batch=1)
     nm = ":" in args.granularity
     report = prune(model, None if nm else args.sparsity, criterion="wanda",
                    granularity=args.granularity, calibration=calibration,
@@ -85,12 +73,9 @@ def main() -> None:
 
     masked = copy.deepcopy(model)
     vdt = torch.bfloat16 if args.bf16 else None
-    if vdt is not None:  # the masked dense twin computes with the same rounded values
-        with torch.no_grad():
-            for m in masked.modules():
-                if isinstance(m, torch.nn.Linear):
-                    m.weight.copy_(m.weight.to(vdt).float())
     summary = sparsekit.sparsify(model, batch_sizes=(1,), value_dtype=vdt)
+    if vdt is not None:  # the masked dense twin computes with the same rounded values
+        decode.round_weights_(masked, vdt, summary.replaced)
     print(summary.summary())
     print(f"sparse layers: {len(summary.replaced)}; lm_head: {summary['lm_head'].choice} "
           f"({summary['lm_head'].reason})")
@@ -102,10 +87,10 @@ def main() -> None:
         fresh, _ = load(args)
         sparsekit.load(path, fresh)
 
-    prompt = encode("def fibonacci(n):", tok, vocab)
+    prompt = decode.encode("def fibonacci(n):", tok, vocab)
     ref, tps_dense = greedy(masked, prompt, args.new_tokens)
     out, tps_sparse = greedy(fresh, prompt, args.new_tokens)
-    print(f"masked dense: {tps_dense:.1f} tokens/s; sparse (reloaded): {tps_sparse:.1f} "
+    print(f"masked dense: decode {tps_dense:.1f} tokens/s; sparse (reloaded): {tps_sparse:.1f} "
           f"tokens/s ({tps_sparse / tps_dense:.2f}x)")
     print("same tokens as the masked dense model:", out == ref)
     if tok is not None:

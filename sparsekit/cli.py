@@ -1,7 +1,8 @@
 """The ``sparsekit`` command line (also ``python -m sparsekit``).
 
 ``sparsekit bench [layer]``    sweep one linear layer over shapes/batches/sparsities/formats/dtypes
-``sparsekit bench model``      a whole model, dense vs pruned + sparsified
+``sparsekit bench model``      a whole model, dense vs pruned + sparsified (``--task generate``:
+                               a causal LM, Wanda-pruned, greedy decoding tokens/s)
 ``sparsekit bench compare``    diff two ``--out`` JSON files; exit status 1 on regression
 ``sparsekit bench show``       print the tables of a saved ``--out`` JSON (``--markdown`` for docs)
 ``sparsekit info``             machine, versions and built backends as JSON
@@ -83,6 +84,19 @@ def _dtype(t: str) -> str:
     return DTYPE_NAMES[parse_dtype(t)]
 
 
+def _sparsity_setting(t: str) -> float | str:
+    """A fraction in [0, 1), or an ``N:M`` pattern (kept as text; only ``--task generate``
+    takes patterns)."""
+    if ":" in t:
+        from sparsekit.bench.decode import parse_setting
+
+        return parse_setting(t)[0]
+    return _fraction(t)
+
+
+HF_CONFIG_CHOICES = ("llama", "gpt2")  # sparsekit.bench.decode.HF_CONFIGS (checked in tests)
+
+
 def _device(t: str) -> str:
     if t not in ("cpu", "cuda"):
         raise ValueError("expected cpu or cuda")
@@ -99,11 +113,12 @@ def _default_devices() -> list[str]:
 # Parser
 # --------------------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser, *, batches: str, sparsities: str, formats: str,
-                dtypes: str) -> None:
+                dtypes: str, sparsity_type: Callable[[str], Any] = _fraction,
+                sparsity_what: str = "fractions in [0, 1)") -> None:
     g = p.add_argument_group("sweep")
     g.add_argument("--batches", type=_list_of(_pos_int, "positive ints"), default=batches,
                    help=f"batch sizes N (rows of x) (default {batches})")
-    g.add_argument("--sparsities", type=_list_of(_fraction, "fractions in [0, 1)"),
+    g.add_argument("--sparsities", type=_list_of(sparsity_type, sparsity_what),
                    default=sparsities, help=f"fraction of zero weights (default {sparsities})")
     g.add_argument("--formats", type=_list_of(_fmt, "csr or bsr<r>x<c>"), default=formats,
                    help=f"sparse formats: csr, bsr<r>x<c> (default {formats})")
@@ -180,23 +195,77 @@ def build_parser() -> argparse.ArgumentParser:
     mp = modes.add_parser(
         "model", help="a whole model, dense vs pruned + sparsified",
         description="Built-ins mnist-mlp and bert-base, hf:<name> (needs transformers), or "
-                    "pkg.mod:factory; --weights loads a sparsekit.save file into it.")
-    mp.add_argument("--model", default="mnist-mlp",
+                    "pkg.mod:factory; --weights loads a sparsekit.save file into it. With "
+                    "--task generate: a transformers causal LM (hf:<local dir> or --hf-config "
+                    "with random weights) pruned with Wanda on Python documentation text at "
+                    "each --sparsities setting (fractions or N:M such as 2:4), sparsified for "
+                    "batch 1 (--dtypes: fp32 and/or bf16 sparse values), greedy generate(): "
+                    "prefill and decode timed apart, dense fp32, the best dense formulation "
+                    "of every Linear (--dense) and dense bf16 in the same run, tokens checked "
+                    "against the masked dense model.")
+    mp.add_argument("--model", default=None,
                     help="mnist-mlp | bert-base | hf:<name or path> | pkg.mod:factory "
-                         "(default mnist-mlp)")
+                         "(default mnist-mlp; with --task generate: hf:<local directory>)")
+    mp.add_argument("--task", choices=("forward", "generate"), default=None,
+                    help="forward: time model(x) (default); generate: causal-LM greedy "
+                         "decoding (implied by --hf-config)")
     mp.add_argument("--weights", help="safetensors file written by sparsekit.save, loaded into "
                                       "the model first")
     mp.add_argument("--data", help="MNIST .npz (mnist-mlp inputs from real test images)")
     mp.add_argument("--input-shape", type=_list_of(_pos_int, "positive ints"), default=None,
                     help="per-sample input shape, e.g. 784 or 128,768 (default: from the model)")
-    mp.add_argument("--layers", type=_pos_int, default=4, help="bert-base layers (default 4)")
-    mp.add_argument("--seq-len", type=_pos_int, default=128,
+    mp.add_argument("--layers", type=_pos_int, default=None,
+                    help="bert-base layers (default 4); --hf-config layers (default 2)")
+    mp.add_argument("--seq-len", type=_pos_int, default=None,
                     help="sequence length for bert-base / hf models (default 128)")
     mp.add_argument("--dense", type=_list_of(str, "dense formulations"),
                     default="F.linear,torch.matmul,onednn,mkl_packed,numpy",
                     help="dense formulations of every nn.Linear to time")
+    gp = mp.add_argument_group("causal LM (--task generate)")
+    gp.add_argument("--hf-config", choices=HF_CONFIG_CHOICES, default=None,
+                    help="build a transformers causal LM of this family from a config, random "
+                         "weights (implies --task generate)")
+    gp.add_argument("--hidden", type=_pos_int, default=None,
+                    help="--hf-config hidden size (default 4096)")
+    gp.add_argument("--ffn", type=_pos_int, default=None,
+                    help="--hf-config FFN size (default: llama 8/3 x hidden rounded up to 256, "
+                         "gpt2 4 x hidden)")
+    gp.add_argument("--heads", type=_pos_int, default=None,
+                    help="--hf-config attention heads (default hidden / 128)")
+    gp.add_argument("--kv-heads", type=_pos_int, default=None,
+                    help="--hf-config llama key/value heads (default: --heads)")
+    gp.add_argument("--vocab", type=_pos_int, default=None,
+                    help="--hf-config vocabulary size (default 2048)")
+    gp.add_argument("--prompt-tokens", type=_pos_int, default=32,
+                    help="prompt length in tokens (default 32)")
+    gp.add_argument("--new-tokens", type=_pos_int, default=24,
+                    help="greedy new tokens per generate(), >= 2 (default 24)")
+    gp.add_argument("--reps", type=_pos_int, default=3,
+                    help="timed generate() calls per model, median reported (default 3)")
+    gp.add_argument("--calib-seqs", type=_pos_int, default=8,
+                    help="Wanda calibration sequences (default 8)")
+    gp.add_argument("--calib-len", type=_pos_int, default=128,
+                    help="tokens per calibration sequence (default 128)")
+    gp.add_argument("--convert", choices=("tuned", "all"), default="tuned",
+                    help="tuned: sparsify keeps a layer dense where dense measures faster "
+                         "(default); all: every pruned layer sparse (its fastest variant)")
+    gp.add_argument("--no-bf16-dense", action="store_true",
+                    help="skip the dense bf16 model baseline")
+    gp.add_argument("--lock", metavar="FILE", default=None,
+                    help="hold an exclusive flock on FILE while timing and tuning (each "
+                         "section separately; building, pruning and copying models run "
+                         "outside it), so timed runs on a shared machine never overlap")
+    gp.add_argument("--realtime", action="store_true",
+                    help="time (and tune) with SCHED_FIFO priority 1 on every thread, only "
+                         "inside those sections: on a shared machine other sessions' jobs "
+                         "otherwise delay each operator's thread hand-offs by scheduler ticks "
+                         "(Linux; needs root / CAP_SYS_NICE)")
     _add_common(mp, batches="1,8", sparsities="0.7,0.9", formats="csr,bsr4x4",
-                dtypes="fp32,bf16")
+                dtypes="fp32,bf16", sparsity_type=_sparsity_setting,
+                sparsity_what="fractions in [0, 1) (or N:M patterns with --task generate)")
+    # None = not given: the defaults depend on --task (resolved in _cmd_model)
+    mp.set_defaults(batches=None, sparsities=None, formats=None, dtypes=None, warmup=None,
+                    min_reps=None, min_time=None, rotate_factor=None)
 
     cp = modes.add_parser(
         "compare", help="diff two runs; exit 1 on regression",
@@ -295,7 +364,137 @@ def _cmd_layer(parser, args, argv) -> int:
     return 0
 
 
+# forward-task values of the options whose meaning depends on --task (parser default: None)
+_FORWARD_DEFAULTS = {"batches": [1, 8], "sparsities": [0.7, 0.9], "formats": "csr,bsr4x4",
+                     "dtypes": ["fp32", "bf16"], "warmup": 2, "min_reps": 5, "min_time": 0.1,
+                     "rotate_factor": 2.0, "layers": 4, "seq_len": 128, "model": "mnist-mlp"}
+# options of --task generate only (parser default: None, or the value given here)
+_GENERATE_ONLY = {"hf_config": None, "hidden": None, "ffn": None, "heads": None,
+                  "kv_heads": None, "vocab": None, "prompt_tokens": 32, "new_tokens": 24,
+                  "reps": 3, "calib_seqs": 8, "calib_len": 128, "convert": "tuned",
+                  "no_bf16_dense": False, "lock": None,
+                  "realtime": False}
+# DecodeBench field -> the option that sets it (error messages name the option)
+_DECODE_OPTION = {"settings": "--sparsities", "value_dtypes": "--dtypes", "model": "--model",
+                  "hf_config": "--hf-config", "kv_heads": "--kv-heads",
+                  "new_tokens": "--new-tokens", "prompt_tokens": "--prompt-tokens",
+                  "calib_seqs": "--calib-seqs", "calib_len": "--calib-len", "dense": "--dense"}
+
+
+def _opt(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def _cmd_model(parser, args, argv) -> int:
+    task = args.task or ("generate" if args.hf_config else "forward")
+    if task == "generate":
+        return _cmd_generate(parser, args, argv)
+    for dest, default in _GENERATE_ONLY.items():
+        if getattr(args, dest) != default:
+            parser.error(f"{_opt(dest)}: only applies to --task generate (causal-LM decoding), "
+                         f"got {_opt(dest)} with --task forward")
+    for dest, default in _FORWARD_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, _fmt_list(default) if dest == "formats" else default)
+    nm = [s for s in args.sparsities if isinstance(s, str)]
+    if nm:
+        parser.error(f"--sparsities: N:M patterns ({', '.join(nm)}) only apply to --task "
+                     f"generate; --task forward takes fractions in [0, 1)")
+    return _cmd_forward(parser, args, argv)
+
+
+def _fmt_list(text: str) -> list[Any]:
+    return [_fmt(t) for t in text.split(",")]
+
+
+def _cmd_generate(parser, args, argv) -> int:
+    """``bench model --task generate``: causal-LM decoding (sparsekit.bench.decode)."""
+    from sparsekit.bench import decode as D
+
+    not_here = {"weights": "--weights", "data": "--data", "input_shape": "--input-shape",
+                "seq_len": "--seq-len (use --prompt-tokens)",
+                "formats": "--formats (sparsify picks each layer's format)",
+                "warmup": "--warmup (every model is warmed up once)",
+                "min_reps": "--min-reps (use --reps)", "min_time": "--min-time (use --reps)",
+                "rotate_factor": "--rotate-factor (decoding streams the whole model)"}
+    for dest, what in not_here.items():
+        if getattr(args, dest) is not None:
+            parser.error(f"{what.split()[0]}: not used by --task generate; remove {what}")
+    for opt in ("csv", "plot"):
+        if getattr(args, opt):
+            parser.error(f"--{opt}: --task generate writes its results with --out only")
+    if args.batches is not None and list(args.batches) != [1]:
+        parser.error(f"--batches: --task generate decodes at batch 1, got {args.batches}")
+    if args.devices is not None and list(args.devices) != ["cpu"]:
+        parser.error(f"--devices: --task generate runs on cpu only, got {args.devices}")
+    if args.backends is not None and len(args.backends) != 1:
+        parser.error(f"--backends: --task generate takes one sparsekit backend for sparsify, "
+                     f"got {args.backends}")
+    model = None
+    if args.model is not None:
+        if args.hf_config:
+            parser.error(f"--model: give either --model hf:<local directory> or --hf-config, "
+                         f"got both (--model {args.model}, --hf-config {args.hf_config})")
+        if not args.model.startswith("hf:"):
+            parser.error(f"--model: --task generate takes hf:<local transformers directory> "
+                         f"or --hf-config, got {args.model!r}")
+        model = args.model[3:]
+    elif not args.hf_config:
+        parser.error("--model: --task generate needs hf:<local transformers directory> or "
+                     "--hf-config llama|gpt2, got neither")
+    if model is not None:
+        given = [d for d in ("hidden", "ffn", "heads", "kv_heads", "vocab", "layers")
+                 if getattr(args, d) is not None]
+        if given:
+            parser.error(f"{_opt(given[0])}: only applies with --hf-config (the model at "
+                         f"--model {args.model} has its own config)")
+    if args.kv_heads is not None and args.hf_config == "gpt2":
+        parser.error("--kv-heads: gpt2 has no grouped-query attention; only with --hf-config "
+                     "llama")
+    cfg = D.DecodeBench(
+        model=model, hf_config=args.hf_config,
+        hidden=args.hidden or 4096, ffn=args.ffn, layers=args.layers or 2, heads=args.heads,
+        kv_heads=args.kv_heads, vocab=args.vocab or 2048,
+        settings=[str(s) for s in (args.sparsities or ["0.7"])],
+        value_dtypes=list(args.dtypes or ["fp32", "bf16"]),
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, reps=args.reps,
+        calib_seqs=args.calib_seqs, calib_len=args.calib_len, threads=args.threads,
+        seed=args.seed, dense_bf16=not args.no_bf16_dense, dense=list(args.dense),
+        convert=args.convert, backend=(args.backends or ["auto"])[0], lock=args.lock,
+        realtime=args.realtime)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        field_name, _, rest = str(exc).partition(":")
+        parser.error(f"{_DECODE_OPTION.get(field_name, _opt(field_name))}:{rest}")
+    if args.lock is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.lock))):
+        parser.error(f"--lock: directory of {args.lock!r} does not exist")
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+
+    def save(res: dict[str, Any], complete: bool = False) -> None:
+        if args.out:
+            D.write_results(res, args.out, complete=complete, argv=argv)
+
+    t0 = time.perf_counter()
+    try:
+        res = D.run_decode_bench(cfg, log=log, on_update=save)
+    except ValueError as exc:  # e.g. a prompt / calibration the tokenizer makes too short
+        parser.error(str(exc))
+    res["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    save(res, complete=True)
+    if not args.quiet:
+        sys.stdout.write(D.summary_table(res) + "\n")
+        bad = [f"{r['setting']} {r['value_dtype']}" for r in res["runs"]
+               if not r["tokens_equal_masked_dense"]]
+        if bad:
+            sys.stdout.write(f"warning: tokens differ from the masked dense model's for "
+                             f"{', '.join(bad)} (near-tied logits or a wrong result)\n")
+        sys.stdout.write(f"({len(res['runs'])} sparse models in {res['elapsed_s']:.0f} s"
+                         + (f"; wrote {args.out}" if args.out else "") + ")\n")
+    return 0
+
+
+def _cmd_forward(parser, args, argv) -> int:
     from sparsekit.bench.model import ModelBench, run_model_bench
 
     cfg = ModelBench(

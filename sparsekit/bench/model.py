@@ -289,7 +289,7 @@ def _formulate(model: nn.Module, name: str, batch_hint: int) -> nn.Module:
     for parent, cname, lin in _linears(m2):
         conts = h.dense_contenders([lin.weight.detach()],
                                    None if lin.bias is None else lin.bias.detach(),
-                                   batch_size=batch_hint, verify=False)
+                                   batch_size=batch_hint, verify=False, names=[name])
         if name not in conts:
             raise Unsupported(conts.skipped.get(name, f"{name} not offered"))
         setattr(parent, cname, _Formulated(conts[name], lin.in_features, lin.out_features,
