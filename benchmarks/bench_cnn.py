@@ -11,14 +11,18 @@ Images: crops of the two photographs shipped with scikit-learn (``load_sample_im
 resized to 224x224 and normalised with the ImageNet mean/std. Reported: top-1 agreement of the
 sparse model with the masked dense model (and of the masked with the unpruned model, for
 information), the largest logit difference, and latency (median of ``--reps`` forward passes
-under ``torch.inference_mode``) at batch 1 and 32 for the unpruned dense model in NCHW and
+under ``torch.inference_mode``, all models alternating pass by pass; batch 32: half the reps,
+at least 3) at batch 1 and 32 for the unpruned dense model in NCHW and
 channels_last (the best of the two is the baseline), the masked dense model and the sparse model
 (channels_last input, the layout its 1x1 convolutions read without a copy), all in one run.
 
 Usage::
 
-    flock /tmp/bench.lock env PYTHONPATH=. python benchmarks/bench_cnn.py --threads 2 \\
-        --out benchmarks/results/cnn-efficientnet-lite0.json
+    flock /tmp/bench.lock chrt -f 1 env PYTHONPATH=. python benchmarks/bench_cnn.py \\
+        --threads 2 --reps 20 --breakdown --out benchmarks/results/cnn-efficientnet-lite0.json
+
+(``chrt -f 1``: SCHED_FIFO, so other sessions' jobs on a shared machine do not delay every
+operator by scheduler ticks; the policy is recorded in the JSON.)
 """
 
 from __future__ import annotations
@@ -76,17 +80,25 @@ def crops(n: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
-def latency(model: nn.Module, x: torch.Tensor, reps: int) -> dict[str, float]:
+def latency(models: dict[str, tuple[nn.Module, torch.Tensor]], reps: int
+            ) -> dict[str, dict[str, float]]:
+    """Median / p10 / p90 of ``reps`` forward passes of each ``(model, input)``, the models
+    alternating pass by pass (round-robin) so load from other processes hits them alike."""
+    ts: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
-        model(x)
-        ts = []
+        for m, x in models.values():
+            m(x)
         for _ in range(reps):
-            t0 = time.perf_counter()
-            model(x)
-            ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return {"median_s": statistics.median(ts), "p10_s": ts[len(ts) // 10],
-            "p90_s": ts[(9 * len(ts)) // 10]}
+            for k, (m, x) in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                ts[k].append(time.perf_counter() - t0)
+    out = {}
+    for k, v in ts.items():
+        v.sort()
+        out[k] = {"median_s": statistics.median(v), "p10_s": v[len(v) // 10],
+                  "p90_s": v[(9 * len(v)) // 10]}
+    return out
 
 
 def _category(name: str, m: nn.Module) -> str | None:
@@ -106,41 +118,50 @@ def _category(name: str, m: nn.Module) -> str | None:
     return None
 
 
-def breakdown(model: nn.Module, x: torch.Tensor, reps: int) -> dict[str, Any]:
-    """Per-module forward time (median over ``reps`` passes, forward hooks with perf_counter;
-    CPU ops return when done, so a module's interval is its cost) and the total by category;
-    "other" is the whole pass minus the timed modules (residual adds, pooling, dropout, the
-    hooks' own cost)."""
-    mods = {n: m for n, m in model.named_modules() if _category(n, m) is not None}
-    starts: dict[str, float] = {}
-    times: dict[str, list[float]] = {n: [] for n in mods}
+def breakdown(models: dict[str, nn.Module], x: torch.Tensor, reps: int
+              ) -> dict[str, dict[str, Any]]:
+    """Per-module forward time of each model (median over ``reps`` passes, the models
+    alternating pass by pass so load hits them alike; forward hooks with perf_counter: CPU ops
+    return when done, so a module's interval is its cost) and the sum by kind; "other" is the
+    whole pass minus the timed modules (residual adds, pooling, dropout, the hooks' own cost)."""
+    state: dict[str, dict[str, Any]] = {}
     hooks = []
-    for n, m in mods.items():
-        hooks.append(m.register_forward_pre_hook(
-            lambda _m, _a, n=n: starts.__setitem__(n, time.perf_counter())))
-        hooks.append(m.register_forward_hook(
-            lambda _m, _a, _o, n=n: times[n].append(time.perf_counter() - starts[n])))
-    totals = []
+    for key, model in models.items():
+        mods = {n: m for n, m in model.named_modules() if _category(n, m) is not None}
+        st: dict[str, Any] = {"mods": mods, "starts": {}, "times": {n: [] for n in mods},
+                              "totals": []}
+        state[key] = st
+        for n, m in mods.items():
+            hooks.append(m.register_forward_pre_hook(
+                lambda _m, _a, n=n, st=st: st["starts"].__setitem__(n, time.perf_counter())))
+            hooks.append(m.register_forward_hook(
+                lambda _m, _a, _o, n=n, st=st: st["times"][n].append(
+                    time.perf_counter() - st["starts"][n])))
     try:
         with torch.inference_mode():
-            model(x)
-            for v in times.values():
-                v.clear()
-            for _ in range(reps):
-                t0 = time.perf_counter()
+            for key, model in models.items():
                 model(x)
-                totals.append(time.perf_counter() - t0)
+                for v in state[key]["times"].values():
+                    v.clear()
+            for _ in range(reps):
+                for key, model in models.items():
+                    t0 = time.perf_counter()
+                    model(x)
+                    state[key]["totals"].append(time.perf_counter() - t0)
     finally:
         for hk in hooks:
             hk.remove()
-    per = {n: statistics.median(v) for n, v in times.items()}
-    cats: dict[str, float] = {}
-    for n, t in per.items():
-        c = _category(n, mods[n])
-        cats[c] = cats.get(c, 0.0) + t
-    total = statistics.median(totals)
-    cats["other"] = total - sum(per.values())
-    return {"total_s": total, "by_category_s": cats, "per_module_s": per}
+    out = {}
+    for key, st in state.items():
+        per = {n: statistics.median(v) for n, v in st["times"].items()}
+        cats: dict[str, float] = {}
+        for n, t in per.items():
+            c = _category(n, st["mods"][n])
+            cats[c] = cats.get(c, 0.0) + t
+        total = statistics.median(st["totals"])
+        cats["other"] = total - sum(per.values())
+        out[key] = {"total_s": total, "by_category_s": cats, "per_module_s": per}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     for b in (1, 32):
         xb = torch.cat([x] * (-(-b // x.shape[0])))[:b]
         xb_cl = xb.contiguous(memory_format=torch.channels_last)
-        lat = {
-            "dense_nchw": latency(dense, xb, args.reps),
-            "dense_channels_last": latency(dense_cl, xb_cl, args.reps),
-            "masked_dense_channels_last": latency(masked_cl, xb_cl, args.reps),
-            "sparse_channels_last": latency(model, xb_cl, args.reps),
-            "sparse_nchw_input": latency(model, xb, args.reps),
-        }
+        lat: dict[str, Any] = latency({
+            "dense_nchw": (dense, xb),
+            "dense_channels_last": (dense_cl, xb_cl),
+            "masked_dense_channels_last": (masked_cl, xb_cl),
+            "sparse_channels_last": (model, xb_cl),
+            "sparse_nchw_input": (model, xb),
+        }, args.reps if b == 1 else max(3, args.reps // 2))
         best = min(lat["dense_nchw"]["median_s"], lat["dense_channels_last"]["median_s"])
         lat["speedup_vs_best_dense"] = best / lat["sparse_channels_last"]["median_s"]
         res["latency"][f"batch{b}"] = lat
@@ -219,10 +240,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{lat['speedup_vs_best_dense']:.2f}x", flush=True)
     if args.breakdown:
         xb_cl = x[:1].contiguous(memory_format=torch.channels_last)
-        res["breakdown_batch1"] = bd = {"dense_channels_last": breakdown(dense_cl, xb_cl,
-                                                                         args.reps),
-                                        "sparse_channels_last": breakdown(model, xb_cl,
-                                                                          args.reps)}
+        res["breakdown_batch1"] = bd = breakdown(
+            {"dense_channels_last": dense_cl, "sparse_channels_last": model}, xb_cl,
+            max(args.reps, 20))
         _print_breakdown(bd)
     res["sparse_modules"] = sum(isinstance(m, SparseConv2d) for m in model.modules())
     res["machine"] = harness.machine_info(torch.get_num_threads(), bandwidth=False)

@@ -14,8 +14,8 @@ through to ``sparsekit bench model``, e.g. ``--sparsities 0.7,2:4,0.5 --dtypes f
 
 Usage::
 
-    flock /work/bench.lock env PYTHONPATH=. python benchmarks/bench_llm.py \\
-        --preset llama7b-block --layers 2 --threads 2 --sparsities 0.7 --dtypes fp32,bf16 \\
+    PYTHONPATH=. python benchmarks/bench_llm.py --preset llama7b-block --layers 2 \\
+        --threads 2 --sparsities 0.7 --dtypes fp32,bf16 --lock /tmp/bench.lock --realtime \\
         --out benchmarks/results/llm-decode.json
 """
 

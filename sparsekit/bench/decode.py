@@ -400,6 +400,29 @@ def _exclusive(lock: str | None, realtime: bool) -> Iterator[None]:
             _set_fifo(os.SCHED_OTHER, 0)
 
 
+def _release() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc), so the next multi-GB model
+    copy does not stack on freed-but-kept memory."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _rss_gb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return float("nan")
+
+
 def _strip(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k != "tokens"}
 
@@ -442,7 +465,9 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
                       "timed round-robin with dense fp32 in the baseline phase",
             "baselines": {}, "runs": []}
         best_name = _baselines(cfg, model, prompt, res, log)
+        _release()
         best_model = formulate(model, best_name) if best_name != "F.linear" else None
+        log(f"(resident memory {_rss_gb():.1f} GB)")
         dense_tokens = res["baselines"]["dense_fp32"].pop("tokens")
         for setting in cfg.settings:
             label, kw = parse_setting(setting)
@@ -450,8 +475,12 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
             t0 = time.perf_counter()
             prep = prune(masked, criterion="wanda", calibration=calibration, **kw)
             prune_s = time.perf_counter() - t0
+            _release()
+            log(f"pruned to {label} in {prune_s:.0f} s (resident memory {_rss_gb():.1f} GB)")
             # fp32 first: the bf16 reference then rounds the masked weights in place
-            for vname in sorted(cfg.value_dtypes, key=lambda v: v != "fp32"):
+            order = sorted(cfg.value_dtypes, key=lambda v: v != "fp32")
+            last = order[-1]
+            for vname in order:
                 vdt = _VALUE_DTYPES[vname]
                 sp = copy.deepcopy(masked)
                 with _exclusive(cfg.lock, cfg.realtime):  # sparsify's tuning is a measurement too
@@ -463,6 +492,9 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
                 if vdt != torch.float32:  # what the kernels compute: rounded values, fp32 math
                     round_weights_(masked, vdt, srep.replaced)
                 ref = run_generate(masked, prompt, cfg.new_tokens)[0]
+                if vname == last:  # not needed any more: free it before timing
+                    del masked
+                    _release()
                 models = {"dense_fp32": model, "sparse": sp}
                 if best_model is not None:
                     models["best_dense"] = best_model
@@ -472,11 +504,10 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
                                                sp, ref, t, res["baselines"], best_name))
                 _log_run(log, res["runs"][-1])
                 del sp, t
-                gc.collect()
+                _release()
+                log(f"(resident memory {_rss_gb():.1f} GB)")
                 if on_update is not None:
                     on_update(res)
-            del masked
-            gc.collect()
         res["dense_fp32_tokens"] = dense_tokens
     return res
 
@@ -498,7 +529,7 @@ def _baselines(cfg: DecodeBench, model: nn.Module, prompt: torch.Tensor, res: di
             t = time_round_robin({"dense_fp32": model, name: fm}, prompt, cfg.new_tokens,
                                  cfg.reps)
         del fm
-        gc.collect()
+        _release()
         r = t[name]
         r["tokens_equal_dense_fp32"] = r.pop("tokens") == t["dense_fp32"]["tokens"]
         ratios[name] = t["dense_fp32"]["decode_s_per_token"] / r["decode_s_per_token"]
@@ -514,7 +545,7 @@ def _baselines(cfg: DecodeBench, model: nn.Module, prompt: torch.Tensor, res: di
             t = time_round_robin({"dense_fp32": model, "dense_bf16": mb}, prompt,
                                  cfg.new_tokens, cfg.reps)
         del mb
-        gc.collect()
+        _release()
         r = t["dense_bf16"]
         r["tokens_equal_dense_fp32"] = r.pop("tokens") == t["dense_fp32"]["tokens"]
         r["decode_speedup_vs_dense_fp32"] = (t["dense_fp32"]["decode_s_per_token"]
