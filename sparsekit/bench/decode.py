@@ -432,8 +432,8 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
                      ) -> dict[str, Any]:
     """Run the decode benchmark of ``cfg``; returns the results (JSON-able).
 
-    ``log`` receives one line per measured model; ``on_update(results)`` is called after every
-    sparse run (e.g. to write partial results).
+    ``log`` receives one line per measured model; ``on_update(results)`` is called after the
+    baseline phase and after every sparse run (e.g. to write partial results).
 
     Raises
     ------
@@ -469,6 +469,8 @@ def run_decode_bench(cfg: DecodeBench, *, log: Callable[[str], None] = print,
         best_model = formulate(model, best_name) if best_name != "F.linear" else None
         log(f"(resident memory {_rss_gb():.1f} GB)")
         dense_tokens = res["baselines"]["dense_fp32"].pop("tokens")
+        if on_update is not None:  # an interrupted run keeps its baselines
+            on_update(res)
         for setting in cfg.settings:
             label, kw = parse_setting(setting)
             masked = copy.deepcopy(model)
