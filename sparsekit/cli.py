@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hold an exclusive flock on FILE while timing and tuning (each "
                          "section separately; building, pruning and copying models run "
                          "outside it), so timed runs on a shared machine never overlap")
+    gp.add_argument("--prune-in-place", action="store_true",
+                    help="one --sparsities setting only: prune the dense model itself and time "
+                         "it (masked; dense costs the same) as the dense baselines: one model "
+                         "copy less for models near the machine's memory")
     gp.add_argument("--realtime", action="store_true",
                     help="time (and tune) with SCHED_FIFO priority 1 on every thread, only "
                          "inside those sections: on a shared machine other sessions' jobs "
@@ -373,9 +377,10 @@ _GENERATE_ONLY = {"hf_config": None, "hidden": None, "ffn": None, "heads": None,
                   "kv_heads": None, "vocab": None, "prompt_tokens": 32, "new_tokens": 24,
                   "reps": 3, "calib_seqs": 8, "calib_len": 128, "convert": "tuned",
                   "no_bf16_dense": False, "lock": None,
-                  "realtime": False}
+                  "realtime": False, "prune_in_place": False}
 # DecodeBench field -> the option that sets it (error messages name the option)
-_DECODE_OPTION = {"settings": "--sparsities", "value_dtypes": "--dtypes", "model": "--model",
+_DECODE_OPTION = {"settings": "--sparsities", "prune_in_place": "--prune-in-place",
+                  "value_dtypes": "--dtypes", "model": "--model",
                   "hf_config": "--hf-config", "kv_heads": "--kv-heads",
                   "new_tokens": "--new-tokens", "prompt_tokens": "--prompt-tokens",
                   "calib_seqs": "--calib-seqs", "calib_len": "--calib-len", "dense": "--dense"}
@@ -461,7 +466,7 @@ def _cmd_generate(parser, args, argv) -> int:
         calib_seqs=args.calib_seqs, calib_len=args.calib_len, threads=args.threads,
         seed=args.seed, dense_bf16=not args.no_bf16_dense, dense=list(args.dense),
         convert=args.convert, backend=(args.backends or ["auto"])[0], lock=args.lock,
-        realtime=args.realtime)
+        realtime=args.realtime, prune_in_place=args.prune_in_place)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -68,6 +68,7 @@ def test_generate_gpt2_config_convert_all_quiet(tmp_path, capsys):
     out_json = tmp_path / "gpt2.json"
     argv = ["bench", "model", "--hf-config", "gpt2", *TINY, "--sparsities", "0.7",
             "--dtypes", "fp32", "--dense", "F.linear", "--no-bf16-dense", "--convert", "all",
+            "--prune-in-place",
             "-q", "--out", str(out_json), "--lock", str(tmp_path / "bench.lock")]
     if _can_realtime():
         argv.append("--realtime")
@@ -143,6 +144,7 @@ GEN = ["bench", "model", "--hf-config", "llama"]
     (["bench", "model", "--hf-config", "gpt2", "--kv-heads", "2"], "--kv-heads"),
     ([*GEN, "--new-tokens", "1"], "--new-tokens"),
     ([*GEN, "--reps", "0"], "--reps"),
+    ([*GEN, "--sparsities", "0.5,0.7", "--prune-in-place"], "--prune-in-place: expected one"),
     ([*GEN, "--lock", "/nonexistent/dir/bench.lock"], "--lock"),
     (["bench", "model", "--lock", "x.lock"], "--lock: only applies to --task generate"),
 ])
