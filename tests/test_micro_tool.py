@@ -41,6 +41,7 @@ def micro(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("args", [
     ["csr", "37", "700", "70", "0.3", "2"],  # K-blocked walk, 2 batch tiles, 2 threads
+    ["csr", "37", "700", "70", "0.3", "2", "v=11"],  # csr_tile_v8: 8-vector tiles, K-blocked
     ["csr", "33", "97", "5", "0.5"],
     ["bsr", "45", "3001", "65", "0.5", "3", "4", "2"],  # ragged blocks, many L1 groups
     ["spmv", "97", "1025", "0.2", "2", "warm"],

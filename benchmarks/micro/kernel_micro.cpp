@@ -4,12 +4,13 @@
 // through the csrc/cpu/simd.h wrappers.
 //
 //   build:  bash benchmarks/micro/build.sh            (AVX-512; ISA=avx2 for the AVX2 path)
-//   run:    build/micro/kernel_micro csr  M K N density [threads]     CSR, N > 1 (packed tiles)
+//   run:    build/micro/kernel_micro csr  M K N density [threads] [v=<variant id>]  CSR, N > 1
 //           build/micro/kernel_micro bsr  M K N density r c [threads] BSR, N > 1
 //           build/micro/kernel_micro spmv M K density [threads] [warm] [bf16] [v=<variant id>]  CSR N = 1,
-//                                         weights rotating over > 700 MB unless warm
+//                                         weights rotating over > 2x the LLC unless warm
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
 //           build/micro/kernel_micro rowtile K nnz                    L1/L2 row-tile loop
+//           build/micro/kernel_micro peak [threads]                   register-only FMA rate
 // Times are medians of 15 calls (wall clock); "G vec/s" counts W-lane FMAs (W = 16 / 8).
 #include <omp.h>
 
@@ -29,6 +30,32 @@ using namespace sparsekit;
 using namespace sparsekit::cpu;
 
 namespace {
+
+// Largest data/unified cache in bytes, from sysfs (32 MiB when unreadable), as
+// sparsekit.timing.llc_bytes reads it: rotating sets are sized from it.
+double llc_bytes() {
+  double best = 0;
+  for (int i = 0; i < 8; ++i) {
+    char path[96], type[32] = {0}, size[32] = {0};
+    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/type", i);
+    FILE* f = std::fopen(path, "r");
+    if (!f) continue;
+    const bool ok = std::fscanf(f, "%31s", type) == 1;
+    std::fclose(f);
+    if (!ok || !std::strcmp(type, "Instruction")) continue;
+    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+    if (!(f = std::fopen(path, "r"))) continue;
+    if (std::fscanf(f, "%31s", size) == 1) {
+      char* end = nullptr;
+      double v = std::strtod(size, &end);
+      if (*end == 'K') v *= 1024;
+      if (*end == 'M') v *= 1048576;
+      best = std::max(best, v);
+    }
+    std::fclose(f);
+  }
+  return best > 0 ? best : 32.0 * 1048576;
+}
 
 double median_time(int reps, const std::function<void(int)>& f) {
   std::vector<double> ts;
@@ -73,13 +100,14 @@ SpmmParams params(const Sparse& s, int M, int K, int N, const float* x, float* y
   return p;
 }
 
-int run_csr(int M, int K, int N, double d, int threads) {
+int run_csr(int M, int K, int N, double d, int threads, int variant) {
   std::mt19937 g(0);
   Sparse s = random_sparse(M, K, d, 1, g);
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
   std::vector<float> x(static_cast<size_t>(N) * K), y(static_cast<size_t>(N) * M);
   for (auto& v : x) v = u(g);
   SpmmParams p = params(s, M, K, N, x.data(), y.data(), threads);
+  p.variant = variant;
   csr_linear_t<float, int32_t, uint16_t>(p);
   double err = 0;
   for (int n = 0; n < N; ++n)
@@ -89,8 +117,9 @@ int run_csr(int M, int K, int N, double d, int threads) {
       err = std::max(err, std::abs(ref - y[size_t(n) * M + m]));
     }
   const double t = median_time(15, [&](int) { csr_linear_t<float, int32_t, uint16_t>(p); });
-  std::printf("csr %dx%d N=%d density=%.2f threads=%d: %.3f ms, %.2f G vec/s, max err %.1e\n", M, K,
-              N, d, threads, t * 1e3, double(s.idx.size()) * N / Vec::W / t / 1e9, err);
+  std::printf("csr %dx%d N=%d density=%.2f threads=%d %s: %.3f ms, %.2f G vec/s, max err %.1e\n",
+              M, K, N, d, threads, variant_info(static_cast<Variant>(variant)).name, t * 1e3,
+              double(s.idx.size()) * N / Vec::W / t / 1e9, err);
   return 0;
 }
 
@@ -138,7 +167,7 @@ int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16, int vari
     }
   }
   const double bytes = s0.idx.size() * (bf16 ? 4.0 : 6.0) + s0.indptr.size() * 4.0;
-  const int copies = warm ? 1 : std::max(2, int(200e6 / bytes) + 1);  // > 6x a 32 MiB LLC
+  const int copies = warm ? 1 : std::max(2, int(2 * llc_bytes() / bytes) + 1);  // > 2x the LLC
   std::vector<Sparse> mats(copies, s0);
   std::vector<std::vector<uint16_t>> vals16(bf16 ? copies : 0, v16);
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
@@ -172,10 +201,10 @@ int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16, int vari
 
 #if defined(SPARSEKIT_ISA_AVX512)
 // Reads 180 MB (11008 x 4096 fp32) per call as `streams` interleaved sequential streams per
-// thread, optionally with software prefetch `pf` floats ahead; 5 rotating copies (> 700 MB).
+// thread, optionally with software prefetch `pf` floats ahead; rotating copies over > 2x the LLC.
 int run_read(int streams, int pf, int threads) {
   const size_t n = size_t(11008) * 4096;
-  const int copies = 5;
+  const int copies = std::max(2, int(2 * llc_bytes() / (n * 4.0)) + 1);
   std::vector<float*> bufs(copies);
   for (auto& b : bufs) {
     b = static_cast<float*>(std::aligned_alloc(64, n * 4));
@@ -236,6 +265,33 @@ int run_rowtile(int K, int nnz) {
   return 0;
 }
 
+// The FMA ceiling of this ISA path: 12 independent accumulator chains per thread (enough to
+// cover 4-cycle latency on 2 FMA ports), register operands only, 2 * W flops per FMA.
+int run_peak(int threads) {
+  constexpr int C = 12;
+  const int64_t iters = 20000000;
+  float sink = 0.f;
+  const double t = median_time(5, [&](int rep) {
+    float tot = 0.f;
+#pragma omp parallel num_threads(threads) reduction(+ : tot)
+    {
+      typename Vec::T acc[C];
+      const typename Vec::T a = Vec::set1(0.999f + 1e-6f * rep), b = Vec::set1(1e-7f);
+      for (int c = 0; c < C; ++c) acc[c] = Vec::set1(float(c));
+      for (int64_t i = 0; i < iters; ++i)
+        for (int c = 0; c < C; ++c) acc[c] = Vec::fma(acc[c], a, b);
+      typename Vec::T s = acc[0];
+      for (int c = 1; c < C; ++c) s = Vec::add(s, acc[c]);
+      tot += Vec::reduce(s);
+    }
+    sink += tot;
+  });
+  const double fmas = double(iters) * C * threads;
+  std::printf("peak W=%d threads=%d: %.2f G vec FMA/s, %.1f GFLOP/s fp32 (checksum %g)\n", Vec::W,
+              threads, fmas / t / 1e9, fmas * 2 * Vec::W / t / 1e9, double(sink));
+  return 0;
+}
+
 int usage() {
   std::fprintf(stderr, "see the header of benchmarks/micro/kernel_micro.cpp for usage\n");
   return 2;
@@ -248,7 +304,9 @@ int main(int argc, char** argv) {
   const char* mode = argv[1];
   auto ai = [&](int i, int def) { return argc > i ? std::atoi(argv[i]) : def; };
   auto ad = [&](int i) { return argc > i ? std::atof(argv[i]) : 0.0; };
-  if (!std::strcmp(mode, "csr") && argc >= 6) return run_csr(ai(2, 0), ai(3, 0), ai(4, 0), ad(5), ai(6, 1));
+  if (!std::strcmp(mode, "csr") && argc >= 6)
+    return run_csr(ai(2, 0), ai(3, 0), ai(4, 0), ad(5), ai(6, 1),
+                   argc > 7 && !std::strncmp(argv[7], "v=", 2) ? std::atoi(argv[7] + 2) : 0);
   if (!std::strcmp(mode, "bsr") && argc >= 8)
     return run_bsr(ai(2, 0), ai(3, 0), ai(4, 0), ad(5), ai(6, 1), ai(7, 1), ai(8, 1));
   if (!std::strcmp(mode, "spmv") && argc >= 5)
@@ -265,6 +323,7 @@ int main(int argc, char** argv) {
 #if defined(SPARSEKIT_ISA_AVX512)
   if (!std::strcmp(mode, "read") && argc >= 4) return run_read(ai(2, 1), ai(3, 0), ai(4, 2));
 #endif
+  if (!std::strcmp(mode, "peak")) return run_peak(ai(2, 1));
   if (!std::strcmp(mode, "rowtile") && argc >= 4) return run_rowtile(ai(2, 0), ai(3, 0));
   return usage();
 }

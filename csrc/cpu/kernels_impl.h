@@ -44,15 +44,15 @@ namespace sparsekit {
 namespace cpu {
 namespace {
 
-// Batch tile width (in vectors) for N > 1: as wide as the batch needs (<= 4 vectors) while one
-// packed tile (kpad x NT fp32) stays within ~1.5 MiB of L2.
+// Batch tile width (in vectors) for N > 1: as wide as the batch needs (<= vmax vectors, at most
+// 8) while one packed tile (kpad x NT fp32) stays within ~1.5 MiB of L2.
 #ifndef SPARSEKIT_TILE_BYTES
 #define SPARSEKIT_TILE_BYTES (3 << 19)  // xt tile budget (bytes) for N > 1
 #endif
 constexpr int64_t kTileBytes = SPARSEKIT_TILE_BYTES;
 inline int choose_v(int64_t N, int64_t kpad, int vmax = 4) {
   const int64_t W = Vec::W;
-  int v = N > 2 * W ? 4 : (N > W ? 2 : 1);
+  int v = N > 4 * W ? 8 : (N > 2 * W ? 4 : (N > W ? 2 : 1));
   while (v > vmax) v /= 2;
   while (v > 1 && kpad * v * W * 4 > kTileBytes) v /= 2;
   return v;
@@ -197,7 +197,10 @@ void csr_linear_t(const SpmmParams& p) {
     return;
   }
   const Variant variant = static_cast<Variant>(p.variant);
-  const int vmax = variant == Variant::CsrTileV2 ? 2 : (variant == Variant::CsrTileV1 ? 1 : 4);
+  int vmax = 4;
+  if (variant == Variant::CsrTileV8) vmax = 8;
+  if (variant == Variant::CsrTileV2) vmax = 2;
+  if (variant == Variant::CsrTileV1) vmax = 1;
   const int V = choose_v(p.N, p.K, vmax);
   const int64_t NT = V * Vec::W;
   const int64_t ntiles = (p.N + NT - 1) / NT;
@@ -209,13 +212,15 @@ void csr_linear_t(const SpmmParams& p) {
       pack_x_tile(p, xt.p + tile * p.K * NT, static_cast<int>(NT), tile * NT, k0, k1);
     barrier(nt);
     const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
-    // Wide tiles (64 batch columns, 4 lines per xt row) far beyond L1: K-blocked walk. For
-    // narrower tiles the per-visit overhead measured higher than the L2 traffic it saves.
-    if (V == 4 && p.K * NT * 4 > 2 * kL1Tile) {
-      csr_batch_rows_kb<4, VT, PT, IT>(p, xt.p, r0, r1);
+    // Wide tiles (>= 64 batch columns, >= 4 lines per xt row) far beyond L1: K-blocked walk.
+    // For narrower tiles the per-visit overhead measured higher than the L2 traffic it saves.
+    if (NT >= 64 && p.K * NT * 4 > 2 * kL1Tile) {
+      if (V == 8) csr_batch_rows_kb<8, VT, PT, IT>(p, xt.p, r0, r1);
+      else csr_batch_rows_kb<4, VT, PT, IT>(p, xt.p, r0, r1);
       return;
     }
     switch (V) {
+      case 8: csr_batch_rows<8, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
       case 4: csr_batch_rows<4, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
       case 2: csr_batch_rows<2, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
       default: csr_batch_rows<1, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;

@@ -28,7 +28,10 @@ enum class Variant : int {
   BsrTileV4 = 8,  // up to 4 vectors
   BsrTileV2 = 9,  // up to 2 vectors (the built-in choice on 8-lane ISAs for block_r >= 2)
   BsrTileV1 = 10,
-  kCount = 11,
+  // CSR, N > 2: 8 vectors (64 batch columns at W = 8, so one K-blocked pass over the weights per
+  // 64 columns on 16-register files, as V4 gives 32-register files).
+  CsrTileV8 = 11,
+  kCount = 12,
 };
 
 // Bit per ISA (Isa::Generic = 0, AVX2 = 1, AVX512 = 2 in cpu_features.h).
@@ -68,6 +71,8 @@ inline constexpr VariantInfo kVariants[] = {
      "register-blocked BSR, tiles up to 2 vectors wide"},
     {Variant::BsrTileV1, "bsr_tile_v1", "bsr", 2, -1, kIsaAll, "f32,bf16,f16",
      "register-blocked BSR, tiles 1 vector wide"},
+    {Variant::CsrTileV8, "csr_tile_v8", "csr", 3, -1, kIsaAll, "f32,bf16,f16",
+     "packed x tiles up to 8 vectors wide, 1 nonzero in flight (fewer passes over the weights)"},
 };
 static_assert(sizeof(kVariants) / sizeof(kVariants[0]) == static_cast<int>(Variant::kCount),
               "one kVariants row per Variant");

@@ -8,7 +8,7 @@
 //   spmv_scalar / spmv_gather<2> / spmv_gather<4> / spmv_assemble (NB = 1, 2)
 //       row lengths 0 .. 5W + 3 (around W, 2W, 4W), long rows, unaligned row starts, x with a
 //       row stride, uint16 column 65535 and int32 columns beyond it;
-//   csr_row_tile<V, kBounded> (V = 1, 2, 4)
+//   csr_row_tile<V, kBounded> (V = 1, 2, 4, 8)
 //       lengths around the U-nonzero step, with / without / aliased init, K-block bounds,
 //       unaligned tiles, index limits;
 //   bsr_spmv_blockrow<CC> (CC = c and CC = 0) and bsr_tile_rows<RB, V>
@@ -311,6 +311,7 @@ void tile_types() {
   tile_all<1, VT, IT>();
   tile_all<2, VT, IT>();
   tile_all<4, VT, IT>();
+  tile_all<8, VT, IT>();
 }
 
 // ================================================================================================
@@ -617,7 +618,7 @@ void store_case(int NT, int64_t rows, int64_t nn, int64_t n0, int64_t m0, bool w
 
 template <class XT>
 void packing_types() {
-  for (int V : {1, 2, 4}) {
+  for (int V : {1, 2, 4, 8}) {
     const int NT = V * W;
     for (int64_t N : {1, W - 1, W, W + 1, NT - 1, NT, NT + 1, 2 * NT + 3})
       for (int64_t K : {1, 7, 33}) pack_case<XT>(NT, N, K);
