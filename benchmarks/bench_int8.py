@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit.bench.machine import cpu_model
+from sparsekit.bench.machine import machine_info
 
 
 def _llc_bytes() -> int:
@@ -49,10 +49,16 @@ def _time(fns: list, x: torch.Tensor, reps: int) -> float:
     return statistics.median(times)
 
 
-def _copies(nbytes: int, llc: int, cap: int = 16) -> int:
+def _copies(nbytes: int, llc: int, cap: int = 4096) -> int:
+    """Copies whose total exceeds twice the LLC (a fixed cap of a few copies would leave small
+    compressed weights resident in a large LLC: 300 MiB holds 90 copies of a 3.4 MB matrix)."""
     if llc == 0:
         return 1
-    return max(2, min(cap, math.ceil(2 * llc / max(nbytes, 1))))
+    n = max(2, math.ceil(2 * llc / max(nbytes, 1)))
+    if n > cap:
+        raise ValueError(f"{nbytes} bytes per copy needs {n} copies to exceed 2 x LLC "
+                         f"({llc} bytes), above the cap {cap}")
+    return n
 
 
 def main() -> None:
@@ -72,6 +78,7 @@ def main() -> None:
 
     assert "cpp" in sparsekit.backends(), "build sparsekit._C first"
     llc = 0 if args.resident else _llc_bytes()
+    load_start = list(os.getloadavg())
     rows = []
     for shp in args.shapes.split(","):
         M, K = (int(s) for s in shp.split("x"))
@@ -103,10 +110,14 @@ def main() -> None:
                 "sparse_i8_d8": dict(value_dtype=torch.int8, index_encoding="delta8"),
             }
             nbytes = {}
+            rotated_bytes = {"dense_fp32_linear": nd * dense_bytes,
+                             "dense_fp32_matmul_t": nd * dense_bytes,
+                             "dense_int8_qdynamic": len(qlins) * M * K}
             for name, kw in specs.items():
                 m0 = CSRMatrix.from_dense(w, **kw)
                 nbytes[name] = m0.nbytes
                 mats = [m0] + [_clone(m0) for _ in range(_copies(m0.nbytes, llc) - 1)]
+                rotated_bytes[name] = len(mats) * m0.nbytes
                 variants[name] = [lambda x, m=m: sparsekit.linear(x, m) for m in mats]
             for N in batches:
                 x = torch.randn(N, K)
@@ -115,7 +126,7 @@ def main() -> None:
                 best_dense = min(t["dense_fp32_linear"], t["dense_fp32_matmul_t"])
                 row = {
                     "shape": [M, K], "sparsity": sparsity, "N": N,
-                    "time_s": t, "bytes": nbytes,
+                    "time_s": t, "bytes": nbytes, "rotated_bytes": rotated_bytes,
                     "i8_d8_vs_best_fp32_dense": best_dense / t["sparse_i8_d8"],
                     "i8_d8_vs_int8_dense": t["dense_int8_qdynamic"] / t["sparse_i8_d8"],
                     "bf16_d8_vs_bf16_u16": t["sparse_bf16_u16"] / t["sparse_bf16_d8"],
@@ -127,17 +138,22 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
-                                  for k, v in row.items() if k not in ("time_s", "bytes")}),
+                                  for k, v in row.items()
+                                  if k not in ("time_s", "bytes", "rotated_bytes")}),
                       flush=True)
             del variants, qlins
-    info = {
+    load_end = list(os.getloadavg())
+    info = machine_info(args.threads, bandwidth=False)
+    info.update({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "cpu": cpu_model(), "isa": sparsekit.backends().get("cpp"),
-        "threads": args.threads, "llc_bytes": llc, "torch": torch.__version__,
-        "sparsekit": sparsekit.__version__, "python": platform.python_version(),
-        "shared_machine": True, "weights_rotated": not args.resident,
+        "isa": sparsekit.backends().get("cpp"), "threads": args.threads,
+        "llc_bytes_rotation": llc, "python": platform.python_version(),
+        "load_avg_start": load_start, "load_avg_end": load_end,
+        # other processes competed for the cores: load before the run, or above our own threads
+        "shared_machine": load_start[0] >= 1.0 or load_end[0] > args.threads + 1.0,
+        "weights_rotated": not args.resident,
         "quantized_engine": torch.backends.quantized.engine,
-    }
+    })
     res = {"machine": info, "results": rows}
     if args.out:
         with open(args.out, "w") as f:

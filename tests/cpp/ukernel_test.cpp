@@ -14,7 +14,7 @@
 //   bsr_spmv_blockrow<CC> (CC = c and CC = 0) and bsr_tile_rows<RB, V>
 //       block shapes 1..8 x 1..16, ragged bottom (rows < r) and right (zero padding) edges,
 //       empty block rows, accumulate, index limits;
-//   q_row_dot (csr_q_impl.h)
+//   q_row_dot, q_rows2_dot (csr_q_impl.h)
 //       int8 values (full range, scales applied as the driver does), uint8 gaps with escapes;
 //   pack_x_tile / load_x_row / store_rows_tile (packing.h)
 //       N around the tile width, ragged K, bf16 / fp16 activations and outputs, bias.
@@ -630,11 +630,80 @@ void packing_types() {
   }
 }
 
+// One stored row for the pair test: stored indices (gaps with escapes for uint8), values and the
+// float64 dot product with x.
+template <class VT, class IT>
+double q_stored_row(int64_t L, int64_t K, bool last, const std::vector<float>& x,
+                    std::vector<IT>& idx, std::vector<VT>& val, double& mag) {
+  int64_t prev = 0;
+  double ref = 0;
+  mag = 0;
+  for (int64_t k : sorted_cols(L, K, last)) {
+    if (std::is_same<IT, uint8_t>::value) {
+      while (k - prev > 255) {
+        prev += 255;
+        idx.push_back(static_cast<IT>(255));
+        val.push_back(VT{});
+      }
+      idx.push_back(static_cast<IT>(k - prev));
+      prev = k;
+    } else {
+      idx.push_back(static_cast<IT>(k));
+    }
+    val.push_back(Val<VT>::make());
+    const double t = Val<VT>::dec(val.back()) * x[static_cast<size_t>(k)];
+    ref += t;
+    mag += std::fabs(t);
+  }
+  return ref;
+}
+
+// q_rows2_dot on two adjacent rows of lengths L0, L1 (any mix of empty, tail-only and long
+// rows), each against the float64 reference; NaN values around the rows catch over-reads.
+template <class VT, class IT>
+void q_pair_case(int64_t L0, int64_t L1, int64_t K, int pad) {
+  std::vector<float> x(static_cast<size_t>(K));
+  for (auto& f : x) f = rnd_mag();
+  std::vector<IT> idx(static_cast<size_t>(pad), IT(0));
+  std::vector<VT> val(static_cast<size_t>(pad), Val<VT>::nan());
+  double mag0, mag1;
+  const double ref0 = q_stored_row<VT, IT>(L0, K, L0 % 2 == 1, x, idx, val, mag0);
+  const int64_t mid = static_cast<int64_t>(idx.size());
+  const double ref1 = q_stored_row<VT, IT>(L1, K, L1 % 3 == 0, x, idx, val, mag1);
+  const int64_t end = static_cast<int64_t>(idx.size());
+  idx.resize(static_cast<size_t>(end + pad), IT(0));
+  val.resize(static_cast<size_t>(end + pad), Val<VT>::nan());
+  float d0 = 0, d1 = 0;
+  q_rows2_dot<VT, IT>(idx.data(), val.data(), pad, mid, mid, end, x.data(), d0, d1);
+  char what[256];
+  std::snprintf(what, sizeof what, "q_rows2_dot %s/%s L0=%lld L1=%lld K=%lld row 0",
+                Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L0),
+                static_cast<long long>(L1), static_cast<long long>(K));
+  check(d0, ref0, tol_sum(mid - pad, mag0) + 1e-30, what);
+  what[std::strlen(what) - 1] = '1';
+  check(d1, ref1, tol_sum(end - mid, mag1) + 1e-30, what);
+}
+
+template <class VT, class IT>
+void q_pair_types() {
+  const int64_t lens[] = {0, 1, W - 1, W, W + 1, 2 * W - 1, 2 * W, 2 * W + 1, 4 * W + 3, 7 * W};
+  for (int64_t L0 : lens)
+    for (int64_t L1 : lens) {
+      q_pair_case<VT, IT>(L0, L1, 2 * (L0 + L1) + 5, 3);  // dense rows: small gaps
+      const int64_t Ks = 300 * (L0 + L1) + 600;  // sparse rows: escapes (gap coding)
+      q_pair_case<VT, IT>(L0, L1, sizeof(IT) == 2 ? std::min<int64_t>(Ks, 65536) : Ks, 0);
+    }
+  q_pair_case<VT, IT>(300, 1, sizeof(IT) == 2 ? 65536 : 70001, 2);
+}
+
 template <class VT>
 void q_index_types() {
   q_types<VT, uint16_t>();
   q_types<VT, int32_t>();
   q_types<VT, uint8_t>();
+  q_pair_types<VT, uint16_t>();
+  q_pair_types<VT, int32_t>();
+  q_pair_types<VT, uint8_t>();
 }
 
 }  // namespace
