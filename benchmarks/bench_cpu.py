@@ -231,7 +231,8 @@ def main(argv=None) -> int:
         "copy_bandwidth_gbs": copy_bw, "load_avg_start": load0, "load_avg_end": load1,
         "clock": a.clock,
         "isa_path": _C.cpu_isa(), "cpu_model": info.get("cpu_model"),
-        "machine_shared": max(load0[0], load1[0]) > 0.5,
+        # the end load includes this run's own threads (up to a.threads runnable)
+        "machine_shared": max(load0[0], load1[0] - a.threads) > 0.5,
         "plans": planner.plans(),
         "targets": tg, "dense": {f"{k[0]}x{k[1]} N={k[2]}": v for k, v in c.dense.items()},
         "method": "median wall time; weights rotating over > 2x LLC; baselines from this run",
