@@ -105,10 +105,9 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
                               backend)
     if weight.is_compressed and torch.compiler.is_compiling():
         # the compressed ops keep the graph whole (the eager launch below would break it)
-        args = (x, weight.indptr, weight.indices, weight.values, weight.scales, bias, M, K)
-        if isinstance(weight, CSRMatrix):
-            return ops.csr_linear_compressed(*args, backend)
-        return ops.bsr_linear_compressed(*args, *weight.blocksize, backend)
+        return ops.linear_compressed_op(
+            x, weight.indptr, weight.indices, weight.values, weight.scales, bias, M, K,
+            None if isinstance(weight, CSRMatrix) else weight.blocksize, backend)
     if x.requires_grad:
         x = x.detach()
     y = ops.launch_linear(x, weight, bias32, backend, cdt)

@@ -60,6 +60,7 @@ __all__ = [
     "bsr_linear",
     "csr_linear_compressed",
     "bsr_linear_compressed",
+    "linear_compressed_op",
     "csr_transpose",
     "bsr_transpose",
 ]
@@ -481,6 +482,18 @@ def bsr_linear_compressed(
 def _bsr_linear_compressed_fake(x, indptr, indices, values, scales, bias, out_features,
                                 in_features, block_r, block_c, backend="auto"):
     return _fake_linear(x, values, bias, out_features, in_features)
+
+
+def linear_compressed_op(x: Tensor, indptr: Tensor, indices: Tensor, values: Tensor,
+                         scales: Tensor | None, bias: Tensor | None, out_features: int,
+                         in_features: int, blocksize: tuple[int, int] | None,
+                         backend: str = "auto") -> Tensor:
+    """The compressed op for a CSR (``blocksize`` None) or BSR weight's arrays: the one call
+    that :class:`sparsekit.nn.SparseLinear` and :func:`sparsekit.linear` trace."""
+    args = (x, indptr, indices, values, scales, bias, out_features, in_features)
+    if blocksize is None:
+        return csr_linear_compressed(*args, backend)
+    return bsr_linear_compressed(*args, *blocksize, backend)
 
 
 # --------------------------------------------------------------------------------------------

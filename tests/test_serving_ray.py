@@ -138,8 +138,9 @@ def _metrics_by_replica(client: httpx.Client, url: str, want: int,
     return seen
 
 
-def _wait_routable(url: str, want: int = 2) -> None:
-    """Block (bounded) until ``want`` replicas are RUNNING and answer; fail with diagnostics."""
+def _wait_routable(url: str, want: int = 2) -> dict:
+    """Block (bounded) until ``want`` replicas are RUNNING and answer; fail with diagnostics.
+    Returns each replica's /metrics answer, as :func:`_metrics_by_replica`."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         st = serve.status().applications[APP]
@@ -151,6 +152,7 @@ def _wait_routable(url: str, want: int = 2) -> None:
     with httpx.Client(timeout=30) as c:
         seen = _metrics_by_replica(c, url, want)
     assert len(seen) >= want, f"{len(seen)} of {want} replicas answered:\n{_serve_diagnostics()}"
+    return seen
 
 
 def test_outputs_bit_identical_to_local_model(cluster):
@@ -216,9 +218,7 @@ def test_two_replicas_answer_every_request_under_load(cluster):
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal((int(rng.integers(1, 9)), LAYERS[0])).astype(np.float32)
           for _ in range(160)]
-    with httpx.Client(timeout=30) as c:
-        _wait_routable(url)
-        before = {k: v["requests"] for k, v in _metrics_by_replica(c, url, 2).items()}
+    before = {k: v["requests"] for k, v in _wait_routable(url).items()}
 
     def one(x: np.ndarray) -> np.ndarray:
         with httpx.Client(timeout=60) as cl:

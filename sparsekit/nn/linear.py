@@ -413,11 +413,10 @@ class SparseLinear(nn.Module):
             bias = None if bias is None else bias.detach()
             if not torch.compiler.is_compiling() and _current_dispatch_mode() is None:
                 return ops.linear_matrix(x, self._registered_matrix(), bias, self.backend)
-            args = (x.detach(), b["weight_indptr"], b["weight_indices"], b["weight_values"],
-                    b.get("weight_scales"), bias, self.out_features, self.in_features)
-            if self.blocksize is None:
-                return torch.ops.sparsekit.csr_linear_compressed(*args, self.backend)
-            return torch.ops.sparsekit.bsr_linear_compressed(*args, *self.blocksize, self.backend)
+            return ops.linear_compressed_op(
+                x.detach(), b["weight_indptr"], b["weight_indices"], b["weight_values"],
+                b.get("weight_scales"), bias, self.out_features, self.in_features,
+                self.blocksize, self.backend)
         if not torch.compiler.is_compiling():
             mat = self._registered_matrix()  # keeps backend caches warm in eager mode
             bias = self._parameters["bias"]
