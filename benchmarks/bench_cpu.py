@@ -14,8 +14,13 @@ over > 2x the last-level cache. The machine-independent targets: at N=1 and 70-9
 kernel moves its compressed bytes at >= 85% of the rate at which the fastest dense GEMV reads
 its weights, and bf16 values run >= 1.4x faster than fp32 at 90%. Each record names the CPU
 model, the ISA path (``SPARSEKIT_ISA=avx2`` forces AVX2) and the kernel variant the planner
-chose (``sparsekit.kernels.planner``). Writes benchmarks/results/cpu-<date>.json and
-cpu-<date>.png (speedup vs sparsity for N = 1, 2, 4, 8, 32, 128; dense = 1).
+chose (``sparsekit.kernels.planner``). The candidates of each target group (the dense
+contenders and the sparse matrices compared with them) are timed round-robin, one call each per
+round, so a ratio compares calls made under the same machine state: on a shared host the memory
+bandwidth drifts by tens of percent between seconds (``--no-interleave`` times them one after
+the other; numpy's OpenBLAS is always timed apart, its spinning workers would slow the next
+call). Writes benchmarks/results/cpu-<date>.json and cpu-<date>.png (speedup vs sparsity for
+N = 1, 2, 4, 8, 32, 128; dense = 1).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from benchmarks import bench_linear as BL
 from sparsekit.bench import harness as H
 from sparsekit.formats import BSRMatrix, CSRMatrix
 from sparsekit.kernels import get_backend, require_compiled
+from sparsekit.timing import measure_interleaved
 
 BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
 
@@ -39,8 +45,8 @@ BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
 class Cache:
     """Measurements shared by targets and sweep (each measured once per run)."""
 
-    def __init__(self, min_time: float, log=print):
-        self.min_time, self.log = min_time, log
+    def __init__(self, min_time: float, log=print, interleave: bool = True):
+        self.min_time, self.log, self.interleave = min_time, log, interleave
         self.dense: dict = {}
         self.sparse: dict = {}
         self.tcsr: dict = {}
@@ -78,6 +84,54 @@ class Cache:
                      f"variant {variant}")
         return self.sparse[key]
 
+    def interleaved(self, M: int, K: int, N: int, specs) -> None:
+        """Measure the dense contenders of (M, K, N) and the sparse matrices ``specs`` (tuples
+        ``(sparsity, block, value_dtype)``) round-robin in one loop, so the ratios between them
+        see the same machine state (on a shared host the memory bandwidth drifts between
+        seconds). Fills the same entries as :meth:`dense_best` and :meth:`sparse_s`."""
+        x = self.xin(K, N)
+        wd = BL.random_weight(M, K, 0.0, seed=1)
+        n_dense = H.rotation_count(BL.nbytes_of(wd))
+        dense_fns = H.dense_contenders([wd] + [wd.clone() for _ in range(n_dense - 1)],
+                                       batch_size=N)
+        # OpenBLAS (numpy) keeps its worker threads spinning for a while after each call, which
+        # would slow whatever runs next: numpy is timed on its own, after the round-robin.
+        alone = {k: f for k, f in dense_fns.items() if k == "numpy"}
+        fns = {f"dense:{k}": (lambda i, f=f: f(x, i)) for k, f in dense_fns.items()
+               if k not in alone}
+        be = get_backend("cpp")
+        info = {}
+        out = torch.empty(N, M)
+        for sp, block, vdtype in specs:
+            w = BL.random_weight(M, K, sp, seed=3, block=block)
+            mat = (CSRMatrix.from_dense(w, value_dtype=vdtype) if block is None
+                   else BSRMatrix.from_dense(w, block, value_dtype=vdtype))
+            mats = BL.sparse_copies(mat, H.rotation_count(mat.nbytes))
+            for m in mats:  # bind, plan the variant, warm
+                be.linear(m, x, None, out)
+            key = (M, K, sp, N, block, vdtype)
+            info[key] = {"bytes": mat.nbytes, "nnz": mat.nnz, "variant": be.variant(mat, N)}
+            fns[key] = (lambda i, ms=mats: be.linear(ms[i % len(ms)], x, None, out))
+        st = measure_interleaved(fns, min_time_s=self.min_time * len(fns), max_reps=5000)
+        dense = {k.split(":", 1)[1]: v for k, v in st.items() if isinstance(k, str)}
+        for k, f in alone.items():
+            dense[k] = BL.MEASURE(lambda i, f=f: f(x, i), min_time_s=self.min_time)
+        name = min(dense, key=lambda k: dense[k].median_s)
+        self.dense[M, K, N] = {"best": name, "best_s": dense[name].median_s,
+                               "F.linear_s": dense["F.linear"].median_s,
+                               "all_s": {k: v.median_s for k, v in dense.items()},
+                               "interleaved": True}
+        self.log(f"  dense {M}x{K} N={N}: best {name} {dense[name].median_s * 1e3:.3f} ms, "
+                 f"F.linear {dense['F.linear'].median_s * 1e3:.3f} ms ({st[next(iter(st))].reps} "
+                 f"interleaved rounds)")
+        for key, d in info.items():
+            s = st[key]
+            self.sparse[key] = {"s": s.median_s, "p10_s": s.p10_s, "p90_s": s.p90_s, **d,
+                                "interleaved": True}
+            self.log(f"  cpp {M}x{K} sp={key[2]} N={N} block={key[4]} {key[5]}: "
+                     f"{s.median_s * 1e3:.3f} ms ({d['bytes'] / s.median_s / 1e9:.1f} GB/s) "
+                     f"variant {d['variant']}")
+
     def torch_csr_s(self, M, K, sp, N) -> float:
         key = (M, K, sp, N)
         if key not in self.tcsr:
@@ -105,7 +159,11 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
               + (f", vs F.linear {d['vs_F.linear']:.2f}x" if d["vs_F.linear"] else "")
               + (f", {d['achieved_GBps']:.1f} GB/s compressed" if sparse else ""))
 
+    f32, bf16 = torch.float32, torch.bfloat16
     for M, K in shapes_n1:
+        if c.interleave:
+            c.interleaved(M, K, 1, [(sp, None, f32) for sp in (0.5, 0.7, 0.8, 0.9, 0.95)]
+                          + [(0.9, None, bf16)])
         d = c.dense_best(M, K, 1)
         s90 = c.sparse_s(M, K, 0.9, 1)
         add(f"N1-90-{M}", f"{M}x{K} 90% N=1 fp32 vs best dense", d["best_s"] / s90["s"], 4.5,
@@ -134,6 +192,10 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
                 f"{M}x{K} {round(sp * 100)}% N=1 bytes/s vs dense GEMV weight read", frac, 0.85,
                 s_, d, {"dense_weight_GBps": dense_gbps, "kind": "fraction"})
     M, K = 4096, 4096
+    if c.interleave:
+        c.interleaved(M, K, 32, [(0.9, None, f32)])
+        c.interleaved(M, K, 128, [(0.8, None, f32)]
+                      + [(0.9, blk, f32) for blk in BSR_BLOCKS])
     d32 = c.dense_best(M, K, 32)
     s = c.sparse_s(M, K, 0.9, 32)
     add("N32-90", f"{M}x{K} 90% N=32 fp32 vs best dense", d32["best_s"] / s["s"], 3.0, s, d32)
@@ -195,6 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=None)
     ap.add_argument("--out", type=Path, default=BL.RESULTS)
     ap.add_argument("--name", default="cpu")
+    ap.add_argument("--no-interleave", dest="interleave", action="store_false",
+                    help="time each target's dense and sparse candidates one after the other "
+                         "instead of round-robin")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: single-threaded, per-thread CPU time (robust on a loaded machine)")
     a = ap.parse_args(argv)
@@ -207,7 +272,9 @@ def main(argv=None) -> int:
     print(f"threads={a.threads} load={load0}")
     info = H.machine_info(a.threads)
     copy_bw = info.get("copy_bandwidth_gbs") or H.copy_bandwidth_gbs(num_threads=a.threads)
-    c = Cache(min_time)
+    if a.clock == "cpu":
+        a.interleave = False  # the per-thread CPU clock is already robust to load
+    c = Cache(min_time, interleave=a.interleave)
     with H.threads_for_all(a.threads):
         shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096)]
         tg = targets(c, shapes)
@@ -235,7 +302,10 @@ def main(argv=None) -> int:
         "machine_shared": max(load0[0], load1[0] - a.threads) > 0.5,
         "plans": planner.plans(),
         "targets": tg, "dense": {f"{k[0]}x{k[1]} N={k[2]}": v for k, v in c.dense.items()},
-        "method": "median wall time; weights rotating over > 2x LLC; baselines from this run",
+        "method": "median wall time; weights rotating over > 2x LLC; baselines from this run"
+                  + ("; each target's dense and sparse candidates timed round-robin"
+                     if a.interleave else ""),
+        "interleaved": a.interleave,
     }
     suffix = "-cputime" if a.clock == "cpu" else (f"-t{a.threads}" if a.threads != 2 else "")
     suffix += f"-{_C.cpu_isa()}"

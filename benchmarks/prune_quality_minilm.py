@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.targets, args.distill_targets, args.distill_steps = "0.5,2:4", "0.5", 10
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
 
     dense, tok, _ = load_minilm()
     sents = sentences(args.seed)
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write(rows: list[dict], partial: bool) -> dict:
-        result = _result(args, rows, ev, cal_b, dis_b, n_lin, argv, t_start, partial)
+        result = _result(args, rows, ev, cal_b, dis_b, n_lin, argv, t_start, partial,
+                         load_start)
         out.write_text(json.dumps(result, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown(result) + "\n")
         if not partial:
@@ -365,7 +367,8 @@ def _by_block(targets: dict[str, float]) -> dict[str, float]:
 
 
 def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, dis_b: list,
-            n_lin: int, argv: list[str] | None, t_start: float, partial: bool) -> dict:
+            n_lin: int, argv: list[str] | None, t_start: float, partial: bool,
+            load_start: tuple[float, float, float]) -> dict:
     goals = []
     for (stage, target), goal in GOALS.items():
         cands = [r for r in rows if r["stage"] == stage and r["target"] == target]
@@ -405,11 +408,23 @@ def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, d
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "transformers": transformers.__version__,
                     "python": platform.python_version(),
-                    "shared": "yes: other jobs ran on the same 2 cores; seconds are indicative"},
+                    "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+                    "shared": _shared_note(load_start, os.getloadavg(),
+                                           torch.get_num_threads())},
         "rows": rows, "goals": goals, "runtime_s": time.perf_counter() - t_start,
         "complete": not partial,
     }
     return result
+
+
+def _shared_note(load_start, load_end, threads: int) -> str:
+    """Whether other work ran on the machine, from the 1-minute load averages (the end value
+    includes this run's own threads)."""
+    other = max(load_start[0], load_end[0] - threads)
+    if other > 0.5:
+        return (f"other work ran on the machine (load average {load_start[0]:.1f} at start, "
+                f"{load_end[0]:.1f} at end); seconds are indicative")
+    return f"machine otherwise idle (load average {load_start[0]:.1f} at start)"
 
 
 def markdown(r: dict) -> str:

@@ -8,6 +8,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common/format.h"
 #include "cpu/cpu_features.h"
@@ -401,6 +402,9 @@ class BoundMatrix {
     keep_[0] = ip;
     keep_[1] = ix;
     keep_[2] = v;
+    spans_[0] = {ip.data(), static_cast<size_t>(ip.nbytes())};
+    spans_[1] = {ix.data(), static_cast<size_t>(ix.nbytes())};
+    spans_[2] = {v.data(), static_cast<size_t>(v.nbytes())};
     for (int& c : variant_) c = -1;
     for (int& t : planned_threads_) t = 0;
   }
@@ -465,6 +469,12 @@ class BoundMatrix {
                   std::to_string(n_cls));
     return variant_[n_cls];
   }
+  // Flushes indptr, indices and values out of every cache level (cpu::evict_from_caches), so
+  // the next call reads them from memory, as a model's layers do; used by the planner.
+  void evict() const {
+    py::gil_scoped_release nogil;
+    for (const auto& s : spans_) sparsekit::cpu::evict_from_caches(s.first, s.second);
+  }
   bool is_bsr() const { return bsr_; }
   int64_t nnz() const { return nnz_; }
   std::string isa() const { return sparsekit::cpu::isa_name(isa_); }
@@ -477,6 +487,7 @@ class BoundMatrix {
   int variant_[kClasses];
   int planned_threads_[kClasses];
   py::object keep_[3];
+  std::pair<const void*, size_t> spans_[3];
 };
 
 // BoundMatrix.runner(): the same call as BoundMatrix.run(x, out, n, x_dtype, bias, num_threads)
@@ -916,6 +927,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("num_threads"),
            "Records `variant` (name or id) as the plan for batch class n_class at num_threads.")
       .def("get_variant", &BoundMatrix::get_variant, py::arg("n_class"))
+      .def("evict", &BoundMatrix::evict,
+           "Flushes the matrix's buffers out of every cache level (x86; a no-op elsewhere), so "
+           "the next call reads them from memory. Releases the GIL.")
       .def_static("n_class", &BoundMatrix::n_class, py::arg("n"),
                   "Batch class of N: 0 (N=1), 1 (N=2), 2 (3-8), 3 (9-32), 4 (33+).")
       .def_property_readonly("is_bsr", &BoundMatrix::is_bsr)

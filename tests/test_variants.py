@@ -192,7 +192,7 @@ def test_bound_matrix_matches_reference_and_keeps_buffers_alive():
 # ---------------------------------------------------------------------------- planner
 @pytest.fixture
 def fresh_planner(monkeypatch, tmp_path):
-    for var in ("SPARSEKIT_KERNEL", "SPARSEKIT_PLAN", "SPARSEKIT_WISDOM"):
+    for var in ("SPARSEKIT_KERNEL", "SPARSEKIT_PLAN", "SPARSEKIT_WISDOM", "SPARSEKIT_PLAN_CACHE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SPARSEKIT_PLAN_BUDGET_MS", "2")
     planner.clear()
@@ -213,6 +213,35 @@ def test_planner_measures_once_and_calls_stay_correct(fresh_planner):
         for _ in range(2):
             assert_close_to_reference(sparsekit.linear(x, mat), x, mat.to_dense(), msg=f"N={n}")
     assert len(planner.plans()) >= 5
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_evict_keeps_results_and_plan_cache_modes(fresh_planner, monkeypatch, fmt):
+    w = random_pruned(48, 96, 0.7, seed=11)
+    mat = (sparsekit.CSRMatrix.from_dense(w) if fmt == "csr"
+           else sparsekit.BSRMatrix.from_dense(w, (4, 4)))
+    x = random_x((3, 96), seed=12)
+    before = sparsekit.linear(x, mat)
+    from sparsekit.kernels.cpp import bound_matrix
+    bound_matrix(mat).evict()  # flushing must change nothing but where the bytes live
+    after = sparsekit.linear(x, mat)
+    assert torch.equal(before, after)
+    assert_close_to_reference(after, x, w, msg=fmt)
+    cold = planner.plan(mat, 1, threads=1)
+    assert cold.key.endswith("|cold")
+    monkeypatch.setenv("SPARSEKIT_PLAN_CACHE", "warm")
+    warm = planner.plan(mat, 1, threads=1)
+    assert warm.key.endswith("|warm") and warm.key != cold.key
+    monkeypatch.setenv("SPARSEKIT_PLAN_CACHE", "lukewarm")
+    with pytest.raises(ValueError, match=r"SPARSEKIT_PLAN_CACHE: expected 'cold' or 'warm', "
+                                         r"got 'lukewarm'"):
+        planner.plan(mat, 1, threads=1)
+
+
+def test_evict_empty_matrix():
+    m = C.BoundMatrix("csr", np.zeros(3, np.int32), np.zeros(0, np.uint16),
+                      np.zeros(0, np.float32), "f32", 2, 5)
+    m.evict()  # zero-length buffers: nothing to flush, no fault
 
 
 def test_planner_forced_and_unknown(fresh_planner, monkeypatch):

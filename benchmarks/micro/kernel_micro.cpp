@@ -8,6 +8,8 @@
 //           build/micro/kernel_micro bsr  M K N density r c [threads] BSR, N > 1
 //           build/micro/kernel_micro spmv M K density [threads] [warm] [bf16] [v=<variant id>]  CSR N = 1,
 //                                         weights rotating over > 2x the LLC unless warm
+//           build/micro/kernel_micro spmv-no-gather M K density [threads] [bf16]   the spmv loop
+//                                         with x read contiguously: streaming bound (no check)
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
 //           build/micro/kernel_micro rowtile K nnz                    L1/L2 row-tile loop
 //           build/micro/kernel_micro peak [threads]                   register-only FMA rate
@@ -199,6 +201,65 @@ int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16, int vari
   return 0;
 }
 
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// The loop of csr_spmv_gather (2 vectors of nonzeros per step, the same software prefetch) with
+// x read contiguously instead of gathered: the rate at which that loop streams the compressed
+// bytes when the gathers cost nothing. A bound for the bandwidth-fraction target, not a result
+// (the sums are not the product; no check). Rows split evenly between threads.
+template <class VT>
+void stream_bound_rows(const Sparse& s, const VT* val, const float* xpad, int64_t kmask, int r0,
+                       int r1, float* y) {
+  constexpr int W = Vec::W;
+  const uint16_t* idx = s.idx.data();
+  for (int m = r0; m < r1; ++m) {
+    int64_t j = s.indptr[m];
+    const int64_t e = s.indptr[m + 1];
+    typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+    for (; j + 2 * W <= e; j += 2 * W) {
+      prefetch_stream(val, idx, j);
+      a0 = Vec::fma(Vec::load_vals(val + j), Vec::load(xpad + (j & kmask)), a0);
+      a1 = Vec::fma(Vec::load_vals(val + j + W), Vec::load(xpad + ((j + W) & kmask)), a1);
+    }
+    float t = Vec::reduce(Vec::add(a0, a1));
+    for (; j < e; ++j) t += to_f32(val[j]) * xpad[idx[j]];
+    y[m] = t;
+  }
+}
+
+int run_stream_bound(int M, int K, double d, int threads, bool bf16) {
+  std::mt19937 g(0);
+  Sparse s0 = random_sparse(M, K, d, 1, g);
+  std::vector<uint16_t> v16;
+  for (float v : s0.val) v16.push_back(f32_to_bf16(v));
+  const double bytes = s0.idx.size() * (bf16 ? 4.0 : 6.0) + s0.indptr.size() * 4.0;
+  const int copies = std::max(2, int(2 * llc_bytes() / bytes) + 1);  // > 2x the LLC
+  std::vector<Sparse> mats(copies, s0);
+  std::vector<std::vector<uint16_t>> vals16(bf16 ? copies : 0, v16);
+  int64_t kpow = 1;
+  while (kpow * 2 <= K) kpow *= 2;
+  std::vector<float> xpad(K + 2 * Vec::W, 0.5f), y(M);
+  const int64_t kmask = kpow - 1;
+  auto call = [&](int c) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int r0 = M * tid / nt, r1 = M * (tid + 1) / nt;
+      if (bf16)
+        stream_bound_rows(mats[c], reinterpret_cast<const bf16_t*>(vals16[c].data()), xpad.data(),
+                          kmask, r0, r1, y.data());
+      else
+        stream_bound_rows(mats[c], mats[c].val.data(), xpad.data(), kmask, r0, r1, y.data());
+    }
+  };
+  for (int c = 0; c < copies; ++c) call(c);
+  const double t = median_time(std::max(15, 2 * copies), [&](int i) { call(i % copies); });
+  std::printf("spmv-no-gather %dx%d density=%.2f %s threads=%d rotating: %.3f ms, %.1f GB/s on "
+              "compressed bytes (bound: x read contiguously, no check)\n",
+              M, K, d, bf16 ? "bf16" : "fp32", threads, t * 1e3, bytes / t / 1e9);
+  return 0;
+}
+#endif
+
 #if defined(SPARSEKIT_ISA_AVX512)
 // Reads 180 MB (11008 x 4096 fp32) per call as `streams` interleaved sequential streams per
 // thread, optionally with software prefetch `pf` floats ahead; rotating copies over > 2x the LLC.
@@ -320,6 +381,10 @@ int main(int argc, char** argv) {
     }
     return run_spmv(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), warm, bf16, variant);
   }
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  if (!std::strcmp(mode, "spmv-no-gather") && argc >= 5)
+    return run_stream_bound(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "bf16"));
+#endif
 #if defined(SPARSEKIT_ISA_AVX512)
   if (!std::strcmp(mode, "read") && argc >= 4) return run_read(ai(2, 1), ai(3, 0), ai(4, 2));
 #endif

@@ -1,5 +1,6 @@
 #include "cpu/cpu_features.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -67,6 +68,20 @@ Isa resolve_isa(const std::string& name, const char* what) {
     throw std::invalid_argument(std::string(what) + ": expected an ISA supported by this CPU (up to '" +
                                 isa_name(hw) + "'), got '" + name + "'");
   return want;
+}
+
+void evict_from_caches(const void* p, size_t nbytes) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (p == nullptr || nbytes == 0) return;
+  // Line size 64 on every x86-64 core; flushing a line twice (a smaller real line) is harmless.
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + nbytes;
+  for (uintptr_t a = first; a < end; a += 64) __builtin_ia32_clflush(reinterpret_cast<const void*>(a));
+  __builtin_ia32_mfence();
+#else
+  (void)p;
+  (void)nbytes;
+#endif
 }
 
 }  // namespace cpu

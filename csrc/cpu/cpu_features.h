@@ -1,6 +1,7 @@
 // Runtime CPU feature detection and ISA selection for the CPU kernels.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 namespace sparsekit {
@@ -26,6 +27,13 @@ Isa default_isa();
 // Resolves a per-call request: "auto" -> default_isa(); otherwise the named ISA, which must
 // not exceed hardware_isa() (std::invalid_argument naming `what` if it does).
 Isa resolve_isa(const std::string& name, const char* what);
+
+// Writes back and invalidates every cache line of [p, p + nbytes) at every cache level, so the
+// next access comes from memory (x86: one clflush per 64-byte line, then a fence; elsewhere a
+// no-op). The planner times kernels this way: a model's weights stream from memory on every
+// forward pass, while a matrix timed repeatedly stays in a large last-level cache, and which
+// variant wins can differ between the two. Cost: O(nbytes / 64) flushes.
+void evict_from_caches(const void* p, size_t nbytes);
 
 }  // namespace cpu
 }  // namespace sparsekit

@@ -7,7 +7,7 @@ fastest depends on the core: hardware gathers are fast on recent Intel cores and
 AMD Zen 2/3. As FFTW's wisdom and LIBXSMM's dispatch do, the first call for a *plan key*
 
     (CPU model, ISA, format + block shape, value dtype, index dtype, shape class, batch class,
-     threads)
+     threads, cache mode)
 
 times each candidate a few times on the actual matrix and remembers the fastest: in process,
 and, opt-in, in a wisdom JSON file. Matrices with the same key (e.g. the 72 equally shaped
@@ -25,6 +25,12 @@ Environment
     Time budget for measuring one key (default 20 ms; every candidate runs at least twice,
     so a key whose single call is slower than the budget costs about ``3 x candidates``
     calls).
+``SPARSEKIT_PLAN_CACHE``
+    ``cold`` (default): before each timed call the matrix is flushed out of the caches, so the
+    candidates are compared on weights read from memory, as a model's layers are on every
+    forward pass (a matrix timed over and over otherwise stays in a large last-level cache, and
+    which variant wins can differ between the two). ``warm``: time it cache-resident (for
+    models whose weights all fit in the last-level cache).
 ``SPARSEKIT_WISDOM``
     Path of the wisdom file, or ``1`` / ``user`` for ``<user cache dir>/sparsekit/wisdom.json``
     (``$XDG_CACHE_HOME`` or ``~/.cache``). Unset (default): plans live only in the process.
@@ -55,7 +61,7 @@ from sparsekit._cpuinfo import cpu_key
 
 __all__ = [
     "Plan", "plan", "variants", "variant_table", "plans", "forced_variants", "wisdom_path",
-    "clear", "n_class_name", "N_CLASSES",
+    "clear", "n_class_name", "N_CLASSES", "plan_cache_mode",
 ]
 
 _C: Any = None
@@ -178,6 +184,14 @@ def _planning_enabled() -> bool:
     return os.environ.get("SPARSEKIT_PLAN", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
+def plan_cache_mode() -> str:
+    """``"cold"`` or ``"warm"``: how the planner times candidates (``SPARSEKIT_PLAN_CACHE``)."""
+    raw = os.environ.get("SPARSEKIT_PLAN_CACHE", "cold").strip().lower() or "cold"
+    if raw not in ("cold", "warm"):
+        raise ValueError(f"SPARSEKIT_PLAN_CACHE: expected 'cold' or 'warm', got {raw!r}")
+    return raw
+
+
 def _budget_s() -> float:
     raw = os.environ.get("SPARSEKIT_PLAN_BUDGET_MS", "20")
     try:
@@ -220,7 +234,7 @@ def _key(mat: Any, bound: Any, n: int, threads: int) -> str:
     return "|".join([
         cpu_model(), bound.isa, fmt, str(mat.values.dtype).replace("torch.", ""),
         str(mat.indices.dtype).replace("torch.", ""), _shape_class(mat, bound.nnz),
-        "N" + N_CLASSES[_n_class(n)], f"t{threads}",
+        "N" + N_CLASSES[_n_class(n)], f"t{threads}", plan_cache_mode(),
     ])
 
 
@@ -296,6 +310,7 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
     """Best-of time per candidate on this matrix with a random fp32 x; returns the winner."""
     t0 = time.perf_counter()
     budget = _budget_s()
+    cold = plan_cache_mode() == "cold"
     x = torch.randn(n, k, dtype=torch.float32)
     out = torch.empty(n, m, dtype=torch.float32)
     xp, op = x.data_ptr(), out.data_ptr()
@@ -307,6 +322,8 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
             vid = ids[name]
             if rounds == 0:
                 bound.run(xp, op, n, 0, 0, threads, vid)  # page-in / first-touch, untimed
+            if cold:
+                bound.evict()  # untimed: the call below reads the weights from memory
             s = time.perf_counter()
             bound.run(xp, op, n, 0, 0, threads, vid)
             best[name] = min(best[name], time.perf_counter() - s)
