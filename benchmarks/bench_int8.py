@@ -7,7 +7,8 @@ to exceed twice the last-level cache (so every call streams its weights from DRA
 * ``dense_int8``: ``torch.ao.quantization.quantize_dynamic`` int8 ``nn.Linear`` (FBGEMM/oneDNN);
 * ``sparse_f32_u16``, ``sparse_bf16_u16``, ``sparse_bf16_d8``, ``sparse_i8_d8``: sparsekit CSR.
 
-Ratios are from the same run. Usage::
+Ratios are from the same run, every variant timed round-robin (one pass over its rotated copies
+per round). Usage::
 
     flock <lockfile> python benchmarks/bench_int8.py --threads 2 --out results.json
 """
@@ -36,17 +37,21 @@ def _llc_bytes() -> int:
     return int(llc_bytes())
 
 
-def _time(fns: list, x: torch.Tensor, reps: int) -> float:
-    """Median seconds per call, cycling through the rotated copies."""
-    for f in fns[:2]:
-        f(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for f in fns:
+def _time_round_robin(variants: dict[str, list], x: torch.Tensor, reps: int) -> dict[str, float]:
+    """Median seconds per call of each variant. A sample is one pass over a variant's rotated
+    copies; each round takes one sample of every variant in turn, so the ratios compare passes
+    made under the same machine state (a shared host's memory bandwidth drifts)."""
+    for fns in variants.values():
+        for f in fns[:2]:
             f(x)
-        times.append((time.perf_counter() - t0) / len(fns))
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for k, fns in variants.items():
+            t0 = time.perf_counter()
+            for f in fns:
+                f(x)
+            times[k].append((time.perf_counter() - t0) / len(fns))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _copies(nbytes: int, llc: int, cap: int = 4096) -> int:
@@ -121,8 +126,7 @@ def main() -> None:
                 variants[name] = [lambda x, m=m: sparsekit.linear(x, m) for m in mats]
             for N in batches:
                 x = torch.randn(N, K)
-                t = {k: _time(v, x, args.reps if N == 1 else max(3, args.reps // 2))
-                     for k, v in variants.items()}
+                t = _time_round_robin(variants, x, args.reps if N == 1 else max(3, args.reps // 2))
                 best_dense = min(t["dense_fp32_linear"], t["dense_fp32_matmul_t"])
                 row = {
                     "shape": [M, K], "sparsity": sparsity, "N": N,
@@ -153,6 +157,7 @@ def main() -> None:
         "shared_machine": load_start[0] >= 1.0 or load_end[0] > args.threads + 1.0,
         "weights_rotated": not args.resident,
         "quantized_engine": torch.backends.quantized.engine,
+        "timing": "round-robin: one pass over each variant's rotated copies per round, median",
     })
     res = {"machine": info, "results": rows}
     if args.out:
