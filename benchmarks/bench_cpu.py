@@ -57,31 +57,45 @@ class Cache:
             self.x[K, N] = torch.randn(N, K, generator=torch.Generator().manual_seed(N))
         return self.x[K, N]
 
-    def dense_best(self, M: int, K: int, N: int) -> dict:
-        key = (M, K, N)
-        if key not in self.dense:
-            st = BL.dense_stats(BL.random_weight(M, K, 0.0, seed=1), self.xin(K, N), self.min_time)
-            name, best = H.best_dense(st)
-            self.dense[key] = {"best": name, "best_s": best.median_s,
+    @staticmethod
+    def matrix(M: int, K: int, sp: float, block=None, vdtype=torch.float32):
+        w = BL.random_weight(M, K, sp, seed=3, block=block)
+        return (CSRMatrix.from_dense(w, value_dtype=vdtype) if block is None
+                else BSRMatrix.from_dense(w, block, value_dtype=vdtype))
+
+    def _record_dense(self, M: int, K: int, N: int, st: dict, rounds: int | None = None) -> None:
+        """Stores and logs the dense contenders' stats; ``rounds``: timed round-robin."""
+        name, best = H.best_dense(st)
+        self.dense[M, K, N] = {"best": name, "best_s": best.median_s,
                                "F.linear_s": st["F.linear"].median_s,
-                               "all_s": {k: v.median_s for k, v in st.items()}}
-            self.log(f"  dense {M}x{K} N={N}: best {name} {best.median_s * 1e3:.3f} ms, "
-                     f"F.linear {st['F.linear'].median_s * 1e3:.3f} ms")
-        return self.dense[key]
+                               "all_s": {k: v.median_s for k, v in st.items()},
+                               "interleaved": rounds is not None}
+        self.log(f"  dense {M}x{K} N={N}: best {name} {best.median_s * 1e3:.3f} ms, "
+                 f"F.linear {st['F.linear'].median_s * 1e3:.3f} ms"
+                 + ("" if rounds is None else f" ({rounds} interleaved rounds)"))
+
+    def _record_sparse(self, key: tuple, st, mat, interleaved: bool) -> None:
+        M, K, sp, N, block, vdtype = key
+        variant = get_backend("cpp").variant(mat, N)
+        self.sparse[key] = {"s": st.median_s, "p10_s": st.p10_s, "p90_s": st.p90_s,
+                            "bytes": mat.nbytes, "nnz": mat.nnz, "variant": variant,
+                            "interleaved": interleaved}
+        self.log(f"  cpp {M}x{K} sp={sp} N={N} block={block} {vdtype}: "
+                 f"{st.median_s * 1e3:.3f} ms ({mat.nbytes / st.median_s / 1e9:.1f} GB/s) "
+                 f"variant {variant}")
+
+    def dense_best(self, M: int, K: int, N: int) -> dict:
+        if (M, K, N) not in self.dense:
+            st = BL.dense_stats(BL.random_weight(M, K, 0.0, seed=1), self.xin(K, N), self.min_time)
+            self._record_dense(M, K, N, st)
+        return self.dense[M, K, N]
 
     def sparse_s(self, M, K, sp, N, block=None, vdtype=torch.float32) -> dict:
         key = (M, K, sp, N, block, vdtype)
         if key not in self.sparse:
-            w = BL.random_weight(M, K, sp, seed=3, block=block)
-            mat = (CSRMatrix.from_dense(w, value_dtype=vdtype) if block is None
-                   else BSRMatrix.from_dense(w, block, value_dtype=vdtype))
+            mat = self.matrix(M, K, sp, block, vdtype)
             st = BL.sparsekit_stats(mat, self.xin(K, N), "cpp", self.min_time)
-            variant = get_backend("cpp").variant(mat, N)
-            self.sparse[key] = {"s": st.median_s, "p10_s": st.p10_s, "p90_s": st.p90_s,
-                                "bytes": mat.nbytes, "nnz": mat.nnz, "variant": variant}
-            self.log(f"  cpp {M}x{K} sp={sp} N={N} block={block} {vdtype}: "
-                     f"{st.median_s * 1e3:.3f} ms ({mat.nbytes / st.median_s / 1e9:.1f} GB/s) "
-                     f"variant {variant}")
+            self._record_sparse(key, st, mat, interleaved=False)
         return self.sparse[key]
 
     def interleaved(self, M: int, K: int, N: int, specs) -> None:
@@ -90,47 +104,23 @@ class Cache:
         see the same machine state (on a shared host the memory bandwidth drifts between
         seconds). Fills the same entries as :meth:`dense_best` and :meth:`sparse_s`."""
         x = self.xin(K, N)
-        wd = BL.random_weight(M, K, 0.0, seed=1)
-        n_dense = H.rotation_count(BL.nbytes_of(wd))
-        dense_fns = H.dense_contenders([wd] + [wd.clone() for _ in range(n_dense - 1)],
-                                       batch_size=N)
+        dense_fns = BL.dense_rotating_fns(BL.random_weight(M, K, 0.0, seed=1), x)
         # OpenBLAS (numpy) keeps its worker threads spinning for a while after each call, which
         # would slow whatever runs next: numpy is timed on its own, after the round-robin.
         alone = {k: f for k, f in dense_fns.items() if k == "numpy"}
-        fns = {f"dense:{k}": (lambda i, f=f: f(x, i)) for k, f in dense_fns.items()
-               if k not in alone}
-        be = get_backend("cpp")
-        info = {}
-        out = torch.empty(N, M)
+        fns = {f"dense:{k}": f for k, f in dense_fns.items() if k not in alone}
+        mats = {}
         for sp, block, vdtype in specs:
-            w = BL.random_weight(M, K, sp, seed=3, block=block)
-            mat = (CSRMatrix.from_dense(w, value_dtype=vdtype) if block is None
-                   else BSRMatrix.from_dense(w, block, value_dtype=vdtype))
-            mats = BL.sparse_copies(mat, H.rotation_count(mat.nbytes))
-            for m in mats:  # bind, plan the variant, warm
-                be.linear(m, x, None, out)
             key = (M, K, sp, N, block, vdtype)
-            info[key] = {"bytes": mat.nbytes, "nnz": mat.nnz, "variant": be.variant(mat, N)}
-            fns[key] = (lambda i, ms=mats: be.linear(ms[i % len(ms)], x, None, out))
+            mats[key] = self.matrix(M, K, sp, block, vdtype)
+            fns[key] = BL.sparsekit_rotating_fn(mats[key], x, "cpp")
         st = measure_interleaved(fns, min_time_s=self.min_time * len(fns), max_reps=5000)
         dense = {k.split(":", 1)[1]: v for k, v in st.items() if isinstance(k, str)}
         for k, f in alone.items():
-            dense[k] = BL.MEASURE(lambda i, f=f: f(x, i), min_time_s=self.min_time)
-        name = min(dense, key=lambda k: dense[k].median_s)
-        self.dense[M, K, N] = {"best": name, "best_s": dense[name].median_s,
-                               "F.linear_s": dense["F.linear"].median_s,
-                               "all_s": {k: v.median_s for k, v in dense.items()},
-                               "interleaved": True}
-        self.log(f"  dense {M}x{K} N={N}: best {name} {dense[name].median_s * 1e3:.3f} ms, "
-                 f"F.linear {dense['F.linear'].median_s * 1e3:.3f} ms ({st[next(iter(st))].reps} "
-                 f"interleaved rounds)")
-        for key, d in info.items():
-            s = st[key]
-            self.sparse[key] = {"s": s.median_s, "p10_s": s.p10_s, "p90_s": s.p90_s, **d,
-                                "interleaved": True}
-            self.log(f"  cpp {M}x{K} sp={key[2]} N={N} block={key[4]} {key[5]}: "
-                     f"{s.median_s * 1e3:.3f} ms ({d['bytes'] / s.median_s / 1e9:.1f} GB/s) "
-                     f"variant {d['variant']}")
+            dense[k] = BL.MEASURE(f, min_time_s=self.min_time)
+        self._record_dense(M, K, N, dense, rounds=st[next(iter(st))].reps)
+        for key, mat in mats.items():
+            self._record_sparse(key, st[key], mat, interleaved=True)
 
     def torch_csr_s(self, M, K, sp, N) -> float:
         key = (M, K, sp, N)
@@ -298,8 +288,7 @@ def main(argv=None) -> int:
         "copy_bandwidth_gbs": copy_bw, "load_avg_start": load0, "load_avg_end": load1,
         "clock": a.clock,
         "isa_path": _C.cpu_isa(), "cpu_model": info.get("cpu_model"),
-        # the end load includes this run's own threads (up to a.threads runnable)
-        "machine_shared": max(load0[0], load1[0] - a.threads) > 0.5,
+        "machine_shared": H.others_loaded(load0, load1, a.threads),
         "plans": planner.plans(),
         "targets": tg, "dense": {f"{k[0]}x{k[1]} N={k[2]}": v for k, v in c.dense.items()},
         "method": "median wall time; weights rotating over > 2x LLC; baselines from this run"

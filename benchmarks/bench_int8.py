@@ -21,14 +21,13 @@ import json
 import math
 import os
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparsekit.bench.machine import machine_info
+from sparsekit.timing import measure_interleaved
 
 
 def _llc_bytes() -> int:
@@ -39,19 +38,16 @@ def _llc_bytes() -> int:
 
 def _time_round_robin(variants: dict[str, list], x: torch.Tensor, reps: int) -> dict[str, float]:
     """Median seconds per call of each variant. A sample is one pass over a variant's rotated
-    copies; each round takes one sample of every variant in turn, so the ratios compare passes
-    made under the same machine state (a shared host's memory bandwidth drifts)."""
-    for fns in variants.values():
-        for f in fns[:2]:
+    copies; each round takes one sample of every variant in turn
+    (:func:`sparsekit.timing.measure_interleaved`), so the ratios compare passes made under the
+    same machine state (a shared host's memory bandwidth drifts)."""
+    def one_pass(fns: list) -> None:
+        for f in fns:
             f(x)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for k, fns in variants.items():
-            t0 = time.perf_counter()
-            for f in fns:
-                f(x)
-            times[k].append((time.perf_counter() - t0) / len(fns))
-    return {k: statistics.median(v) for k, v in times.items()}
+
+    passes = {k: (lambda i, fns=fns: one_pass(fns)) for k, fns in variants.items()}
+    st = measure_interleaved(passes, warmup=1, min_reps=reps, max_reps=reps, min_time_s=0)
+    return {k: st[k].median_s / len(variants[k]) for k in variants}
 
 
 def _copies(nbytes: int, llc: int, cap: int = 4096) -> int:

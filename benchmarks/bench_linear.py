@@ -108,27 +108,36 @@ def nbytes_of(t: Any) -> int:
 
 
 # --------------------------------------------------------------------------- contenders
-def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, H.Stats]:
-    """All dense contenders on rotating copies of w; x already has w's dtype."""
+def dense_rotating_fns(w: torch.Tensor, x: torch.Tensor) -> dict[str, Any]:
+    """``{contender: fn(i)}``: every dense contender on rotating copies of w (over > 2x the
+    LLC), call ``i`` using copy ``i % n``; x already has w's dtype."""
     n = H.rotation_count(nbytes_of(w))
-    ws = [w] + [w.clone() for _ in range(n - 1)]
-    fns = H.dense_contenders(ws, batch_size=x.shape[0])
-    stats = {name: MEASURE(lambda i, f=f: f(x, i), min_time_s=min_time)
-             for name, f in fns.items()}
-    del fns, ws
-    return stats
+    fns = H.dense_contenders([w] + [w.clone() for _ in range(n - 1)], batch_size=x.shape[0])
+    return {name: (lambda i, f=f: f(x, i)) for name, f in fns.items()}
 
 
-def sparsekit_stats(mat: Any, x: torch.Tensor, backend: str, min_time: float) -> H.Stats:
+def sparsekit_rotating_fn(mat: Any, x: torch.Tensor, backend: str) -> Any:
+    """``fn(i)``: ``backend``'s product with rotating copies of mat (over > 2x the LLC), after
+    one warm call per copy (binds derived data, JIT-compiles, plans the kernel variants)."""
     from sparsekit.kernels import get_backend
 
     be = get_backend(backend)
     mats = sparse_copies(mat, H.rotation_count(mat.nbytes))
     out = torch.empty(x.shape[0], mat.shape[0], dtype=x.dtype)
-    for m in mats:  # warm derived data (bound matrices, numba jit) and plan kernel variants
+    for m in mats:
         be.linear(m, x, None, out)
     n = len(mats)
-    return MEASURE(lambda i: be.linear(mats[i % n], x, None, out), min_time_s=min_time)
+    return lambda i: be.linear(mats[i % n], x, None, out)
+
+
+def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, H.Stats]:
+    """All dense contenders on rotating copies of w; x already has w's dtype."""
+    return {name: MEASURE(fn, min_time_s=min_time)
+            for name, fn in dense_rotating_fns(w, x).items()}
+
+
+def sparsekit_stats(mat: Any, x: torch.Tensor, backend: str, min_time: float) -> H.Stats:
+    return MEASURE(sparsekit_rotating_fn(mat, x, backend), min_time_s=min_time)
 
 
 def torch_csr_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> H.Stats:
