@@ -48,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sparsekit.bench.machine import cpu_model  # noqa: E402
+from sparsekit.bench.machine import cpu_model, others_loaded  # noqa: E402
 from sparsekit.prune import (  # noqa: E402
     OWL,
     distill,
@@ -369,6 +369,7 @@ def _by_block(targets: dict[str, float]) -> dict[str, float]:
 def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, dis_b: list,
             n_lin: int, argv: list[str] | None, t_start: float, partial: bool,
             load_start: tuple[float, float, float]) -> dict:
+    load_end = os.getloadavg()
     goals = []
     for (stage, target), goal in GOALS.items():
         cands = [r for r in rows if r["stage"] == stage and r["target"] == target]
@@ -408,9 +409,8 @@ def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, d
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "transformers": transformers.__version__,
                     "python": platform.python_version(),
-                    "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-                    "shared": _shared_note(load_start, os.getloadavg(),
-                                           torch.get_num_threads())},
+                    "load_avg_start": load_start, "load_avg_end": load_end,
+                    "shared": _shared_note(load_start, load_end, torch.get_num_threads())},
         "rows": rows, "goals": goals, "runtime_s": time.perf_counter() - t_start,
         "complete": not partial,
     }
@@ -420,8 +420,7 @@ def _result(args: argparse.Namespace, rows: list[dict], ev: list, cal_b: list, d
 def _shared_note(load_start, load_end, threads: int) -> str:
     """Whether other work ran on the machine, from the 1-minute load averages (the end value
     includes this run's own threads)."""
-    other = max(load_start[0], load_end[0] - threads)
-    if other > 0.5:
+    if others_loaded(load_start, load_end, threads):
         return (f"other work ran on the machine (load average {load_start[0]:.1f} at start, "
                 f"{load_end[0]:.1f} at end); seconds are indicative")
     return f"machine otherwise idle (load average {load_start[0]:.1f} at start)"

@@ -66,6 +66,15 @@ def test_check_close_flags_wrong_results():
     assert not h.check_close(ref[:, :7], ref, torch.float32, 8)[0]
 
 
+def test_others_loaded_discounts_own_threads():
+    # the run's own 2 threads raise the end load by up to 2: not other work
+    assert not h.others_loaded((0.2, 0.3, 0.4), (2.3, 1.0, 0.5), own_threads=2)
+    assert h.others_loaded((0.2, 0.3, 0.4), (2.6, 1.0, 0.5), own_threads=2)
+    assert h.others_loaded((0.8, 0.3, 0.4), (0.1, 1.0, 0.5), own_threads=2)  # busy before
+    assert not h.others_loaded((0.5, 0, 0), (0.5, 0, 0), own_threads=0)  # threshold exclusive
+    assert h.others_loaded((0.5, 0, 0), (0.5, 0, 0), own_threads=0, threshold=0.4)
+
+
 def test_rotation_count_arithmetic():
     llc = 260 * 2**20
     # 64 MiB weights: 2 * 260 / 64 = 8.125 -> 9 copies (576 MiB > 520 MiB, 8 copies would not)

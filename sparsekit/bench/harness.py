@@ -21,6 +21,7 @@ from sparsekit.bench.baselines import (
 from sparsekit.bench.machine import (
     OPENBLAS_OVERRIDE_VARS,
     machine_info,
+    others_loaded,
     reexec_without_openblas_overrides,
 )
 from sparsekit.bench.probes import copy_bandwidth_gbs
@@ -39,6 +40,7 @@ __all__ = [
     "threads_for_all",
     "default_threads",
     "machine_info",
+    "others_loaded",
     "reexec_without_openblas_overrides",
     "OPENBLAS_OVERRIDE_VARS",
     "check_close",

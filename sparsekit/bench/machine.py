@@ -32,7 +32,7 @@ from sparsekit._cpuinfo import cpu_fields, cpu_model_name
 from sparsekit.bench.probes import copy_bandwidth_gbs
 from sparsekit.timing import llc_bytes
 
-__all__ = ["machine_info", "cpu_model", "reexec_without_openblas_overrides",
+__all__ = ["machine_info", "cpu_model", "reexec_without_openblas_overrides", "others_loaded",
            "OPENBLAS_OVERRIDE_VARS"]
 
 #: Environment variables that change numpy's OpenBLAS kernel selection (read at library load).
@@ -243,6 +243,13 @@ def machine_info(num_threads: int | None = None, *, bandwidth: bool = True) -> d
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git": _git_commit(),
     }
+
+
+def others_loaded(load_start: Sequence[float], load_end: Sequence[float], own_threads: int,
+                  threshold: float = 0.5) -> bool:
+    """Whether other work ran on the machine during a run, from the 1-minute load averages
+    before and after it (the end value counts the run's own ``own_threads`` threads)."""
+    return max(load_start[0], load_end[0] - own_threads) > threshold
 
 
 def _torch_cpu_capability() -> str | None:
