@@ -158,20 +158,41 @@ int run_bsr(int M, int K, int N, double d, int r, int c, int threads) {
 }
 
 // bf16 = true: values rounded to bf16 (the reference uses the rounded values).
-int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16, int variant) {
-  std::mt19937 g(0);
-  Sparse s0 = random_sparse(M, K, d, 1, g);
+// A random M x K CSR matrix (uint16 columns) of density d and its copies for an N = 1 run:
+// one copy when warm, else enough to rotate over > 2x the LLC. bf16 = true: the values are
+// rounded to bf16 (s0.val holds the rounded values, vals16 each copy's bf16 bits).
+struct SpmvCopies {
+  Sparse s0;
+  double bytes = 0;  // compressed bytes of one copy
+  std::vector<Sparse> mats;
+  std::vector<std::vector<uint16_t>> vals16;
+};
+
+SpmvCopies spmv_copies(int M, int K, double d, bool bf16, bool warm, std::mt19937& g) {
+  SpmvCopies c;
+  c.s0 = random_sparse(M, K, d, 1, g);
   std::vector<uint16_t> v16;
   if (bf16) {
-    for (float& v : s0.val) {
+    for (float& v : c.s0.val) {
       v16.push_back(f32_to_bf16(v));
       v = to_f32(bf16_t{v16.back()});
     }
   }
-  const double bytes = s0.idx.size() * (bf16 ? 4.0 : 6.0) + s0.indptr.size() * 4.0;
-  const int copies = warm ? 1 : std::max(2, int(2 * llc_bytes() / bytes) + 1);  // > 2x the LLC
-  std::vector<Sparse> mats(copies, s0);
-  std::vector<std::vector<uint16_t>> vals16(bf16 ? copies : 0, v16);
+  c.bytes = c.s0.idx.size() * (bf16 ? 4.0 : 6.0) + c.s0.indptr.size() * 4.0;
+  const int copies = warm ? 1 : std::max(2, int(2 * llc_bytes() / c.bytes) + 1);
+  c.mats.assign(copies, c.s0);
+  c.vals16.assign(bf16 ? copies : 0, v16);
+  return c;
+}
+
+int run_spmv(int M, int K, double d, int threads, bool warm, bool bf16, int variant) {
+  std::mt19937 g(0);
+  SpmvCopies cs = spmv_copies(M, K, d, bf16, warm, g);
+  const Sparse& s0 = cs.s0;
+  const double bytes = cs.bytes;
+  const int copies = static_cast<int>(cs.mats.size());
+  std::vector<Sparse>& mats = cs.mats;
+  std::vector<std::vector<uint16_t>>& vals16 = cs.vals16;
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
   std::vector<float> x(K), y(M);
   for (auto& v : x) v = u(g);
@@ -228,13 +249,11 @@ void stream_bound_rows(const Sparse& s, const VT* val, const float* xpad, int64_
 
 int run_stream_bound(int M, int K, double d, int threads, bool bf16) {
   std::mt19937 g(0);
-  Sparse s0 = random_sparse(M, K, d, 1, g);
-  std::vector<uint16_t> v16;
-  for (float v : s0.val) v16.push_back(f32_to_bf16(v));
-  const double bytes = s0.idx.size() * (bf16 ? 4.0 : 6.0) + s0.indptr.size() * 4.0;
-  const int copies = std::max(2, int(2 * llc_bytes() / bytes) + 1);  // > 2x the LLC
-  std::vector<Sparse> mats(copies, s0);
-  std::vector<std::vector<uint16_t>> vals16(bf16 ? copies : 0, v16);
+  SpmvCopies cs = spmv_copies(M, K, d, bf16, /*warm=*/false, g);
+  const double bytes = cs.bytes;
+  const int copies = static_cast<int>(cs.mats.size());
+  const std::vector<Sparse>& mats = cs.mats;
+  const std::vector<std::vector<uint16_t>>& vals16 = cs.vals16;
   int64_t kpow = 1;
   while (kpow * 2 <= K) kpow *= 2;
   std::vector<float> xpad(K + 2 * Vec::W, 0.5f), y(M);
