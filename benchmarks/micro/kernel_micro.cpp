@@ -237,7 +237,7 @@ void stream_bound_rows(const Sparse& s, const VT* val, const float* xpad, int64_
     const int64_t e = s.indptr[m + 1];
     typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
     for (; j + 2 * W <= e; j += 2 * W) {
-      prefetch_stream(val, idx, j);
+      prefetch_stream<2 * W>(val, idx, j);
       a0 = Vec::fma(Vec::load_vals(val + j), Vec::load(xpad + (j & kmask)), a0);
       a1 = Vec::fma(Vec::load_vals(val + j + W), Vec::load(xpad + ((j + W) & kmask)), a1);
     }

@@ -46,8 +46,7 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
   IdxV carry = idx_zero();
   typename Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
   for (; j + 4 * W <= e; j += 4 * W) {  // 4 gathers in flight, 2 gap-decode chains
-    prefetch_t0(val + j + kPfDist);
-    prefetch_t0(idx + j + kPfDist);
+    prefetch_stream<4 * W>(val, idx, j);
     IdxV c0, c1, c2, c3;
     q_cols2(idx + j, carry, c0, c1);
     q_cols2(idx + j + 2 * W, carry, c2, c3);
@@ -59,8 +58,7 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
   a0 = Vec::add(a0, a2);
   a1 = Vec::add(a1, a3);
   for (; j + 2 * W <= e; j += 2 * W) {
-    prefetch_t0(val + j + kPfDist);
-    prefetch_t0(idx + j + kPfDist);
+    prefetch_stream<2 * W>(val, idx, j);
     IdxV c0, c1;
     q_cols2(idx + j, carry, c0, c1);
     a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
@@ -106,8 +104,7 @@ inline QRowState q_row_begin(int64_t s, int64_t e) {
 template <class VT, class IT>
 inline void q_row_step(const IT* idx, const VT* val, QRowState& r, const float* x) {
   constexpr int W = Vec::W;
-  prefetch_t0(val + r.j + kPfDist);
-  prefetch_t0(idx + r.j + kPfDist);
+  prefetch_stream<2 * W>(val, idx, r.j);
   IdxV c0, c1;
   q_cols2(idx + r.j, r.carry, c0, c1);
   r.a0 = Vec::fma(q_vals(val + r.j), q_gather(x, c0), r.a0);

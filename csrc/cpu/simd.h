@@ -170,6 +170,19 @@ struct Vec {
     lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v));
     hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v));
   }
+  // 2W consecutive bf16 values and their 2W uint16 column ids, split by position parity:
+  // lane l of ve / ie is entry 2l, of vo / io entry 2l + 1. Each stream is one load and two
+  // bit operations (and / shift) instead of two widening shuffles, which share the shuffle port
+  // with the gathers.
+  static void load_bf16_u16_split(const bf16_t* v, const uint16_t* i, T& ve, T& vo, __m512i& ie,
+                                  __m512i& io) {
+    const __m512i vv = _mm512_loadu_si512(v), ii = _mm512_loadu_si512(i);
+    ve = _mm512_castsi512_ps(_mm512_slli_epi32(vv, 16));
+    vo = _mm512_castsi512_ps(_mm512_and_si512(vv, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    ie = _mm512_and_si512(ii, _mm512_set1_epi32(0xffff));
+    io = _mm512_srli_epi32(ii, 16);
+  }
+  static T gather_at(const float* x, __m512i cols) { return _mm512_i32gather_ps(cols, x, 4); }
   // Masked tails: only the first n (< W) lanes are read; the others are zero.
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static __mmask16 mask16(int n) { return n >= 16 ? __mmask16(0xffff) : mask(n); }
@@ -250,6 +263,18 @@ struct Vec {
     lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
     hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
   }
+  // 2W consecutive bf16 values and their 2W uint16 column ids, split by position parity:
+  // lane l of ve / ie is entry 2l, of vo / io entry 2l + 1 (see the AVX-512 version).
+  static void load_bf16_u16_split(const bf16_t* v, const uint16_t* i, T& ve, T& vo, __m256i& ie,
+                                  __m256i& io) {
+    const __m256i vv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+    const __m256i ii = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i));
+    ve = _mm256_castsi256_ps(_mm256_slli_epi32(vv, 16));
+    vo = _mm256_castsi256_ps(_mm256_and_si256(vv, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+    ie = _mm256_and_si256(ii, _mm256_set1_epi32(0xffff));
+    io = _mm256_srli_epi32(ii, 16);
+  }
+  static T gather_at(const float* x, __m256i cols) { return _mm256_i32gather_ps(x, cols, 4); }
   // Column read: lane t = base[t * ld] for t < n (n <= W), 0 beyond. Needs W * ld < 2^31.
   static T gather_column(const float* base, int64_t ld, int n) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

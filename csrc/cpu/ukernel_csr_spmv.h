@@ -31,11 +31,17 @@ namespace {
 // hardware prefetchers alone leave one core's memory pipeline underused.
 constexpr int64_t kPfDist = SPARSEKIT_PF_DIST;
 
-template <class VT, class IT>
+// Prefetches the cache lines that `Entries` stored entries from j + kPfDist occupy in each
+// stream (one line per 64 bytes, at least one), so a step of any width, value type and index
+// width covers exactly the bytes it will consume.
+template <int Entries, class VT, class IT>
 inline void prefetch_stream(const VT* val, const IT* idx, int64_t j) {
-  prefetch_t0(val + j + kPfDist);
-  if (sizeof(VT) * 2 * Vec::W > 64) prefetch_t0(reinterpret_cast<const char*>(val + j + kPfDist) + 64);
-  prefetch_t0(idx + j + kPfDist);
+  constexpr int kValLines = Entries * sizeof(VT) > 64 ? Entries * sizeof(VT) / 64 : 1;
+  constexpr int kIdxLines = Entries * sizeof(IT) > 64 ? Entries * sizeof(IT) / 64 : 1;
+  const char* v = reinterpret_cast<const char*>(val + j + kPfDist);
+  const char* i = reinterpret_cast<const char*>(idx + j + kPfDist);
+  for (int l = 0; l < kValLines; ++l) prefetch_t0(v + 64 * l);
+  for (int l = 0; l < kIdxLines; ++l) prefetch_t0(i + 64 * l);
 }
 
 // Scalar tail / scalar variant: 4 independent sums per vector (hides the FMA latency).
@@ -71,13 +77,28 @@ inline void spmv_gather(const IT* idx, const VT* val, int64_t j, int64_t e, cons
   typename Vec::T acc[U][NB];
   for (int u = 0; u < U; ++u)
     for (int n = 0; n < NB; ++n) acc[u][n] = Vec::zero();
+  // bf16 values with uint16 columns: each 2W block is split by position parity (accumulator u
+  // takes the even entries, u + 1 the odd ones), so widening costs bit operations, not shuffles.
+  constexpr bool kSplit = std::is_same<VT, bf16_t>::value && std::is_same<IT, uint16_t>::value;
   for (; j + U * W <= e; j += U * W) {
-    prefetch_stream(val, idx, j);
-    if (U * W * sizeof(VT) > 128) prefetch_stream(val, idx, j + 2 * W);
-    for (int u = 0; u < U; ++u) {
-      const typename Vec::T v = Vec::load_vals(val + j + u * W);
-      for (int n = 0; n < NB; ++n)
-        acc[u][n] = Vec::fma(v, Vec::gather(x + n * ldx, idx + j + u * W), acc[u][n]);
+    prefetch_stream<U * W>(val, idx, j);
+    if constexpr (kSplit) {
+      static_assert(U % 2 == 0, "the parity split needs an even number of vectors per step");
+      for (int u = 0; u < U; u += 2) {
+        typename Vec::T ve, vo;
+        decltype(Vec::load_idx(idx)) ie, io;
+        Vec::load_bf16_u16_split(val + j + u * W, idx + j + u * W, ve, vo, ie, io);
+        for (int n = 0; n < NB; ++n) {
+          acc[u][n] = Vec::fma(ve, Vec::gather_at(x + n * ldx, ie), acc[u][n]);
+          acc[u + 1][n] = Vec::fma(vo, Vec::gather_at(x + n * ldx, io), acc[u + 1][n]);
+        }
+      }
+    } else {
+      for (int u = 0; u < U; ++u) {
+        const typename Vec::T v = Vec::load_vals(val + j + u * W);
+        for (int n = 0; n < NB; ++n)
+          acc[u][n] = Vec::fma(v, Vec::gather(x + n * ldx, idx + j + u * W), acc[u][n]);
+      }
     }
   }
   for (; j + W <= e; j += W) {
@@ -112,7 +133,7 @@ inline void spmv_assemble(const IT* idx, const VT* val, int64_t j, int64_t e, co
   typename Vec::T a0[NB], a1[NB];
   for (int n = 0; n < NB; ++n) a0[n] = a1[n] = Vec::zero();
   for (; j + 2 * W <= e; j += 2 * W) {
-    prefetch_stream(val, idx, j);
+    prefetch_stream<2 * W>(val, idx, j);
     typename Vec::T v0, v1;
     constexpr bool kPair = sizeof(VT) == 2 && !std::is_same<VT, f16_t>::value;  // bf16
     if constexpr (kPair) {
