@@ -5,10 +5,12 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "common/format.h"
 #include "cpu/cpu_features.h"
@@ -308,7 +310,7 @@ std::string variant_names(const char* family, sparsekit::cpu::Isa isa) {
   return s;
 }
 
-// Accepts a variant name or id; it must exist, belong to `family` ("csr" / "bsr") or be
+// Accepts a variant name or id; it must exist, belong to `family` ("csr" / "bsr" / "csrq") or be
 // "auto", and be compiled for `isa`.
 Variant parse_variant(const py::handle& obj, const char* family, sparsekit::cpu::Isa isa) {
   int id = -1;
@@ -366,9 +368,13 @@ class BoundMatrix {
 
   BoundMatrix(const std::string& format, const py::handle& indptr, const py::handle& indices,
               const py::handle& values, const std::string& value_dtype, int64_t n_rows,
-              int64_t n_cols, int64_t block_r, int64_t block_c, const std::string& isa) {
-    if (format != "csr" && format != "bsr")
-      value_error("format: expected 'csr' or 'bsr', got '" + format + "'");
+              int64_t n_cols, int64_t block_r, int64_t block_c, const std::string& isa,
+              const py::handle& scales) {
+    if (format != "csr" && format != "bsr" && format != "csrq")
+      value_error("format: expected 'csr', 'bsr' or 'csrq', got '" + format + "'");
+    if (format == "csrq" && (block_r != 1 || block_c != 1))
+      value_error("block_r, block_c: expected 1 for format 'csrq', got " + std::to_string(block_r) +
+                  ", " + std::to_string(block_c));
     if (block_r < 1 || block_r > 4096)
       value_error("block_r: expected an integer in [1, 4096], got " + std::to_string(block_r));
     if (block_c < 1 || block_c > 4096)
@@ -395,6 +401,22 @@ class BoundMatrix {
       }
     } else {
       check_csr_values(v, nnz_);
+    }
+    q_ = format == "csrq";
+    if (!q_) reject_compressed(p_, "BoundMatrix (format 'csr' / 'bsr'; use 'csrq')");
+    if (q_ && p_.value_dtype == DType::I8) {
+      if (scales.is_none())
+        value_error("scales: expected a float32 array of length " + std::to_string(n_rows) +
+                    " for int8 values, got None");
+      py::array sc = as_array(scales, "scales");
+      if (!has_dtype<float>(sc) || sc.ndim() != 1 || sc.shape(0) != n_rows || !is_c_contig(sc))
+        value_error("scales: expected contiguous float32 array of length " +
+                    std::to_string(n_rows) + ", got " + describe(sc));
+      p_.scales = static_cast<const float*>(sc.data());
+      keep_[3] = sc;
+      spans_[3] = {sc.data(), static_cast<size_t>(sc.nbytes())};
+    } else if (!scales.is_none()) {
+      value_error("scales: expected None (only int8 values of format 'csrq' take scales), got an array");
     }
     p_.indptr = ip.data();
     p_.indices = ix.data();
@@ -446,9 +468,17 @@ class BoundMatrix {
     p.bias = reinterpret_cast<const float*>(bias);
     p.num_threads = threads > 4096 ? 4096 : threads;
     p.variant = variant >= 0 ? variant : variant_[cls];
+    // The bitmap is built on first use, with the GIL held; the call keeps its own reference, so
+    // set_variant may drop the matrix's while a call runs.
+    std::shared_ptr<const std::vector<uint64_t>> bits;
+    if (p.variant == static_cast<int>(Variant::CsrqBitmap)) {
+      bits = bitmap();
+      p.bitmap = bits->data();
+    }
     {
       py::gil_scoped_release nogil;
       if (bsr_) sparsekit::cpu::bsr_linear(p, isa_);
+      else if (q_) sparsekit::cpu::csrq_linear(p, isa_);
       else sparsekit::cpu::csr_linear(p, isa_);
     }
     return true;
@@ -459,8 +489,11 @@ class BoundMatrix {
     if (n_cls < 0 || n_cls >= kClasses)
       value_error("n_class: expected an integer in [0, " + std::to_string(kClasses) + "), got " +
                   std::to_string(n_cls));
-    variant_[n_cls] = static_cast<int>(parse_variant(variant, bsr_ ? "bsr" : "csr", isa_));
+    variant_[n_cls] = static_cast<int>(parse_variant(variant, family(), isa_));
     planned_threads_[n_cls] = threads;
+    bool bitmap_planned = false;
+    for (int v : variant_) bitmap_planned |= v == static_cast<int>(Variant::CsrqBitmap);
+    if (!bitmap_planned) bitmap_.reset();  // planning built it to time it; keep it only if chosen
   }
   // The planned variant id of batch class n_cls, or -1 when none.
   int get_variant(int n_cls) const {
@@ -472,22 +505,69 @@ class BoundMatrix {
   // Flushes indptr, indices and values out of every cache level (cpu::evict_from_caches), so
   // the next call reads them from memory, as a model's layers do; used by the planner.
   void evict() const {
+    std::shared_ptr<const std::vector<uint64_t>> bits = bitmap_;
     py::gil_scoped_release nogil;
-    for (const auto& s : spans_) sparsekit::cpu::evict_from_caches(s.first, s.second);
+    for (const auto& s : spans_)
+      if (s.first != nullptr) sparsekit::cpu::evict_from_caches(s.first, s.second);
+    if (bits) sparsekit::cpu::evict_from_caches(bits->data(), bits->size() * sizeof(uint64_t));
   }
   bool is_bsr() const { return bsr_; }
+  // Kernel family of the variants that apply: "csr", "bsr" or "csrq" (compressed CSR).
+  const char* family() const { return bsr_ ? "bsr" : (q_ ? "csrq" : "csr"); }
+  // Bytes of the occupancy bitmap held for the csrq_bitmap variant (0 when none is held).
+  int64_t bitmap_nbytes() const {
+    return bitmap_ ? static_cast<int64_t>(bitmap_->size() * sizeof(uint64_t)) : 0;
+  }
   int64_t nnz() const { return nnz_; }
   std::string isa() const { return sparsekit::cpu::isa_name(isa_); }
 
  private:
+  // The csrq_bitmap variant's occupancy words (SpmmParams::bitmap), built from the plain
+  // indices on first use. Validates as it builds: columns in [0, n_cols) and strictly
+  // increasing within each row (each stored column sets its own bit). O(nnz + M * K / 64).
+  std::shared_ptr<const std::vector<uint64_t>> bitmap() const {
+    if (bitmap_) return bitmap_;
+    if (!q_ || p_.value_dtype != DType::I8 || p_.index_type == IndexType::D8)
+      value_error("variant: csrq_bitmap expected int8 values with plain (uint16 / int32) indices, "
+                  "got value_dtype '" + std::string(sparsekit::dtype_name(p_.value_dtype)) + "'" +
+                  (p_.index_type == IndexType::D8 ? " with uint8 gap indices" : ""));
+    const int64_t nw = (p_.K + 63) / 64;
+    auto words = std::make_shared<std::vector<uint64_t>>(static_cast<size_t>(p_.M * nw), 0);
+    auto fill = [&](const auto* ip, const auto* ix) {
+      for (int64_t m = 0; m < p_.M; ++m) {
+        uint64_t* row = words->data() + m * nw;
+        int64_t prev = -1;
+        for (int64_t j = static_cast<int64_t>(ip[m]); j < static_cast<int64_t>(ip[m + 1]); ++j) {
+          const int64_t c = static_cast<int64_t>(ix[j]);
+          if (c <= prev || c >= p_.K)
+            value_error("indices: expected strictly increasing values in [0, " +
+                        std::to_string(p_.K) + ") within each row, got " + std::to_string(c) +
+                        " at position " + std::to_string(j) + " (row " + std::to_string(m) + ")");
+          row[c >> 6] |= uint64_t(1) << (c & 63);
+          prev = c;
+        }
+      }
+    };
+    auto by_idx = [&](const auto* ip) {
+      if (p_.index_type == IndexType::U16) fill(ip, static_cast<const uint16_t*>(p_.indices));
+      else fill(ip, static_cast<const int32_t*>(p_.indices));
+    };
+    if (p_.indptr_type == IndexType::I64) by_idx(static_cast<const int64_t*>(p_.indptr));
+    else by_idx(static_cast<const int32_t*>(p_.indptr));
+    bitmap_ = std::move(words);
+    return bitmap_;
+  }
+
   SpmmParams p_;
   sparsekit::cpu::Isa isa_ = sparsekit::cpu::Isa::Generic;
   bool bsr_ = false;
+  bool q_ = false;  // format 'csrq': the compressed-format kernels (csrq_linear)
   int64_t nnz_ = 0;
   int variant_[kClasses];
   int planned_threads_[kClasses];
-  py::object keep_[3];
-  std::pair<const void*, size_t> spans_[3];
+  py::object keep_[4];
+  std::pair<const void*, size_t> spans_[4] = {};
+  mutable std::shared_ptr<const std::vector<uint64_t>> bitmap_;
 };
 
 // BoundMatrix.runner(): the same call as BoundMatrix.run(x, out, n, x_dtype, bias, num_threads)
@@ -903,16 +983,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cpu_variants", &cpu_variants,
         "The table of CPU kernel variants (csrc/cpu/variants.h): dicts with id, name, family "
-        "('csr' / 'bsr' / '' for auto), n_min / n_max (batch sizes it applies to), isas, dtypes, "
+        "('csr' / 'bsr' / 'csrq' / '' for auto), n_min / n_max (batch sizes it applies to), isas, dtypes, "
         "summary.");
   py::class_<BoundMatrix>(m, "BoundMatrix",
                           "A CSR/BSR matrix validated once and bound to the CPU kernels; calls "
                           "pass only addresses (see csrc/bindings.cpp).")
       .def(py::init<const std::string&, const py::handle&, const py::handle&, const py::handle&,
-                    const std::string&, int64_t, int64_t, int64_t, int64_t, const std::string&>(),
+                    const std::string&, int64_t, int64_t, int64_t, int64_t, const std::string&,
+                    const py::handle&>(),
            py::arg("format"), py::arg("indptr"), py::arg("indices"), py::arg("values"),
            py::arg("value_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("block_r") = 1,
-           py::arg("block_c") = 1, py::arg("isa") = "auto")
+           py::arg("block_c") = 1, py::arg("isa") = "auto", py::arg("scales") = py::none(),
+           "format 'csr' / 'bsr' (float values, plain indices) or 'csrq' (CSR in the compressed "
+           "formats: int8 values with float32 per-row scales and/or uint8 gap indices).")
       .def("run", &BoundMatrix::run, py::arg("x"), py::arg("out"), py::arg("n"),
            py::arg("x_dtype"), py::arg("bias"), py::arg("num_threads"), py::arg("variant") = -1,
            "out (n, n_rows) = x (n, n_cols) @ W.T + bias from addresses (ints; bias 0 = none), "
@@ -933,6 +1016,8 @@ PYBIND11_MODULE(_C, m) {
       .def_static("n_class", &BoundMatrix::n_class, py::arg("n"),
                   "Batch class of N: 0 (N=1), 1 (N=2), 2 (3-8), 3 (9-32), 4 (33+).")
       .def_property_readonly("is_bsr", &BoundMatrix::is_bsr)
+      .def_property_readonly("family", [](const BoundMatrix& b) { return std::string(b.family()); })
+      .def_property_readonly("bitmap_nbytes", &BoundMatrix::bitmap_nbytes)
       .def_property_readonly("nnz", &BoundMatrix::nnz)
       .def_property_readonly("isa", &BoundMatrix::isa);
 

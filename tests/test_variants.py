@@ -180,7 +180,7 @@ def test_bound_matrix_matches_reference_and_keeps_buffers_alive():
         bm.run(x.data_ptr(), out.data_ptr(), 1, 0, 0, 0)
     with pytest.raises(ValueError, match="n_class: expected an integer in"):
         bm.set_variant(7, "auto", 1)
-    with pytest.raises(ValueError, match="format: expected 'csr' or 'bsr', got 'coo'"):
+    with pytest.raises(ValueError, match="format: expected 'csr', 'bsr' or 'csrq', got 'coo'"):
         C.BoundMatrix("coo", np.zeros(2, np.int32), np.zeros(0, np.uint16),
                       np.zeros(0, np.float32), "f32", 1, 1)
     with pytest.raises(ValueError, match="indptr: expected contiguous int32 or int64 array of "

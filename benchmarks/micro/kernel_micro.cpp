@@ -11,6 +11,8 @@
 //           build/micro/kernel_micro spmv-no-gather M K density [threads] [bf16]   the spmv loop
 //                                         with x read contiguously: streaming bound (no check)
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
+//           build/micro/kernel_micro gather [n] [threads] [fma]        hardware-gather floor per
+//                                         entry (indices, x and values resident)
 //           build/micro/kernel_micro rowtile K nnz                    L1/L2 row-tile loop
 //           build/micro/kernel_micro peak [threads]                   register-only FMA rate
 // Times are medians of 15 calls (wall clock); "G vec/s" counts W-lane FMAs (W = 16 / 8).
@@ -345,6 +347,42 @@ int run_rowtile(int K, int nnz) {
   return 0;
 }
 
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// The hardware-gather floor: per thread, `n` uint16 column ids (resident in L1/L2) widened and
+// used to gather x (K = 4096 floats, resident), 4 independent sums; with `fma`, each gathered
+// vector is also multiplied by a resident fp32 value vector, as the SpMV kernels do. No value or
+// index stream from memory, no row boundaries: what any kernel that gathers x once per stored
+// entry pays at the least on this core.
+int run_gather_floor(int n, int threads, bool fma) {
+  constexpr int W = Vec::W, K = 4096;
+  n = std::max(4 * W, n / (4 * W) * (4 * W));
+  std::mt19937 g(0);
+  std::vector<float> x(K), val(n, 0.5f);
+  std::vector<uint16_t> idx(n);
+  for (auto& v : x) v = float(g() % 100) * 0.01f;
+  for (auto& i : idx) i = static_cast<uint16_t>(g() % K);
+  float sink = 0.f;
+  const double t = median_time(25, [&](int) {
+    float tot = 0.f;
+#pragma omp parallel num_threads(threads) reduction(+ : tot)
+    {
+      typename Vec::T a[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+      for (int rep = 0; rep < 8; ++rep)
+        for (int j = 0; j < n; j += 4 * W)
+          for (int u = 0; u < 4; ++u) {
+            const typename Vec::T gx = Vec::gather(x.data(), idx.data() + j + u * W);
+            a[u] = fma ? Vec::fma(Vec::load(val.data() + j + u * W), gx, a[u]) : Vec::add(a[u], gx);
+          }
+      tot += Vec::reduce(Vec::add(Vec::add(a[0], a[1]), Vec::add(a[2], a[3])));
+    }
+    sink += tot;
+  });
+  std::printf("gather floor W=%d threads=%d %s: %.3f ns per entry per core (checksum %g)\n", W,
+              threads, fma ? "gather+fma" : "gather", t / (8.0 * n) * 1e9, double(sink));
+  return 0;
+}
+#endif
+
 // The FMA ceiling of this ISA path: 12 independent accumulator chains per thread (enough to
 // cover 4-cycle latency on 2 FMA ports), register operands only, 2 * W flops per FMA.
 int run_peak(int threads) {
@@ -403,6 +441,10 @@ int main(int argc, char** argv) {
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   if (!std::strcmp(mode, "spmv-no-gather") && argc >= 5)
     return run_stream_bound(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "bf16"));
+#endif
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  if (!std::strcmp(mode, "gather"))
+    return run_gather_floor(ai(2, 16384), ai(3, 1), argc > 4 && !std::strcmp(argv[4], "fma"));
 #endif
 #if defined(SPARSEKIT_ISA_AVX512)
   if (!std::strcmp(mode, "read") && argc >= 4) return run_read(ai(2, 1), ai(3, 0), ai(4, 2));

@@ -5,6 +5,8 @@
 //
 //   build:  SRC=benchmarks/micro/q_micro.cpp bash benchmarks/micro/build.sh   (ISA=avx2 too)
 //   run:    build/micro/q_micro M K density [threads] [warm] [u16|d8] [f32|i8] [v=<id>] [MB=<n>]
+//           v=<id>: a csrq variant of csrc/cpu/variants.h (12 csrq_rows2, 13 csrq_row1,
+//           14 csrq_bitmap: u16 i8 only; it reads occupancy words instead of the indices)
 // Prints the median of 21 timings (each over all copies, or 20 calls when warm): ms, ns per
 // nonzero (wall time x threads / nnz, i.e. per core; the minimum in parentheses, less exposed to
 // other processes on a shared machine) and GB/s on the stored bytes.
@@ -98,11 +100,29 @@ int main(int argc, char** argv) {
   }
   std::mt19937 g(7);
   QMat a = make(M, K, d, g);
+  const bool bitmap = variant == static_cast<int>(Variant::CsrqBitmap);
+  if (bitmap && (d8 || !i8)) {
+    std::fprintf(stderr, "v=%d (csrq_bitmap): expected u16 i8, got %s %s\n", variant,
+                 d8 ? "d8" : "u16", i8 ? "i8" : "f32");
+    return 2;
+  }
   const int64_t stored = d8 ? static_cast<int64_t>(a.gaps.size()) : a.nnz;
-  const int64_t bytes = stored * ((d8 ? 1 : 2) + (i8 ? 1 : 4)) + (M + 1) * 8 + (i8 ? M * 4 : 0);
+  const int64_t words = static_cast<int64_t>(M) * ((K + 63) / 64);
+  // bytes a call reads: the bitmap variant reads the occupancy words instead of the indices
+  const int64_t bytes = (bitmap ? words * 8 + stored : stored * ((d8 ? 1 : 2) + (i8 ? 1 : 4))) +
+                        (M + 1) * 8 + (i8 ? M * 4 : 0);
   const int copies = warm ? 1 : std::max(2, static_cast<int>(mb * 1e6 / bytes) + 1);
-  // Rotating copies of the index and value streams (indptr / scales shared: they are small).
+  // Rotating copies of the index (or bitmap) and value streams (indptr / scales shared: they
+  // are small).
   std::vector<std::vector<uint8_t>> idx_c(copies), val_c(copies);
+  std::vector<std::vector<uint64_t>> bits_c(bitmap ? copies : 0);
+  for (int c = 0; c < copies && bitmap; ++c) {
+    bits_c[c].assign(words, 0);
+    const int64_t* ip = a.indptr.data() + M + 1;
+    for (int m = 0; m < M; ++m)
+      for (int64_t j = ip[m]; j < ip[m + 1]; ++j)
+        bits_c[c][m * ((K + 63) / 64) + a.cols[j] / 64] |= uint64_t(1) << (a.cols[j] % 64);
+  }
   for (int c = 0; c < copies; ++c) {
     if (d8) idx_c[c].assign(a.gaps.begin(), a.gaps.end());
     else idx_c[c].assign(reinterpret_cast<const uint8_t*>(a.cols.data()),
@@ -140,6 +160,7 @@ int main(int argc, char** argv) {
   auto run = [&](int c) {
     p.indices = idx_c[c].data();
     p.values = val_c[c].data();
+    p.bitmap = bitmap ? bits_c[c].data() : nullptr;
     auto by_idx = [&](auto vt) {
       using VT = decltype(vt);
       if (d8) csrq_linear_t<VT, int64_t, uint8_t>(p);

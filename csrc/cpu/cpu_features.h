@@ -28,6 +28,21 @@ Isa default_isa();
 // not exceed hardware_isa() (std::invalid_argument naming `what` if it does).
 Isa resolve_isa(const std::string& name, const char* what);
 
+// True when the CPU and OS support AVX-512 VBMI2 (byte expand/compress), checked once. Only
+// meaningful for the AVX-512 kernels, which use it where present (csr_q_impl.h). Header-only so
+// the stand-alone kernel programs (benchmarks/micro, tests/cpp) need no other object.
+inline bool has_avx512_vbmi2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vbmi2");
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
 // Writes back and invalidates every cache line of [p, p + nbytes) at every cache level, so the
 // next access comes from memory (x86: one clflush per 64-byte line, then a fence; elsewhere a
 // no-op). The planner times kernels this way: a model's weights stream from memory on every

@@ -11,10 +11,19 @@
 // int8 -> fp32 widening and the gap prefix sum done in registers (simd.h), so the bytes read per
 // nonzero are 1 (gap) + 1 (int8) instead of 2 + 4. Meant for small N (SpMV): for larger N the
 // caller decodes once to the float/plain format and runs the tiled kernels.
+//
+// Bitmap variant (Variant::CsrqBitmap, int8 values with plain indices): the columns of row m
+// are read from SpmmParams::bitmap (one 64-bit occupancy word per 64 columns) instead of the
+// index array, and each word's stored values are expanded into place in registers and
+// multiplied with x read contiguously. It costs per column (0.125 byte of bitmap plus the
+// expansion), not per nonzero, and needs no gathers: faster than the gather kernels at
+// moderate sparsity, slower at high sparsity; the planner measures which.
 #pragma once
 
 #include <atomic>
+#include <type_traits>
 
+#include "cpu/cpu_features.h"
 #include "cpu/kernels_impl.h"
 
 namespace sparsekit {
@@ -86,6 +95,86 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
   }
   return sum;
 }
+
+// Contract (micro-kernel). Returns sum_k v(k) * x[k] in fp32 for one CSR row given by
+// occupancy words: bit t of words[b] set means column 64b + t is stored, and the row's stored
+// int8 values val[0 .. popcount) are those columns' values in column order (unscaled; the
+// driver multiplies by the row's scale). Sizes: K >= 0; words holds ceil(K / 64) entries whose
+// bits at columns >= K are 0; x has K fp32 entries (every column is read, the last partial
+// block through masked loads: nothing at or beyond x[K]). Reads the row's popcount values; the
+// AVX2 expansion may also read up to 7 bytes after them where they lie before `val_end` (the
+// end of the whole value array). Alignment: none. No allocation, no state. Cost: O(K) vector
+// work whatever the row's nonzero count (16 columns per expansion on AVX-512, 8 on AVX2, one
+// step per stored value in the generic build); the edges are K around multiples of 64 and of
+// the expansion width, empty and full words.
+inline float q_row_bitmap_dot(const uint64_t* words, int64_t K, const int8_t* val,
+                              const int8_t* val_end, const float* x) {
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  constexpr int W = Vec::W, kChunks = 64 / W;
+  constexpr uint32_t kChunkMask = (1u << W) - 1u;
+  typename Vec::T acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+  const int8_t* p = val;
+  const int64_t full = K / 64;
+  for (int64_t b = 0; b < full; ++b) {
+    const uint64_t w = words[b];
+    const float* xb = x + 64 * b;
+    for (int c = 0; c < kChunks; ++c) {
+      const uint32_t m = static_cast<uint32_t>(w >> (c * W)) & kChunkMask;
+      acc[c & 3] = Vec::fma(q_bitmap_vals(p, m, val_end), Vec::load(xb + c * W), acc[c & 3]);
+    }
+  }
+  const int64_t rem = K - 64 * full;
+  if (rem > 0) {
+    const uint64_t w = words[full];
+    const float* xb = x + 64 * full;
+    for (int c = 0; c * W < rem; ++c) {
+      const uint32_t m = static_cast<uint32_t>(w >> (c * W)) & kChunkMask;
+      const int lanes = static_cast<int>(rem - c * W);
+      acc[c & 3] = Vec::fma(q_bitmap_vals(p, m, val_end), Vec::load_n(xb + c * W, lanes), acc[c & 3]);
+    }
+  }
+  return Vec::reduce(Vec::add(Vec::add(acc[0], acc[1]), Vec::add(acc[2], acc[3])));
+#else
+  (void)val_end;
+  float sum = 0.f;
+  const int8_t* p = val;
+  const int64_t nw = (K + 63) / 64;
+  for (int64_t b = 0; b < nw; ++b)
+    for (uint64_t w = words[b]; w != 0; w &= w - 1)
+      sum += static_cast<float>(*p++) * x[64 * b + __builtin_ctzll(w)];
+  return sum;
+#endif
+}
+
+#if defined(SPARSEKIT_ISA_AVX512)
+// q_row_bitmap_dot with AVX-512 VBMI2: one byte expand-load per 64-column word instead of four
+// 16-lane dword expansions (about half the shuffle-port work). Same contract, except that it
+// reads exactly the row's values (val_end is not needed); callers check has_avx512_vbmi2().
+SPARSEKIT_TARGET_VBMI2 inline float q_row_bitmap_dot_vbmi2(const uint64_t* words, int64_t K,
+                                                           const int8_t* val, const float* x) {
+  Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+  const int8_t* p = val;
+  const int64_t full = K / 64;
+  for (int64_t b = 0; b < full; ++b) {
+    const auto v = q_bitmap_expand64(p, words[b]);
+    const float* xb = x + 64 * b;
+    a0 = Vec::fma(q_bitmap_lane16<0>(v), Vec::load(xb), a0);
+    a1 = Vec::fma(q_bitmap_lane16<1>(v), Vec::load(xb + 16), a1);
+    a2 = Vec::fma(q_bitmap_lane16<2>(v), Vec::load(xb + 32), a2);
+    a3 = Vec::fma(q_bitmap_lane16<3>(v), Vec::load(xb + 48), a3);
+  }
+  const int rem = static_cast<int>(K - 64 * full);
+  if (rem > 0) {  // bits at columns >= K are 0, so only x needs masking
+    const auto v = q_bitmap_expand64(p, words[full]);
+    const float* xb = x + 64 * full;
+    a0 = Vec::fma(q_bitmap_lane16<0>(v), Vec::load_n(xb, rem), a0);
+    if (rem > 16) a1 = Vec::fma(q_bitmap_lane16<1>(v), Vec::load_n(xb + 16, rem - 16), a1);
+    if (rem > 32) a2 = Vec::fma(q_bitmap_lane16<2>(v), Vec::load_n(xb + 32, rem - 32), a2);
+    if (rem > 48) a3 = Vec::fma(q_bitmap_lane16<3>(v), Vec::load_n(xb + 48, rem - 48), a3);
+  }
+  return Vec::reduce(Vec::add(Vec::add(a0, a1), Vec::add(a2, a3)));
+}
+#endif
 
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
 // Running state of one row in the interleaved kernel below: next stored entry j, end e, gap
@@ -168,9 +257,11 @@ inline void q_rows2_dot(const IT* idx, const VT* val, int64_t s0, int64_t e0, in
 #endif
 }
 
-// Kernel choice of csrq_linear_t (SpmmParams::variant): 0 = built-in (rows in pairs),
-// kQRow1 = one row at a time (q_row_dot), kQRows2 = rows in pairs (q_rows2_dot).
-constexpr int kQRow1 = 1, kQRows2 = 2;
+// Kernel choice of csrq_linear_t (SpmmParams::variant, variants.h): Auto and CsrqRows2 = rows in
+// pairs (q_rows2_dot), CsrqRow1 = one row at a time (q_row_dot), CsrqBitmap = q_row_bitmap_dot
+// over SpmmParams::bitmap (int8 values, plain indices; the index array is not read).
+constexpr int kQRow1 = static_cast<int>(Variant::CsrqRow1);
+constexpr int kQBitmap = static_cast<int>(Variant::CsrqBitmap);
 
 // Driver: y = x @ W^T (* scales) + bias for row chunks claimed by the threads; any N (each vector
 // is a separate pass over a row pair, which stays in L1 between the vectors).
@@ -180,11 +271,22 @@ void csrq_linear_t(const SpmmParams& p) {
   const IT* idx = static_cast<const IT*>(p.indices);
   const VT* val = static_cast<const VT*>(p.values);
   const int64_t nnz = static_cast<int64_t>(indptr[p.M]);
-  const int threads = threads_for(p.num_threads, (nnz + p.M) * p.N);
   const XRowsF32 xr(p);
   const float* x = xr.x;
   const int64_t ldx = xr.ldx;
   const bool pairs = p.variant != kQRow1;
+  const bool bitmap = p.variant == kQBitmap;
+  if (bitmap && (p.bitmap == nullptr || !std::is_same<VT, int8_t>::value ||
+                 std::is_same<IT, uint8_t>::value))
+    throw std::invalid_argument(
+        "sparsekit: the csrq_bitmap variant needs int8 values, plain indices and the bitmap");
+  const int64_t words_per_row = (p.K + 63) / 64;
+#if defined(SPARSEKIT_ISA_AVX512)
+  const bool vbmi2 = bitmap && has_avx512_vbmi2();
+#endif
+  // The bitmap kernel's work grows with the columns, not the nonzeros (a vector multiply-add per
+  // W columns, counted as about W / 4 scalar ones).
+  const int threads = threads_for(p.num_threads, (bitmap ? p.M * p.K / 4 : nnz + p.M) * p.N);
   auto finish = [&](int64_t n, int64_t m, float d) {
     const float sc = p.scales ? p.scales[m] : 1.f;
     store_out(p.y, n * p.ldy + m, d * sc + bias_at(p.bias, m), p.x_dtype);
@@ -196,6 +298,24 @@ void csrq_linear_t(const SpmmParams& p) {
   std::atomic<int64_t> next{0};
   auto rows = [&](int64_t r0, int64_t r1) {
     int64_t m = r0;
+    if constexpr (std::is_same<VT, int8_t>::value) {
+      if (bitmap) {
+        for (; m < r1; ++m) {
+          const uint64_t* words = p.bitmap + m * words_per_row;
+          const int8_t* v = val + static_cast<int64_t>(indptr[m]);
+          for (int64_t n = 0; n < p.N; ++n) {
+#if defined(SPARSEKIT_ISA_AVX512)
+            if (vbmi2) {
+              finish(n, m, q_row_bitmap_dot_vbmi2(words, p.K, v, x + n * ldx));
+              continue;
+            }
+#endif
+            finish(n, m, q_row_bitmap_dot(words, p.K, v, val + nnz, x + n * ldx));
+          }
+        }
+        return;
+      }
+    }
     if (pairs) {
       for (; m + 2 <= r1; m += 2) {
         const int64_t s0 = static_cast<int64_t>(indptr[m]), s1 = static_cast<int64_t>(indptr[m + 1]);

@@ -275,6 +275,11 @@ struct Vec {
     io = _mm256_srli_epi32(ii, 16);
   }
   static T gather_at(const float* x, __m256i cols) { return _mm256_i32gather_ps(x, cols, 4); }
+  // The first min(n, W) floats at p, zero beyond (only those are read).
+  static T load_n(const float* p, int n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+  }
   // Column read: lane t = base[t * ld] for t < n (n <= W), 0 beyond. Needs W * ld < 2^31.
   static T gather_column(const float* base, int64_t ld, int n) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -362,6 +367,33 @@ inline __m512 q_gather(const float* x, __m512i cols) { return _mm512_i32gather_p
 inline __m512 q_gather_n(const float* x, __m512i cols, int n) {
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), Vec::mask(n), cols, x, 4);
 }
+// AVX-512 VBMI2 (Ice Lake and later, Zen 4 and later): functions with this attribute may use
+// it; callers check cpu::has_avx512_vbmi2() first.
+#define SPARSEKIT_TARGET_VBMI2 __attribute__((target("avx512vbmi2,popcnt")))
+// Occupancy-bitmap expansion of a whole 64-column word with one byte expand-load: byte t of the
+// result is the next stored int8 value when bit t of w is set, else 0. Reads exactly
+// popcount(w) bytes at p (the expand-load touches nothing beyond them) and advances p.
+SPARSEKIT_TARGET_VBMI2 inline __m512i q_bitmap_expand64(const int8_t*& p, uint64_t w) {
+  const __m512i v = _mm512_maskz_expandloadu_epi8(static_cast<__mmask64>(w), p);
+  p += _mm_popcnt_u64(w);
+  return v;
+}
+// Bytes 16c .. 16c + 15 of an expanded word as 16 fp32 lanes (c in 0..3).
+template <int C>
+SPARSEKIT_TARGET_VBMI2 inline __m512 q_bitmap_lane16(__m512i v) {
+  const __m128i q = C == 0 ? _mm512_castsi512_si128(v) : _mm512_extracti32x4_epi32(v, C);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+}
+// Occupancy-bitmap expansion (csr_q_impl.h, q_row_bitmap_dot): lane t of the result is the next
+// stored int8 value (as fp32) when bit t of m16 is set, else 0. Reads exactly popcount(m16)
+// bytes at p (a masked load: nothing beyond them is touched) and advances p past them.
+inline __m512 q_bitmap_vals(const int8_t*& p, uint32_t m16, const int8_t* /*end*/) {
+  const int cnt = __builtin_popcount(m16);
+  const __m128i q = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << cnt) - 1u), p);
+  p += cnt;
+  return _mm512_cvtepi32_ps(
+      _mm512_maskz_expand_epi32(static_cast<__mmask16>(m16), _mm512_cvtepi8_epi32(q)));
+}
 #elif defined(SPARSEKIT_ISA_AVX2)
 using IdxV = __m256i;
 inline IdxV idx_zero() { return _mm256_setzero_si256(); }
@@ -399,6 +431,40 @@ inline __m256i q_cols(const uint8_t* p, IdxV& carry) {
 }
 template <class I> inline __m256i q_cols(const I* p, IdxV&) { return Vec::load_idx(p); }
 inline __m256 q_gather(const float* x, __m256i cols) { return _mm256_i32gather_ps(x, cols, 4); }
+// Lane permutations of the AVX2 bitmap expansion: row m, lane t = the rank of bit t among the
+// set bits of m (0 where bit t is clear; that lane is zeroed separately).
+struct Expand8Table {
+  int32_t perm[256][8];
+};
+constexpr Expand8Table make_expand8_table() {
+  Expand8Table t{};
+  for (int m = 0; m < 256; ++m) {
+    int r = 0;
+    for (int i = 0; i < 8; ++i) t.perm[m][i] = ((m >> i) & 1) ? r++ : 0;
+  }
+  return t;
+}
+inline constexpr Expand8Table kExpand8 = make_expand8_table();
+// Occupancy-bitmap expansion, 8 lanes: lane t is the next stored int8 value (as fp32) when bit
+// t of m8 is set, else 0; advances p by popcount(m8). Reads 8 bytes at p when they lie before
+// `end` (the bytes past popcount(m8) are ignored), else exactly popcount(m8) bytes.
+inline __m256 q_bitmap_vals(const int8_t*& p, uint32_t m8, const int8_t* end) {
+  const int cnt = __builtin_popcount(m8);
+  __m128i q;
+  if (end - p >= 8) {
+    q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  } else {
+    int64_t t = 0;
+    std::memcpy(&t, p, static_cast<size_t>(cnt));
+    q = _mm_cvtsi64_si128(t);
+  }
+  p += cnt;
+  const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand8.perm[m8]));
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m8)), sel), sel);
+  return _mm256_cvtepi32_ps(
+      _mm256_and_si256(_mm256_permutevar8x32_epi32(_mm256_cvtepi8_epi32(q), perm), on));
+}
 #endif
 // Prefetch of one cache line into L1 (T0) or L2 (T1); no-op on the generic path.
 inline void prefetch_t0(const void* p) {

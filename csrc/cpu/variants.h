@@ -31,7 +31,12 @@ enum class Variant : int {
   // CSR, N > 2: 8 vectors (64 batch columns at W = 8, so one K-blocked pass over the weights per
   // 64 columns on 16-register files, as V4 gives 32-register files).
   CsrTileV8 = 11,
-  kCount = 12,
+  // Compressed CSR (int8 values and/or uint8 column gaps), N <= 2 (csr_q_impl.h).
+  CsrqRows2 = 12,   // two rows in lockstep, hardware gather of x (the built-in choice)
+  CsrqRow1 = 13,    // one row at a time, hardware gather of x
+  CsrqBitmap = 14,  // int8 values expanded by a 64-bit occupancy word per 64 columns; x read
+                    // contiguously: no gathers, cost per column rather than per nonzero
+  kCount = 15,
 };
 
 // Bit per ISA (Isa::Generic = 0, AVX2 = 1, AVX512 = 2 in cpu_features.h).
@@ -73,6 +78,12 @@ inline constexpr VariantInfo kVariants[] = {
      "register-blocked BSR, tiles 1 vector wide"},
     {Variant::CsrTileV8, "csr_tile_v8", "csr", 3, -1, kIsaAll, "f32,bf16,f16",
      "packed x tiles up to 8 vectors wide, 1 nonzero in flight (fewer passes over the weights)"},
+    {Variant::CsrqRows2, "csrq_rows2", "csrq", 1, 2, kIsaAll, "i8,f32,bf16,f16",
+     "compressed formats: two rows in lockstep, x gathered (scalar loads in the generic build)"},
+    {Variant::CsrqRow1, "csrq_row1", "csrq", 1, 2, kIsaSimd, "i8,f32,bf16,f16",
+     "compressed formats: one row at a time, hardware gather of x"},
+    {Variant::CsrqBitmap, "csrq_bitmap", "csrq", 1, 2, kIsaAll, "i8",
+     "int8 values placed by a 64-bit occupancy word per 64 columns, x read contiguously (no gathers)"},
 };
 static_assert(sizeof(kVariants) / sizeof(kVariants[0]) == static_cast<int>(Variant::kCount),
               "one kVariants row per Variant");

@@ -66,6 +66,37 @@ def _prepared(mat: Any) -> tuple:
     return mat.cached(("cpp", "np"), build)
 
 
+_QBOUND_KEY = ("cpp", "bound_q")
+
+
+def compressed_bound(mat: Any) -> Any:
+    """The ``sparsekit._C.BoundMatrix`` (format ``"csrq"``) of a compressed CPU CSR matrix
+    (int8 values and/or delta8 indices), built once and cached on it. Its variants
+    (``csrq_rows2``, ``csrq_row1``, ``csrq_bitmap``) serve batches up to
+    :data:`COMPRESSED_MAX_BATCH`, planned like the float kernels'."""
+    if _C is None:
+        raise RuntimeError(f"cpp backend unavailable: {_IMPORT_ERROR}")
+
+    def build() -> Any:
+        m, k = mat.shape
+        indptr, indices, values, vcode = _prepared(mat)
+        sc = None if mat.scales is None else mat.scales.numpy()
+        return _C.BoundMatrix("csrq", indptr, indices, values, vcode, m, k, 1, 1, "auto", sc)
+
+    return mat.cached(_QBOUND_KEY, build)
+
+
+def planned_binding(mat: Any, n: int) -> tuple[Any, Any]:
+    """``(matrix, bound)`` that a CPU call of ``mat`` with batch ``n`` runs on: the compressed
+    binding for a compressed CSR matrix at ``n <= COMPRESSED_MAX_BATCH``, else the float binding
+    of ``mat`` (decoded once when compressed)."""
+    if mat.is_compressed:
+        if type(mat) is CSRMatrix and n <= COMPRESSED_MAX_BATCH:
+            return mat, compressed_bound(mat)
+        mat = mat.decoded()
+    return mat, bound_matrix(mat)
+
+
 def bound_matrix(mat: Any) -> Any:
     """The ``sparsekit._C.BoundMatrix`` of a CPU CSR/BSR matrix (plain indices, float values),
     built once and cached on it (rebuilt after the matrix's cache is invalidated)."""
@@ -211,13 +242,7 @@ class CppBackend:
             raise RuntimeError(f"cpp backend unavailable: {_IMPORT_ERROR}")
         if mat.is_compressed:
             if type(mat) is CSRMatrix and x2d.shape[0] <= COMPRESSED_MAX_BATCH:
-                indptr, indices, values, vcode = _prepared(mat)
-                M, K = mat.shape
-                xcode = _CODE[x2d.dtype]
-                sc = None if mat.scales is None else mat.scales.numpy()
-                b = None if bias is None else bias.numpy()
-                _C.csrq_linear(indptr, indices, values, vcode, sc, _np(x2d), xcode, b, _np(out),
-                               xcode, M, K, get_num_threads())
+                run_bound(compressed_bound(mat), mat, x2d, bias, out)
                 return
             # BSR, or a batch the tiled float kernels serve faster: decode once (cached)
             # (x is fp32 or the stored float dtype, which decoding keeps: see supports)
@@ -230,9 +255,7 @@ class CppBackend:
     def variant(self, mat: Any, n: int) -> str:
         """Name of the kernel variant planned for ``mat`` at batch size ``n`` (``"auto"``
         when none yet)."""
-        if mat.is_compressed:
-            return "csrq" if type(mat) is CSRMatrix and n <= COMPRESSED_MAX_BATCH else "auto"
-        bm = bound_matrix(mat)
+        _, bm = planned_binding(mat, n)
         vid = bm.get_variant(bm.n_class(n))
         return "auto" if vid < 0 else _planner.variants()[vid]["name"]
 

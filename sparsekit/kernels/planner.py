@@ -77,7 +77,7 @@ N_CLASSES = ("1", "2", "3-8", "9-32", "33+")
 _CLASS_N = (1, 2, 8, 32, 128)  # batch size timed for each class
 # Variants equal to the built-in choice (variant "auto") of their class, and the margin by
 # which another candidate must beat them to be chosen.
-_INCUMBENTS = ("csr_spmv_gather", "csr_tile_v4")
+_INCUMBENTS = ("csr_spmv_gather", "csr_tile_v4", "csrq_rows2")
 _MARGIN = 0.03
 _WISDOM_FORMAT = "sparsekit-wisdom"
 _WISDOM_VERSION = 1
@@ -134,9 +134,9 @@ def variants() -> list[dict[str, Any]]:
     Returns
     -------
     list of dict
-        One dict per variant: ``id, name, family ("csr" / "bsr" / "" for auto), n_min, n_max
-        (batch sizes it applies to; None = unbounded), isas, dtypes, summary``. Empty when the
-        extension is not built.
+        One dict per variant: ``id, name, family ("csr" / "bsr" / "csrq" / "" for auto),
+        n_min, n_max (batch sizes it applies to; None = unbounded), isas, dtypes, summary``.
+        Empty when the extension is not built.
     """
     return list(_C.cpu_variants()) if _C is not None else []
 
@@ -230,7 +230,7 @@ def _shape_class(mat: Any, nnz: int) -> str:
 
 
 def _key(mat: Any, bound: Any, n: int, threads: int) -> str:
-    fmt = f"bsr{mat.blocksize[0]}x{mat.blocksize[1]}" if bound.is_bsr else "csr"
+    fmt = f"bsr{mat.blocksize[0]}x{mat.blocksize[1]}" if bound.is_bsr else bound.family
     return "|".join([
         cpu_model(), bound.isa, fmt, str(mat.values.dtype).replace("torch.", ""),
         str(mat.indices.dtype).replace("torch.", ""), _shape_class(mat, bound.nnz),
@@ -239,8 +239,8 @@ def _key(mat: Any, bound: Any, n: int, threads: int) -> str:
 
 
 def candidates(family: str, n: int, isa: str) -> list[str]:
-    """Variant names that apply to a ``family`` (``"csr"`` / ``"bsr"``) call with batch ``n`` on
-    ``isa`` (``"auto"`` excluded)."""
+    """Variant names that apply to a ``family`` (``"csr"`` / ``"bsr"`` / ``"csrq"``) call with
+    batch ``n`` on ``isa`` (``"auto"`` excluded)."""
     out = []
     for v in variants():
         if v["family"] != family or isa not in v["isas"]:
@@ -248,6 +248,19 @@ def candidates(family: str, n: int, isa: str) -> list[str]:
         if n >= v["n_min"] and (v["n_max"] is None or n <= v["n_max"]):
             out.append(v["name"])
     return out
+
+
+_DTYPE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16",
+               torch.int8: "i8"}
+
+
+def _takes(name: str, mat: Any) -> bool:
+    """Whether variant ``name`` reads ``mat``'s value dtype (and, for ``csrq_bitmap``, which
+    locates values by an occupancy bitmap, plain rather than gap-coded indices)."""
+    v = _by_name()[name]
+    if _DTYPE_CODE.get(mat.values.dtype) not in v["dtypes"].split(","):
+        return False
+    return name != "csrq_bitmap" or mat.indices.dtype != torch.uint8
 
 
 # ---- wisdom file --------------------------------------------------------------------------
@@ -342,12 +355,12 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
 def plan_bound(mat: Any, bound: Any, n: int, threads: int) -> Plan:
     """Plans batch class of ``n`` for the bound matrix ``bound`` of ``mat`` and stores the
     choice in it (used by the cpp backend on the first call of a class)."""
-    family = "bsr" if bound.is_bsr else "csr"
+    family = bound.family
     n = max(1, int(n))
     cls = _n_class(n)
     ids = {v["name"]: v["id"] for v in variants()}
     forced = forced_variants()
-    cands = candidates(family, n, bound.isa)
+    cands = [c for c in candidates(family, n, bound.isa) if _takes(c, mat)]
     with _lock:
         key = _key(mat, bound, n, threads)
         hit = [f for f in forced if f in cands]
@@ -383,7 +396,9 @@ def plan(matrix: Any, n: int = 1, threads: int | None = None) -> Plan:
     Parameters
     ----------
     matrix : CSRMatrix or BSRMatrix
-        A CPU matrix with fp32/bf16/f16 values.
+        A CPU matrix: fp32/bf16/f16 values, or a compressed CSR (int8 values and/or delta8
+        indices), whose calls up to batch 2 run the compressed kernels (family ``csrq``) and
+        larger ones the float kernels on the decoded matrix.
     n : int, default 1
         The batch size (rows of ``x``) the calls will have; plans are per batch class
         (:data:`N_CLASSES`).
@@ -404,7 +419,7 @@ def plan(matrix: Any, n: int = 1, threads: int | None = None) -> Plan:
         unknown variant.
     """
     from ..threads import get_num_threads
-    from .cpp import bound_matrix  # the backend owns the per-matrix binding
+    from .cpp import planned_binding  # the backend owns the per-matrix binding
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive int, got {n!r}")
@@ -412,7 +427,8 @@ def plan(matrix: Any, n: int = 1, threads: int | None = None) -> Plan:
         threads = get_num_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads: expected a positive int, got {threads!r}")
-    return plan_bound(matrix, bound_matrix(matrix), n, threads)
+    mat, bound = planned_binding(matrix, n)
+    return plan_bound(mat, bound, n, threads)
 
 
 def plans() -> dict[str, dict[str, Any]]:

@@ -16,6 +16,9 @@
 //       empty block rows, accumulate, index limits;
 //   q_row_dot, q_rows2_dot (csr_q_impl.h)
 //       int8 values (full range, scales applied as the driver does), uint8 gaps with escapes;
+//   q_row_bitmap_dot (and its VBMI2 version where the CPU has it)
+//       K around the expansion width and 64, empty / full / random words, single columns at the
+//       word and chunk edges, values at the end of the array or followed by other bytes;
 //   pack_x_tile / load_x_row / store_rows_tile (packing.h)
 //       N around the tile width, ragged K, bf16 / fp16 activations and outputs, bias.
 // Values outside the range a kernel may read are NaN, so a kernel that reads past its tail
@@ -26,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -706,6 +710,57 @@ void q_index_types() {
   q_pair_types<VT, uint8_t>();
 }
 
+// q_row_bitmap_dot (and the VBMI2 version where the CPU has it) on one row of K columns whose
+// stored columns are drawn with probability `density` (plus the forced ones): x and the value
+// array exactly sized (ASan sees any over-read), the row's values at the end of the array
+// (at_end) or followed by other bytes, which the AVX2 expansion may read but must ignore.
+void q_bitmap_case(int64_t K, double density, bool at_end, std::initializer_list<int64_t> forced) {
+  const int64_t nw = (K + 63) / 64;
+  std::vector<float> x(static_cast<size_t>(K));
+  for (auto& f : x) f = rnd_mag();
+  std::vector<uint64_t> words(static_cast<size_t>(nw), 0);
+  std::vector<int8_t> val;
+  double ref = 0, mag = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    bool on = static_cast<double>(next_u64() % 1000000) < density * 1e6;
+    for (int64_t f : forced) on |= f == k;
+    if (!on) continue;
+    words[static_cast<size_t>(k / 64)] |= uint64_t(1) << (k % 64);
+    const int8_t q = static_cast<int8_t>(static_cast<int>(next_u64() % 255) - 127);
+    val.push_back(q);
+    ref += double(q) * x[static_cast<size_t>(k)];
+    mag += std::fabs(double(q) * x[static_cast<size_t>(k)]);
+  }
+  const int64_t nnz = static_cast<int64_t>(val.size());
+  if (!at_end)
+    for (int i = 0; i < 11; ++i) val.push_back(static_cast<int8_t>(0x7f - i));
+  const int8_t* end = val.data() + val.size();
+  char what[200];
+  std::snprintf(what, sizeof what, "q_row_bitmap_dot K=%lld nnz=%lld density=%.2f%s",
+                static_cast<long long>(K), static_cast<long long>(nnz), density,
+                at_end ? " at end" : "");
+  check(q_row_bitmap_dot(words.data(), K, val.data(), end, x.data()), ref, tol_sum(nnz, mag), what);
+#if defined(SPARSEKIT_ISA_AVX512)
+  if (has_avx512_vbmi2())
+    check(q_row_bitmap_dot_vbmi2(words.data(), K, val.data(), x.data()), ref, tol_sum(nnz, mag),
+          std::string(what) + " (vbmi2)");
+#endif
+}
+
+void q_bitmap_cases() {
+  // every K up to 3 words (all edges of the 8 / 16-column chunks), then some long rows
+  std::vector<int64_t> Ks;
+  for (int64_t K = 0; K <= 192; ++K) Ks.push_back(K);
+  for (int64_t K : {255, 256, 257, 1025, 4096}) Ks.push_back(K);
+  for (int64_t K : Ks)
+    for (double d : {0.0, 0.1, 0.5, 0.9, 1.0})
+      for (bool at_end : {true, false}) q_bitmap_case(K, d, at_end, {});
+  for (int64_t K : {64, 65, 130, 4096})  // single columns at the word and chunk edges
+    for (int64_t c : {int64_t(0), int64_t(7), int64_t(8), int64_t(15), int64_t(16), int64_t(63),
+                      K - 1})
+      if (c < K) q_bitmap_case(K, 0.0, true, {c});
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -745,6 +800,8 @@ int main(int argc, char** argv) {
   q_index_types<float>();
   q_index_types<bf16_t>();
   q_index_types<f16_t>();
+  begin("q_row_bitmap_dot");
+  q_bitmap_cases();
   begin("packing");
   packing_types<float>();
   packing_types<bf16_t>();
