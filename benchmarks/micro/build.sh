@@ -7,9 +7,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 ISA="${ISA:-avx512}"
 case "$ISA" in
-  avx512) FLAGS=(-DSPARSEKIT_ISA_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c
+  avx512) FLAGS=(-DSPARSEKIT_ISA_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c -mpopcnt
           -Wno-maybe-uninitialized -Wno-uninitialized) ;;  # GCC 12: false positives in avx512fintrin.h
-  avx2) FLAGS=(-DSPARSEKIT_ISA_AVX2 -mavx2 -mfma -mf16c) ;;
+  avx2) FLAGS=(-DSPARSEKIT_ISA_AVX2 -mavx2 -mfma -mf16c -mpopcnt) ;;
   generic) FLAGS=(-DSPARSEKIT_ISA_GENERIC) ;;
   *) echo "ISA must be avx512, avx2 or generic, got '$ISA'" >&2; exit 2 ;;
 esac

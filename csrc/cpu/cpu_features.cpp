@@ -30,7 +30,7 @@ static Isa detect() {
   // __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV).
 #if defined(SPARSEKIT_HAVE_ISA_avx2)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
+      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt"))
     best = Isa::AVX2;
 #endif
 #if defined(SPARSEKIT_HAVE_ISA_avx512)

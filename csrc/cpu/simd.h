@@ -431,16 +431,19 @@ inline __m256i q_cols(const uint8_t* p, IdxV& carry) {
 }
 template <class I> inline __m256i q_cols(const I* p, IdxV&) { return Vec::load_idx(p); }
 inline __m256 q_gather(const float* x, __m256i cols) { return _mm256_i32gather_ps(x, cols, 4); }
-// Lane permutations of the AVX2 bitmap expansion: row m, lane t = the rank of bit t among the
-// set bits of m (0 where bit t is clear; that lane is zeroed separately).
+// Byte-shuffle controls of the AVX2 bitmap expansion: byte t of entry m is the rank of bit t
+// among the set bits of m, or 0x80 (pshufb writes 0) where bit t is clear.
 struct Expand8Table {
-  int32_t perm[256][8];
+  uint64_t ctrl[256];
 };
 constexpr Expand8Table make_expand8_table() {
   Expand8Table t{};
   for (int m = 0; m < 256; ++m) {
+    uint64_t c = 0;
     int r = 0;
-    for (int i = 0; i < 8; ++i) t.perm[m][i] = ((m >> i) & 1) ? r++ : 0;
+    for (int i = 0; i < 8; ++i)
+      c |= static_cast<uint64_t>(((m >> i) & 1) ? r++ : 0x80) << (8 * i);
+    t.ctrl[m] = c;
   }
   return t;
 }
@@ -459,11 +462,8 @@ inline __m256 q_bitmap_vals(const int8_t*& p, uint32_t m8, const int8_t* end) {
     q = _mm_cvtsi64_si128(t);
   }
   p += cnt;
-  const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand8.perm[m8]));
-  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m8)), sel), sel);
-  return _mm256_cvtepi32_ps(
-      _mm256_and_si256(_mm256_permutevar8x32_epi32(_mm256_cvtepi8_epi32(q), perm), on));
+  const __m128i ctrl = _mm_cvtsi64_si128(static_cast<int64_t>(kExpand8.ctrl[m8]));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(q, ctrl)));
 }
 #endif
 // Prefetch of one cache line into L1 (T0) or L2 (T1); no-op on the generic path.
