@@ -356,6 +356,36 @@ py::list cpu_variants() {
   return out;
 }
 
+// Occupancy words of a CSR matrix with plain indices (SpmmParams::bitmap), built and validated
+// in one pass: columns in [0, K) and strictly increasing within each row (each stored column
+// sets its own bit). O(nnz + M * K / 64) time, M * ceil(K / 64) words.
+std::shared_ptr<const std::vector<uint64_t>> build_occupancy(const SpmmParams& p) {
+  const int64_t nw = (p.K + 63) / 64;
+  auto words = std::make_shared<std::vector<uint64_t>>(static_cast<size_t>(p.M * nw), 0);
+  auto fill = [&](const auto* ip, const auto* ix) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      uint64_t* row = words->data() + m * nw;
+      int64_t prev = -1;
+      for (int64_t j = static_cast<int64_t>(ip[m]); j < static_cast<int64_t>(ip[m + 1]); ++j) {
+        const int64_t c = static_cast<int64_t>(ix[j]);
+        if (c <= prev || c >= p.K)
+          value_error("indices: expected strictly increasing values in [0, " +
+                      std::to_string(p.K) + ") within each row, got " + std::to_string(c) +
+                      " at position " + std::to_string(j) + " (row " + std::to_string(m) + ")");
+        row[c >> 6] |= uint64_t(1) << (c & 63);
+        prev = c;
+      }
+    }
+  };
+  auto by_idx = [&](const auto* ip) {
+    if (p.index_type == IndexType::U16) fill(ip, static_cast<const uint16_t*>(p.indices));
+    else fill(ip, static_cast<const int32_t*>(p.indices));
+  };
+  if (p.indptr_type == IndexType::I64) by_idx(static_cast<const int64_t*>(p.indptr));
+  else by_idx(static_cast<const int32_t*>(p.indptr));
+  return words;
+}
+
 // A sparse matrix bound once to the kernels: validated buffers (kept alive by this object),
 // sizes, dtype codes, the ISA and the planned variant per batch class. A call passes only the
 // addresses of x / out / bias, the batch size and the thread count, so its cost is a few
@@ -471,7 +501,8 @@ class BoundMatrix {
     // The bitmap is built on first use, with the GIL held; the call keeps its own reference, so
     // set_variant may drop the matrix's while a call runs.
     std::shared_ptr<const std::vector<uint64_t>> bits;
-    if (p.variant == static_cast<int>(Variant::CsrqBitmap)) {
+    if (p.variant == static_cast<int>(Variant::CsrqBitmap) ||
+        (!bsr_ && !q_ && n <= 2 && p.variant == static_cast<int>(Variant::CsrSpmvBitmap))) {
       bits = bitmap();
       p.bitmap = bits->data();
     }
@@ -492,7 +523,9 @@ class BoundMatrix {
     variant_[n_cls] = static_cast<int>(parse_variant(variant, family(), isa_));
     planned_threads_[n_cls] = threads;
     bool bitmap_planned = false;
-    for (int v : variant_) bitmap_planned |= v == static_cast<int>(Variant::CsrqBitmap);
+    for (int v : variant_)
+      bitmap_planned |= v == static_cast<int>(Variant::CsrqBitmap) ||
+                        v == static_cast<int>(Variant::CsrSpmvBitmap);
     if (!bitmap_planned) bitmap_.reset();  // planning built it to time it; keep it only if chosen
   }
   // The planned variant id of batch class n_cls, or -1 when none.
@@ -522,39 +555,18 @@ class BoundMatrix {
   std::string isa() const { return sparsekit::cpu::isa_name(isa_); }
 
  private:
-  // The csrq_bitmap variant's occupancy words (SpmmParams::bitmap), built from the plain
+  // The bitmap variants' occupancy words (SpmmParams::bitmap), built from the plain
   // indices on first use. Validates as it builds: columns in [0, n_cols) and strictly
   // increasing within each row (each stored column sets its own bit). O(nnz + M * K / 64).
   std::shared_ptr<const std::vector<uint64_t>> bitmap() const {
     if (bitmap_) return bitmap_;
-    if (!q_ || p_.value_dtype != DType::I8 || p_.index_type == IndexType::D8)
-      value_error("variant: csrq_bitmap expected int8 values with plain (uint16 / int32) indices, "
-                  "got value_dtype '" + std::string(sparsekit::dtype_name(p_.value_dtype)) + "'" +
-                  (p_.index_type == IndexType::D8 ? " with uint8 gap indices" : ""));
-    const int64_t nw = (p_.K + 63) / 64;
-    auto words = std::make_shared<std::vector<uint64_t>>(static_cast<size_t>(p_.M * nw), 0);
-    auto fill = [&](const auto* ip, const auto* ix) {
-      for (int64_t m = 0; m < p_.M; ++m) {
-        uint64_t* row = words->data() + m * nw;
-        int64_t prev = -1;
-        for (int64_t j = static_cast<int64_t>(ip[m]); j < static_cast<int64_t>(ip[m + 1]); ++j) {
-          const int64_t c = static_cast<int64_t>(ix[j]);
-          if (c <= prev || c >= p_.K)
-            value_error("indices: expected strictly increasing values in [0, " +
-                        std::to_string(p_.K) + ") within each row, got " + std::to_string(c) +
-                        " at position " + std::to_string(j) + " (row " + std::to_string(m) + ")");
-          row[c >> 6] |= uint64_t(1) << (c & 63);
-          prev = c;
-        }
-      }
-    };
-    auto by_idx = [&](const auto* ip) {
-      if (p_.index_type == IndexType::U16) fill(ip, static_cast<const uint16_t*>(p_.indices));
-      else fill(ip, static_cast<const int32_t*>(p_.indices));
-    };
-    if (p_.indptr_type == IndexType::I64) by_idx(static_cast<const int64_t*>(p_.indptr));
-    else by_idx(static_cast<const int32_t*>(p_.indptr));
-    bitmap_ = std::move(words);
+    if (bsr_ || (q_ && p_.value_dtype != DType::I8) || p_.index_type == IndexType::D8)
+      value_error(std::string("variant: ") + (q_ ? "csrq_bitmap expected int8 values" :
+                  "csr_spmv_bitmap expected a CSR matrix") + " with plain (uint16 / int32) "
+                  "indices, got value_dtype '" + sparsekit::dtype_name(p_.value_dtype) + "'" +
+                  (p_.index_type == IndexType::D8 ? " with uint8 gap indices" : "") +
+                  (bsr_ ? " in BSR" : ""));
+    bitmap_ = build_occupancy(p_);
     return bitmap_;
   }
 
@@ -655,6 +667,12 @@ void csr_linear(const py::handle& indptr, const py::handle& indices, const py::h
   check_csr_values(c.arr(2), c.arr(1).shape(0));
   reject_compressed(c.p, "csr_linear");
   c.p.variant = static_cast<int>(parse_variant(variant, "csr", c.isa));
+  // the bitmap variant needs occupancy words: built for this call (BoundMatrix keeps them)
+  std::shared_ptr<const std::vector<uint64_t>> bits;
+  if (c.p.variant == static_cast<int>(Variant::CsrSpmvBitmap) && c.p.N <= 2) {
+    bits = build_occupancy(c.p);
+    c.p.bitmap = bits->data();
+  }
   py::gil_scoped_release nogil;
   sparsekit::cpu::csr_linear(c.p, c.isa);
 }

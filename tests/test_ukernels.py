@@ -68,7 +68,7 @@ def test_every_micro_kernel_matches_reference(tester):
     assert r.returncode == 0 and int(m.group(2)) == 0, report
     kernels = dict(re.findall(r"^(\w+)\s+(\d+) checks", r.stdout, re.M))
     expected = {"csr_spmv", "csr_row_tile", "bsr_spmv_blockrow", "bsr_tile_rows", "q_row_dot",
-                "q_row_bitmap_dot", "packing"}
+                "q_row_bitmap_dot", "spmv_bitmap", "packing"}
     assert set(kernels) == expected, report
     assert all(int(n) > 1000 for n in kernels.values()), report
 

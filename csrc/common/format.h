@@ -54,9 +54,10 @@ struct SpmmParams {
   // [M] fp32 per-row scales of int8 values (value_dtype == I8): row m's sum is multiplied by
   // scales[m] before the bias is added. nullptr otherwise.
   const float* scales = nullptr;
-  // [M * ceil(K / 64)] occupancy words of a CSR matrix with plain (U16 / I32) indices and int8
-  // values, read by the csrq_bitmap variant only: bit t of word b of row m is set iff column
-  // 64 * b + t is stored in row m (bits at columns >= K are 0). nullptr otherwise.
+  // [M * ceil(K / 64)] occupancy words of a CSR matrix with plain (U16 / I32) indices, read by
+  // the bitmap variants only (csrq_bitmap: int8 values; csr_spmv_bitmap: float values): bit t
+  // of word b of row m is set iff column 64 * b + t is stored in row m (bits at columns >= K
+  // are 0). nullptr otherwise.
   const uint64_t* bitmap = nullptr;
 
   DType value_dtype = DType::F32;  // F32 | BF16 | F16

@@ -109,41 +109,9 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
 // the expansion width, empty and full words.
 inline float q_row_bitmap_dot(const uint64_t* words, int64_t K, const int8_t* val,
                               const int8_t* val_end, const float* x) {
-#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
-  constexpr int W = Vec::W, kChunks = 64 / W;
-  constexpr uint32_t kChunkMask = (1u << W) - 1u;
-  typename Vec::T acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
-  const int8_t* p = val;
-  const int64_t full = K / 64;
-  for (int64_t b = 0; b < full; ++b) {
-    const uint64_t w = words[b];
-    const float* xb = x + 64 * b;
-    for (int c = 0; c < kChunks; ++c) {
-      const uint32_t m = static_cast<uint32_t>(w >> (c * W)) & kChunkMask;
-      acc[c & 3] = Vec::fma(q_bitmap_vals(p, m, val_end), Vec::load(xb + c * W), acc[c & 3]);
-    }
-  }
-  const int64_t rem = K - 64 * full;
-  if (rem > 0) {
-    const uint64_t w = words[full];
-    const float* xb = x + 64 * full;
-    for (int c = 0; c * W < rem; ++c) {
-      const uint32_t m = static_cast<uint32_t>(w >> (c * W)) & kChunkMask;
-      const int lanes = static_cast<int>(rem - c * W);
-      acc[c & 3] = Vec::fma(q_bitmap_vals(p, m, val_end), Vec::load_n(xb + c * W, lanes), acc[c & 3]);
-    }
-  }
-  return Vec::reduce(Vec::add(Vec::add(acc[0], acc[1]), Vec::add(acc[2], acc[3])));
-#else
-  (void)val_end;
   float sum = 0.f;
-  const int8_t* p = val;
-  const int64_t nw = (K + 63) / 64;
-  for (int64_t b = 0; b < nw; ++b)
-    for (uint64_t w = words[b]; w != 0; w &= w - 1)
-      sum += static_cast<float>(*p++) * x[64 * b + __builtin_ctzll(w)];
+  spmv_bitmap<1>(words, K, val, val_end, x, 0, &sum);
   return sum;
-#endif
 }
 
 #if defined(SPARSEKIT_ISA_AVX512)

@@ -76,6 +76,20 @@ void csr_spmv_rows(const SpmmParams& p, Variant variant, const float* x, int64_t
   const PT* indptr = static_cast<const PT*>(p.indptr);
   const IT* idx = static_cast<const IT*>(p.indices);
   const VT* val = static_cast<const VT*>(p.values);
+  if (variant == Variant::CsrSpmvBitmap) {
+    // occupancy words instead of the index array (SpmmParams::bitmap; the binding builds them)
+    const int64_t nw = (p.K + 63) / 64;
+    const VT* val_end = val + static_cast<int64_t>(indptr[p.M]);
+    for (int64_t m = r0; m < r1; ++m) {
+      float sums[NB];
+      for (int n = 0; n < NB; ++n) sums[n] = 0.f;
+      spmv_bitmap<NB>(p.bitmap + m * nw, p.K, val + static_cast<int64_t>(indptr[m]), val_end, x,
+                      ldx, sums);
+      const float b = bias_at(p.bias, m);
+      for (int n = 0; n < NB; ++n) store_out(p.y, n * p.ldy + m, sums[n] + b, p.x_dtype);
+    }
+    return;
+  }
   auto rows = [&](auto&& ukernel) {
     for (int64_t m = r0; m < r1; ++m) {
       float sums[NB];
@@ -183,6 +197,8 @@ void csr_linear_t(const SpmmParams& p) {
   const int64_t nnz = static_cast<int64_t>(indptr[p.M]);
   if (p.N <= kMaxGatherBatch) {
     // 1-2 vectors: weights read once, x gathered per vector (see csr_spmv_rows).
+    if (p.variant == static_cast<int>(Variant::CsrSpmvBitmap) && p.bitmap == nullptr)
+      throw std::invalid_argument("sparsekit: the csr_spmv_bitmap variant needs the bitmap");
     const int threads = threads_for(p.num_threads, (nnz + p.M) * p.N);
     const XRowsF32 xr(p);
     const float* x = xr.x;

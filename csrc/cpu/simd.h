@@ -367,6 +367,32 @@ inline __m512 q_gather(const float* x, __m512i cols) { return _mm512_i32gather_p
 inline __m512 q_gather_n(const float* x, __m512i cols, int n) {
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), Vec::mask(n), cols, x, 4);
 }
+// Float-value bitmap expansion (ukernel_csr_spmv.h, spmv_bitmap): lane t is the next stored
+// value (as fp32) when bit t of m16 is set, else 0; reads exactly popcount(m16) values at p
+// (expand-loads and masked loads touch nothing beyond them) and advances p past them.
+inline __m512 bitmap_vals(const float*& p, uint32_t m16, const float* /*end*/) {
+  const __m512 v = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m16), p);
+  p += __builtin_popcount(m16);
+  return v;
+}
+inline __m512i bitmap_halves(const uint16_t*& p, uint32_t m16) {  // 16-bit values, zero-extended
+  const int cnt = __builtin_popcount(m16);
+  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << cnt) - 1u), p);
+  p += cnt;
+  return _mm512_maskz_expand_epi32(static_cast<__mmask16>(m16), _mm512_cvtepu16_epi32(h));
+}
+inline __m512 bitmap_vals(const bf16_t*& p, uint32_t m16, const bf16_t* /*end*/) {
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+  const __m512i w = bitmap_halves(q, m16);
+  p = reinterpret_cast<const bf16_t*>(q);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 bitmap_vals(const f16_t*& p, uint32_t m16, const f16_t* /*end*/) {
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+  const __m512i w = bitmap_halves(q, m16);
+  p = reinterpret_cast<const f16_t*>(q);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
+}
 // AVX-512 VBMI2 (Ice Lake and later, Zen 4 and later): functions with this attribute may use
 // it; callers check cpu::has_avx512_vbmi2() first.
 #define SPARSEKIT_TARGET_VBMI2 __attribute__((target("avx512vbmi2,popcnt")))
@@ -393,6 +419,9 @@ inline __m512 q_bitmap_vals(const int8_t*& p, uint32_t m16, const int8_t* /*end*
   p += cnt;
   return _mm512_cvtepi32_ps(
       _mm512_maskz_expand_epi32(static_cast<__mmask16>(m16), _mm512_cvtepi8_epi32(q)));
+}
+inline __m512 bitmap_vals(const int8_t*& p, uint32_t m16, const int8_t* end) {
+  return q_bitmap_vals(p, m16, end);
 }
 #elif defined(SPARSEKIT_ISA_AVX2)
 using IdxV = __m256i;
@@ -464,6 +493,47 @@ inline __m256 q_bitmap_vals(const int8_t*& p, uint32_t m8, const int8_t* end) {
   p += cnt;
   const __m128i ctrl = _mm_cvtsi64_si128(static_cast<int64_t>(kExpand8.ctrl[m8]));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(q, ctrl)));
+}
+// Lane permutations of the AVX2 expansion of 32-bit lanes: entry m, lane t = the rank of bit t
+// among the set bits of m (0 where bit t is clear; that lane is zeroed separately).
+struct Expand8Lanes {
+  int32_t perm[256][8];
+};
+constexpr Expand8Lanes make_expand8_lanes() {
+  Expand8Lanes t{};
+  for (int m = 0; m < 256; ++m) {
+    int r = 0;
+    for (int i = 0; i < 8; ++i) t.perm[m][i] = ((m >> i) & 1) ? r++ : 0;
+  }
+  return t;
+}
+inline constexpr Expand8Lanes kExpand8Lanes = make_expand8_lanes();
+// The packed fp32 lanes d (lane r = the r-th stored value) moved to the set bits of m8, zero
+// elsewhere.
+inline __m256 expand8_lanes(__m256 d, uint32_t m8) {
+  const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand8Lanes.perm[m8]));
+  const __m256i bit = _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(m8)),
+                                        _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(d, perm), _mm256_castsi256_ps(_mm256_srai_epi32(bit, 31)));
+}
+// Float-value bitmap expansion, 8 lanes: as the AVX-512 versions; reads 8 values at p when they
+// lie before `end` (those past popcount(m8) are ignored), else exactly popcount(m8) values.
+template <class VT>
+inline __m256 bitmap_vals(const VT*& p, uint32_t m8, const VT* end) {
+  const int cnt = __builtin_popcount(m8);
+  __m256 d;
+  if (end - p >= 8) {
+    d = Vec::load_vals(p);
+  } else {
+    VT t[8] = {};
+    std::memcpy(t, p, static_cast<size_t>(cnt) * sizeof(VT));
+    d = Vec::load_vals(t);
+  }
+  p += cnt;
+  return expand8_lanes(d, m8);
+}
+inline __m256 bitmap_vals(const int8_t*& p, uint32_t m8, const int8_t* end) {
+  return q_bitmap_vals(p, m8, end);
 }
 #endif
 // Prefetch of one cache line into L1 (T0) or L2 (T1); no-op on the generic path.

@@ -66,6 +66,66 @@ inline void spmv_scalar(const IT* idx, const VT* val, int64_t j, int64_t e, cons
   for (int n = 0; n < NB; ++n) sums[n] += (s[0][n] + s[1][n]) + (s[2][n] + s[3][n]);
 }
 
+// Bitmap variant (csr_spmv_bitmap, and csrq_bitmap through q_row_bitmap_dot). Contract:
+// sums[n] += sum_k v(k) * x[n * ldx + k] for n < NB over one CSR row given by occupancy words:
+// bit t of words[b] set means column 64b + t is stored, and the row's stored values
+// val[0 .. popcount) are those columns' values in column order (fp32 / bf16 / fp16 / int8,
+// int8 unscaled). Sizes: K >= 0; words holds ceil(K / 64) entries whose bits at columns >= K
+// are 0; x holds NB rows of K fp32 (every column is read, the last partial block through
+// masked loads: nothing at or beyond column K). Reads the row's popcount values; the AVX2
+// expansion may also read up to 7 values after them where they lie before `val_end` (the end
+// of the whole value array). Alignment: none. No allocation, no state. Cost: O(NB * K) vector
+// work whatever the row's nonzero count (one expansion per W columns; the generic build steps
+// through the set bits): it pays at moderate sparsity, where it reads fewer bytes than
+// (index, value) pairs and needs no gathers. Edges: K around multiples of W and 64, empty and
+// full words.
+template <int NB, class VT>
+inline void spmv_bitmap(const uint64_t* words, int64_t K, const VT* val, const VT* val_end,
+                        const float* x, int64_t ldx, float* sums) {
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  constexpr int W = Vec::W, kChunks = 64 / W;
+  constexpr uint32_t kChunkMask = (1u << W) - 1u;
+  typename Vec::T acc[4][NB];  // 4 chains: the FMA latency, not the expansion, would bind on 2
+  for (int u = 0; u < 4; ++u)
+    for (int n = 0; n < NB; ++n) acc[u][n] = Vec::zero();
+  const VT* p = val;
+  const int64_t full = K / 64;
+  for (int64_t b = 0; b < full; ++b) {
+    const uint64_t w = words[b];
+    for (int c = 0; c < kChunks; ++c) {
+      const typename Vec::T v = bitmap_vals(p, static_cast<uint32_t>(w >> (c * W)) & kChunkMask, val_end);
+      for (int n = 0; n < NB; ++n)
+        acc[c & 3][n] = Vec::fma(v, Vec::load(x + n * ldx + 64 * b + c * W), acc[c & 3][n]);
+    }
+  }
+  const int64_t rem = K - 64 * full;
+  if (rem > 0) {
+    const uint64_t w = words[full];
+    for (int c = 0; c * W < rem; ++c) {
+      const typename Vec::T v = bitmap_vals(p, static_cast<uint32_t>(w >> (c * W)) & kChunkMask, val_end);
+      const int lanes = static_cast<int>(rem - c * W);
+      for (int n = 0; n < NB; ++n)
+        acc[c & 3][n] = Vec::fma(v, Vec::load_n(x + n * ldx + 64 * full + c * W, lanes), acc[c & 3][n]);
+    }
+  }
+  for (int n = 0; n < NB; ++n)
+    sums[n] += Vec::reduce(Vec::add(Vec::add(acc[0][n], acc[1][n]), Vec::add(acc[2][n], acc[3][n])));
+#else
+  (void)val_end;
+  float s[NB];
+  for (int n = 0; n < NB; ++n) s[n] = 0.f;
+  const VT* p = val;
+  const int64_t nw = (K + 63) / 64;
+  for (int64_t b = 0; b < nw; ++b)
+    for (uint64_t w = words[b]; w != 0; w &= w - 1) {
+      const float v = static_cast<float>(to_f32(*p++));
+      const int64_t k = 64 * b + __builtin_ctzll(w);
+      for (int n = 0; n < NB; ++n) s[n] += v * x[n * ldx + k];
+    }
+  for (int n = 0; n < NB; ++n) sums[n] += s[n];
+#endif
+}
+
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
 // Hardware-gather variant: U vectors of W nonzeros per step (U = 2: csr_spmv_gather, U = 4:
 // csr_spmv_gather4), U independent accumulators per vector of x. Remainder below U * W: one

@@ -36,7 +36,9 @@ enum class Variant : int {
   CsrqRow1 = 13,    // one row at a time, hardware gather of x
   CsrqBitmap = 14,  // int8 values expanded by a 64-bit occupancy word per 64 columns; x read
                     // contiguously: no gathers, cost per column rather than per nonzero
-  kCount = 15,
+  // CSR, N <= 2: values placed by occupancy words (SpmmParams::bitmap), x read contiguously.
+  CsrSpmvBitmap = 15,
+  kCount = 16,
 };
 
 // Bit per ISA (Isa::Generic = 0, AVX2 = 1, AVX512 = 2 in cpu_features.h).
@@ -84,6 +86,8 @@ inline constexpr VariantInfo kVariants[] = {
      "compressed formats: one row at a time, hardware gather of x"},
     {Variant::CsrqBitmap, "csrq_bitmap", "csrq", 1, 2, kIsaAll, "i8",
      "int8 values placed by a 64-bit occupancy word per 64 columns, x read contiguously (no gathers)"},
+    {Variant::CsrSpmvBitmap, "csr_spmv_bitmap", "csr", 1, 2, kIsaAll, "f32,bf16,f16",
+     "values placed by a 64-bit occupancy word per 64 columns, x read contiguously (no gathers)"},
 };
 static_assert(sizeof(kVariants) / sizeof(kVariants[0]) == static_cast<int>(Variant::kCount),
               "one kVariants row per Variant");

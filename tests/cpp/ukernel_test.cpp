@@ -16,7 +16,8 @@
 //       empty block rows, accumulate, index limits;
 //   q_row_dot, q_rows2_dot (csr_q_impl.h)
 //       int8 values (full range, scales applied as the driver does), uint8 gaps with escapes;
-//   q_row_bitmap_dot (and its VBMI2 version where the CPU has it)
+//   spmv_bitmap (NB = 1, 2; fp32 / bf16 / fp16) and q_row_bitmap_dot (int8, and its VBMI2
+//   version where the CPU has it)
 //       K around the expansion width and 64, empty / full / random words, single columns at the
 //       word and chunk edges, values at the end of the array or followed by other bytes;
 //   pack_x_tile / load_x_row / store_rows_tile (packing.h)
@@ -747,6 +748,56 @@ void q_bitmap_case(int64_t K, double density, bool at_end, std::initializer_list
 #endif
 }
 
+// spmv_bitmap<NB, VT> with float values: NB rows of x with a row stride, the values after the
+// row NaN (the AVX2 expansion may read them and must discard them).
+template <int NB, class VT>
+void bitmap_case(int64_t K, double density, bool at_end) {
+  const int64_t nw = (K + 63) / 64, ldx = K + 3;
+  std::vector<float> x(static_cast<size_t>(NB * ldx), kNaN);
+  for (int n = 0; n < NB; ++n)
+    for (int64_t k = 0; k < K; ++k) x[static_cast<size_t>(n * ldx + k)] = rnd_mag();
+  std::vector<uint64_t> words(static_cast<size_t>(nw), 0);
+  std::vector<VT> val;
+  double ref[NB] = {}, mag[NB] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    if (static_cast<double>(next_u64() % 1000000) >= density * 1e6) continue;
+    words[static_cast<size_t>(k / 64)] |= uint64_t(1) << (k % 64);
+    val.push_back(Val<VT>::make());
+    for (int n = 0; n < NB; ++n) {
+      const double t = Val<VT>::dec(val.back()) * x[static_cast<size_t>(n * ldx + k)];
+      ref[n] += t;
+      mag[n] += std::fabs(t);
+    }
+  }
+  const int64_t nnz = static_cast<int64_t>(val.size());
+  if (!at_end)
+    for (int i = 0; i < 9; ++i) val.push_back(Val<VT>::nan());
+  float sums[NB];
+  for (int n = 0; n < NB; ++n) sums[n] = 0.5f;  // the kernel adds to sums
+  spmv_bitmap<NB>(words.data(), K, val.data(), val.data() + val.size(), x.data(), ldx, sums);
+  for (int n = 0; n < NB; ++n) {
+    char what[200];
+    std::snprintf(what, sizeof what, "spmv_bitmap NB=%d %s K=%lld nnz=%lld density=%.2f%s n=%d",
+                  NB, Val<VT>::name(), static_cast<long long>(K), static_cast<long long>(nnz),
+                  density, at_end ? " at end" : "", n);
+    check(sums[n], ref[n] + 0.5, tol_sum(nnz, mag[n]) + 1e-6, what);
+  }
+}
+
+template <class VT>
+void bitmap_types() {
+  for (int64_t K = 0; K <= 140; ++K)
+    for (double d : {0.0, 0.3, 1.0})
+      for (bool at_end : {true, false}) {
+        bitmap_case<1, VT>(K, d, at_end);
+        bitmap_case<2, VT>(K, d, at_end);
+      }
+  for (int64_t K : {1025, 4096}) {
+    bitmap_case<1, VT>(K, 0.1, true);
+    bitmap_case<2, VT>(K, 0.5, false);
+  }
+}
+
 void q_bitmap_cases() {
   // every K up to 3 words (all edges of the 8 / 16-column chunks), then some long rows
   std::vector<int64_t> Ks;
@@ -802,6 +853,10 @@ int main(int argc, char** argv) {
   q_index_types<f16_t>();
   begin("q_row_bitmap_dot");
   q_bitmap_cases();
+  begin("spmv_bitmap");
+  bitmap_types<float>();
+  bitmap_types<bf16_t>();
+  bitmap_types<f16_t>();
   begin("packing");
   packing_types<float>();
   packing_types<bf16_t>();
