@@ -487,7 +487,7 @@ inline __m256 q_bitmap_vals(const int8_t*& p, uint32_t m8, const int8_t* end) {
     q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   } else {
     int64_t t = 0;
-    std::memcpy(&t, p, static_cast<size_t>(cnt));
+    if (cnt > 0) std::memcpy(&t, p, static_cast<size_t>(cnt));  // p may be null when cnt is 0
     q = _mm_cvtsi64_si128(t);
   }
   p += cnt;
@@ -526,7 +526,7 @@ inline __m256 bitmap_vals(const VT*& p, uint32_t m8, const VT* end) {
     d = Vec::load_vals(p);
   } else {
     VT t[8] = {};
-    std::memcpy(t, p, static_cast<size_t>(cnt) * sizeof(VT));
+    if (cnt > 0) std::memcpy(t, p, static_cast<size_t>(cnt) * sizeof(VT));  // p may be null
     d = Vec::load_vals(t);
   }
   p += cnt;
