@@ -413,15 +413,12 @@ SPARSEKIT_TARGET_VBMI2 inline __m512 q_bitmap_lane16(__m512i v) {
 // Occupancy-bitmap expansion (csr_q_impl.h, q_row_bitmap_dot): lane t of the result is the next
 // stored int8 value (as fp32) when bit t of m16 is set, else 0. Reads exactly popcount(m16)
 // bytes at p (a masked load: nothing beyond them is touched) and advances p past them.
-inline __m512 q_bitmap_vals(const int8_t*& p, uint32_t m16, const int8_t* /*end*/) {
+inline __m512 bitmap_vals(const int8_t*& p, uint32_t m16, const int8_t* /*end*/) {
   const int cnt = __builtin_popcount(m16);
   const __m128i q = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << cnt) - 1u), p);
   p += cnt;
   return _mm512_cvtepi32_ps(
       _mm512_maskz_expand_epi32(static_cast<__mmask16>(m16), _mm512_cvtepi8_epi32(q)));
-}
-inline __m512 bitmap_vals(const int8_t*& p, uint32_t m16, const int8_t* end) {
-  return q_bitmap_vals(p, m16, end);
 }
 #elif defined(SPARSEKIT_ISA_AVX2)
 using IdxV = __m256i;
@@ -480,7 +477,7 @@ inline constexpr Expand8Table kExpand8 = make_expand8_table();
 // Occupancy-bitmap expansion, 8 lanes: lane t is the next stored int8 value (as fp32) when bit
 // t of m8 is set, else 0; advances p by popcount(m8). Reads 8 bytes at p when they lie before
 // `end` (the bytes past popcount(m8) are ignored), else exactly popcount(m8) bytes.
-inline __m256 q_bitmap_vals(const int8_t*& p, uint32_t m8, const int8_t* end) {
+inline __m256 bitmap_vals(const int8_t*& p, uint32_t m8, const int8_t* end) {
   const int cnt = __builtin_popcount(m8);
   __m128i q;
   if (end - p >= 8) {
@@ -531,9 +528,6 @@ inline __m256 bitmap_vals(const VT*& p, uint32_t m8, const VT* end) {
   }
   p += cnt;
   return expand8_lanes(d, m8);
-}
-inline __m256 bitmap_vals(const int8_t*& p, uint32_t m8, const int8_t* end) {
-  return q_bitmap_vals(p, m8, end);
 }
 #endif
 // Prefetch of one cache line into L1 (T0) or L2 (T1); no-op on the generic path.
