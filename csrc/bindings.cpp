@@ -300,18 +300,30 @@ namespace cpuv = sparsekit::cpu;
 
 unsigned isa_bit(sparsekit::cpu::Isa isa) { return 1u << static_cast<int>(isa); }
 
+// Whether this CPU has the features variant v needs beyond its ISA level (variants.h).
+bool cpu_has_features(Variant v) {
+  const std::string f = cpuv::variant_cpu_features(v);
+  return f.empty() || (f == "avx512vnni,avx512vbmi2" && sparsekit::cpu::has_avx512_vnni_vbmi2());
+}
+
+// Whether variant id v reads SpmmParams::bitmap (built by BoundMatrix on first use).
+bool uses_bitmap(int v) {
+  return v == static_cast<int>(Variant::CsrqBitmap) || v == static_cast<int>(Variant::CsrqBitmapVnni) ||
+         v == static_cast<int>(Variant::CsrSpmvBitmap);
+}
+
 std::string variant_names(const char* family, sparsekit::cpu::Isa isa) {
   std::string s;
   for (const auto& v : cpuv::kVariants) {
     if (v.id != Variant::Auto && std::string(v.family) != family) continue;
-    if (!(v.isas & isa_bit(isa))) continue;
+    if (!(v.isas & isa_bit(isa)) || !cpu_has_features(v.id)) continue;
     s += (s.empty() ? "'" : ", '") + std::string(v.name) + "'";
   }
   return s;
 }
 
 // Accepts a variant name or id; it must exist, belong to `family` ("csr" / "bsr" / "csrq") or be
-// "auto", and be compiled for `isa`.
+// "auto", and be compiled for `isa` (and usable on this CPU).
 Variant parse_variant(const py::handle& obj, const char* family, sparsekit::cpu::Isa isa) {
   int id = -1;
   std::string shown;
@@ -330,8 +342,11 @@ Variant parse_variant(const py::handle& obj, const char* family, sparsekit::cpu:
   if (id >= 0) {
     const auto& vi = cpuv::kVariants[id];
     const bool fam_ok = vi.id == Variant::Auto || std::string(vi.family) == family;
-    if (fam_ok && (vi.isas & isa_bit(isa))) return vi.id;
+    if (fam_ok && (vi.isas & isa_bit(isa)) && cpu_has_features(vi.id)) return vi.id;
   }
+  if (id >= 0 && !cpu_has_features(cpuv::kVariants[id].id))
+    value_error(std::string("variant: '") + cpuv::kVariants[id].name + "' needs the CPU features " +
+                cpuv::variant_cpu_features(cpuv::kVariants[id].id) + ", which this CPU lacks");
   value_error(std::string("variant: expected one of ") + variant_names(family, isa) + " for " +
               family + " on ISA '" + sparsekit::cpu::isa_name(isa) + "', got '" + shown + "'");
 }
@@ -349,6 +364,8 @@ py::list cpu_variants() {
     for (int i = 0; i < 3; ++i)
       if (v.isas & (1u << i)) isas.append(sparsekit::cpu::isa_name(static_cast<sparsekit::cpu::Isa>(i)));
     d["isas"] = isas;
+    d["cpu_features"] = cpuv::variant_cpu_features(v.id);  // needed beyond the ISA level
+    d["available"] = cpu_has_features(v.id);                 // this CPU has them
     d["dtypes"] = v.dtypes;
     d["summary"] = v.summary;
     out.append(d);
@@ -358,14 +375,24 @@ py::list cpu_variants() {
 
 // Occupancy words of a CSR matrix with plain indices (SpmmParams::bitmap), built and validated
 // in one pass: columns in [0, K) and strictly increasing within each row (each stored column
-// sets its own bit). O(nnz + M * K / 64) time, M * ceil(K / 64) words.
+// sets its own bit). For int8 values the M row sums of the stored values follow the words
+// (SpmmParams::bitmap_row_sums, as int64). O(nnz + M * K / 64) time, M * ceil(K / 64) words
+// (+ M).
 std::shared_ptr<const std::vector<uint64_t>> build_occupancy(const SpmmParams& p) {
   const int64_t nw = (p.K + 63) / 64;
-  auto words = std::make_shared<std::vector<uint64_t>>(static_cast<size_t>(p.M * nw), 0);
+  const bool sums = p.value_dtype == DType::I8;
+  auto words = std::make_shared<std::vector<uint64_t>>(
+      static_cast<size_t>(p.M * nw + (sums ? p.M : 0)), 0);
   auto fill = [&](const auto* ip, const auto* ix) {
     for (int64_t m = 0; m < p.M; ++m) {
       uint64_t* row = words->data() + m * nw;
       int64_t prev = -1;
+      if (sums) {
+        int64_t t = 0;
+        const int8_t* v = static_cast<const int8_t*>(p.values);
+        for (int64_t j = static_cast<int64_t>(ip[m]); j < static_cast<int64_t>(ip[m + 1]); ++j) t += v[j];
+        words->data()[p.M * nw + m] = static_cast<uint64_t>(t);
+      }
       for (int64_t j = static_cast<int64_t>(ip[m]); j < static_cast<int64_t>(ip[m + 1]); ++j) {
         const int64_t c = static_cast<int64_t>(ix[j]);
         if (c <= prev || c >= p.K)
@@ -501,10 +528,11 @@ class BoundMatrix {
     // The bitmap is built on first use, with the GIL held; the call keeps its own reference, so
     // set_variant may drop the matrix's while a call runs.
     std::shared_ptr<const std::vector<uint64_t>> bits;
-    if (p.variant == static_cast<int>(Variant::CsrqBitmap) ||
-        (!bsr_ && !q_ && n <= 2 && p.variant == static_cast<int>(Variant::CsrSpmvBitmap))) {
+    if (uses_bitmap(p.variant) &&
+        (q_ || (!bsr_ && n <= 2 && p.variant == static_cast<int>(Variant::CsrSpmvBitmap)))) {
       bits = bitmap();
       p.bitmap = bits->data();
+      if (q_) p.bitmap_row_sums = reinterpret_cast<const int64_t*>(bits->data() + p.M * ((p.K + 63) / 64));
     }
     {
       py::gil_scoped_release nogil;
@@ -523,9 +551,7 @@ class BoundMatrix {
     variant_[n_cls] = static_cast<int>(parse_variant(variant, family(), isa_));
     planned_threads_[n_cls] = threads;
     bool bitmap_planned = false;
-    for (int v : variant_)
-      bitmap_planned |= v == static_cast<int>(Variant::CsrqBitmap) ||
-                        v == static_cast<int>(Variant::CsrSpmvBitmap);
+    for (int v : variant_) bitmap_planned |= uses_bitmap(v);
     if (!bitmap_planned) bitmap_.reset();  // planning built it to time it; keep it only if chosen
   }
   // The planned variant id of batch class n_cls, or -1 when none.
@@ -547,7 +573,7 @@ class BoundMatrix {
   bool is_bsr() const { return bsr_; }
   // Kernel family of the variants that apply: "csr", "bsr" or "csrq" (compressed CSR).
   const char* family() const { return bsr_ ? "bsr" : (q_ ? "csrq" : "csr"); }
-  // Bytes of the occupancy bitmap held for the csrq_bitmap variant (0 when none is held).
+  // Bytes of the occupancy bitmap (and row sums) held for the bitmap variants (0 when none).
   int64_t bitmap_nbytes() const {
     return bitmap_ ? static_cast<int64_t>(bitmap_->size() * sizeof(uint64_t)) : 0;
   }
@@ -561,7 +587,7 @@ class BoundMatrix {
   std::shared_ptr<const std::vector<uint64_t>> bitmap() const {
     if (bitmap_) return bitmap_;
     if (bsr_ || (q_ && p_.value_dtype != DType::I8) || p_.index_type == IndexType::D8)
-      value_error(std::string("variant: ") + (q_ ? "csrq_bitmap expected int8 values" :
+      value_error(std::string("variant: ") + (q_ ? "the csrq bitmap variants expected int8 values" :
                   "csr_spmv_bitmap expected a CSR matrix") + " with plain (uint16 / int32) "
                   "indices, got value_dtype '" + sparsekit::dtype_name(p_.value_dtype) + "'" +
                   (p_.index_type == IndexType::D8 ? " with uint8 gap indices" : "") +

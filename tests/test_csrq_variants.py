@@ -54,8 +54,8 @@ CASES = [  # (M, K, sparsity, empty rows)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-s{c[2]}-e{c[3]}")
 def test_int8_variants_match_reference(isa, variant, case):
     v = next(v for v in CSRQ if v["name"] == variant)
-    if isa not in v["isas"]:
-        pytest.skip(f"{variant} is not built for {isa}")
+    if isa not in v["isas"] or not v["available"]:
+        pytest.skip(f"{variant} is not built for {isa} or needs {v['cpu_features']}")
     m, k, sparsity, empty = case
     seed = m * 7919 + k
     w = random_pruned(m, k, sparsity, seed=seed, empty_rows=empty)
@@ -81,7 +81,8 @@ def test_gap_coded_and_float_values_run_the_gather_variants(isa):
         for variant in ("csrq_rows2", "csrq_row1") if isa != "generic" else ("csrq_rows2",):
             assert_close_to_reference(_run(bm, x, 21, variant), x, mat.to_dense(),
                                       msg=f"{variant} {isa} {vdt}")
-        with pytest.raises(ValueError, match="csrq_bitmap expected int8 values with plain"):
+        with pytest.raises(ValueError,
+                           match="csrq bitmap variants expected int8 values with plain"):
             _run(bm, x, 21, "csrq_bitmap")
 
 
@@ -92,7 +93,7 @@ def test_bitmap_is_built_on_demand_and_dropped_when_not_planned():
     assert bm.family == "csrq" and bm.bitmap_nbytes == 0
     x = random_x((1, k), seed=6)
     _run(bm, x, m, "csrq_bitmap")
-    assert bm.bitmap_nbytes == m * ((k + 63) // 64) * 8
+    assert bm.bitmap_nbytes == m * ((k + 63) // 64) * 8 + m * 8  # words, then int64 row sums
     bm.set_variant(0, "csrq_bitmap", 1)
     assert bm.bitmap_nbytes > 0
     bm.set_variant(1, "csrq_rows2", 1)  # class 0 still plans the bitmap: kept
@@ -158,7 +159,7 @@ def test_planner_times_the_csrq_candidates_that_read_the_matrix(fresh_planner):
     plain = sparsekit.CSRMatrix.from_dense(w, value_dtype=torch.int8)
     gaps = sparsekit.CSRMatrix.from_dense(w, value_dtype=torch.int8, index_encoding="delta8")
     isa = cpp.compressed_bound(plain).isa
-    expect = {v["name"] for v in CSRQ if isa in v["isas"]}
+    expect = {v["name"] for v in CSRQ if isa in v["isas"] and v["available"]}
     p = planner.plan(plain, 1)
     assert "|csrq|int8|uint16|" in p.key and p.source == "measured"
     assert set(p.times_us) == expect and p.variant in expect
@@ -188,3 +189,46 @@ def test_forced_bitmap_runs_through_every_entry_path(fresh_planner, monkeypatch)
         assert_close_to_reference(y2, x, mat.to_dense(), lin.bias, msg=f"linear N={n}")
     assert cpp.backend.variant(mat, 1) == "csrq_bitmap"
     assert planner.plan(mat, 1).source == "forced"
+
+
+VNNI = any(v["name"] == "csrq_bitmap_vnni" and v["available"] and HW == "avx512" for v in CSRQ)
+
+
+@pytest.mark.skipif(not VNNI, reason="csrq_bitmap_vnni needs AVX-512 VNNI + VBMI2 on this CPU")
+def test_vnni_fixed_point_matches_the_reference_on_awkward_x():
+    """x as 32-bit fixed point: a wide dynamic range (12 decades within a vector), all zeros,
+    tiny and huge magnitudes, and inf / NaN (which fall back to the fp32 kernel and propagate as
+    fp32 does)."""
+    m, k = 37, 1000
+    w = random_pruned(m, k, 0.6, seed=21, empty_rows=3)
+    mat = sparsekit.CSRMatrix.from_dense(w, value_dtype=torch.int8)
+    bm = _bound(mat, "avx512")
+    deq = mat.to_dense()
+    g = torch.Generator().manual_seed(22)
+    decades = torch.randint(-6, 7, (2, k), generator=g)
+    wide = torch.randn(2, k, generator=g) * torch.pow(10.0, decades)
+    for x in (wide, torch.zeros(2, k), wide * 1e-30, wide * 1e25):
+        assert_close_to_reference(_run(bm, x, m, "csrq_bitmap_vnni"), x, deq, msg="fixed point")
+    # non-finite x: same outputs as the fp32 bitmap kernel (NaN / inf where a weight meets them)
+    x = random_x((2, k), seed=24)
+    cols = mat.to_dense()[5].nonzero().flatten()
+    x[0, cols[0]] = float("inf")
+    x[1, 7] = float("nan")
+    got, fp32 = _run(bm, x, m, "csrq_bitmap_vnni"), _run(bm, x, m, "csrq_bitmap")
+    assert torch.equal(got.isnan(), fp32.isnan()) and torch.equal(got.isinf(), fp32.isinf())
+    assert got[0].isinf().any() or got[0].isnan().any()
+    fin = got.isfinite()
+    assert torch.allclose(got[fin], fp32[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_variants_missing_cpu_features_are_not_offered():
+    for v in C.cpu_variants():
+        assert v["cpu_features"] in ("", "avx512vnni,avx512vbmi2")
+        assert v["available"] or v["cpu_features"]  # only a feature this CPU lacks hides one
+    names = planner.candidates("csrq", 1, HW)
+    assert ("csrq_bitmap_vnni" in names) == VNNI
+    if not VNNI:
+        w = random_pruned(4, 64, 0.5, seed=1)
+        mat = sparsekit.CSRMatrix.from_dense(w, value_dtype=torch.int8)
+        with pytest.raises(ValueError, match="csrq_bitmap_vnni.*needs the CPU features"):
+            _bound(mat).set_variant(0, "csrq_bitmap_vnni", 1)

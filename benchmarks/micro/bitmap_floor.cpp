@@ -1,13 +1,14 @@
-// Compute floor of a gather-free int8 SpMV format that sparsekit does not implement: per row,
-// one 64-bit occupancy mask per 64 columns plus the kept int8 values in order, expanded to a
-// dense 64-byte block in registers (AVX-512 VBMI2 vpexpandb), widened to fp32 and multiplied
-// with x read contiguously. Every weight position costs the same, kept or not, so the cost is
-// per weight, not per nonzero; at 70% sparsity it is what would compete with the gather kernels
-// (docs/compression.md, "Measured bounds"). Matrix and x resident in cache (M rows x 4096); the
-// result is checked against a float64 reference before timing.
+// Compute floor of the occupancy-bitmap int8 SpMV (csrq_bitmap / csrq_bitmap_vnni): per row, one
+// 64-bit occupancy mask per 64 columns plus the kept int8 values in order, expanded to a dense
+// 64-byte block in registers (AVX-512 VBMI2 vpexpandb). Mode "f32" (default) widens the block to
+// fp32 and multiplies it with x read contiguously, in a loop written out here; mode "vnni" runs
+// sparsekit's q_row_bitmap_dot_vnni (x as 32-bit fixed point in byte planes, four vpdpbusd per
+// block). Every weight position costs the same, kept or not, so the cost is per weight, not per
+// nonzero (docs/compression.md, "Measured bounds"). Matrix and x resident in cache (M rows x
+// 4096); the result is checked against a float64 reference before timing.
 //
 //   build:  SRC=benchmarks/micro/bitmap_floor.cpp bash benchmarks/micro/build.sh -mavx512vbmi2 -mpopcnt
-//   run:    build/micro/bitmap_floor [M] [density] [threads]        defaults 256 0.3 1
+//   run:    build/micro/bitmap_floor [M] [density] [threads] [f32|vnni]   defaults 256 0.3 1 f32
 #include <immintrin.h>
 #include <omp.h>
 
@@ -18,12 +19,20 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
+
+#include "cpu/csr_q_impl.h"
 
 int main(int argc, char** argv) {
   const int M = argc > 1 ? std::atoi(argv[1]) : 256, K = 4096, B = K / 64;
   const double d = argc > 2 ? std::atof(argv[2]) : 0.3;
   const int threads = argc > 3 ? std::atoi(argv[3]) : 1;
+  const bool vnni = argc > 4 && std::string(argv[4]) == "vnni";
+  if (vnni && !sparsekit::cpu::has_avx512_vnni_vbmi2()) {
+    std::fprintf(stderr, "vnni: this CPU lacks AVX-512 VNNI + VBMI2\n");
+    return 2;
+  }
   std::mt19937 g(1);
   std::uniform_real_distribution<float> u(0.f, 1.f);
   std::vector<uint64_t> mask(size_t(M) * B);
@@ -48,7 +57,22 @@ int main(int argc, char** argv) {
   }
   vals.resize(vals.size() + 64, 0);  // the expand-load reads up to 64 bytes past the last value
 
-  auto run = [&] {
+  // mode vnni: x packed once (as the driver does per call), row sums once (as the binding does)
+  std::vector<uint8_t> planes(4 * size_t(K));
+  int e = 0;
+  if (vnni) sparsekit::cpu::pack_x_fixed_planes(x.data(), K, K, planes.data(), e);
+  std::vector<int64_t> rowsum(M, 0);
+  for (int m = 0; m < M; ++m)
+    for (int64_t i = start[m]; i < start[m + 1]; ++i) rowsum[m] += vals[size_t(i)];
+  auto run_vnni = [&] {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int m = 0; m < M; ++m) {
+      const int64_t t = sparsekit::cpu::q_row_bitmap_dot_vnni(mask.data() + size_t(m) * B, K,
+                                                             vals.data() + start[m], planes.data(), K);
+      y[m] = static_cast<float>(std::ldexp(double(t - rowsum[m] * (int64_t(1) << 31)), -e));
+    }
+  };
+  auto run_f32 = [&] {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int m = 0; m < M; ++m) {
       const int8_t* vp = vals.data() + start[m];
@@ -68,6 +92,10 @@ int main(int argc, char** argv) {
       y[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }
   };
+  auto run = [&] {
+    if (vnni) run_vnni();
+    else run_f32();
+  };
   run();
   double err = 0, nrm = 0;
   for (int m = 0; m < M; ++m) {
@@ -82,9 +110,9 @@ int main(int argc, char** argv) {
   }
   std::sort(ts.begin(), ts.end());
   const double t = ts[ts.size() / 2], weights = double(M) * K;
-  std::printf("bitmap_floor %dx%d density=%.2f threads=%d: %.4f ns per weight per core (min %.4f), "
+  std::printf("bitmap_floor %s %dx%d density=%.2f threads=%d: %.4f ns per weight per core (min %.4f), "
               "%.3f ns per kept value, max rel err %.1e\n",
-              M, K, d, threads, t * threads / weights * 1e9, ts[0] * threads / weights * 1e9,
+              vnni ? "vnni" : "f32", M, K, d, threads, t * threads / weights * 1e9, ts[0] * threads / weights * 1e9,
               t * threads / (weights * d) * 1e9, err / (nrm > 0 ? nrm : 1));
   return err / (nrm > 0 ? nrm : 1) < 1e-5 ? 0 : 1;
 }

@@ -6,7 +6,8 @@
 //   build:  SRC=benchmarks/micro/q_micro.cpp bash benchmarks/micro/build.sh   (ISA=avx2 too)
 //   run:    build/micro/q_micro M K density [threads] [warm] [u16|d8] [f32|i8] [v=<id>] [MB=<n>]
 //           v=<id>: a csrq variant of csrc/cpu/variants.h (12 csrq_rows2, 13 csrq_row1,
-//           14 csrq_bitmap: u16 i8 only; it reads occupancy words instead of the indices)
+//           14 csrq_bitmap, 16 csrq_bitmap_vnni: u16 i8 only; they read occupancy words
+//           instead of the indices)
 // Prints the median of 21 timings (each over all copies, or 20 calls when warm): ms, ns per
 // nonzero (wall time x threads / nnz, i.e. per core; the minimum in parentheses, less exposed to
 // other processes on a shared machine) and GB/s on the stored bytes.
@@ -100,9 +101,10 @@ int main(int argc, char** argv) {
   }
   std::mt19937 g(7);
   QMat a = make(M, K, d, g);
-  const bool bitmap = variant == static_cast<int>(Variant::CsrqBitmap);
+  const bool bitmap = variant == static_cast<int>(Variant::CsrqBitmap) ||
+                      variant == static_cast<int>(Variant::CsrqBitmapVnni);
   if (bitmap && (d8 || !i8)) {
-    std::fprintf(stderr, "v=%d (csrq_bitmap): expected u16 i8, got %s %s\n", variant,
+    std::fprintf(stderr, "v=%d (a bitmap variant): expected u16 i8, got %s %s\n", variant,
                  d8 ? "d8" : "u16", i8 ? "i8" : "f32");
     return 2;
   }
@@ -116,12 +118,14 @@ int main(int argc, char** argv) {
   // are small).
   std::vector<std::vector<uint8_t>> idx_c(copies), val_c(copies);
   std::vector<std::vector<uint64_t>> bits_c(bitmap ? copies : 0);
-  for (int c = 0; c < copies && bitmap; ++c) {
-    bits_c[c].assign(words, 0);
+  for (int c = 0; c < copies && bitmap; ++c) {  // words, then the int64 row sums
+    bits_c[c].assign(words + M, 0);
     const int64_t* ip = a.indptr.data() + M + 1;
     for (int m = 0; m < M; ++m)
-      for (int64_t j = ip[m]; j < ip[m + 1]; ++j)
+      for (int64_t j = ip[m]; j < ip[m + 1]; ++j) {
         bits_c[c][m * ((K + 63) / 64) + a.cols[j] / 64] |= uint64_t(1) << (a.cols[j] % 64);
+        bits_c[c][words + m] += static_cast<uint64_t>(static_cast<int64_t>(a.q8p[j]));
+      }
   }
   for (int c = 0; c < copies; ++c) {
     if (d8) idx_c[c].assign(a.gaps.begin(), a.gaps.end());
@@ -161,6 +165,7 @@ int main(int argc, char** argv) {
     p.indices = idx_c[c].data();
     p.values = val_c[c].data();
     p.bitmap = bitmap ? bits_c[c].data() : nullptr;
+    p.bitmap_row_sums = bitmap ? reinterpret_cast<const int64_t*>(bits_c[c].data() + words) : nullptr;
     auto by_idx = [&](auto vt) {
       using VT = decltype(vt);
       if (d8) csrq_linear_t<VT, int64_t, uint8_t>(p);

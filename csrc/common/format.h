@@ -59,6 +59,8 @@ struct SpmmParams {
   // of word b of row m is set iff column 64 * b + t is stored in row m (bits at columns >= K
   // are 0). nullptr otherwise.
   const uint64_t* bitmap = nullptr;
+  // [M] sums of each row's stored int8 values, read by csrq_bitmap_vnni only (with bitmap).
+  const int64_t* bitmap_row_sums = nullptr;
 
   DType value_dtype = DType::F32;  // F32 | BF16 | F16
   DType x_dtype = DType::F32;      // F32 or == value_dtype; y has the same dtype

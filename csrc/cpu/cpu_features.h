@@ -43,6 +43,20 @@ inline bool has_avx512_vbmi2() {
 #endif
 }
 
+// True when the CPU and OS support AVX-512 VNNI (byte dot products) and VBMI2, checked once: the
+// csrq_bitmap_vnni kernel needs both (csr_q_impl.h). Header-only, as above.
+inline bool has_avx512_vnni_vbmi2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return has_avx512_vbmi2() && __builtin_cpu_supports("avx512vnni");
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
 // Writes back and invalidates every cache line of [p, p + nbytes) at every cache level, so the
 // next access comes from memory (x86: one clflush per 64-byte line, then a fence; elsewhere a
 // no-op). The planner times kernels this way: a model's weights stream from memory on every

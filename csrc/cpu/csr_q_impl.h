@@ -21,7 +21,9 @@
 #pragma once
 
 #include <atomic>
+#include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/kernels_impl.h"
@@ -142,6 +144,55 @@ SPARSEKIT_TARGET_VBMI2 inline float q_row_bitmap_dot_vbmi2(const uint64_t* words
   }
   return Vec::reduce(Vec::add(Vec::add(a0, a1), Vec::add(a2, a3)));
 }
+
+// Contract (micro-kernel). Returns the exact integer sum_c v(c) * xu[c] for one CSR row given by
+// occupancy words (as q_row_bitmap_dot: bit t of words[b] set means column 64b + t is stored,
+// its int8 value next in val), where xu is x as unsigned 32-bit fixed point in four byte planes
+// (pack_x_fixed_planes: byte k of xu[c] at planes[k * stride + c]). The driver removes the 2^31
+// offset (minus 2^31 times the row's value sum) and the scale 2^e. Why: an fp32 multiply-add
+// per column needs the int8 widened and converted first (three vector operations per 16
+// columns); a VNNI byte dot product (vpdpbusd: 64 unsigned x bytes times 64 signed weights,
+// summed four to a lane) takes the expanded weights as they are, one per plane per 64 columns.
+// Sizes: 0 <= K < 2^24 (the 64-bit total is exact below that); words: ceil(K / 64), bits at
+// columns >= K are 0; planes: 4 * stride bytes, stride >= 64 * ceil(K / 64), zero at columns >= K
+// (each word's 64 plane bytes are read whole). Exactness: each vpdpbusd adds at most 130560 to
+// a lane, so lanes are moved to 64-bit totals every 512 words. Reads exactly the row's popcount
+// values. Alignment: none. No allocation, no state. Needs AVX-512 VNNI + VBMI2 (callers check
+// has_avx512_vnni_vbmi2()). Cost: O(K): one byte expand-load and four vpdpbusd per 64 columns
+// whatever the nonzero count; the edges are K around multiples of 64 and of 512 * 64.
+SPARSEKIT_TARGET_VNNI inline int64_t q_row_bitmap_dot_vnni(const uint64_t* words, int64_t K,
+                                                          const int8_t* val, const uint8_t* planes,
+                                                          int64_t stride) {
+  constexpr int64_t kChunk = 512;  // words per 32-bit accumulation (lane bound above)
+  // Prefetch distances: 128 words (1 KiB, into the next rows) and 2 KiB of values; a core's
+  // own streams are latency-bound without them (docs/compression.md).
+  constexpr int64_t kPfWords = 128, kPfValBytes = 2048;
+  const uint8_t* p0 = planes;
+  const uint8_t* p1 = planes + stride;
+  const uint8_t* p2 = planes + 2 * stride;
+  const uint8_t* p3 = planes + 3 * stride;
+  const int8_t* p = val;
+  const int64_t nw = (K + 63) / 64;
+  int64_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+  for (int64_t b0 = 0; b0 < nw; b0 += kChunk) {
+    const int64_t b1 = imin(nw, b0 + kChunk);
+    auto a0 = i32_zero(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t b = b0; b < b1; ++b) {
+      if ((b & 7) == 0) prefetch_t0(words + b + kPfWords);  // one line per 8 words
+      prefetch_t0(p + kPfValBytes);
+      const auto v = q_bitmap_expand64(p, words[b]);
+      a0 = dot_u8s8(a0, p0 + 64 * b, v);
+      a1 = dot_u8s8(a1, p1 + 64 * b, v);
+      a2 = dot_u8s8(a2, p2 + 64 * b, v);
+      a3 = dot_u8s8(a3, p3 + 64 * b, v);
+    }
+    t0 += reduce_i32_exact(a0);
+    t1 += reduce_i32_exact(a1);
+    t2 += reduce_i32_exact(a2);
+    t3 += reduce_i32_exact(a3);
+  }
+  return t0 + (t1 << 8) + (t2 << 16) + (t3 << 24);
+}
 #endif
 
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
@@ -227,9 +278,36 @@ inline void q_rows2_dot(const IT* idx, const VT* val, int64_t s0, int64_t e0, in
 
 // Kernel choice of csrq_linear_t (SpmmParams::variant, variants.h): Auto and CsrqRows2 = rows in
 // pairs (q_rows2_dot), CsrqRow1 = one row at a time (q_row_dot), CsrqBitmap = q_row_bitmap_dot
-// over SpmmParams::bitmap (int8 values, plain indices; the index array is not read).
+// over SpmmParams::bitmap (int8 values, plain indices; the index array is not read),
+// CsrqBitmapVnni = q_row_bitmap_dot_vnni over the same bitmap and SpmmParams::bitmap_row_sums.
 constexpr int kQRow1 = static_cast<int>(Variant::CsrqRow1);
 constexpr int kQBitmap = static_cast<int>(Variant::CsrqBitmap);
+constexpr int kQBitmapVnni = static_cast<int>(Variant::CsrqBitmapVnni);
+
+// x of the VNNI bitmap kernel: each of the N vectors as fixed-point byte planes
+// (pack_x_fixed_planes), packed once per call and shared by every thread (N = 0: nothing).
+// `ok` is false when nothing was packed or the kernel cannot run exactly (no VNNI / VBMI2 on
+// this CPU, K >= 2^24, N > 2, or an inf or NaN in x); the driver then runs the fp32 bitmap
+// kernel, which propagates inf and NaN as fp32 does.
+struct XFixedPlanes {
+  std::vector<uint8_t> bytes;
+  int64_t stride = 0;
+  int e[kMaxGatherBatch] = {};
+  bool ok = false;
+  XFixedPlanes(const float* x, int64_t ldx, int64_t N, int64_t K) {
+#if defined(SPARSEKIT_ISA_AVX512)
+    if (N < 1 || N > kMaxGatherBatch || K >= (int64_t(1) << 24) || !has_avx512_vnni_vbmi2()) return;
+    stride = (K + 63) / 64 * 64;
+    bytes.resize(static_cast<size_t>(4 * stride * N));
+    ok = true;
+    for (int64_t n = 0; n < N && ok; ++n)
+      ok = pack_x_fixed_planes(x + n * ldx, K, stride, bytes.data() + 4 * stride * n, e[n]);
+#else
+    (void)x, (void)ldx, (void)N, (void)K;
+#endif
+  }
+  const uint8_t* planes(int64_t n) const { return bytes.data() + 4 * stride * n; }
+};
 
 // Driver: y = x @ W^T (* scales) + bias for row chunks claimed by the threads; any N (each vector
 // is a separate pass over a row pair, which stays in L1 between the vectors).
@@ -243,15 +321,17 @@ void csrq_linear_t(const SpmmParams& p) {
   const float* x = xr.x;
   const int64_t ldx = xr.ldx;
   const bool pairs = p.variant != kQRow1;
-  const bool bitmap = p.variant == kQBitmap;
+  const bool vnni = p.variant == kQBitmapVnni;
+  const bool bitmap = p.variant == kQBitmap || vnni;
   if (bitmap && (p.bitmap == nullptr || !std::is_same<VT, int8_t>::value ||
-                 std::is_same<IT, uint8_t>::value))
+                 std::is_same<IT, uint8_t>::value || (vnni && p.bitmap_row_sums == nullptr)))
     throw std::invalid_argument(
-        "sparsekit: the csrq_bitmap variant needs int8 values, plain indices and the bitmap");
+        "sparsekit: the bitmap variants of csrq need int8 values, plain indices and the bitmap");
   const int64_t words_per_row = (p.K + 63) / 64;
 #if defined(SPARSEKIT_ISA_AVX512)
   const bool vbmi2 = bitmap && has_avx512_vbmi2();
 #endif
+  const XFixedPlanes xq(x, ldx, vnni ? p.N : 0, p.K);
   // The bitmap kernel's work grows with the columns, not the nonzeros (a vector multiply-add per
   // W columns, counted as about W / 4 scalar ones).
   const int threads = threads_for(p.num_threads, (bitmap ? p.M * p.K / 4 : nnz + p.M) * p.N);
@@ -273,6 +353,12 @@ void csrq_linear_t(const SpmmParams& p) {
           const int8_t* v = val + static_cast<int64_t>(indptr[m]);
           for (int64_t n = 0; n < p.N; ++n) {
 #if defined(SPARSEKIT_ISA_AVX512)
+            if (xq.ok) {  // exact integer sum, then the offset and the fixed-point scale removed
+              const int64_t t = q_row_bitmap_dot_vnni(words, p.K, v, xq.planes(n), xq.stride) -
+                                p.bitmap_row_sums[m] * (int64_t(1) << 31);
+              finish(n, m, static_cast<float>(std::ldexp(static_cast<double>(t), -xq.e[n])));
+              continue;
+            }
             if (vbmi2) {
               finish(n, m, q_row_bitmap_dot_vbmi2(words, p.K, v, x + n * ldx));
               continue;

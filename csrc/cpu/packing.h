@@ -2,7 +2,9 @@
 // writer used by the N > 1 drivers. Written against simd.h; compiled per ISA.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common/format.h"
 #include "cpu/simd.h"
@@ -56,6 +58,30 @@ struct XRowsF32 {
     }
   }
 };
+
+#if defined(SPARSEKIT_ISA_AVX512)
+// x (K fp32 values) as unsigned 32-bit fixed point in four byte planes for the VNNI bitmap
+// kernel (csr_q_impl.h, q_row_bitmap_dot_vnni): xu[c] = round(x[c] * 2^e) + 2^31 with e the
+// largest exponent for which max |x| * 2^e < 2^30 (e = 0 when x is all zeros), and
+// planes[k * stride + c] = byte k of xu[c] for c < K, 0 for K <= c < stride (stride >= K).
+// Every element within a factor 2^7 of max |x| is represented exactly (fp32 carries 24
+// significant bits, the fixed point 30 for the largest); smaller ones are rounded to a
+// multiple of 2^-e. Returns false, writing nothing, when x holds an inf or NaN. O(stride).
+inline bool pack_x_fixed_planes(const float* x, int64_t K, int64_t stride, uint8_t* planes, int& e) {
+  bool finite = true;
+  const float mx = absmax_finite(x, K, finite);
+  if (!finite) return false;
+  int ex = 0;
+  if (mx > 0.f) std::frexp(mx, &ex);  // mx < 2^ex
+  e = mx > 0.f ? 30 - ex : 0;         // in [-98, 178]: applied as two float powers of two
+  const int e1 = e > 127 ? 127 : e;
+  const float s1 = std::ldexp(1.f, e1), s2 = std::ldexp(1.f, e - e1);
+  for (int64_t c = 0; c < K; c += 16)
+    fixed_planes16(x, c, static_cast<int>(imin(16, K - c)), s1, s2, planes, stride);
+  for (int k = 0; k < 4; ++k) std::memset(planes + k * stride + K, 0, static_cast<size_t>(stride - K));
+  return true;
+}
+#endif
 
 // Packs x rows [n0, n0 + NT) for k in [k0, k1) into xt[k * NT + t] (fp32, zero-padded for rows
 // >= N and for k >= K, up to k < kpad). O((k1 - k0) * NT).

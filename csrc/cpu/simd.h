@@ -410,6 +410,46 @@ SPARSEKIT_TARGET_VBMI2 inline __m512 q_bitmap_lane16(__m512i v) {
   const __m128i q = C == 0 ? _mm512_castsi512_si128(v) : _mm512_extracti32x4_epi32(v, C);
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
 }
+// AVX-512 VNNI + VBMI2 (Ice Lake and later, Zen 4 and later): functions with this attribute may
+// use both; callers check cpu::has_avx512_vnni_vbmi2() first.
+#define SPARSEKIT_TARGET_VNNI __attribute__((target("avx512vnni,avx512vbmi2,popcnt")))
+// 16 lanes of 4-byte dot products added to acc: lane i += sum_{t<4} xb[4i+t] (unsigned) *
+// w byte 4i+t (signed), exact in 32 bits while |acc| stays below 2^31 - 130560 (vpdpbusd).
+SPARSEKIT_TARGET_VNNI inline __m512i dot_u8s8(__m512i acc, const uint8_t* xb, __m512i w) {
+  return _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xb), w);
+}
+inline __m512i i32_zero() { return _mm512_setzero_si512(); }
+// Exact sum of the 16 int32 lanes (as int64: 16 lanes near 2^31 overflow int32).
+inline int64_t reduce_i32_exact(__m512i a) {
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(a)),
+                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1))));
+}
+// max |x[c]| over c < K, and whether every x[c] is finite (false: an inf or NaN). O(K).
+inline float absmax_finite(const float* x, int64_t K, bool& finite) {
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t c = 0; c < K; c += 16) {
+    const __mmask16 m = Vec::mask16(static_cast<int>(K - c < 16 ? K - c : 16));
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c));
+    bad |= _mm512_mask_cmp_ps_mask(m, a, inf, _CMP_NLT_UQ);  // inf, or unordered (NaN)
+    mx = _mm512_max_ps(mx, a);
+  }
+  finite = bad == 0;
+  return _mm512_reduce_max_ps(mx);
+}
+// Elements c0 .. c0 + n - 1 (n <= 16) of x as unsigned 32-bit fixed point, round(x * s1 * s2) +
+// 2^31 (round to nearest even; both scales powers of two, the product below 2^30 in magnitude),
+// byte k of each stored at planes[k * stride + c]. O(1).
+inline void fixed_planes16(const float* x, int64_t c0, int n, float s1, float s2, uint8_t* planes,
+                           int64_t stride) {
+  const __mmask16 m = Vec::mask16(n);
+  const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + c0),
+                                               _mm512_set1_ps(s1)), _mm512_set1_ps(s2));
+  const __m512i u = _mm512_xor_si512(_mm512_cvtps_epi32(v), _mm512_set1_epi32(INT32_MIN));
+  for (int k = 0; k < 4; ++k)
+    _mm512_mask_cvtepi32_storeu_epi8(planes + k * stride + c0, m, _mm512_srli_epi32(u, 8 * k));
+}
 // Occupancy-bitmap expansion (csr_q_impl.h, q_row_bitmap_dot): lane t of the result is the next
 // stored int8 value (as fp32) when bit t of m16 is set, else 0. Reads exactly popcount(m16)
 // bytes at p (a masked load: nothing beyond them is touched) and advances p past them.

@@ -38,7 +38,10 @@ enum class Variant : int {
                     // contiguously: no gathers, cost per column rather than per nonzero
   // CSR, N <= 2: values placed by occupancy words (SpmmParams::bitmap), x read contiguously.
   CsrSpmvBitmap = 15,
-  kCount = 16,
+  // Compressed CSR, int8 values, N <= 2: as CsrqBitmap with x as 32-bit fixed point in byte
+  // planes and VNNI byte dot products (AVX-512 VNNI + VBMI2 CPUs only).
+  CsrqBitmapVnni = 16,
+  kCount = 17,
 };
 
 // Bit per ISA (Isa::Generic = 0, AVX2 = 1, AVX512 = 2 in cpu_features.h).
@@ -88,11 +91,20 @@ inline constexpr VariantInfo kVariants[] = {
      "int8 values placed by a 64-bit occupancy word per 64 columns, x read contiguously (no gathers)"},
     {Variant::CsrSpmvBitmap, "csr_spmv_bitmap", "csr", 1, 2, kIsaAll, "f32,bf16,f16",
      "values placed by a 64-bit occupancy word per 64 columns, x read contiguously (no gathers)"},
+    {Variant::CsrqBitmapVnni, "csrq_bitmap_vnni", "csrq", 1, 2, kIsaAvx512, "i8",
+     "csrq_bitmap with x as 32-bit fixed point in 4 byte planes and VNNI byte dot products "
+     "(CPUs with AVX-512 VNNI + VBMI2)"},
 };
 static_assert(sizeof(kVariants) / sizeof(kVariants[0]) == static_cast<int>(Variant::kCount),
               "one kVariants row per Variant");
 
 inline const VariantInfo& variant_info(Variant v) { return kVariants[static_cast<int>(v)]; }
+
+// CPU features a variant needs beyond its ISA level ("" when none), comma-separated in the
+// names of cpu_features.h; where the CPU lacks them the variant is not offered.
+inline const char* variant_cpu_features(Variant v) {
+  return v == Variant::CsrqBitmapVnni ? "avx512vnni,avx512vbmi2" : "";
+}
 
 // True when variant v is meant for a call of `family` ("csr" / "bsr") with batch N.
 inline bool variant_applies(Variant v, const char* family, int64_t N) {

@@ -135,8 +135,9 @@ def variants() -> list[dict[str, Any]]:
     -------
     list of dict
         One dict per variant: ``id, name, family ("csr" / "bsr" / "csrq" / "" for auto),
-        n_min, n_max (batch sizes it applies to; None = unbounded), isas, dtypes, summary``.
-        Empty when the extension is not built.
+        n_min, n_max (batch sizes it applies to; None = unbounded), isas (built for), dtypes,
+        summary, cpu_features (needed beyond the ISA level, "" when none), available (this CPU
+        has them)``. Empty when the extension is not built.
     """
     return list(_C.cpu_variants()) if _C is not None else []
 
@@ -146,8 +147,8 @@ def variant_table() -> str:
     rows = [("name", "family", "N", "ISAs", "dtypes", "what differs")]
     for v in variants():
         n = f"{v['n_min']}+" if v["n_max"] is None else f"{v['n_min']}-{v['n_max']}"
-        rows.append((v["name"], v["family"] or "any", n, ",".join(v["isas"]), v["dtypes"],
-                     v["summary"]))
+        isas = ",".join(v["isas"]) + ("" if v["available"] else f" (no {v['cpu_features']} here)")
+        rows.append((v["name"], v["family"] or "any", n, isas, v["dtypes"], v["summary"]))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows
@@ -240,10 +241,10 @@ def _key(mat: Any, bound: Any, n: int, threads: int) -> str:
 
 def candidates(family: str, n: int, isa: str) -> list[str]:
     """Variant names that apply to a ``family`` (``"csr"`` / ``"bsr"`` / ``"csrq"``) call with
-    batch ``n`` on ``isa`` (``"auto"`` excluded)."""
+    batch ``n`` on ``isa`` and that this CPU can run (``"auto"`` excluded)."""
     out = []
     for v in variants():
-        if v["family"] != family or isa not in v["isas"]:
+        if v["family"] != family or isa not in v["isas"] or not v["available"]:
             continue
         if n >= v["n_min"] and (v["n_max"] is None or n <= v["n_max"]):
             out.append(v["name"])
@@ -255,12 +256,12 @@ _DTYPE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16
 
 
 def _takes(name: str, mat: Any) -> bool:
-    """Whether variant ``name`` reads ``mat``'s value dtype (and, for ``csrq_bitmap``, which
-    locates values by an occupancy bitmap, plain rather than gap-coded indices)."""
+    """Whether variant ``name`` reads ``mat``'s value dtype (and, for the ``csrq_bitmap``
+    variants, which locate values by an occupancy bitmap, plain rather than gap-coded indices)."""
     v = _by_name()[name]
     if _DTYPE_CODE.get(mat.values.dtype) not in v["dtypes"].split(","):
         return False
-    return name != "csrq_bitmap" or mat.indices.dtype != torch.uint8
+    return not name.startswith("csrq_bitmap") or mat.indices.dtype != torch.uint8
 
 
 # ---- wisdom file --------------------------------------------------------------------------

@@ -16,10 +16,13 @@
 //       empty block rows, accumulate, index limits;
 //   q_row_dot, q_rows2_dot (csr_q_impl.h)
 //       int8 values (full range, scales applied as the driver does), uint8 gaps with escapes;
-//   spmv_bitmap (NB = 1, 2; fp32 / bf16 / fp16) and q_row_bitmap_dot (int8, and its VBMI2
-//   version where the CPU has it)
+//   spmv_bitmap (NB = 1, 2; fp32 / bf16 / fp16) and q_row_bitmap_dot (int8, and its VBMI2 and
+//   VNNI versions where the CPU has them)
 //       K around the expansion width and 64, empty / full / random words, single columns at the
-//       word and chunk edges, values at the end of the array or followed by other bytes;
+//       word and chunk edges, values at the end of the array or followed by other bytes; the
+//       VNNI integer sum exactly, at the magnitude limits and across its 512-word chunks;
+//   pack_x_fixed_planes (AVX-512 with VNNI)
+//       every plane byte, the exponent, zero / subnormal / float-max / inf / NaN x;
 //   pack_x_tile / load_x_row / store_rows_tile (packing.h)
 //       N around the tile width, ragged K, bf16 / fp16 activations and outputs, bias.
 // Values outside the range a kernel may read are NaN, so a kernel that reads past its tail
@@ -745,8 +748,108 @@ void q_bitmap_case(int64_t K, double density, bool at_end, std::initializer_list
   if (has_avx512_vbmi2())
     check(q_row_bitmap_dot_vbmi2(words.data(), K, val.data(), x.data()), ref, tol_sum(nnz, mag),
           std::string(what) + " (vbmi2)");
+  if (has_avx512_vnni_vbmi2()) {
+    // exactly sized planes; the integer sum against one computed here from the fixed-point
+    // definition (must be equal), then the value against the float64 reference
+    const int64_t stride = 64 * nw;
+    std::vector<uint8_t> planes(static_cast<size_t>(4 * stride));
+    int e = 0;
+    if (!pack_x_fixed_planes(x.data(), K, stride, planes.data(), e)) {
+      check(1, 0, 0, std::string(what) + " (vnni): finite x rejected");
+      return;
+    }
+    int64_t want = 0, rowsum = 0;
+    size_t j = 0;
+    for (int64_t k = 0; k < K; ++k)
+      if (words[static_cast<size_t>(k / 64)] >> (k % 64) & 1) {
+        const int64_t xu = std::llrint(std::ldexp(double(x[static_cast<size_t>(k)]), e)) + (int64_t(1) << 31);
+        want += val[j] * xu;
+        rowsum += val[j++];
+      }
+    const int64_t got = q_row_bitmap_dot_vnni(words.data(), K, val.data(), planes.data(), stride);
+    check(static_cast<double>(got - want), 0, 0, std::string(what) + " (vnni, integer sum)");
+    check(std::ldexp(static_cast<double>(got - rowsum * (int64_t(1) << 31)), -e), ref,
+          tol_sum(nnz, mag), std::string(what) + " (vnni)");
+  }
 #endif
 }
+
+#if defined(SPARSEKIT_ISA_AVX512)
+// pack_x_fixed_planes against its definition: every byte of every plane (zeros beyond K), the
+// exponent (largest with max |x| * 2^e < 2^30), elements within 2^7 of the maximum exact;
+// subnormal-only, huge, all-zero and single-element x; inf or NaN anywhere: rejected.
+void fixed_planes_case(std::vector<float> x, int64_t stride, const char* what) {
+  const int64_t K = static_cast<int64_t>(x.size());
+  std::vector<uint8_t> planes(static_cast<size_t>(4 * stride), 0xAB);
+  int e = -1000;
+  bool finite = true;
+  double mx = 0;
+  for (float f : x) {
+    finite &= std::isfinite(f);
+    mx = std::max(mx, std::fabs(double(f)));
+  }
+  const bool ok = pack_x_fixed_planes(x.data(), K, stride, planes.data(), e);
+  check(ok, finite, 0, std::string(what) + ": accepted iff finite");
+  if (!ok || !finite) {
+    check(planes[0] == 0xAB && e == -1000, 1, 0, std::string(what) + ": nothing written");
+    return;
+  }
+  if (mx > 0) {
+    check(std::ldexp(mx, e) < std::ldexp(1.0, 30) && std::ldexp(mx, e + 1) >= std::ldexp(1.0, 30),
+          1, 0, std::string(what) + ": exponent");
+  } else {
+    check(e, 0, 0, std::string(what) + ": exponent of zero x");
+  }
+  for (int64_t c = 0; c < stride; ++c) {
+    const double scaled = c < K ? std::ldexp(double(x[static_cast<size_t>(c)]), e) : 0.0;
+    const int64_t xu = c < K ? std::llrint(scaled) + (int64_t(1) << 31) : 0;
+    if (c < K && std::fabs(double(x[static_cast<size_t>(c)])) * 128 >= mx)
+      check(double(std::llrint(scaled)), scaled, 0, std::string(what) + ": exact near the max");
+    for (int k = 0; k < 4; ++k)
+      check(planes[static_cast<size_t>(k * stride + c)], (xu >> (8 * k)) & 0xFF, 0,
+            std::string(what) + ": plane " + std::to_string(k) + " column " + std::to_string(c));
+  }
+}
+
+void fixed_planes_cases() {
+  for (int64_t K : {0, 1, 15, 16, 17, 63, 64, 65, 200}) {
+    std::vector<float> x(static_cast<size_t>(K));
+    for (auto& f : x) f = rnd_mag() * std::ldexp(1.f, static_cast<int>(rnd(40)) - 20);
+    fixed_planes_case(x, 64 * ((K + 63) / 64), "random");
+    fixed_planes_case(x, 64 * ((K + 63) / 64) + 64, "random, wider stride");
+    if (K == 0) continue;
+    std::vector<float> z(static_cast<size_t>(K), 0.f);
+    fixed_planes_case(z, 64 * ((K + 63) / 64), "zeros");
+    std::vector<float> t(static_cast<size_t>(K), std::numeric_limits<float>::denorm_min());
+    t[0] = -t[0];
+    fixed_planes_case(t, 64 * ((K + 63) / 64), "subnormal");
+    std::vector<float> h(x);
+    h[static_cast<size_t>(K - 1)] = -std::numeric_limits<float>::max();
+    fixed_planes_case(h, 64 * ((K + 63) / 64), "float max");
+    for (float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(), kNaN}) {
+      std::vector<float> b(x);
+      b[static_cast<size_t>(rnd(K))] = bad;
+      fixed_planes_case(b, 64 * ((K + 63) / 64), "non-finite");
+    }
+  }
+}
+
+// q_row_bitmap_dot_vnni at the magnitude limits: every weight -128 and every plane byte 255
+// over more than one 512-word accumulation chunk (the largest per-lane sums there are), and a
+// row long enough that lanes never moved to 64 bits would overflow.
+void vnni_extreme_cases() {
+  for (int64_t K : {64 * 512, 64 * 512 + 1, 64 * 1100 + 37, 64 * 17000 + 5}) {  // 17000 words: 32-bit lanes would overflow
+    const int64_t nw = (K + 63) / 64, stride = 64 * nw;
+    std::vector<uint64_t> words(static_cast<size_t>(nw), ~uint64_t(0));
+    if (K % 64) words.back() = (uint64_t(1) << (K % 64)) - 1;
+    std::vector<int8_t> val(static_cast<size_t>(K), int8_t(-128));
+    std::vector<uint8_t> planes(static_cast<size_t>(4 * stride), 0xFF);
+    const int64_t want = -128 * K * int64_t(0xFFFFFFFF);
+    check(static_cast<double>(q_row_bitmap_dot_vnni(words.data(), K, val.data(), planes.data(), stride) - want),
+          0, 0, "q_row_bitmap_dot_vnni extreme K=" + std::to_string(K));
+  }
+}
+#endif
 
 // spmv_bitmap<NB, VT> with float values: NB rows of x with a row stride, the values after the
 // row NaN (the AVX2 expansion may read them and must discard them).
@@ -853,6 +956,9 @@ int main(int argc, char** argv) {
   q_index_types<f16_t>();
   begin("q_row_bitmap_dot");
   q_bitmap_cases();
+#if defined(SPARSEKIT_ISA_AVX512)
+  if (has_avx512_vnni_vbmi2()) vnni_extreme_cases();
+#endif
   begin("spmv_bitmap");
   bitmap_types<float>();
   bitmap_types<bf16_t>();
@@ -861,6 +967,9 @@ int main(int argc, char** argv) {
   packing_types<float>();
   packing_types<bf16_t>();
   packing_types<f16_t>();
+#if defined(SPARSEKIT_ISA_AVX512)
+  if (has_avx512_vnni_vbmi2()) fixed_planes_cases();
+#endif
   long cases = 0, bad = 0;
   for (const Tally& t : g_tally) {
     std::printf("%-18s %8ld checks, %ld mismatches\n", t.name, t.cases, t.mismatches);
