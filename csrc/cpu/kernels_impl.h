@@ -76,29 +76,30 @@ void csr_spmv_rows(const SpmmParams& p, Variant variant, const float* x, int64_t
   const PT* indptr = static_cast<const PT*>(p.indptr);
   const IT* idx = static_cast<const IT*>(p.indices);
   const VT* val = static_cast<const VT*>(p.values);
+  // row_dot(m, sums) adds row m's dot products with the NB vectors to sums
+  auto each_row = [&](auto&& row_dot) {
+    for (int64_t m = r0; m < r1; ++m) {
+      float sums[NB];
+      for (int n = 0; n < NB; ++n) sums[n] = 0.f;
+      row_dot(m, sums);
+      const float b = bias_at(p.bias, m);
+      for (int n = 0; n < NB; ++n) store_out(p.y, n * p.ldy + m, sums[n] + b, p.x_dtype);
+    }
+  };
   if (variant == Variant::CsrSpmvBitmap) {
     // occupancy words instead of the index array (SpmmParams::bitmap; the binding builds them)
     const int64_t nw = (p.K + 63) / 64;
     const VT* val_end = val + static_cast<int64_t>(indptr[p.M]);
-    for (int64_t m = r0; m < r1; ++m) {
-      float sums[NB];
-      for (int n = 0; n < NB; ++n) sums[n] = 0.f;
+    return each_row([&](int64_t m, float* sums) {
       spmv_bitmap<NB>(p.bitmap + m * nw, p.K, val + static_cast<int64_t>(indptr[m]), val_end, x,
                       ldx, sums);
-      const float b = bias_at(p.bias, m);
-      for (int n = 0; n < NB; ++n) store_out(p.y, n * p.ldy + m, sums[n] + b, p.x_dtype);
-    }
-    return;
+    });
   }
   auto rows = [&](auto&& ukernel) {
-    for (int64_t m = r0; m < r1; ++m) {
-      float sums[NB];
-      for (int n = 0; n < NB; ++n) sums[n] = 0.f;
+    each_row([&](int64_t m, float* sums) {
       ukernel(idx, val, static_cast<int64_t>(indptr[m]), static_cast<int64_t>(indptr[m + 1]), x,
               ldx, sums);
-      const float b = bias_at(p.bias, m);
-      for (int n = 0; n < NB; ++n) store_out(p.y, n * p.ldy + m, sums[n] + b, p.x_dtype);
-    }
+    });
   };
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   switch (variant) {
