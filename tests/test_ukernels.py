@@ -91,3 +91,29 @@ def test_intrinsics_only_in_simd_header():
             if re.search(r"\b_mm\w*\(|\b__m(128|256|512)\w*\b|immintrin\.h", code):
                 offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not offenders, "intrinsics outside simd.h:\n" + "\n".join(offenders)
+
+
+def test_no_stl_containers_in_isa_translation_units():
+    """Code compiled once per ISA (csrc/cpu/*_{generic,avx2,avx512}.cpp and every csrc header
+    they include) allocates through threading.h's Scratch, not STL containers: an out-of-line
+    copy of a container's inline member compiled with AVX-512 flags could be the one the
+    linker keeps for every translation unit (threading.h)."""
+    tus = sorted(p for p in (ROOT / "csrc/cpu").glob("*.cpp")
+                 if re.search(r"_(generic|avx2|avx512)\.cpp$", p.name))
+    assert len(tus) >= 9
+    seen, todo, offenders = set(), list(tus), []
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            inc = re.match(r'\s*#include "([^"]+)"', line)
+            if inc and (ROOT / "csrc" / inc.group(1)).exists():
+                todo.append(ROOT / "csrc" / inc.group(1))
+            code = line.split("//", 1)[0]
+            if re.search(r"std::(vector|deque|list|map|set|unordered_\w+|function|shared_ptr|"
+                         r"unique_ptr|basic_string)\b|#include <(vector|map|functional|memory)>",
+                         code):
+                offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, "STL containers in per-ISA code:\n" + "\n".join(offenders)

@@ -21,9 +21,7 @@
 #pragma once
 
 #include <atomic>
-#include <cmath>
 #include <type_traits>
-#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/kernels_impl.h"
@@ -290,23 +288,31 @@ constexpr int kQBitmapVnni = static_cast<int>(Variant::CsrqBitmapVnni);
 // this CPU, K >= 2^24, N > 2, or an inf or NaN in x); the driver then runs the fp32 bitmap
 // kernel, which propagates inf and NaN as fp32 does.
 struct XFixedPlanes {
-  std::vector<uint8_t> bytes;
-  int64_t stride = 0;
+  int64_t stride;  // bytes per plane: K rounded up to 64
+  Scratch buf;     // 4 planes per vector (no STL containers in ISA-specific TUs: threading.h)
   int e[kMaxGatherBatch] = {};
   bool ok = false;
-  XFixedPlanes(const float* x, int64_t ldx, int64_t N, int64_t K) {
+  static bool usable(int64_t N, int64_t K) {
 #if defined(SPARSEKIT_ISA_AVX512)
-    if (N < 1 || N > kMaxGatherBatch || K >= (int64_t(1) << 24) || !has_avx512_vnni_vbmi2()) return;
-    stride = (K + 63) / 64 * 64;
-    bytes.resize(static_cast<size_t>(4 * stride * N));
-    ok = true;
-    for (int64_t n = 0; n < N && ok; ++n)
-      ok = pack_x_fixed_planes(x + n * ldx, K, stride, bytes.data() + 4 * stride * n, e[n]);
+    return N >= 1 && N <= kMaxGatherBatch && K < (int64_t(1) << 24) && has_avx512_vnni_vbmi2();
 #else
-    (void)x, (void)ldx, (void)N, (void)K;
+    (void)N, (void)K;
+    return false;
 #endif
   }
-  const uint8_t* planes(int64_t n) const { return bytes.data() + 4 * stride * n; }
+  XFixedPlanes(const float* x, int64_t ldx, int64_t N, int64_t K)
+      : stride((K + 63) / 64 * 64), buf(usable(N, K) ? static_cast<size_t>(stride * N) : 1) {
+#if defined(SPARSEKIT_ISA_AVX512)
+    if (!usable(N, K)) return;
+    ok = true;
+    for (int64_t n = 0; n < N && ok; ++n)
+      ok = pack_x_fixed_planes(x + n * ldx, K, stride, planes(n), e[n]);
+#else
+    (void)x, (void)ldx;
+#endif
+  }
+  // buf holds stride * N floats: the 4 * stride * N plane bytes
+  uint8_t* planes(int64_t n) const { return reinterpret_cast<uint8_t*>(buf.p) + 4 * stride * n; }
 };
 
 // Driver: y = x @ W^T (* scales) + bias for row chunks claimed by the threads; any N (each vector
@@ -356,7 +362,7 @@ void csrq_linear_t(const SpmmParams& p) {
             if (xq.ok) {  // exact integer sum, then the offset and the fixed-point scale removed
               const int64_t t = q_row_bitmap_dot_vnni(words, p.K, v, xq.planes(n), xq.stride) -
                                 p.bitmap_row_sums[m] * (int64_t(1) << 31);
-              finish(n, m, static_cast<float>(std::ldexp(static_cast<double>(t), -xq.e[n])));
+              finish(n, m, static_cast<float>(__builtin_ldexp(static_cast<double>(t), -xq.e[n])));
               continue;
             }
             if (vbmi2) {

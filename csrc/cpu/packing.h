@@ -2,7 +2,6 @@
 // writer used by the N > 1 drivers. Written against simd.h; compiled per ISA.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -72,13 +71,16 @@ inline bool pack_x_fixed_planes(const float* x, int64_t K, int64_t stride, uint8
   const float mx = absmax_finite(x, K, finite);
   if (!finite) return false;
   int ex = 0;
-  if (mx > 0.f) std::frexp(mx, &ex);  // mx < 2^ex
-  e = mx > 0.f ? 30 - ex : 0;         // in [-98, 178]: applied as two float powers of two
+  // libm builtins rather than the inline std:: overloads, whose out-of-line copies would be
+  // compiled with this TU's ISA flags
+  if (mx > 0.f) __builtin_frexpf(mx, &ex);  // mx < 2^ex
+  e = mx > 0.f ? 30 - ex : 0;  // in [-98, 178]: applied as two float powers of two
   const int e1 = e > 127 ? 127 : e;
-  const float s1 = std::ldexp(1.f, e1), s2 = std::ldexp(1.f, e - e1);
+  const float s1 = __builtin_ldexpf(1.f, e1), s2 = __builtin_ldexpf(1.f, e - e1);
   for (int64_t c = 0; c < K; c += 16)
     fixed_planes16(x, c, static_cast<int>(imin(16, K - c)), s1, s2, planes, stride);
-  for (int k = 0; k < 4; ++k) std::memset(planes + k * stride + K, 0, static_cast<size_t>(stride - K));
+  for (int k = 0; k < 4; ++k)
+    std::memset(planes + k * stride + K, 0, static_cast<size_t>(stride - K));
   return true;
 }
 #endif
