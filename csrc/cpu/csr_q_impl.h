@@ -189,7 +189,7 @@ SPARSEKIT_TARGET_VNNI inline int64_t q_row_bitmap_dot_vnni(const uint64_t* words
     t2 += reduce_i32_exact(a2);
     t3 += reduce_i32_exact(a3);
   }
-  return t0 + (t1 << 8) + (t2 << 16) + (t3 << 24);
+  return t0 + t1 * 256 + t2 * 65536 + t3 * 16777216;  // products: the totals may be negative
 }
 #endif
 

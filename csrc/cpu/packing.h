@@ -79,8 +79,9 @@ inline bool pack_x_fixed_planes(const float* x, int64_t K, int64_t stride, uint8
   const float s1 = __builtin_ldexpf(1.f, e1), s2 = __builtin_ldexpf(1.f, e - e1);
   for (int64_t c = 0; c < K; c += 16)
     fixed_planes16(x, c, static_cast<int>(imin(16, K - c)), s1, s2, planes, stride);
-  for (int k = 0; k < 4; ++k)
-    std::memset(planes + k * stride + K, 0, static_cast<size_t>(stride - K));
+  if (stride > K)  // (planes may be null when stride = K = 0)
+    for (int k = 0; k < 4; ++k)
+      std::memset(planes + k * stride + K, 0, static_cast<size_t>(stride - K));
   return true;
 }
 #endif
