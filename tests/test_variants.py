@@ -316,3 +316,40 @@ def test_docs_quote_the_variants_table():
                          v["dtypes"].replace(",", ", "), v["summary"]])
     table = "\n".join("| `" + r[0] + "` | " + " | ".join(r[1:]) + " |" for r in expected)
     assert documented == expected, f"docs/kernels.md variants table is stale, expected:\n{table}"
+
+
+class _ScriptedBound:
+    """A stand-in bound matrix whose calls take scripted times on a fake clock."""
+
+    def __init__(self, durations: dict[int, list[float]], clock: list[float]):
+        self.durations, self.clock, self.calls = durations, clock, {v: 0 for v in durations}
+
+    def run(self, xp, op, n, xd, bias, threads, vid):
+        seq = self.durations[vid]
+        self.clock[0] += seq[min(self.calls[vid], len(seq) - 1)]
+        self.calls[vid] += 1
+        return True
+
+    def evict(self):
+        pass
+
+
+@pytest.mark.parametrize("confirm", [True, False])
+def test_planner_confirms_the_two_fastest_head_to_head(monkeypatch, confirm):
+    """Long calls leave the budget two samples per candidate; two slow samples of the better
+    variant must not decide: the two fastest get more alternating calls."""
+    clock = [0.0]
+    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setenv("SPARSEKIT_PLAN_CACHE", "cold")
+    if not confirm:
+        monkeypatch.setattr(planner, "_CONFIRM_ROUNDS", 0)
+    # b: first call untimed, next two slow (21.5 ms), then its real 13 ms; a steady 19.3 ms
+    durations = {0: [0.0193], 1: [0.0215, 0.0215, 0.0215, 0.013], 2: [0.030]}
+    bound = _ScriptedBound(durations, clock)
+    winner, times, _ = planner._measure(bound, 8, 4, 1, 1, ["a", "b", "c"],
+                                        {"a": 0, "b": 1, "c": 2})
+    assert winner == ("b" if confirm else "a"), times
+    assert bound.calls[2] == 3  # the slowest is not re-timed
+    if confirm:
+        assert times["b"] == pytest.approx(13000.0)
+        assert bound.calls[0] == 3 + planner._CONFIRM_ROUNDS

@@ -79,6 +79,9 @@ _CLASS_N = (1, 2, 8, 32, 128)  # batch size timed for each class
 # which another candidate must beat them to be chosen.
 _INCUMBENTS = ("csr_spmv_gather", "csr_tile_v4", "csrq_rows2")
 _MARGIN = 0.03
+#: Extra alternating calls of the two fastest candidates when the budget allowed fewer than
+#: this many + 2 rounds (long calls: two samples each; docs/kernels.md, "Planner").
+_CONFIRM_ROUNDS = 3
 _WISDOM_FORMAT = "sparsekit-wisdom"
 _WISDOM_VERSION = 1
 
@@ -329,21 +332,32 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
     out = torch.empty(n, m, dtype=torch.float32)
     xp, op = x.data_ptr(), out.data_ptr()
     best = {name: math.inf for name in names}
+
+    def timed(name: str) -> None:
+        if cold:
+            bound.evict()  # untimed: the call below reads the weights from memory
+        s = time.perf_counter()
+        bound.run(xp, op, n, 0, 0, threads, ids[name])
+        best[name] = min(best[name], time.perf_counter() - s)
+
     # Round-robin so a load spike hits every candidate alike; at least 2 timed calls each.
     rounds = 0
     while True:
         for name in names:
-            vid = ids[name]
             if rounds == 0:
-                bound.run(xp, op, n, 0, 0, threads, vid)  # page-in / first-touch, untimed
-            if cold:
-                bound.evict()  # untimed: the call below reads the weights from memory
-            s = time.perf_counter()
-            bound.run(xp, op, n, 0, 0, threads, vid)
-            best[name] = min(best[name], time.perf_counter() - s)
+                bound.run(xp, op, n, 0, 0, threads, ids[name])  # page-in / first-touch, untimed
+            timed(name)
         rounds += 1
         if rounds >= 2 and (time.perf_counter() - t0 > budget or rounds >= 50):
             break
+    # The decision that matters is between the two fastest: a few more alternating calls of
+    # just those two, so that two unlucky samples of the better one (long calls leave room for
+    # only the 2 rounds above) do not decide it.
+    if len(names) > 1 and rounds < _CONFIRM_ROUNDS + 2:
+        top2 = sorted(names, key=lambda nm: best[nm])[:2]
+        for _ in range(_CONFIRM_ROUNDS):
+            for name in top2:
+                timed(name)
     winner = min(names, key=lambda nm: best[nm])
     # The built-in choice keeps its place unless beaten by more than the timing noise of a
     # brief measurement on a possibly shared machine.
