@@ -306,12 +306,6 @@ bool cpu_has_features(Variant v) {
   return f.empty() || (f == "avx512vnni,avx512vbmi2" && sparsekit::cpu::has_avx512_vnni_vbmi2());
 }
 
-// Whether variant id v reads SpmmParams::bitmap (built by BoundMatrix on first use).
-bool uses_bitmap(int v) {
-  return v == static_cast<int>(Variant::CsrqBitmap) || v == static_cast<int>(Variant::CsrqBitmapVnni) ||
-         v == static_cast<int>(Variant::CsrSpmvBitmap);
-}
-
 std::string variant_names(const char* family, sparsekit::cpu::Isa isa) {
   std::string s;
   for (const auto& v : cpuv::kVariants) {
@@ -386,13 +380,7 @@ std::shared_ptr<const std::vector<uint64_t>> build_occupancy(const SpmmParams& p
   auto fill = [&](const auto* ip, const auto* ix) {
     for (int64_t m = 0; m < p.M; ++m) {
       uint64_t* row = words->data() + m * nw;
-      int64_t prev = -1;
-      if (sums) {
-        int64_t t = 0;
-        const int8_t* v = static_cast<const int8_t*>(p.values);
-        for (int64_t j = static_cast<int64_t>(ip[m]); j < static_cast<int64_t>(ip[m + 1]); ++j) t += v[j];
-        words->data()[p.M * nw + m] = static_cast<uint64_t>(t);
-      }
+      int64_t prev = -1, sum = 0;
       for (int64_t j = static_cast<int64_t>(ip[m]); j < static_cast<int64_t>(ip[m + 1]); ++j) {
         const int64_t c = static_cast<int64_t>(ix[j]);
         if (c <= prev || c >= p.K)
@@ -401,7 +389,9 @@ std::shared_ptr<const std::vector<uint64_t>> build_occupancy(const SpmmParams& p
                       " at position " + std::to_string(j) + " (row " + std::to_string(m) + ")");
         row[c >> 6] |= uint64_t(1) << (c & 63);
         prev = c;
+        if (sums) sum += static_cast<const int8_t*>(p.values)[j];
       }
+      if (sums) words->data()[p.M * nw + m] = static_cast<uint64_t>(sum);
     }
   };
   auto by_idx = [&](const auto* ip) {
@@ -411,6 +401,12 @@ std::shared_ptr<const std::vector<uint64_t>> build_occupancy(const SpmmParams& p
   if (p.indptr_type == IndexType::I64) by_idx(static_cast<const int64_t*>(p.indptr));
   else by_idx(static_cast<const int32_t*>(p.indptr));
   return words;
+}
+
+// The row sums that build_occupancy(p) placed after the words (nullptr for float values).
+const int64_t* occupancy_row_sums(const std::vector<uint64_t>& words, const SpmmParams& p) {
+  if (p.value_dtype != DType::I8) return nullptr;
+  return reinterpret_cast<const int64_t*>(words.data() + p.M * ((p.K + 63) / 64));
 }
 
 // A sparse matrix bound once to the kernels: validated buffers (kept alive by this object),
@@ -528,11 +524,10 @@ class BoundMatrix {
     // The bitmap is built on first use, with the GIL held; the call keeps its own reference, so
     // set_variant may drop the matrix's while a call runs.
     std::shared_ptr<const std::vector<uint64_t>> bits;
-    if (uses_bitmap(p.variant) &&
-        (q_ || (!bsr_ && n <= 2 && p.variant == static_cast<int>(Variant::CsrSpmvBitmap)))) {
+    if (reads_bitmap(p.variant, n)) {
       bits = bitmap();
       p.bitmap = bits->data();
-      if (q_) p.bitmap_row_sums = reinterpret_cast<const int64_t*>(bits->data() + p.M * ((p.K + 63) / 64));
+      p.bitmap_row_sums = occupancy_row_sums(*bits, p);
     }
     {
       py::gil_scoped_release nogil;
@@ -551,7 +546,7 @@ class BoundMatrix {
     variant_[n_cls] = static_cast<int>(parse_variant(variant, family(), isa_));
     planned_threads_[n_cls] = threads;
     bool bitmap_planned = false;
-    for (int v : variant_) bitmap_planned |= uses_bitmap(v);
+    for (int v : variant_) bitmap_planned |= reads_bitmap(v, 1);
     if (!bitmap_planned) bitmap_.reset();  // planning built it to time it; keep it only if chosen
   }
   // The planned variant id of batch class n_cls, or -1 when none.
@@ -581,6 +576,13 @@ class BoundMatrix {
   std::string isa() const { return sparsekit::cpu::isa_name(isa_); }
 
  private:
+  // Whether a call with variant id v and batch n runs a kernel that reads SpmmParams::bitmap
+  // (a variant of this matrix's family: the csrq ones at any batch, csr_spmv_bitmap up to 2).
+  bool reads_bitmap(int v, int64_t n) const {
+    if (q_) return v == static_cast<int>(Variant::CsrqBitmap) ||
+                   v == static_cast<int>(Variant::CsrqBitmapVnni);
+    return !bsr_ && n <= 2 && v == static_cast<int>(Variant::CsrSpmvBitmap);
+  }
   // The bitmap variants' occupancy words (SpmmParams::bitmap), built from the plain
   // indices on first use. Validates as it builds: columns in [0, n_cols) and strictly
   // increasing within each row (each stored column sets its own bit). O(nnz + M * K / 64).
