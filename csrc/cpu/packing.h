@@ -63,7 +63,7 @@ struct XRowsF32 {
 // kernel (csr_q_impl.h, q_row_bitmap_dot_vnni): xu[c] = round(x[c] * 2^e) + 2^31 with e the
 // largest exponent for which max |x| * 2^e < 2^30 (e = 0 when x is all zeros), and
 // planes[k * stride + c] = byte k of xu[c] for c < K, 0 for K <= c < stride (stride >= K).
-// Every element within a factor 2^7 of max |x| is represented exactly (fp32 carries 24
+// Every element within a factor 2^6 of max |x| is represented exactly (fp32 carries 24
 // significant bits, the fixed point 30 for the largest); smaller ones are rounded to a
 // multiple of 2^-e. Returns false, writing nothing, when x holds an inf or NaN. O(stride).
 inline bool pack_x_fixed_planes(const float* x, int64_t K, int64_t stride, uint8_t* planes, int& e) {

@@ -275,6 +275,23 @@ struct Vec {
     io = _mm256_srli_epi32(ii, 16);
   }
   static T gather_at(const float* x, __m256i cols) { return _mm256_i32gather_ps(x, cols, 4); }
+  // Row tails without a scalar loop: the last n (1 <= n < W) lanes of the W entries at p are
+  // kept, the others zeroed (mask_last(n) selects them). All W entries are read, so the caller
+  // makes sure they exist; the masked lanes' values may be anything, inf and NaN included.
+  static __m256 mask_last(int n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(W - 1 - n)));
+  }
+  template <class VT>
+  static T load_vals_masked(const VT* p, __m256 m) { return _mm256_and_ps(load_vals(p), m); }
+  template <class I>
+  static T gather_masked(const float* x, const I* idx, __m256 m) {
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, load_idx(idx), m, 4);
+  }
+  template <class I>
+  static T assemble_masked(const float* x, const I* idx, __m256 m) {
+    return _mm256_and_ps(assemble(x, idx), m);
+  }
   // The first min(n, W) floats at p, zero beyond (only those are read).
   static T load_n(const float* p, int n) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

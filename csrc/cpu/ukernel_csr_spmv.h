@@ -8,9 +8,11 @@
 // is the argument j; empty rows included); x holds NB rows of fp32 with row stride ldx (only the
 // columns idx names are read). Layout: val / idx are one CSR row's stored values (fp32 / bf16 /
 // fp16) and column ids (uint16 / int32). Alignment: none for val, idx, x or sums. Assumes:
-// idx[j] < the row length of x (validated when the matrix was built). Reads exactly [j0, e) of val
-// and idx (the prefetches may name addresses beyond e, which never fault); writes only
-// sums[0..NB). No allocation, no state. Cost: O(NB * (e - j0)) multiply-adds; the steps are 2W
+// idx[j] < the row length of x (validated when the matrix was built); val and idx point at the
+// starts of the whole arrays (j0 and e are positions in them). Reads [j0, e) of val and idx; the
+// AVX2 row tails also read the entries in [e - W, j0) when e >= W (earlier rows' entries, masked
+// out whatever their values: a vector step instead of a scalar loop), and the prefetches may name
+// addresses beyond e, which never fault. Writes only sums[0..NB). No allocation, no state. Cost: O(NB * (e - j0)) multiply-adds; the steps are 2W
 // nonzeros (gather, assemble) or 4W (gather4) with the remainder as described per variant, so the
 // edges are row lengths around W, 2W and 4W (tests/cpp/ukernel_test.cpp sweeps 0 .. 5W + 3).
 #pragma once
@@ -129,7 +131,8 @@ inline void spmv_bitmap(const uint64_t* words, int64_t K, const VT* val, const V
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
 // Hardware-gather variant: U vectors of W nonzeros per step (U = 2: csr_spmv_gather, U = 4:
 // csr_spmv_gather4), U independent accumulators per vector of x. Remainder below U * W: one
-// vector at a time, then a masked gather (AVX-512) or the scalar loop.
+// vector at a time, then a masked gather (AVX-512: masked loads of exactly the remaining entries;
+// AVX2: the W entries ending at e with the earlier lanes masked; the scalar loop only when e < W).
 template <int U, int NB, class VT, class IT>
 inline void spmv_gather(const IT* idx, const VT* val, int64_t j, int64_t e, const float* x,
                         int64_t ldx, float* sums) {
@@ -173,6 +176,14 @@ inline void spmv_gather(const IT* idx, const VT* val, int64_t j, int64_t e, cons
       acc[U - 1][n] = Vec::fma(v, Vec::gather_n(x + n * ldx, idx + j, cnt), acc[U - 1][n]);
     j = e;
   }
+#else
+  if (j < e && e >= W) {  // the W entries ending at e, all but the last e - j masked
+    const auto m = Vec::mask_last(static_cast<int>(e - j));
+    const typename Vec::T v = Vec::load_vals_masked(val + e - W, m);
+    for (int n = 0; n < NB; ++n)
+      acc[U - 1][n] = Vec::fma(v, Vec::gather_masked(x + n * ldx, idx + e - W, m), acc[U - 1][n]);
+    j = e;
+  }
 #endif
   for (int n = 0; n < NB; ++n) {
     typename Vec::T s = acc[0][n];
@@ -185,7 +196,8 @@ inline void spmv_gather(const IT* idx, const VT* val, int64_t j, int64_t e, cons
 // Gather-free variant: each vector of x is assembled from W scalar loads (load4_indexed), so
 // the load ports do the indexing instead of the microcoded gather. bf16 values: 2W values are
 // widened with one load and two unpacks (Vec::load_bf16_pair), and x is assembled in the same
-// permuted lane order. Remainder below 2W: the scalar loop.
+// permuted lane order. Remainder below 2W: one vector of W, then (AVX2) the W entries ending at
+// e with the earlier lanes masked, or the scalar loop.
 template <int NB, class VT, class IT>
 inline void spmv_assemble(const IT* idx, const VT* val, int64_t j, int64_t e, const float* x,
                           int64_t ldx, float* sums) {
@@ -211,6 +223,20 @@ inline void spmv_assemble(const IT* idx, const VT* val, int64_t j, int64_t e, co
       }
     }
   }
+  if (j + W <= e) {
+    const typename Vec::T v = Vec::load_vals(val + j);
+    for (int n = 0; n < NB; ++n) a0[n] = Vec::fma(v, Vec::assemble(x + n * ldx, idx + j), a0[n]);
+    j += W;
+  }
+#if defined(SPARSEKIT_ISA_AVX2)
+  if (j < e && e >= W) {  // the W entries ending at e, all but the last e - j masked
+    const auto m = Vec::mask_last(static_cast<int>(e - j));
+    const typename Vec::T v = Vec::load_vals_masked(val + e - W, m);
+    for (int n = 0; n < NB; ++n)
+      a1[n] = Vec::fma(v, Vec::assemble_masked(x + n * ldx, idx + e - W, m), a1[n]);
+    j = e;
+  }
+#endif
   for (int n = 0; n < NB; ++n) sums[n] += Vec::reduce(Vec::add(a0[n], a1[n]));
   if (j < e) spmv_scalar<NB>(idx, val, j, e, x, ldx, sums);
 }

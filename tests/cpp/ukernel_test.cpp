@@ -222,7 +222,9 @@ void spmv_case(F&& kernel, int64_t L, int64_t K, bool last, int pad, const char*
 template <int NB, class VT, class IT, class F>
 void spmv_sweep(F&& kernel, const char* kname) {
   for (int64_t L = 0; L <= 5 * W + 3; ++L)
-    for (int pad : {-1, 3}) spmv_case<NB, VT, IT>(kernel, L, 2 * L + 7, L % 3 == 0, pad, kname);
+    // pad W + 1: short rows whose AVX2 tail window reaches into the NaN-valued padding before j0
+    for (int pad : {-1, 3, W + 1})
+      spmv_case<NB, VT, IT>(kernel, L, 2 * L + 7, L % 3 == 0, pad, kname);
   for (int64_t L : {97, 1025}) spmv_case<NB, VT, IT>(kernel, L, 4 * L + 1, true, 5, kname);
   // Index limits: uint16 column 65535, int32 columns beyond 65535.
   const int64_t K = sizeof(IT) == 2 ? 65536 : 70001;
@@ -776,7 +778,7 @@ void q_bitmap_case(int64_t K, double density, bool at_end, std::initializer_list
 
 #if defined(SPARSEKIT_ISA_AVX512)
 // pack_x_fixed_planes against its definition: every byte of every plane (zeros beyond K), the
-// exponent (largest with max |x| * 2^e < 2^30), elements within 2^7 of the maximum exact;
+// exponent (largest with max |x| * 2^e < 2^30), elements within 2^6 of the maximum exact;
 // subnormal-only, huge, all-zero and single-element x; inf or NaN anywhere: rejected.
 void fixed_planes_case(std::vector<float> x, int64_t stride, const char* what) {
   const int64_t K = static_cast<int64_t>(x.size());
@@ -803,7 +805,7 @@ void fixed_planes_case(std::vector<float> x, int64_t stride, const char* what) {
   for (int64_t c = 0; c < stride; ++c) {
     const double scaled = c < K ? std::ldexp(double(x[static_cast<size_t>(c)]), e) : 0.0;
     const int64_t xu = c < K ? std::llrint(scaled) + (int64_t(1) << 31) : 0;
-    if (c < K && std::fabs(double(x[static_cast<size_t>(c)])) * 128 >= mx)
+    if (c < K && std::fabs(double(x[static_cast<size_t>(c)])) * 64 >= mx)
       check(double(std::llrint(scaled)), scaled, 0, std::string(what) + ": exact near the max");
     for (int k = 0; k < 4; ++k)
       check(planes[static_cast<size_t>(k * stride + c)], (xu >> (8 * k)) & 0xFF, 0,
@@ -832,6 +834,10 @@ void fixed_planes_cases() {
       fixed_planes_case(b, 64 * ((K + 63) / 64), "non-finite");
     }
   }
+  // The exactness boundary: with a full 24-bit significand, max / 2^6 scales to 2^24 - 1 (exact)
+  // and max / 2^7 to a half-integer, so the claim stops at a factor 2^6.
+  const float mx = std::nextafter(2.f, 0.f);
+  fixed_planes_case({mx, mx / 64, -mx / 64, mx / 128}, 64, "exactness boundary");
 }
 
 // q_row_bitmap_dot_vnni at the magnitude limits: every weight -128 and every plane byte 255
