@@ -4,6 +4,10 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace sparsekit {
 namespace cpu {
 
@@ -70,14 +74,37 @@ Isa resolve_isa(const std::string& name, const char* what) {
   return want;
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+// clflushopt (Skylake and later, Zen and later): flushes are not ordered among themselves, so
+// they overlap; clflush serialises them (about 50x slower: 135 MiB flushed in 370 ms against
+// 7.5 ms on a Xeon), which made the planner's cache flushes most of its cost.
+static bool has_clflushopt() {
+  static const bool supported = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) != 0 && (b & (1u << 23)) != 0;
+  }();
+  return supported;
+}
+
+__attribute__((target("clflushopt"))) static void flush_lines_unordered(uintptr_t first,
+                                                                        uintptr_t end) {
+  for (uintptr_t a = first; a < end; a += 64)
+    __builtin_ia32_clflushopt(reinterpret_cast<void*>(a));
+}
+#endif
+
 void evict_from_caches(const void* p, size_t nbytes) {
 #if defined(__x86_64__) || defined(__i386__)
   if (p == nullptr || nbytes == 0) return;
   // Line size 64 on every x86-64 core; flushing a line twice (a smaller real line) is harmless.
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
   const uintptr_t end = reinterpret_cast<uintptr_t>(p) + nbytes;
-  for (uintptr_t a = first; a < end; a += 64) __builtin_ia32_clflush(reinterpret_cast<const void*>(a));
-  __builtin_ia32_mfence();
+  if (has_clflushopt()) {
+    flush_lines_unordered(first, end);
+  } else {
+    for (uintptr_t a = first; a < end; a += 64) __builtin_ia32_clflush(reinterpret_cast<const void*>(a));
+  }
+  __builtin_ia32_mfence();  // the flushes complete before the timed call starts
 #else
   (void)p;
   (void)nbytes;
