@@ -20,7 +20,6 @@
 // moderate sparsity, slower at high sparsity; the planner measures which.
 #pragma once
 
-#include <atomic>
 #include <type_traits>
 
 #include "cpu/cpu_features.h"
@@ -345,11 +344,10 @@ void csrq_linear_t(const SpmmParams& p) {
     const float sc = p.scales ? p.scales[m] : 1.f;
     store_out(p.y, n * p.ldy + m, d * sc + bias_at(p.bias, m), p.x_dtype);
   };
-  // Rows are handed out in chunks from a shared counter rather than split statically: at N <= 2
-  // a call lasts tens of microseconds, and on a machine where another process holds part of one
-  // core a static split waits for the slowest thread (measured: 2 threads slower than 1).
+  // Rows in chunks with tail stealing rather than a static split (threading.h, RowChunks): at
+  // N <= 2 a call lasts tens of microseconds, and on a machine where another process holds part
+  // of one core a static split waits for the slowest thread (measured: 2 threads slower than 1).
   const int64_t chunk = threads > 1 ? imax(8, p.M / (static_cast<int64_t>(threads) * 32)) : p.M;
-  std::atomic<int64_t> next{0};
   auto rows = [&](int64_t r0, int64_t r1) {
     int64_t m = r0;
     if constexpr (std::is_same<VT, int8_t>::value) {
@@ -393,12 +391,11 @@ void csrq_linear_t(const SpmmParams& p) {
       for (int64_t n = 0; n < p.N; ++n) finish(n, m, q_row_dot<VT, IT>(idx, val, s, e, x + n * ldx));
     }
   };
-  parallel_run(threads, [&](int, int) {
-    for (;;) {
-      const int64_t r0 = next.fetch_add(chunk, std::memory_order_relaxed);
-      if (r0 >= p.M) break;
-      rows(r0, imin(p.M, r0 + chunk));
-    }
+  if (threads == 1) return rows(0, p.M);
+  RowChunks<PT> chunks(indptr, p.M, threads, chunk);
+  parallel_run(threads, [&](int tid, int) {  // fewer threads than parts: the rest is stolen
+    int64_t r0 = 0, r1 = 0;
+    while (chunks.next(tid, r0, r1)) rows(r0, r1);
   });
 }
 

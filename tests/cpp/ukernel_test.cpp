@@ -23,12 +23,16 @@
 //       VNNI integer sum exactly, at the magnitude limits and across its 512-word chunks;
 //   pack_x_fixed_planes (AVX-512 with VNNI)
 //       every plane byte, the exponent, zero / subnormal / float-max / inf / NaN x;
+//   RowChunks (threading.h)
+//       every row claimed once under random and concurrent schedules, chunks within one range;
 //   pack_x_tile / load_x_row / store_rows_tile (packing.h)
 //       N around the tile width, ragged K, bf16 / fp16 activations and outputs, bias.
 // Values outside the range a kernel may read are NaN, so a kernel that reads past its tail
 // reports a mismatch (and ASan sees over-reads of the exactly sized buffers).
 //
 // Usage: ukernel_test [-v]. Prints one line per kernel and a total; exit 1 on any mismatch.
+#include <omp.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -923,6 +927,67 @@ void q_bitmap_cases() {
 
 }  // namespace
 
+// ================================================================================================
+// RowChunks (threading.h): the chunked row partition with tail stealing
+// ================================================================================================
+// Every row claimed exactly once, in chunks of at most rows_per_chunk rows that never cross the
+// static split points, whatever order the parts call next() in (random schedules, parts that
+// stop early and leave their chunks to the others); then with OpenMP threads claiming at once.
+void row_chunks_cases() {
+  for (int parts : {1, 2, 3, 5})
+    for (int64_t rows : {0, 1, 7, 97, 1025})
+      for (int64_t rpc : {1, 3, 64}) {
+        std::vector<int32_t> indptr(static_cast<size_t>(rows + 1), 0);
+        for (int64_t r = 0; r < rows; ++r)
+          indptr[static_cast<size_t>(r + 1)] = indptr[static_cast<size_t>(r)] + static_cast<int32_t>(rnd(4) == 0 ? 0 : rnd(40));
+        std::vector<int64_t> splits;
+        for (int t = 0; t <= parts; ++t) splits.push_back(split_point(indptr.data(), rows, t, parts));
+        RowChunks<int32_t> chunks(indptr.data(), rows, parts, rpc);
+        std::vector<int> seen(static_cast<size_t>(rows), 0);
+        std::vector<int> active;
+        for (int t = 0; t < parts; ++t) active.push_back(t);
+        const std::string what = "parts=" + std::to_string(parts) + " rows=" + std::to_string(rows) +
+                                 " rows_per_chunk=" + std::to_string(rpc);
+        bool ok = true;
+        while (!active.empty()) {
+          const size_t pick = static_cast<size_t>(rnd(static_cast<int64_t>(active.size())));
+          int64_t r0 = -1, r1 = -1;
+          // done, or stops early while another part is still there to take its chunks
+          if (!chunks.next(active[pick], r0, r1) || (active.size() > 1 && rnd(50) == 0)) {
+            active.erase(active.begin() + static_cast<std::ptrdiff_t>(pick));
+            if (r0 < 0) continue;
+          }
+          bool inside = false;
+          for (int t = 0; t < parts; ++t) inside |= splits[static_cast<size_t>(t)] <= r0 && r1 <= splits[static_cast<size_t>(t + 1)];
+          ok &= 0 <= r0 && r0 < r1 && r1 <= rows && r1 - r0 <= rpc && inside;
+          for (int64_t r = r0; ok && r < r1; ++r) ++seen[static_cast<size_t>(r)];
+        }
+        int64_t once = 0;
+        for (int c : seen) once += c == 1;
+        check(ok, 1, 0, what + ": chunks inside one range, at most rows_per_chunk rows");
+        check(static_cast<double>(once), static_cast<double>(rows), 0, what + ": every row exactly once");
+      }
+  for (int rep = 0; rep < 20; ++rep) {  // concurrent claims
+    const int64_t rows = 5000 + rnd(3000);
+    std::vector<int32_t> indptr(static_cast<size_t>(rows + 1), 0);
+    for (int64_t r = 0; r < rows; ++r)
+      indptr[static_cast<size_t>(r + 1)] = indptr[static_cast<size_t>(r)] + static_cast<int32_t>(rnd(30));
+    const int parts = 4;
+    RowChunks<int32_t> chunks(indptr.data(), rows, parts, 1 + rnd(8));
+    std::vector<int> seen(static_cast<size_t>(rows), 0);
+    int* s = seen.data();
+#pragma omp parallel num_threads(parts)
+    {
+      int64_t r0 = 0, r1 = 0;
+      while (chunks.next(omp_get_thread_num() % parts, r0, r1))
+        for (int64_t r = r0; r < r1; ++r) __atomic_add_fetch(&s[r], 1, __ATOMIC_RELAXED);
+    }
+    int64_t once = 0;
+    for (int c : seen) once += c == 1;
+    check(static_cast<double>(once), static_cast<double>(rows), 0, "concurrent claims: every row exactly once");
+  }
+}
+
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "-v")) {
@@ -976,6 +1041,8 @@ int main(int argc, char** argv) {
 #if defined(SPARSEKIT_ISA_AVX512)
   if (has_avx512_vnni_vbmi2()) fixed_planes_cases();
 #endif
+  begin("row_chunks");
+  row_chunks_cases();
   long cases = 0, bad = 0;
   for (const Tally& t : g_tally) {
     std::printf("%-18s %8ld checks, %ld mismatches\n", t.name, t.cases, t.mismatches);
