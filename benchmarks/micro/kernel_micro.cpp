@@ -10,6 +10,8 @@
 //                                         weights rotating over > 2x the LLC unless warm
 //           build/micro/kernel_micro spmv-no-gather M K density [threads] [bf16]   the spmv loop
 //                                         with x read contiguously: streaming bound (no check)
+//           build/micro/kernel_micro spmv-gather-only M K density [threads] [warm]   the gathers
+//                                         of csr_spmv_gather alone: compute bound (no check)
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
 //           build/micro/kernel_micro gather [n] [threads] [fma]        hardware-gather floor per
 //                                         entry (indices, x and values resident)
@@ -281,6 +283,44 @@ int run_stream_bound(int M, int K, double d, int threads, bool bf16) {
 }
 #endif
 
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// The gathers of csr_spmv_gather alone: per row, 2W column ids per step and a hardware gather
+// of x for each W of them, no values read or multiplied (the tail below 2W skipped). Its time
+// is the floor the gather kernel cannot go under whatever the value type: with bf16 values
+// the full kernel runs close to it (docs/kernels.md, "What bounds the misses"). No check.
+int run_gather_bound(int M, int K, double d, int threads, bool warm) {
+  std::mt19937 g(0);
+  SpmvCopies cs = spmv_copies(M, K, d, /*bf16=*/false, warm, g);
+  const int copies = static_cast<int>(cs.mats.size());
+  std::vector<float> x(K, 0.5f), y(M);
+  auto call = [&](int c) {
+    const Sparse& s = cs.mats[c];
+    const uint16_t* idx = s.idx.data();
+#pragma omp parallel num_threads(threads)
+    {
+      constexpr int W = Vec::W;
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int r0 = M * tid / nt, r1 = M * (tid + 1) / nt;
+      for (int m = r0; m < r1; ++m) {
+        typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+        int64_t j = s.indptr[m];
+        for (const int64_t e = s.indptr[m + 1]; j + 2 * W <= e; j += 2 * W) {
+          prefetch_t0(idx + j + kPfDist);
+          a0 = Vec::add(a0, Vec::gather(x.data(), idx + j));
+          a1 = Vec::add(a1, Vec::gather(x.data(), idx + j + W));
+        }
+        y[m] = Vec::reduce(Vec::add(a0, a1));
+      }
+    }
+  };
+  for (int c = 0; c < copies; ++c) call(c);
+  const double t = median_time(std::max(15, 2 * copies), [&](int i) { call(i % copies); });
+  std::printf("spmv-gather-only %dx%d density=%.2f threads=%d %s: %.3f ms (bound: gathers only, "
+              "no values, no check)\n", M, K, d, threads, warm ? "warm" : "rotating", t * 1e3);
+  return 0;
+}
+#endif
+
 #if defined(SPARSEKIT_ISA_AVX512)
 // Reads 180 MB (11008 x 4096 fp32) per call as `streams` interleaved sequential streams per
 // thread, optionally with software prefetch `pf` floats ahead; rotating copies over > 2x the LLC.
@@ -441,6 +481,8 @@ int main(int argc, char** argv) {
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   if (!std::strcmp(mode, "spmv-no-gather") && argc >= 5)
     return run_stream_bound(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "bf16"));
+  if (!std::strcmp(mode, "spmv-gather-only") && argc >= 5)
+    return run_gather_bound(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "warm"));
 #endif
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   if (!std::strcmp(mode, "gather"))
