@@ -85,9 +85,9 @@ inline int64_t split_point(const PT* indptr, int64_t rows, int64_t part, int64_t
 template <class PT>
 class RowChunks {
  public:
-  // rows_per_chunk >= 1; parts >= 1, each range below 2^32 chunks.
+  // parts >= 1; rows_per_chunk >= 1, raised where needed so that a range has < 2^32 chunks.
   RowChunks(const PT* indptr, int64_t rows, int parts, int64_t rows_per_chunk)
-      : parts_(parts), rows_per_chunk_(rows_per_chunk) {
+      : parts_(parts), rows_per_chunk_(imax(rows_per_chunk, rows / 0xffffffffLL + 1)) {
     slots_ = static_cast<Slot*>(std::aligned_alloc(64, sizeof(Slot) * static_cast<size_t>(parts)));
     if (slots_ == nullptr) throw std::bad_alloc();
     for (int t = 0; t < parts; ++t) {
@@ -95,7 +95,7 @@ class RowChunks {
       s.begin = split_point(indptr, rows, t, parts);
       s.end = split_point(indptr, rows, t + 1, parts);
       const uint64_t chunks =
-          static_cast<uint64_t>((s.end - s.begin + rows_per_chunk - 1) / rows_per_chunk);
+          static_cast<uint64_t>((s.end - s.begin + rows_per_chunk_ - 1) / rows_per_chunk_);
       s.front_back = chunks << 32;  // front 0 (low half), back = chunk count (high half)
     }
   }
