@@ -6,7 +6,8 @@
 // Covered, each over the value types fp32 / bf16 / fp16 (int8 for the csr_q kernel) and the
 // index types uint16 / int32 (uint8 gaps for csr_q):
 //   spmv_scalar / spmv_gather<2> / spmv_gather<4> / spmv_assemble (NB = 1, 2)
-//       row lengths 0 .. 5W + 3 (around W, 2W, 4W), long rows, unaligned row starts, x with a
+//       row lengths 0 .. 5W + 3 (around W, 2W, 4W), long rows, unaligned row starts, short rows
+//       after W + 1 NaN-valued entries (the AVX2 tail window reads and masks them), x with a
 //       row stride, uint16 column 65535 and int32 columns beyond it;
 //   csr_row_tile<V, kBounded> (V = 1, 2, 4, 8)
 //       lengths around the U-nonzero step, with / without / aliased init, K-block bounds,
