@@ -59,9 +59,10 @@ inline bool has_avx512_vnni_vbmi2() {
 
 // Writes back and invalidates every cache line of [p, p + nbytes) at every cache level, so the
 // next access comes from memory (x86: one clflushopt per 64-byte line where the CPU has it, else
-// clflush, then a fence; elsewhere a no-op). The planner times kernels this way: a model's weights stream from memory on every
-// forward pass, while a matrix timed repeatedly stays in a large last-level cache, and which
-// variant wins can differ between the two. Cost: O(nbytes / 64) flushes.
+// clflush, then a fence; elsewhere a no-op). The planner times kernels this way: a model's
+// weights stream from memory on every forward pass, while a matrix timed repeatedly stays in a
+// large last-level cache, and which variant wins can differ between the two. Cost:
+// O(nbytes / 64) flushes.
 void evict_from_caches(const void* p, size_t nbytes);
 
 }  // namespace cpu

@@ -347,7 +347,7 @@ void csrq_linear_t(const SpmmParams& p) {
   // Rows in chunks with tail stealing rather than a static split (threading.h, RowChunks): at
   // N <= 2 a call lasts tens of microseconds, and on a machine where another process holds part
   // of one core a static split waits for the slowest thread (measured: 2 threads slower than 1).
-  const int64_t chunk = threads > 1 ? imax(8, p.M / (static_cast<int64_t>(threads) * 32)) : p.M;
+  const int64_t chunk = imax(8, p.M / (static_cast<int64_t>(threads) * 32));
   auto rows = [&](int64_t r0, int64_t r1) {
     int64_t m = r0;
     if constexpr (std::is_same<VT, int8_t>::value) {
@@ -391,12 +391,7 @@ void csrq_linear_t(const SpmmParams& p) {
       for (int64_t n = 0; n < p.N; ++n) finish(n, m, q_row_dot<VT, IT>(idx, val, s, e, x + n * ldx));
     }
   };
-  if (threads == 1) return rows(0, p.M);
-  RowChunks<PT> chunks(indptr, p.M, threads, chunk);
-  parallel_run(threads, [&](int tid, int) {  // fewer threads than parts: the rest is stolen
-    int64_t r0 = 0, r1 = 0;
-    while (chunks.next(tid, r0, r1)) rows(r0, r1);
-  });
+  parallel_row_chunks(threads, indptr, p.M, chunk, rows);
 }
 
 }  // namespace

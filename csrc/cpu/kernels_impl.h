@@ -210,17 +210,11 @@ void csr_linear_t(const SpmmParams& p) {
       if (p.N == 1) csr_spmv_rows<1, VT, PT, IT>(p, v, x, ldx, r0, r1);
       else csr_spmv_rows<2, VT, PT, IT>(p, v, x, ldx, r0, r1);
     };
-    if (threads == 1) return rows(0, p.M);
     // Chunks of about kSpmvChunkCost (nnz + kRowCost per row): a few microseconds each, so the
     // cores finish within one chunk of each other (threading.h, RowChunks).
     constexpr int64_t kSpmvChunkCost = 8192;
     const int64_t rows_per_chunk = imax(1, kSpmvChunkCost * p.M / imax(1, nnz + kRowCost * p.M));
-    RowChunks<PT> chunks(indptr, p.M, threads, rows_per_chunk);
-    parallel_run(threads, [&](int tid, int) {  // fewer threads than parts: the rest is stolen
-      int64_t r0 = 0, r1 = 0;
-      while (chunks.next(tid, r0, r1)) rows(r0, r1);
-    });
-    return;
+    return parallel_row_chunks(threads, indptr, p.M, rows_per_chunk, rows);
   }
   const Variant variant = static_cast<Variant>(p.variant);
   int vmax = 4;

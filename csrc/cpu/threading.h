@@ -146,6 +146,19 @@ class RowChunks {
   int64_t rows_per_chunk_;
 };
 
+// body(r0, r1) over rows [0, rows) on `threads` threads in RowChunks of rows_per_chunk rows
+// (all rows in one call when threads is 1).
+template <class PT, class F>
+inline void parallel_row_chunks(int threads, const PT* indptr, int64_t rows,
+                                int64_t rows_per_chunk, F&& body) {
+  if (threads <= 1) return body(int64_t{0}, rows);
+  RowChunks<PT> chunks(indptr, rows, threads, rows_per_chunk);
+  parallel_run(threads, [&](int tid, int) {  // fewer threads than parts: the rest is stolen
+    int64_t r0 = 0, r1 = 0;
+    while (chunks.next(tid, r0, r1)) body(r0, r1);
+  });
+}
+
 // Threads worth using for `work` multiply-adds (a parallel region costs a few microseconds).
 inline int threads_for(int requested, int64_t work) {
   constexpr int64_t kMinWorkPerThread = 16384;

@@ -12,9 +12,10 @@
 // starts of the whole arrays (j0 and e are positions in them). Reads [j0, e) of val and idx; the
 // AVX2 row tails also read the entries in [e - W, j0) when e >= W (earlier rows' entries, masked
 // out whatever their values: a vector step instead of a scalar loop), and the prefetches may name
-// addresses beyond e, which never fault. Writes only sums[0..NB). No allocation, no state. Cost: O(NB * (e - j0)) multiply-adds; the steps are 2W
-// nonzeros (gather, assemble) or 4W (gather4) with the remainder as described per variant, so the
-// edges are row lengths around W, 2W and 4W (tests/cpp/ukernel_test.cpp sweeps 0 .. 5W + 3).
+// addresses beyond e, which never fault. Writes only sums[0..NB). No allocation, no state.
+// Cost: O(NB * (e - j0)) multiply-adds; the steps are 2W nonzeros (gather, assemble) or 4W
+// (gather4) with the remainder as described per variant, so the edges are row lengths around W,
+// 2W and 4W (tests/cpp/ukernel_test.cpp sweeps 0 .. 5W + 3).
 #pragma once
 
 #include <cstdint>
