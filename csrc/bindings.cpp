@@ -302,8 +302,16 @@ unsigned isa_bit(sparsekit::cpu::Isa isa) { return 1u << static_cast<int>(isa); 
 
 // Whether this CPU has the features variant v needs beyond its ISA level (variants.h).
 bool cpu_has_features(Variant v) {
-  const std::string f = cpuv::variant_cpu_features(v);
-  return f.empty() || (f == "avx512vnni,avx512vbmi2" && sparsekit::cpu::has_avx512_vnni_vbmi2());
+  return (cpuv::variant_info(v).features & ~sparsekit::cpu::cpu_feature_bits()) == 0;
+}
+
+// The CPU features variant v needs beyond its ISA level, comma-separated ("" when none).
+std::string variant_cpu_features(Variant v) {
+  std::string s;
+  for (int b = 0; b < cpuv::kFeatureCount; ++b)
+    if (cpuv::variant_info(v).features & (1u << b))
+      s += (s.empty() ? "" : ",") + std::string(cpuv::kFeatureNames[b]);
+  return s;
 }
 
 std::string variant_names(const char* family, sparsekit::cpu::Isa isa) {
@@ -340,7 +348,7 @@ Variant parse_variant(const py::handle& obj, const char* family, sparsekit::cpu:
   }
   if (id >= 0 && !cpu_has_features(cpuv::kVariants[id].id))
     value_error(std::string("variant: '") + cpuv::kVariants[id].name + "' needs the CPU features " +
-                cpuv::variant_cpu_features(cpuv::kVariants[id].id) + ", which this CPU lacks");
+                variant_cpu_features(cpuv::kVariants[id].id) + ", which this CPU lacks");
   value_error(std::string("variant: expected one of ") + variant_names(family, isa) + " for " +
               family + " on ISA '" + sparsekit::cpu::isa_name(isa) + "', got '" + shown + "'");
 }
@@ -358,7 +366,7 @@ py::list cpu_variants() {
     for (int i = 0; i < 3; ++i)
       if (v.isas & (1u << i)) isas.append(sparsekit::cpu::isa_name(static_cast<sparsekit::cpu::Isa>(i)));
     d["isas"] = isas;
-    d["cpu_features"] = cpuv::variant_cpu_features(v.id);  // needed beyond the ISA level
+    d["cpu_features"] = variant_cpu_features(v.id);  // needed beyond the ISA level
     d["available"] = cpu_has_features(v.id);                 // this CPU has them
     d["dtypes"] = v.dtypes;
     d["summary"] = v.summary;

@@ -4,6 +4,8 @@
 #include <cstddef>
 #include <string>
 
+#include "cpu/variants.h"
+
 namespace sparsekit {
 namespace cpu {
 
@@ -43,18 +45,25 @@ inline bool has_avx512_vbmi2() {
 #endif
 }
 
-// True when the CPU and OS support AVX-512 VNNI (byte dot products) and VBMI2, checked once: the
-// csrq_bitmap_vnni kernel needs both (csr_q_impl.h). Header-only, as above.
-inline bool has_avx512_vnni_vbmi2() {
+// True when the CPU and OS support AVX-512 VNNI (byte dot products), checked once.
+inline bool has_avx512_vnni() {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool supported = [] {
     __builtin_cpu_init();
-    return has_avx512_vbmi2() && __builtin_cpu_supports("avx512vnni");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
   }();
   return supported;
 #else
   return false;
 #endif
+}
+
+// True when the CPU has both: the csrq_bitmap_vnni kernel needs them (csr_q_impl.h).
+inline bool has_avx512_vnni_vbmi2() { return has_avx512_vnni() && has_avx512_vbmi2(); }
+
+// The kFeat* bits of variants.h this CPU has (which kernel variants it can run beyond its ISA).
+inline unsigned cpu_feature_bits() {
+  return (has_avx512_vnni() ? kFeatAvx512Vnni : 0u) | (has_avx512_vbmi2() ? kFeatAvx512Vbmi2 : 0u);
 }
 
 // Writes back and invalidates every cache line of [p, p + nbytes) at every cache level, so the

@@ -88,7 +88,10 @@ class RowChunks {
   // parts >= 1; rows_per_chunk >= 1, raised where needed so that a range has < 2^32 chunks.
   RowChunks(const PT* indptr, int64_t rows, int parts, int64_t rows_per_chunk)
       : parts_(parts), rows_per_chunk_(imax(rows_per_chunk, rows / 0xffffffffLL + 1)) {
-    slots_ = static_cast<Slot*>(std::aligned_alloc(64, sizeof(Slot) * static_cast<size_t>(parts)));
+    // Up to kInlineParts slots live in the object (no allocation for the usual thread counts).
+    slots_ = parts <= kInlineParts ? inline_slots_
+                                   : static_cast<Slot*>(std::aligned_alloc(
+                                         64, sizeof(Slot) * static_cast<size_t>(parts)));
     if (slots_ == nullptr) throw std::bad_alloc();
     for (int t = 0; t < parts; ++t) {
       Slot& s = slots_[t];
@@ -99,7 +102,9 @@ class RowChunks {
       s.front_back = chunks << 32;  // front 0 (low half), back = chunk count (high half)
     }
   }
-  ~RowChunks() { std::free(slots_); }
+  ~RowChunks() {
+    if (slots_ != inline_slots_) std::free(slots_);
+  }
   RowChunks(const RowChunks&) = delete;
   RowChunks& operator=(const RowChunks&) = delete;
 
@@ -141,6 +146,8 @@ class RowChunks {
       }
     }
   }
+  static constexpr int kInlineParts = 8;
+  Slot inline_slots_[kInlineParts];
   Slot* slots_ = nullptr;
   int parts_;
   int64_t rows_per_chunk_;

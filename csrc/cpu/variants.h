@@ -49,6 +49,12 @@ constexpr unsigned kIsaGeneric = 1u, kIsaAvx2 = 2u, kIsaAvx512 = 4u;
 constexpr unsigned kIsaSimd = kIsaAvx2 | kIsaAvx512;
 constexpr unsigned kIsaAll = kIsaGeneric | kIsaSimd;
 
+// CPU features beyond an ISA level that a variant may need (bits of VariantInfo::features;
+// cpu::cpu_feature_bits() in cpu_features.h reports which this CPU has). Names as in kFeatureNames.
+constexpr unsigned kFeatAvx512Vnni = 1u, kFeatAvx512Vbmi2 = 2u;
+inline constexpr const char* kFeatureNames[] = {"avx512vnni", "avx512vbmi2"};
+constexpr int kFeatureCount = static_cast<int>(sizeof(kFeatureNames) / sizeof(kFeatureNames[0]));
+
 struct VariantInfo {
   Variant id;
   const char* name;     // what SPARSEKIT_KERNEL and the wisdom file use
@@ -57,6 +63,7 @@ struct VariantInfo {
   unsigned isas;        // kIsa* bits it is compiled for
   const char* dtypes;   // value dtypes
   const char* summary;  // one line: what differs
+  unsigned features = 0;  // kFeat* bits it needs beyond its ISA level
 };
 
 inline constexpr VariantInfo kVariants[] = {
@@ -93,18 +100,13 @@ inline constexpr VariantInfo kVariants[] = {
      "values placed by a 64-bit occupancy word per 64 columns, x read contiguously (no gathers)"},
     {Variant::CsrqBitmapVnni, "csrq_bitmap_vnni", "csrq", 1, 2, kIsaAvx512, "i8",
      "csrq_bitmap with x as 32-bit fixed point in 4 byte planes and VNNI byte dot products "
-     "(CPUs with AVX-512 VNNI + VBMI2)"},
+     "(CPUs with AVX-512 VNNI + VBMI2)", kFeatAvx512Vnni | kFeatAvx512Vbmi2},
 };
 static_assert(sizeof(kVariants) / sizeof(kVariants[0]) == static_cast<int>(Variant::kCount),
               "one kVariants row per Variant");
 
 inline const VariantInfo& variant_info(Variant v) { return kVariants[static_cast<int>(v)]; }
 
-// CPU features a variant needs beyond its ISA level ("" when none), comma-separated in the
-// names of cpu_features.h; where the CPU lacks them the variant is not offered.
-inline const char* variant_cpu_features(Variant v) {
-  return v == Variant::CsrqBitmapVnni ? "avx512vnni,avx512vbmi2" : "";
-}
 
 // True when variant v is meant for a call of `family` ("csr" / "bsr") with batch N.
 inline bool variant_applies(Variant v, const char* family, int64_t N) {

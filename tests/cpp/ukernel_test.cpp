@@ -935,7 +935,7 @@ void q_bitmap_cases() {
 // static split points, whatever order the parts call next() in (random schedules, parts that
 // stop early and leave their chunks to the others); then with OpenMP threads claiming at once.
 void row_chunks_cases() {
-  for (int parts : {1, 2, 3, 5})
+  for (int parts : {1, 2, 3, 5, 8, 9, 13})  // 8 slots inline, more on the heap
     for (int64_t rows : {0, 1, 7, 97, 1025})
       for (int64_t rpc : {1, 3, 64}) {
         std::vector<int32_t> indptr(static_cast<size_t>(rows + 1), 0);
