@@ -296,6 +296,7 @@ void fill_common(Common& c, const py::handle& indptr_o, const py::handle& indice
 
 // ---- kernel variants (csrc/cpu/variants.h) -----------------------------------------------
 using sparsekit::cpu::Variant;
+using sparsekit::cpu::Isa;
 namespace cpuv = sparsekit::cpu;
 
 unsigned isa_bit(sparsekit::cpu::Isa isa) { return 1u << static_cast<int>(isa); }
@@ -418,7 +419,9 @@ const int64_t* occupancy_row_sums(const std::vector<uint64_t>& words, const Spmm
 }
 
 // A sparse matrix bound once to the kernels: validated buffers (kept alive by this object),
-// sizes, dtype codes, the ISA and the planned variant per batch class. A call passes only the
+// sizes, dtype codes, the ISA (the highest its calls may use) and the planned variant per batch
+// class, with the ISA build of it that the plan chose (the same or a lower one: on some cores
+// the AVX2 build of a kernel outruns the AVX-512 one). A call passes only the
 // addresses of x / out / bias, the batch size and the thread count, so its cost is a few
 // integer conversions (no array objects, no dtype or shape inspection). The caller guarantees
 // what an address cannot show: x is C-contiguous (N, n_cols) and out C-contiguous (N, n_rows),
@@ -490,16 +493,18 @@ class BoundMatrix {
     spans_[2] = {v.data(), static_cast<size_t>(v.nbytes())};
     for (int& c : variant_) c = -1;
     for (int& t : planned_threads_) t = 0;
+    for (auto& i : class_isa_) i = isa_;
   }
 
   static int n_class(int64_t n) { return n <= 1 ? 0 : (n == 2 ? 1 : (n <= 8 ? 2 : (n <= 32 ? 3 : 4))); }
 
   // out = x @ W.T + bias. x_code: 0 f32, 1 bf16, 2 f16 (x and out). variant >= 0 runs that
-  // variant; -1 runs the one planned for this batch class and, when there is
+  // variant, built for ISA code isa_code (0 generic, 1 avx2, 2 avx512; -1: the matrix's ISA);
+  // -1 runs the one planned for this batch class (and its ISA) and, when there is
   // no such plan, returns false WITHOUT computing (the caller plans, then calls again: every
   // call of a class then runs the same variant, so repeated calls give bit-identical results).
   bool run(uintptr_t x, uintptr_t out, int64_t n, int x_code, uintptr_t bias, int threads,
-           int variant) const {
+           int variant, int isa_code = -1) const {
     if (n < 0) value_error("n: expected a non-negative batch size, got " + std::to_string(n));
     if (x_code < 0 || x_code > 2)
       value_error("x_dtype: expected code 0 (f32), 1 (bf16) or 2 (f16), got " + std::to_string(x_code));
@@ -511,6 +516,10 @@ class BoundMatrix {
     if (variant >= static_cast<int>(Variant::kCount) || variant < -1)
       value_error("variant: expected -1 or an id below " +
                   std::to_string(static_cast<int>(Variant::kCount)) + ", got " + std::to_string(variant));
+    if (isa_code < -1 || isa_code > static_cast<int>(isa_))
+      value_error("isa: expected -1 or an ISA code in [0, " + std::to_string(static_cast<int>(isa_)) +
+                  "] (this matrix's ISA '" + sparsekit::cpu::isa_name(isa_) + "' or below), got " +
+                  std::to_string(isa_code));
     const int cls = n_class(n);
     // One plan per batch class whatever the thread count (the kernels' results do not depend
     // on it, and a variant switch would change the summation order).
@@ -529,6 +538,8 @@ class BoundMatrix {
     p.bias = reinterpret_cast<const float*>(bias);
     p.num_threads = threads > 4096 ? 4096 : threads;
     p.variant = variant >= 0 ? variant : variant_[cls];
+    const Isa isa =
+        variant >= 0 ? (isa_code < 0 ? isa_ : static_cast<Isa>(isa_code)) : class_isa_[cls];
     // The bitmap is built on first use, with the GIL held; the call keeps its own reference, so
     // set_variant may drop the matrix's while a call runs.
     std::shared_ptr<const std::vector<uint64_t>> bits;
@@ -539,19 +550,30 @@ class BoundMatrix {
     }
     {
       py::gil_scoped_release nogil;
-      if (bsr_) sparsekit::cpu::bsr_linear(p, isa_);
-      else if (q_) sparsekit::cpu::csrq_linear(p, isa_);
-      else sparsekit::cpu::csr_linear(p, isa_);
+      if (bsr_) sparsekit::cpu::bsr_linear(p, isa);
+      else if (q_) sparsekit::cpu::csrq_linear(p, isa);
+      else sparsekit::cpu::csr_linear(p, isa);
     }
     return true;
   }
 
-  // Records `variant` (name or id) as the plan for batch class n_cls (measured at `threads`).
-  void set_variant(int n_cls, const py::handle& variant, int threads) {
+  // Records `variant` (name or id) built for `isa` (a name; None: the matrix's ISA, which
+  // bounds it) as the plan for batch class n_cls (measured at `threads`).
+  void set_variant(int n_cls, const py::handle& variant, int threads, const py::handle& isa) {
     if (n_cls < 0 || n_cls >= kClasses)
       value_error("n_class: expected an integer in [0, " + std::to_string(kClasses) + "), got " +
                   std::to_string(n_cls));
-    variant_[n_cls] = static_cast<int>(parse_variant(variant, family(), isa_));
+    Isa vi = isa_;
+    if (!isa.is_none()) {
+      if (!py::isinstance<py::str>(isa))
+        type_error("isa: expected an ISA name (str) or None, got " + type_name(isa));
+      vi = sparsekit::cpu::parse_isa(isa.cast<std::string>(), "isa");
+      if (vi > isa_)
+        value_error(std::string("isa: expected this matrix's ISA '") + sparsekit::cpu::isa_name(isa_) +
+                    "' or a lower one, got '" + sparsekit::cpu::isa_name(vi) + "'");
+    }
+    variant_[n_cls] = static_cast<int>(parse_variant(variant, family(), vi));
+    class_isa_[n_cls] = vi;
     planned_threads_[n_cls] = threads;
     bool bitmap_planned = false;
     for (int v : variant_) bitmap_planned |= reads_bitmap(v, 1);
@@ -563,6 +585,13 @@ class BoundMatrix {
       value_error("n_class: expected an integer in [0, " + std::to_string(kClasses) + "), got " +
                   std::to_string(n_cls));
     return variant_[n_cls];
+  }
+  // The ISA build the plan of batch class n_cls runs (the matrix's ISA when none is planned).
+  std::string get_isa(int n_cls) const {
+    if (n_cls < 0 || n_cls >= kClasses)
+      value_error("n_class: expected an integer in [0, " + std::to_string(kClasses) + "), got " +
+                  std::to_string(n_cls));
+    return sparsekit::cpu::isa_name(class_isa_[n_cls]);
   }
   // Flushes indptr, indices and values out of every cache level (cpu::evict_from_caches), so
   // the next call reads them from memory, as a model's layers do; used by the planner.
@@ -612,6 +641,7 @@ class BoundMatrix {
   bool q_ = false;  // format 'csrq': the compressed-format kernels (csrq_linear)
   int64_t nnz_ = 0;
   int variant_[kClasses];
+  Isa class_isa_[kClasses];  // the ISA build each class's plan runs (<= isa_)
   int planned_threads_[kClasses];
   py::object keep_[4];
   std::pair<const void*, size_t> spans_[4] = {};
@@ -1052,8 +1082,11 @@ PYBIND11_MODULE(_C, m) {
            "formats: int8 values with float32 per-row scales and/or uint8 gap indices).")
       .def("run", &BoundMatrix::run, py::arg("x"), py::arg("out"), py::arg("n"),
            py::arg("x_dtype"), py::arg("bias"), py::arg("num_threads"), py::arg("variant") = -1,
+           py::arg("isa") = -1,
            "out (n, n_rows) = x (n, n_cols) @ W.T + bias from addresses (ints; bias 0 = none), "
-           "x_dtype code 0 f32 / 1 bf16 / 2 f16; variant -1 = the planned one. Returns False, "
+           "x_dtype code 0 f32 / 1 bf16 / 2 f16; variant -1 = the planned one (with its ISA build), "
+           "else that variant built for ISA code isa (0 generic, 1 avx2, 2 avx512; -1 = the "
+           "matrix's, the highest allowed). Returns False, "
            "computing nothing, when variant is -1 and this batch class has no plan yet (plan "
            "with set_variant, then call again). Releases the GIL.")
       .def("runner", &make_runner,
@@ -1061,9 +1094,12 @@ PYBIND11_MODULE(_C, m) {
            "run() does with variant -1, for positional ints only, at a fraction of the call "
            "cost (no pybind11 dispatch). It keeps this matrix alive.")
       .def("set_variant", &BoundMatrix::set_variant, py::arg("n_class"), py::arg("variant"),
-           py::arg("num_threads"),
-           "Records `variant` (name or id) as the plan for batch class n_class at num_threads.")
+           py::arg("num_threads"), py::arg("isa") = py::none(),
+           "Records `variant` (name or id) built for `isa` (name; None = the matrix's ISA, which "
+           "bounds it) as the plan for batch class n_class at num_threads.")
       .def("get_variant", &BoundMatrix::get_variant, py::arg("n_class"))
+      .def("get_isa", &BoundMatrix::get_isa, py::arg("n_class"),
+           "The ISA build the plan of batch class n_class runs.")
       .def("evict", &BoundMatrix::evict,
            "Flushes the matrix's buffers out of every cache level (x86; a no-op elsewhere), so "
            "the next call reads them from memory. Releases the GIL.")

@@ -205,7 +205,7 @@ def test_planner_measures_once_and_calls_stay_correct(fresh_planner):
     mat = sparsekit.CSRMatrix.from_dense(w)
     p = planner.plan(mat, 1, threads=1)
     assert p.source in ("measured", "single") and p.variant in p.times_us
-    assert p.cost_s >= 0 and len(p.times_us) == len(planner.candidates("csr", 1, C.cpu_isa()))
+    assert p.cost_s >= 0 and len(p.times_us) == len(planner.bound_candidates("csr", 1, C.cpu_isa()))
     again = planner.plan(sparsekit.CSRMatrix.from_dense(w.clone()), 1, threads=1)
     assert again.key == p.key and again.cost_s == 0.0  # same key: no second measurement
     for n in (1, 2, 6, 20, 70):  # the first call of each class plans; all stay correct
@@ -256,6 +256,51 @@ def test_planner_forced_and_unknown(fresh_planner, monkeypatch):
     monkeypatch.delenv("SPARSEKIT_KERNEL")
     monkeypatch.setenv("SPARSEKIT_PLAN", "0")
     assert planner.plan(mat, 1, threads=1).variant == "auto"
+
+
+def test_planner_times_lower_isa_builds(fresh_planner, monkeypatch):
+    """On AVX-512 the AVX2 builds are candidates (``<variant>@avx2``); forcing one runs that
+    build (correct results, reported with its ISA); lower builds never go above the matrix's."""
+    names = planner.bound_candidates("csr", 1, "avx512")
+    assert set(planner.candidates("csr", 1, "avx512")) <= set(names)
+    assert {f"{c}@avx2" for c in planner.candidates("csr", 1, "avx2")} <= set(names)
+    assert planner.bound_candidates("csr", 1, "avx2") == planner.candidates("csr", 1, "avx2")
+    assert planner.split_name("csr_spmv_gather@avx2") == ("csr_spmv_gather", "avx2")
+    assert planner.split_name("csr_spmv_gather") == ("csr_spmv_gather", None)
+    if C.cpu_isa() != "avx512":
+        pytest.skip("needs an AVX-512 machine (the AVX2 build is then a lower one)")
+    w = random_pruned(97, 300, 0.9, seed=11)
+    mat = sparsekit.CSRMatrix.from_dense(w)
+    monkeypatch.setenv("SPARSEKIT_KERNEL", "csr_spmv_gather@avx2")
+    p = planner.plan(mat, 1, threads=2)
+    assert (p.variant, p.source) == ("csr_spmv_gather@avx2", "forced")
+    from sparsekit.kernels import get_backend
+    assert get_backend("cpp").variant(mat, 1) == "csr_spmv_gather@avx2"
+    for n in (1, 2):
+        x = random_x((n, 300), seed=n)
+        assert_close_to_reference(sparsekit.linear(x, mat), x, mat.to_dense(), msg=f"N={n}")
+    monkeypatch.setenv("SPARSEKIT_KERNEL", "csr_spmv_gather@sse4")
+    with pytest.raises(ValueError, match=r"SPARSEKIT_KERNEL: .*@<isa> \(generic, avx2, avx512\), "
+                                         r"got 'csr_spmv_gather@sse4'"):
+        planner.plan(mat, 1, threads=1)
+
+
+def test_bound_matrix_isa_build_arguments():
+    ip, ix = np.array([0, 1, 2], np.int32), np.array([0, 1], np.uint16)
+    m = C.BoundMatrix("csr", ip, ix, np.ones(2, np.float32), "f32", 2, 2, isa="avx2")
+    with pytest.raises(ValueError, match="isa: expected this matrix's ISA 'avx2' or a lower one, "
+                                         "got 'avx512'"):
+        m.set_variant(0, "csr_spmv_gather", 1, "avx512")
+    with pytest.raises(TypeError, match="isa: expected an ISA name"):
+        m.set_variant(0, "csr_spmv_gather", 1, 2)
+    with pytest.raises(ValueError, match="isa: expected -1 or an ISA code in \\[0, 1\\]"):
+        m.run(0, 0, 1, 0, 0, 1, 1, 2)
+    x, out = np.array([[1.0, 2.0]], np.float32), np.zeros((1, 2), np.float32)
+    m.set_variant(0, "csr_spmv_scalar", 1, "generic")
+    assert m.get_variant(0) == planner._by_name()["csr_spmv_scalar"]["id"]
+    assert m.get_isa(0) == "generic" and m.get_isa(1) == "avx2"
+    assert m.run(x.ctypes.data, out.ctypes.data, 1, 0, 0, 1)
+    np.testing.assert_array_equal(out, x)  # the identity pattern
 
 
 def test_wisdom_roundtrip_corrupt_and_foreign(fresh_planner, monkeypatch):
@@ -324,7 +369,7 @@ class _ScriptedBound:
     def __init__(self, durations: dict[int, list[float]], clock: list[float]):
         self.durations, self.clock, self.calls = durations, clock, {v: 0 for v in durations}
 
-    def run(self, xp, op, n, xd, bias, threads, vid):
+    def run(self, xp, op, n, xd, bias, threads, vid, isa=-1):
         seq = self.durations[vid]
         self.clock[0] += seq[min(self.calls[vid], len(seq) - 1)]
         self.calls[vid] += 1
@@ -347,7 +392,7 @@ def test_planner_confirms_the_two_fastest_head_to_head(monkeypatch, confirm):
     durations = {0: [0.0193], 1: [0.0215, 0.0215, 0.0215, 0.013], 2: [0.030]}
     bound = _ScriptedBound(durations, clock)
     winner, times, _ = planner._measure(bound, 8, 4, 1, 1, ["a", "b", "c"],
-                                        {"a": 0, "b": 1, "c": 2})
+                                        {"a": (0, -1), "b": (1, -1), "c": (2, -1)})
     assert winner == ("b" if confirm else "a"), times
     assert bound.calls[2] == 3  # the slowest is not re-timed
     if confirm:

@@ -10,6 +10,9 @@
 //                                         weights rotating over > 2x the LLC unless warm
 //           build/micro/kernel_micro spmv-no-gather M K density [threads] [bf16]   the spmv loop
 //                                         with x read contiguously: streaming bound (no check)
+//           build/micro/kernel_micro spmv-cascade M K density [threads]   fp32, in one process,
+//                                         rounds alternating: a plain read of the same bytes, the
+//                                         spmv loop without gathers, the library kernel
 //           build/micro/kernel_micro spmv-gather-only M K density [threads] [warm]   the gathers
 //                                         of csr_spmv_gather alone: compute bound (no check)
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
@@ -321,6 +324,81 @@ int run_gather_bound(int M, int K, double d, int threads, bool warm) {
 }
 #endif
 
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// Where the bandwidth goes (fp32 values, uint16 columns, rotating copies): rounds alternate
+// between (0) a plain read of the copy's value and index arrays (each thread a contiguous half,
+// 4 vector loads per step, the kernel's software prefetch), (1) the spmv loop with x read
+// contiguously (stream_bound_rows: the row structure, no gathers) and (2) the library kernel
+// (csr_linear_t, planner default), one call each per round, so the three rates see the same
+// machine state. Prints each median and its rate on the compressed bytes relative to (0).
+int run_cascade(int M, int K, double d, int threads) {
+  std::mt19937 g(0);
+  SpmvCopies cs = spmv_copies(M, K, d, /*bf16=*/false, /*warm=*/false, g);
+  const int copies = static_cast<int>(cs.mats.size());
+  int64_t kpow = 1;
+  while (kpow * 2 <= K) kpow *= 2;
+  std::vector<float> x(K), xpad(K + 2 * Vec::W, 0.5f), y(M), sink(16 * threads);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  for (auto& v : x) v = u(g);
+  auto read = [&](const Sparse& s) {
+#pragma omp parallel num_threads(threads)
+    {
+      constexpr int W = Vec::W;
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+      const size_t nv = s.val.size(), ni = s.idx.size() / 2;  // floats; uint16 pairs as floats
+      const float* idxf = reinterpret_cast<const float*>(s.idx.data());
+      for (int arr = 0; arr < 2; ++arr) {
+        const float* p = arr ? idxf : s.val.data();
+        const size_t n = arr ? ni : nv, b = n * tid / nt / (4 * W) * (4 * W);
+        const size_t e = tid + 1 == nt ? n / (4 * W) * (4 * W) : n * (tid + 1) / nt / (4 * W) * (4 * W);
+        for (size_t k = b; k < e; k += 4 * W) {
+          for (int l = 0; l < 4 * W; l += 16) prefetch_t0(p + k + kPfDist + l);
+          a0 = Vec::add(a0, Vec::add(Vec::load(p + k), Vec::load(p + k + W)));
+          a1 = Vec::add(a1, Vec::add(Vec::load(p + k + 2 * W), Vec::load(p + k + 3 * W)));
+        }
+      }
+      sink[16 * tid] = Vec::reduce(Vec::add(a0, a1));
+    }
+  };
+  auto call = [&](int mode, int c) {
+    const Sparse& s = cs.mats[c];
+    if (mode == 0) return read(s);
+    if (mode == 1) {
+#pragma omp parallel num_threads(threads)
+      {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        stream_bound_rows(s, s.val.data(), xpad.data(), kpow - 1, M * tid / nt,
+                          M * (tid + 1) / nt, y.data());
+      }
+      return;
+    }
+    SpmmParams p = params(s, M, K, 1, x.data(), y.data(), threads);
+    csr_linear_t<float, int32_t, uint16_t>(p);
+  };
+  for (int c = 0; c < copies; ++c) call(2, c);
+  std::vector<double> ts[3];
+  const int rounds = std::max(45, copies);
+  for (int r = 0; r < rounds; ++r)
+    for (int mode = 0; mode < 3; ++mode) {
+      const auto t0 = std::chrono::steady_clock::now();
+      call(mode, (3 * r + mode) % copies);
+      ts[mode].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  const char* names[3] = {"plain read of the bytes", "spmv loop, no gathers", "spmv kernel"};
+  double med[3];
+  for (int mode = 0; mode < 3; ++mode) {
+    std::sort(ts[mode].begin(), ts[mode].end());
+    med[mode] = ts[mode][ts[mode].size() / 2];
+  }
+  for (int mode = 0; mode < 3; ++mode)
+    std::printf("spmv-cascade %dx%d density=%.2f threads=%d %-24s %.3f ms, %.1f GB/s, %.2f of the read\n",
+                M, K, d, threads, names[mode], med[mode] * 1e3, cs.bytes / med[mode] / 1e9,
+                med[0] / med[mode]);
+  return 0;
+}
+#endif
+
 #if defined(SPARSEKIT_ISA_AVX512)
 // Reads 180 MB (11008 x 4096 fp32) per call as `streams` interleaved sequential streams per
 // thread, optionally with software prefetch `pf` floats ahead; rotating copies over > 2x the LLC.
@@ -481,6 +559,8 @@ int main(int argc, char** argv) {
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   if (!std::strcmp(mode, "spmv-no-gather") && argc >= 5)
     return run_stream_bound(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "bf16"));
+  if (!std::strcmp(mode, "spmv-cascade") && argc >= 5)
+    return run_cascade(ai(2, 0), ai(3, 0), ad(4), ai(5, 1));
   if (!std::strcmp(mode, "spmv-gather-only") && argc >= 5)
     return run_gather_bound(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "warm"));
 #endif

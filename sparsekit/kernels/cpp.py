@@ -256,8 +256,13 @@ class CppBackend:
         """Name of the kernel variant planned for ``mat`` at batch size ``n`` (``"auto"``
         when none yet)."""
         _, bm = planned_binding(mat, n)
-        vid = bm.get_variant(bm.n_class(n))
-        return "auto" if vid < 0 else _planner.variants()[vid]["name"]
+        cls = bm.n_class(n)
+        vid = bm.get_variant(cls)
+        if vid < 0:
+            return "auto"
+        name = _planner.variants()[vid]["name"]
+        isa = bm.get_isa(cls)
+        return name if isa == bm.isa else f"{name}@{isa}"
 
 
 backend = CppBackend()

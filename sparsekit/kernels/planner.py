@@ -10,13 +10,17 @@ AMD Zen 2/3. As FFTW's wisdom and LIBXSMM's dispatch do, the first call for a *p
      threads, cache mode)
 
 times each candidate a few times on the actual matrix and remembers the fastest: in process,
-and, opt-in, in a wisdom JSON file. Matrices with the same key (e.g. the 72 equally shaped
-layers of a transformer) share one measurement.
+and, opt-in, in a wisdom JSON file. On an AVX-512 machine the candidates include the AVX2 build
+of each variant, named ``<variant>@avx2``: the ISA level a core supports does not say which build
+is faster (on the Xeon of docs/kernels.md the AVX2 build of ``csr_spmv_gather`` ran fp32 SpMV 8-25%
+faster than the AVX-512 one). Matrices with the same key (e.g. the 72 equally
+shaped layers of a transformer) share one measurement.
 
 Environment
 -----------
 ``SPARSEKIT_KERNEL``
-    Comma-separated variant names to force (e.g. ``csr_spmv_assemble``). A forced variant is
+    Comma-separated variant names to force (e.g. ``csr_spmv_assemble``, or
+    ``csr_spmv_gather@avx2`` for the build of a lower ISA than the machine's). A forced variant is
     used for every call it applies to, without planning; calls it does not apply to use the
     built-in choice. An unknown name raises ``ValueError`` listing the valid ones.
 ``SPARSEKIT_PLAN``
@@ -61,7 +65,7 @@ from sparsekit._cpuinfo import cpu_key
 
 __all__ = [
     "Plan", "plan", "variants", "variant_table", "plans", "forced_variants", "wisdom_path",
-    "clear", "n_class_name", "N_CLASSES", "plan_cache_mode",
+    "clear", "n_class_name", "N_CLASSES", "plan_cache_mode", "bound_candidates", "split_name",
 ]
 
 _C: Any = None
@@ -78,6 +82,17 @@ _CLASS_N = (1, 2, 8, 32, 128)  # batch size timed for each class
 # Variants equal to the built-in choice (variant "auto") of their class, and the margin by
 # which another candidate must beat them to be chosen.
 _INCUMBENTS = ("csr_spmv_gather", "csr_tile_v4", "csrq_rows2")
+_ISA_CODE = {"generic": 0, "avx2": 1, "avx512": 2}  # cpu_features.h, Isa
+# ISA builds below a matrix's ISA whose variants are candidates too (the generic build's are
+# scalar fallbacks, never faster where a SIMD build runs).
+_LOWER_BUILDS = {"avx512": ("avx2",)}
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"csr_spmv_gather@avx2"`` -> ``("csr_spmv_gather", "avx2")``; no ``@``: ISA None (the
+    matrix's own)."""
+    base, _, isa = name.partition("@")
+    return base, (isa or None)
 _MARGIN = 0.03
 #: Extra alternating calls of the two fastest candidates when the budget allowed fewer than
 #: this many + 2 rounds (long calls: two samples each; docs/kernels.md, "Planner").
@@ -176,10 +191,12 @@ def forced_variants() -> list[str]:
     names = [s.strip() for s in raw.split(",") if s.strip()]
     known = _by_name()
     for n in names:
-        if n not in known:
+        base, isa = split_name(n)
+        if base not in known or (isa is not None and isa not in _ISA_CODE):
             raise ValueError(
                 f"SPARSEKIT_KERNEL: expected comma-separated variant names from "
-                f"{sorted(known)}, got {n!r}"
+                f"{sorted(known)}, each optionally followed by @<isa> ({', '.join(_ISA_CODE)}), "
+                f"got {n!r}"
             )
     return names
 
@@ -258,9 +275,19 @@ _DTYPE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16
                torch.int8: "i8"}
 
 
+def bound_candidates(family: str, n: int, isa: str) -> list[str]:
+    """:func:`candidates` on ``isa``, then those of the lower ISA builds timed with it
+    (``<variant>@<isa>``)."""
+    out = candidates(family, n, isa)
+    for low in _LOWER_BUILDS.get(isa, ()):
+        out += [f"{c}@{low}" for c in candidates(family, n, low)]
+    return out
+
+
 def _takes(name: str, mat: Any) -> bool:
     """Whether variant ``name`` reads ``mat``'s value dtype (and, for the ``csrq_bitmap``
     variants, which locate values by an occupancy bitmap, plain rather than gap-coded indices)."""
+    name = split_name(name)[0]
     v = _by_name()[name]
     if _DTYPE_CODE.get(mat.values.dtype) not in v["dtypes"].split(","):
         return False
@@ -296,7 +323,8 @@ def _load_wisdom() -> None:
         return
     known = _by_name()
     for key, rec in data["plans"].items():
-        if isinstance(rec, dict) and rec.get("variant") in known and key not in _plans:
+        if (isinstance(rec, dict) and isinstance(rec.get("variant"), str)
+                and split_name(rec["variant"])[0] in known and key not in _plans):
             _plans[key] = Plan(key, rec["variant"], "wisdom",
                                {str(k): float(v) for k, v in rec.get("times_us", {}).items()})
 
@@ -323,7 +351,7 @@ def _save_wisdom() -> None:
 
 # ---- measuring ----------------------------------------------------------------------------
 def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
-             ids: dict[str, int]) -> tuple[str, dict[str, float], float]:
+             ids: dict[str, tuple[int, int]]) -> tuple[str, dict[str, float], float]:
     """Best-of time per candidate on this matrix with a random fp32 x; returns the winner."""
     t0 = time.perf_counter()
     budget = _budget_s()
@@ -337,7 +365,7 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
         if cold:
             bound.evict()  # untimed: the call below reads the weights from memory
         s = time.perf_counter()
-        bound.run(xp, op, n, 0, 0, threads, ids[name])
+        bound.run(xp, op, n, 0, 0, threads, *ids[name])
         best[name] = min(best[name], time.perf_counter() - s)
 
     # Round-robin so a load spike hits every candidate alike; at least 2 timed calls each.
@@ -345,7 +373,7 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
     while True:
         for name in names:
             if rounds == 0:
-                bound.run(xp, op, n, 0, 0, threads, ids[name])  # page-in / first-touch, untimed
+                bound.run(xp, op, n, 0, 0, threads, *ids[name])  # page-in / first-touch, untimed
             timed(name)
         rounds += 1
         if rounds >= 2 and (time.perf_counter() - t0 > budget or rounds >= 50):
@@ -373,9 +401,12 @@ def plan_bound(mat: Any, bound: Any, n: int, threads: int) -> Plan:
     family = bound.family
     n = max(1, int(n))
     cls = _n_class(n)
-    ids = {v["name"]: v["id"] for v in variants()}
     forced = forced_variants()
-    cands = [c for c in candidates(family, n, bound.isa) if _takes(c, mat)]
+    cands = [c for c in bound_candidates(family, n, bound.isa) if _takes(c, mat)]
+    by_name = _by_name()
+    # name -> (variant id, ISA code; -1 = the matrix's own)
+    ids = {c: (by_name[split_name(c)[0]]["id"], _ISA_CODE.get(split_name(c)[1] or "", -1))
+           for c in cands + ["auto"]}
     with _lock:
         key = _key(mat, bound, n, threads)
         hit = [f for f in forced if f in cands]
@@ -398,7 +429,8 @@ def plan_bound(mat: Any, bound: Any, n: int, threads: int) -> Plan:
                 p = Plan(key, winner, "measured", times, cost)
                 _plans[key] = p
                 _save_wisdom()
-        bound.set_variant(cls, ids[p.variant], threads)
+        base, isa = split_name(p.variant)
+        bound.set_variant(cls, by_name[base]["id"], threads, isa)
     return p
 
 
