@@ -216,8 +216,9 @@ def render() -> tuple[str, str]:
                 "The newest wall-clock `bench_cpu.py` run of each CPU and ISA path (force a path "
                 "with `SPARSEKIT_ISA=avx2`); speedups against the fastest dense path of the same "
                 "run, and the kernel variant the planner chose at N=1 (`built-in` for runs made "
-                "before the planner existed). Runs marked shared were taken while other jobs "
-                "loaded the machine.", ""] + machines + [""]
+                "before the planner existed; `<variant>@avx2`: the AVX2 build of that variant, "
+                "which the planner also times on AVX-512 machines). Runs marked shared were "
+                "taken while other jobs loaded the machine.", ""] + machines + [""]
         headline += ["", "Every machine measured, with the kernel variant the planner chose "
                      "([docs/performance.md](docs/performance.md#machines-measured)):", ""]
         headline += machines
