@@ -26,9 +26,10 @@ Environment
 ``SPARSEKIT_PLAN``
     ``0`` / ``off``: no planning, always the built-in choice (``auto``).
 ``SPARSEKIT_PLAN_BUDGET_MS``
-    Time budget for measuring one key (default 20 ms; every candidate runs at least twice,
-    so a key whose single call is slower than the budget costs about ``3 x candidates``
-    calls).
+    Time budget for measuring one key (default 20 ms). Every candidate runs at least twice;
+    those within 10% of the fastest then run at least six times, more while the budget lasts,
+    so a key whose single call is slower than the budget costs about ``2 x candidates + 4 x
+    contenders`` calls.
 ``SPARSEKIT_PLAN_CACHE``
     ``cold`` (default): before each timed call the matrix is flushed out of the caches, so the
     candidates are compared on weights read from memory, as a model's layers are on every
@@ -97,6 +98,10 @@ _MARGIN = 0.03
 #: Extra alternating calls of the two fastest candidates when the budget allowed fewer than
 #: this many + 2 rounds (long calls: two samples each; docs/kernels.md, "Planner").
 _CONFIRM_ROUNDS = 3
+#: After two rounds only candidates within this fraction of the fastest are timed further, to
+#: at least _CONTENDER_ROUNDS calls each (more while the budget lasts).
+_RACE_KEEP = 0.10
+_CONTENDER_ROUNDS = 6
 _WISDOM_FORMAT = "sparsekit-wisdom"
 _WISDOM_VERSION = 1
 
@@ -368,15 +373,24 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
         bound.run(xp, op, n, 0, 0, threads, *ids[name])
         best[name] = min(best[name], time.perf_counter() - s)
 
-    # Round-robin so a load spike hits every candidate alike; at least 2 timed calls each.
+    # Round-robin so a load spike hits every candidate alike; at least 2 timed calls each. Then
+    # only the contenders (within _RACE_KEEP of the fastest so far) go on, to at least
+    # _CONTENDER_ROUNDS calls each: one flushed-cache call varies by 10-15% on a shared host, so
+    # the minimum of two samples out of ten candidates picks whichever got lucky.
     rounds = 0
+    active = list(names)
     while True:
-        for name in names:
+        for name in active:
             if rounds == 0:
                 bound.run(xp, op, n, 0, 0, threads, *ids[name])  # page-in / first-touch, untimed
             timed(name)
         rounds += 1
-        if rounds >= 2 and (time.perf_counter() - t0 > budget or rounds >= 50):
+        if rounds < 2:
+            continue
+        lead = min(best[nm] for nm in active)
+        active = [nm for nm in active if best[nm] <= lead * (1 + _RACE_KEEP)]
+        spent = time.perf_counter() - t0 > budget
+        if rounds >= 50 or len(active) == 1 or (spent and rounds >= _CONTENDER_ROUNDS):
             break
     # The decision that matters is between the two fastest: a few more alternating calls of
     # just those two, so that two unlucky samples of the better one (long calls leave room for
