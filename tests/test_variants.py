@@ -379,6 +379,26 @@ class _ScriptedBound:
         pass
 
 
+def test_planner_times_the_contenders_further(monkeypatch):
+    """After two rounds only candidates within 10% of the fastest are timed again, to at least
+    _CONTENDER_ROUNDS calls each even with the budget spent; a contender's later, faster
+    samples can then decide (here b, whose first samples were unlucky)."""
+    clock = [0.0]
+    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setenv("SPARSEKIT_PLAN_BUDGET_MS", "1")
+    monkeypatch.setenv("SPARSEKIT_PLAN_CACHE", "cold")
+    # untimed first call, then: a steady 10 ms; b 10.8 ms twice then 9 ms; c 11.5 ms; d 30 ms
+    durations = {0: [0.010], 1: [0.0108, 0.0108, 0.0108, 0.009], 2: [0.0115], 3: [0.030]}
+    bound = _ScriptedBound(durations, clock)
+    names = {"a": (0, -1), "b": (1, -1), "c": (2, -1), "d": (3, -1)}
+    winner, times, _ = planner._measure(bound, 8, 4, 1, 1, list(names), names)
+    assert winner == "b" and times["b"] == pytest.approx(9000.0), times
+    rounds = planner._CONTENDER_ROUNDS
+    assert bound.calls[0] == bound.calls[1] == 1 + rounds  # contenders: untimed + rounds
+    assert bound.calls[2] == 1 + 2  # 15% slower than a: dropped after two rounds
+    assert bound.calls[3] == 1 + 2
+
+
 @pytest.mark.parametrize("confirm", [True, False])
 def test_planner_confirms_the_two_fastest_head_to_head(monkeypatch, confirm):
     """Long calls leave the budget two samples per candidate; two slow samples of the better
