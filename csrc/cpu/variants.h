@@ -107,7 +107,6 @@ static_assert(sizeof(kVariants) / sizeof(kVariants[0]) == static_cast<int>(Varia
 
 inline const VariantInfo& variant_info(Variant v) { return kVariants[static_cast<int>(v)]; }
 
-
 // True when variant v is meant for a call of `family` ("csr" / "bsr") with batch N.
 inline bool variant_applies(Variant v, const char* family, int64_t N) {
   const VariantInfo& vi = variant_info(v);

@@ -12,9 +12,9 @@ AMD Zen 2/3. As FFTW's wisdom and LIBXSMM's dispatch do, the first call for a *p
 times each candidate a few times on the actual matrix and remembers the fastest: in process,
 and, opt-in, in a wisdom JSON file. On an AVX-512 machine the candidates include the AVX2 build
 of each variant, named ``<variant>@avx2``: the ISA level a core supports does not say which build
-is faster (on the Xeon of docs/kernels.md the AVX2 build of ``csr_spmv_gather`` ran fp32 SpMV 8-25%
-faster than the AVX-512 one). Matrices with the same key (e.g. the 72 equally
-shaped layers of a transformer) share one measurement.
+is faster (on the Xeon of docs/kernels.md the AVX2 build of ``csr_spmv_gather`` ran fp32
+SpMV 8-25% faster than the AVX-512 one). Matrices with the same key (e.g. the 72 equally shaped
+layers of a transformer) share one measurement.
 
 Environment
 -----------
@@ -87,13 +87,6 @@ _ISA_CODE = {"generic": 0, "avx2": 1, "avx512": 2}  # cpu_features.h, Isa
 # ISA builds below a matrix's ISA whose variants are candidates too (the generic build's are
 # scalar fallbacks, never faster where a SIMD build runs).
 _LOWER_BUILDS = {"avx512": ("avx2",)}
-
-
-def split_name(name: str) -> tuple[str, str | None]:
-    """``"csr_spmv_gather@avx2"`` -> ``("csr_spmv_gather", "avx2")``; no ``@``: ISA None (the
-    matrix's own)."""
-    base, _, isa = name.partition("@")
-    return base, (isa or None)
 _MARGIN = 0.03
 #: Extra alternating calls of the two fastest candidates when the budget allowed fewer than
 #: this many + 2 rounds (long calls: two samples each; docs/kernels.md, "Planner").
@@ -104,6 +97,14 @@ _RACE_KEEP = 0.10
 _CONTENDER_ROUNDS = 6
 _WISDOM_FORMAT = "sparsekit-wisdom"
 _WISDOM_VERSION = 1
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"csr_spmv_gather@avx2"`` -> ``("csr_spmv_gather", "avx2")``; no ``@``: ISA None (the
+    matrix's own)."""
+    base, _, isa = name.partition("@")
+    return base, (isa or None)
+
 
 _lock = threading.RLock()
 _plans: dict[str, Plan] = {}
@@ -418,9 +419,11 @@ def plan_bound(mat: Any, bound: Any, n: int, threads: int) -> Plan:
     forced = forced_variants()
     cands = [c for c in bound_candidates(family, n, bound.isa) if _takes(c, mat)]
     by_name = _by_name()
-    # name -> (variant id, ISA code; -1 = the matrix's own)
-    ids = {c: (by_name[split_name(c)[0]]["id"], _ISA_CODE.get(split_name(c)[1] or "", -1))
-           for c in cands + ["auto"]}
+    # candidate -> BoundMatrix.run's (variant id, ISA code; -1 = the matrix's own)
+    ids = {}
+    for c in cands:
+        base, isa = split_name(c)
+        ids[c] = (by_name[base]["id"], -1 if isa is None else _ISA_CODE[isa])
     with _lock:
         key = _key(mat, bound, n, threads)
         hit = [f for f in forced if f in cands]
