@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_cpu.py                 # all targets + sweep, 2 threads
     python benchmarks/bench_cpu.py --quick         # fewer sweep points
     python benchmarks/bench_cpu.py --threads 1
+    python benchmarks/bench_cpu.py --processes 3   # median of 3 fresh processes
 
 For every target it prints the measured figure, PASS/MISS, and the achieved bandwidth on the
 compressed bytes (values + indices + indptr) next to the measured copy bandwidth. Every ratio is
@@ -239,8 +240,88 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def measure(a: argparse.Namespace, min_time: float) -> dict[str, Any]:
+    """One process's measurements: ``{"targets", "sweep", "plans"}``."""
+    from sparsekit.kernels import planner
+
+    c = Cache(min_time, interleave=a.interleave)
+    with H.threads_for_all(a.threads):
+        shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096)]
+        tg = targets(c, shapes)
+        sps = [0.5, 0.8, 0.9, 0.95] if a.quick else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+        sw = sweep(c, sps, [1, 2, 4, 8, 32, 128])
+    return {"targets": tg, "sweep": sw, "plans": planner.plans(),
+            "dense": {f"{k[0]}x{k[1]} N={k[2]}": v for k, v in c.dense.items()}}
+
+
+def _median_record(records: list[dict], key: str) -> dict:
+    """The record whose ``key`` is the median of ``records``' (the lower middle one for an even
+    count), so its other fields (times, variant) belong to the same measurement."""
+    ranked = sorted(records, key=lambda r: r[key])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def merge_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine the measurements of independent worker processes: each target and sweep point
+    takes the process with the median value, and keeps every process's value."""
+    merged: dict[str, Any] = {"plans": [r["plans"] for r in runs],
+                              "dense": [r["dense"] for r in runs]}
+    tg = []
+    for i, t0 in enumerate(runs[0]["targets"]):
+        recs = [r["targets"][i] for r in runs]
+        if any(rec["id"] != t0["id"] for rec in recs):
+            raise RuntimeError(f"worker processes disagree on target {i}: "
+                               f"{[rec['id'] for rec in recs]}")
+        t = dict(_median_record(recs, "value"))
+        t["per_process"] = [rec["value"] for rec in recs]
+        t["pass"] = t["value"] >= t["need"]
+        tg.append(t)
+    sw = []
+    for i in range(len(runs[0]["sweep"])):
+        row = dict(_median_record([r["sweep"][i] for r in runs], "speedup_vs_best"))
+        row["per_process_speedup_vs_best"] = [r["sweep"][i]["speedup_vs_best"] for r in runs]
+        sw.append(row)
+    merged["targets"], merged["sweep"] = tg, sw
+    return merged
+
+
+def run_workers(argv: list[str], processes: int) -> dict[str, Any]:
+    """Runs this benchmark in ``processes`` fresh processes, one after the other, and merges
+    them (:func:`merge_processes`). Separate processes because a process's state (where its
+    memory landed, which cores it started on) moves its ratios: blocks timed within one process
+    agree to a few percent while processes differ by up to 12% (docs/kernels.md)."""
+    import json
+    import subprocess
+    import tempfile
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(processes):
+            out = Path(tmp) / f"worker-{i}.json"
+            print(f"--- worker process {i + 1} of {processes}", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
+                            "--worker-json", str(out)], check=True)
+            with open(out) as f:
+                runs.append(json.load(f))
+    return merge_processes(runs)
+
+
+def _strip_processes(argv: list[str]) -> list[str]:
+    """argv without ``--processes N`` / ``--processes=N`` (the workers run one process each)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     H.reexec_without_openblas_overrides()
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
@@ -252,48 +333,63 @@ def main(argv=None) -> int:
                          "instead of round-robin")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: single-threaded, per-thread CPU time (robust on a loaded machine)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="measure in this many fresh processes, one after the other; each "
+                         "target and sweep point reports the process with the median value "
+                         "and lists every process's value")
+    ap.add_argument("--worker-json", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.processes < 1:
+        ap.error(f"--processes: expected an integer >= 1, got {a.processes}")
     require_compiled("bench_cpu")
     if a.clock == "cpu":
         a.threads = 1
         BL.MEASURE = BL.measure_cpu_time
+        a.interleave = False  # the per-thread CPU clock is already robust to load
     min_time = a.min_time or (0.15 if a.quick else 0.4)
+    if a.worker_json is not None:
+        import json
+
+        with open(a.worker_json, "w") as f:
+            json.dump(measure(a, min_time), f, default=str)
+        return 0
     load0 = os.getloadavg()
     print(f"threads={a.threads} load={load0}")
     info = H.machine_info(a.threads)
     copy_bw = info.get("copy_bandwidth_gbs") or H.copy_bandwidth_gbs(num_threads=a.threads)
-    if a.clock == "cpu":
-        a.interleave = False  # the per-thread CPU clock is already robust to load
-    c = Cache(min_time, interleave=a.interleave)
-    with H.threads_for_all(a.threads):
-        shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096)]
-        tg = targets(c, shapes)
-        sps = [0.5, 0.8, 0.9, 0.95] if a.quick else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
-        sw = sweep(c, sps, [1, 2, 4, 8, 32, 128])
+    if a.processes > 1:
+        res = run_workers(_strip_processes(argv), a.processes)
+    else:
+        res = measure(a, min_time)
+    tg, sw = res["targets"], res["sweep"]
     load1 = os.getloadavg()
     import sparsekit._C as _C
 
-    from sparsekit.kernels import planner
     print(f"\nmeasured copy bandwidth ({a.threads} threads, read+write): {copy_bw:.1f} GB/s")
-    print(f"ISA path {_C.cpu_isa()}, {info.get('cpu_model')}")
+    print(f"ISA path {_C.cpu_isa()}, {info.get('cpu_model')}"
+          + (f"; median of {a.processes} processes" if a.processes > 1 else ""))
     print(f"{'target':<58} {'value':>7} {'need':>5} {'':>4} {'vs F.lin':>8} {'GB/s':>6} variant")
     for t in tg:
         vf = f"{t['vs_F.linear']:.2f}x" if t["vs_F.linear"] else "-"
         gb = f"{t['achieved_GBps']:.1f}" if t.get("achieved_GBps") else "-"
         verdict = "PASS" if t["pass"] else "MISS"
+        spread = (" [" + " ".join(f"{v:.2f}" for v in t["per_process"]) + "]"
+                  if "per_process" in t else "")
         print(f"{t['target']:<58} {t['value']:6.2f}x {t['need']:4.2f}x {verdict} {vf:>8} {gb:>6} "
-              f"{t.get('variant') or ''}")
+              f"{t.get('variant') or ''}{spread}")
     meta: dict[str, Any] = {
-        "benchmark": "bench_cpu", "argv": sys.argv[1:], "threads": a.threads, "machine": info,
+        "benchmark": "bench_cpu", "argv": argv, "threads": a.threads, "machine": info,
         "copy_bandwidth_gbs": copy_bw, "load_avg_start": load0, "load_avg_end": load1,
         "clock": a.clock,
         "isa_path": _C.cpu_isa(), "cpu_model": info.get("cpu_model"),
         "machine_shared": H.others_loaded(load0, load1, a.threads),
-        "plans": planner.plans(),
-        "targets": tg, "dense": {f"{k[0]}x{k[1]} N={k[2]}": v for k, v in c.dense.items()},
+        "plans": res["plans"], "processes": a.processes,
+        "targets": tg, "dense": res["dense"],
         "method": "median wall time; weights rotating over > 2x LLC; baselines from this run"
                   + ("; each target's dense and sparse candidates timed round-robin"
-                     if a.interleave else ""),
+                     if a.interleave else "")
+                  + (f"; {a.processes} processes, each figure from the process with the median"
+                     if a.processes > 1 else ""),
         "interleaved": a.interleave,
     }
     suffix = "-cputime" if a.clock == "cpu" else (f"-t{a.threads}" if a.threads != 2 else "")
@@ -301,8 +397,8 @@ def main(argv=None) -> int:
     base = BL.write_results(a.name + suffix, sw, meta, a.out)
     plot(sw, base.with_suffix(".png"),
          f"sparsekit cpp (CSR fp32) vs fastest dense, 4096x4096, {a.threads} thread(s), "
-         f"{a.clock} clock\n"
-         f"{info.get('cpu_model', '')} load {load0[0]:.1f}")
+         f"{a.clock} clock" + (f", median of {a.processes} processes" if a.processes > 1 else "")
+         + f"\n{info.get('cpu_model', '')} load {load0[0]:.1f}")
     print(f"wrote {base}.json / .csv / .png")
     return 0
 

@@ -86,15 +86,23 @@ def machine_line(m: dict[str, Any], threads: int, clock: str) -> str:
 
 
 def targets_table(d: dict[str, Any], ids: tuple[str, ...] | None = None) -> list[str]:
-    out = ["| case | sparse | fastest dense | speedup | vs F.linear |", "|---|---|---|---|---|"]
-    for t in d["targets"]:
-        if ids is not None and t["id"] not in ids:
-            continue
+    """Rows of the run's targets; runs measured in several processes (``--processes``) show the
+    median process's figures and the range over all processes."""
+    rows = [t for t in d["targets"] if ids is None or t["id"] in ids]
+    spread = any("per_process" in t for t in rows)
+    out = ["| case | sparse | fastest dense | speedup | vs F.linear |"
+           + (" range over processes |" if spread else ""),
+           "|---|---|---|---|---|" + ("---|" if spread else "")]
+    for t in rows:
         dense = (f"{t['best_dense_ms']:.3f} ms ({t['best_dense']})" if t.get("best_dense_ms")
                  else "")
         vs_f = f"{t['vs_F.linear']:.2f}x" if t.get("vs_F.linear") else ""
-        out.append(f"| {t['target']} | {t['sparse_ms']:.3f} ms | {dense} | "
-                   f"**{t['value']:.2f}x** | {vs_f} |")
+        line = (f"| {t['target']} | {t['sparse_ms']:.3f} ms | {dense} | "
+                f"**{t['value']:.2f}x** | {vs_f} |")
+        if spread:
+            pp = t.get("per_process") or [t["value"]]
+            line += f" {min(pp):.2f}-{max(pp):.2f}x |"
+        out.append(line)
     return out
 
 

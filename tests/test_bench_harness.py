@@ -215,3 +215,43 @@ def test_dense_contenders_names_subset():
     assert "F.linear" not in cont and "torch.matmul" not in cont
     with pytest.raises(ValueError, match="names"):
         h.dense_contenders(ws, names=("cublas",))
+
+
+def test_bench_cpu_merges_processes_by_median_record():
+    """``bench_cpu --processes``: each target and sweep point takes the whole record of the
+    process with the median value (its time and variant stay consistent with that value), keeps
+    every process's value, and judges pass/miss on the median."""
+    import random
+
+    from benchmarks import bench_cpu
+
+    rng = random.Random(11)
+    values = [[rng.uniform(0.5, 1.5) for _ in range(3)] for _ in range(5)]  # 5 processes
+    runs = []
+    for p, vals in enumerate(values):
+        tg = [{"id": f"t{i}", "value": v, "need": 1.0, "pass": v >= 1.0, "variant": f"v{p}",
+               "sparse_ms": 10.0 * p + i} for i, v in enumerate(vals)]
+        sw = [{"N": 1, "sparsity": 0.9, "speedup_vs_best": vals[0] * 2, "sparse_ms": float(p)}]
+        runs.append({"targets": tg, "sweep": sw, "plans": {"p": p}, "dense": {}})
+    merged = bench_cpu.merge_processes(runs)
+    for i, t in enumerate(merged["targets"]):
+        col = [values[p][i] for p in range(5)]
+        want = sorted(col)[2]
+        p_med = col.index(want)
+        assert t["value"] == want and t["per_process"] == col
+        assert t["variant"] == f"v{p_med}" and t["sparse_ms"] == 10.0 * p_med + i
+        assert t["pass"] == (want >= 1.0)
+    row = merged["sweep"][0]
+    want0 = sorted(values[p][0] for p in range(5))[2]
+    assert row["speedup_vs_best"] == want0 * 2
+    assert len(merged["plans"]) == 5
+    runs[3]["targets"][1]["id"] = "other"
+    with pytest.raises(RuntimeError, match="disagree on target 1"):
+        bench_cpu.merge_processes(runs)
+
+
+def test_bench_cpu_strips_processes_for_workers():
+    from benchmarks import bench_cpu
+
+    argv = ["--quick", "--processes", "3", "--threads", "2", "--processes=4"]
+    assert bench_cpu._strip_processes(argv) == ["--quick", "--threads", "2"]
