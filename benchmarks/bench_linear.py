@@ -119,6 +119,17 @@ def dense_rotating_fns(w: torch.Tensor, x: torch.Tensor) -> dict[str, Any]:
 def sparsekit_rotating_fn(mat: Any, x: torch.Tensor, backend: str) -> Any:
     """``fn(i)``: ``backend``'s product with rotating copies of mat (over > 2x the LLC), after
     one warm call per copy (binds derived data, JIT-compiles, plans the kernel variants)."""
+
+    return sparsekit_rotating_fns(mat, x, backend)[0]
+
+
+def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str,
+                           read_probe: bool = False) -> tuple[Any, Any]:
+    """``(fn, read)``: ``fn`` as :func:`sparsekit_rotating_fn`; with ``read_probe`` (cpp backend,
+    float CSR) ``read(i)`` runs the C++ read probe (``BoundMatrix.read_probe``: the matrix's
+    value and index bytes streamed as the N = 1 kernels stream them, nothing computed) over the
+    same copies half a rotation away from ``fn``'s, so neither finds the other's bytes in
+    cache; else ``read`` is None."""
     from sparsekit.kernels import get_backend
 
     be = get_backend(backend)
@@ -127,7 +138,20 @@ def sparsekit_rotating_fn(mat: Any, x: torch.Tensor, backend: str) -> Any:
     for m in mats:
         be.linear(m, x, None, out)
     n = len(mats)
-    return lambda i: be.linear(mats[i % n], x, None, out)
+    read = None
+    if read_probe:
+        from sparsekit.kernels.cpp import bound_matrix
+        from sparsekit.threads import get_num_threads
+
+        bms = [bound_matrix(m) for m in mats]
+        probe_out = torch.empty(mat.shape[0])
+        half = n // 2
+
+        def read(i: int, probe_out: torch.Tensor = probe_out) -> None:
+            # probe_out is bound here so it lives as long as the function that writes to it
+            bms[(i + half) % n].read_probe(probe_out.data_ptr(), get_num_threads())
+
+    return (lambda i: be.linear(mats[i % n], x, None, out)), read
 
 
 def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, H.Stats]:

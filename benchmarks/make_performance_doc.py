@@ -86,19 +86,26 @@ def machine_line(m: dict[str, Any], threads: int, clock: str) -> str:
 
 
 def targets_table(d: dict[str, Any], ids: tuple[str, ...] | None = None) -> list[str]:
-    """Rows of the run's targets; runs measured in several processes (``--processes``) show the
-    median process's figures and the range over all processes."""
+    """Rows of the run's targets. Runs measured in several processes (``--processes``) show the
+    median process's figures and the range over all processes; runs with the read probe show,
+    for the bandwidth fractions and the bf16 ratio, what a plain read of the same bytes reached
+    in the same rounds (the floor for a call of that size)."""
     rows = [t for t in d["targets"] if ids is None or t["id"] in ids]
     spread = any("per_process" in t for t in rows)
+    probe = any("read_fraction" in t or "read_ratio" in t for t in rows)
     out = ["| case | sparse | fastest dense | speedup | vs F.linear |"
+           + (" plain read of the same bytes |" if probe else "")
            + (" range over processes |" if spread else ""),
-           "|---|---|---|---|---|" + ("---|" if spread else "")]
+           "|---|---|---|---|---|" + ("---|" if probe else "") + ("---|" if spread else "")]
     for t in rows:
         dense = (f"{t['best_dense_ms']:.3f} ms ({t['best_dense']})" if t.get("best_dense_ms")
                  else "")
         vs_f = f"{t['vs_F.linear']:.2f}x" if t.get("vs_F.linear") else ""
         line = (f"| {t['target']} | {t['sparse_ms']:.3f} ms | {dense} | "
                 f"**{t['value']:.2f}x** | {vs_f} |")
+        if probe:
+            bound = t.get("read_fraction", t.get("read_ratio"))
+            line += f" {bound:.2f}x |" if bound is not None else " |"
         if spread:
             pp = t.get("per_process") or [t["value"]]
             line += f" {min(pp):.2f}-{max(pp):.2f}x |"

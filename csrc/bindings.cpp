@@ -557,6 +557,28 @@ class BoundMatrix {
     return true;
   }
 
+  // Benchmarks: out[m] (fp32, n_rows entries) = the read probe of row m (csr_read_probe in
+  // csrc/cpu/spmm_cpu.h): this matrix's value and index bytes read as its N = 1 kernels stream
+  // them, nothing computed. Float-valued CSR with plain indices only.
+  void read_probe(uintptr_t out, int threads, int isa_code) const {
+    if (bsr_ || q_)
+      value_error(std::string("read_probe: expected a CSR matrix with float values and plain "
+                              "indices, got ") + (bsr_ ? "a BSR matrix" : "a compressed CSR matrix"));
+    if (threads < 1) value_error("num_threads: expected an integer >= 1, got " + std::to_string(threads));
+    if (isa_code < -1 || isa_code > static_cast<int>(isa_))
+      value_error("isa: expected -1 or an ISA code in [0, " + std::to_string(static_cast<int>(isa_)) +
+                  "] (this matrix's ISA '" + sparsekit::cpu::isa_name(isa_) + "' or below), got " +
+                  std::to_string(isa_code));
+    if (p_.M == 0) return;
+    if (out == 0) value_error("out: expected a non-null address for a non-empty matrix, got 0");
+    SpmmParams p = p_;
+    p.y = reinterpret_cast<void*>(out);
+    p.num_threads = threads > 4096 ? 4096 : threads;
+    const Isa isa = isa_code < 0 ? isa_ : static_cast<Isa>(isa_code);
+    py::gil_scoped_release nogil;
+    sparsekit::cpu::csr_read_probe(p, isa);
+  }
+
   // Records `variant` (name or id) built for `isa` (a name; None: the matrix's ISA, which
   // bounds it) as the plan for batch class n_cls (measured at `threads`).
   void set_variant(int n_cls, const py::handle& variant, int threads, const py::handle& isa) {
@@ -1089,6 +1111,12 @@ PYBIND11_MODULE(_C, m) {
            "matrix's, the highest allowed). Returns False, "
            "computing nothing, when variant is -1 and this batch class has no plan yet (plan "
            "with set_variant, then call again). Releases the GIL.")
+      .def("read_probe", &BoundMatrix::read_probe, py::arg("out"), py::arg("num_threads"),
+           py::arg("isa") = -1,
+           "Benchmarks: out (n_rows fp32, an address) = per row, the XOR of its value bytes (bits "
+           "0-7) and index bytes (bits 8-15), read as the N = 1 kernels stream them (same threads, "
+           "row chunks and prefetch) and nothing computed: the memory floor of the SpMV. CSR with "
+           "float values and plain indices only; isa as in run().")
       .def("runner", &make_runner,
            "A builtin run(x, out, n, x_dtype, bias, num_threads) -> bool doing exactly what "
            "run() does with variant -1, for positional ints only, at a fraction of the call "

@@ -371,3 +371,59 @@ def test_validate_ok_and_types():
     C.validate_bsr(np.array([0, 1, 2], np.int32), np.array([0, 1], np.uint16), 7, 8, 4, 4)
     with pytest.raises(ValueError, match=r"indices: expected values in \[0, 2\), got 2"):
         C.validate_bsr(np.array([0, 1, 2], np.int32), np.array([0, 2], np.uint16), 7, 8, 4, 4)
+
+
+# --------------------------------------------------------------------------- read probe
+def _probe_reference(mat) -> np.ndarray:
+    """Per row: XOR of its value bytes (bits 0-7) | XOR of its index bytes << 8, in numpy."""
+    ip = mat.indptr.numpy().astype(np.int64)
+    vb = mat.values.contiguous().view(torch.uint8).numpy()
+    ib = mat.indices.contiguous().view(torch.uint8).numpy()
+    sv, si = mat.values.element_size(), mat.indices.element_size()
+    out = np.zeros(len(ip) - 1, np.float64)
+    for m in range(len(ip) - 1):
+        a = np.bitwise_xor.reduce(vb[ip[m] * sv:ip[m + 1] * sv]) if ip[m + 1] > ip[m] else 0
+        b = np.bitwise_xor.reduce(ib[ip[m] * si:ip[m + 1] * si]) if ip[m + 1] > ip[m] else 0
+        out[m] = int(a) | (int(b) << 8)
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("vdtype", ["f32", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_probe_reads_every_byte_of_every_row(isa, vdtype, threads):
+    """The benchmarks' read probe: per row, the XOR of exactly the row's value and index bytes
+    (row lengths around the 32-entry step and the 8-byte words, empty rows, both index widths)."""
+    from sparsekit.formats import CSRMatrix
+    from sparsekit.kernels.cpp import bound_matrix
+
+    rng = np.random.default_rng(41 + threads)
+    lengths = [0, 1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 97, 0, 250, 125, 3]
+    for k in (300, 70000):  # uint16 and int32 column ids
+        w = torch.zeros(len(lengths) * 9, k)
+        for r in range(w.shape[0]):
+            n = lengths[r] if r < len(lengths) else int(rng.integers(0, 120))
+            cols = rng.choice(k, size=n, replace=False)
+            w[r, torch.from_numpy(cols)] = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        mat = CSRMatrix.from_dense(w, value_dtype=TORCH_DT[vdtype])
+        assert mat.indices.element_size() == (2 if k <= 65536 else 4)
+        out = torch.full((w.shape[0],), -1.0)
+        bound_matrix(mat).read_probe(out.data_ptr(), threads, ISA_ORDER.index(isa))
+        np.testing.assert_array_equal(out.double().numpy(), _probe_reference(mat))
+
+
+def test_read_probe_errors():
+    from sparsekit.formats import BSRMatrix, CSRMatrix
+    from sparsekit.kernels.cpp import bound_matrix
+
+    w = torch.randn(8, 16)
+    bm = bound_matrix(CSRMatrix.from_dense(w))
+    out = torch.empty(8)
+    with pytest.raises(ValueError, match=r"num_threads: expected an integer >= 1, got 0"):
+        bm.read_probe(out.data_ptr(), 0)
+    with pytest.raises(ValueError, match=r"isa: expected -1 or an ISA code in \[0, \d\].*got 7"):
+        bm.read_probe(out.data_ptr(), 1, 7)
+    with pytest.raises(ValueError, match=r"out: expected a non-null address.*got 0"):
+        bm.read_probe(0, 1)
+    with pytest.raises(ValueError, match=r"read_probe: expected a CSR matrix .* got a BSR matrix"):
+        bound_matrix(BSRMatrix.from_dense(w, (2, 2))).read_probe(out.data_ptr(), 1)

@@ -192,6 +192,34 @@ void csr_batch_rows_kb(const SpmmParams& p, const float* xt_all, int64_t r0, int
   }
 }
 
+// Rows per RowChunks chunk of the N <= 2 drivers: about kSpmvChunkCost (nnz + kRowCost per
+// row), a few microseconds each, so the cores finish within one chunk of each other
+// (threading.h, RowChunks).
+inline int64_t spmv_rows_per_chunk(int64_t nnz, int64_t rows) {
+  constexpr int64_t kSpmvChunkCost = 8192;
+  return imax(1, kSpmvChunkCost * rows / imax(1, nnz + kRowCost * rows));
+}
+
+// Read probe driver (benchmarks: the memory floor of the N = 1 SpMV in the same run). Writes
+// y[m] = row_read_probe(row m) as an fp32 integer (y is fp32 whatever x_dtype says, M entries,
+// ldy ignored) over the same threads and row chunks as the N = 1 driver. O(bytes of the rows).
+template <class VT, class PT, class IT>
+void csr_read_probe_t(const SpmmParams& p) {
+  const PT* indptr = static_cast<const PT*>(p.indptr);
+  const IT* idx = static_cast<const IT*>(p.indices);
+  const VT* val = static_cast<const VT*>(p.values);
+  float* y = static_cast<float*>(p.y);
+  const int64_t nnz = static_cast<int64_t>(indptr[p.M]);
+  const int threads = threads_for(p.num_threads, nnz + p.M);
+  parallel_row_chunks(threads, indptr, p.M, spmv_rows_per_chunk(nnz, p.M),
+                      [&](int64_t r0, int64_t r1) {
+                        for (int64_t m = r0; m < r1; ++m)
+                          y[m] = static_cast<float>(row_read_probe(
+                              idx, val, static_cast<int64_t>(indptr[m]),
+                              static_cast<int64_t>(indptr[m + 1])));
+                      });
+}
+
 template <class VT, class PT, class IT>
 void csr_linear_t(const SpmmParams& p) {
   const PT* indptr = static_cast<const PT*>(p.indptr);
@@ -210,11 +238,7 @@ void csr_linear_t(const SpmmParams& p) {
       if (p.N == 1) csr_spmv_rows<1, VT, PT, IT>(p, v, x, ldx, r0, r1);
       else csr_spmv_rows<2, VT, PT, IT>(p, v, x, ldx, r0, r1);
     };
-    // Chunks of about kSpmvChunkCost (nnz + kRowCost per row): a few microseconds each, so the
-    // cores finish within one chunk of each other (threading.h, RowChunks).
-    constexpr int64_t kSpmvChunkCost = 8192;
-    const int64_t rows_per_chunk = imax(1, kSpmvChunkCost * p.M / imax(1, nnz + kRowCost * p.M));
-    return parallel_row_chunks(threads, indptr, p.M, rows_per_chunk, rows);
+    return parallel_row_chunks(threads, indptr, p.M, spmv_rows_per_chunk(nnz, p.M), rows);
   }
   const Variant variant = static_cast<Variant>(p.variant);
   int vmax = 4;
@@ -404,6 +428,16 @@ inline bool handle_trivial(const SpmmParams& p) {
     SPARSEKIT_VALUE_SWITCH(p.value_dtype, VT, [&] {                                  \
       SPARSEKIT_INDEX_SWITCH(p.indptr_type, p.index_type, PT, IT,                    \
                              [&] { csr_linear_t<VT, PT, IT>(p); });                  \
+    });                                                                              \
+  } } }
+
+#define SPARSEKIT_DEFINE_CSR_READ_PROBE(NAME)                                         \
+  namespace sparsekit { namespace cpu {                                              \
+  void NAME(const SpmmParams& p) {                                                   \
+    if (p.M == 0) return;                                                            \
+    SPARSEKIT_VALUE_SWITCH(p.value_dtype, VT, [&] {                                  \
+      SPARSEKIT_INDEX_SWITCH(p.indptr_type, p.index_type, PT, IT,                    \
+                             [&] { csr_read_probe_t<VT, PT, IT>(p); });              \
     });                                                                              \
   } } }
 

@@ -18,6 +18,18 @@ void csr_linear(const SpmmParams& p, Isa isa) {
   }
 }
 
+void csr_read_probe(const SpmmParams& p, Isa isa) {
+  switch (isa) {
+#if defined(SPARSEKIT_HAVE_ISA_avx512)
+    case Isa::AVX512: return csr_read_probe_avx512(p);
+#endif
+#if defined(SPARSEKIT_HAVE_ISA_avx2)
+    case Isa::AVX2: return csr_read_probe_avx2(p);
+#endif
+    default: return csr_read_probe_generic(p);
+  }
+}
+
 void bsr_linear(const SpmmParams& p, Isa isa) {
   switch (isa) {
 #if defined(SPARSEKIT_HAVE_ISA_avx512)

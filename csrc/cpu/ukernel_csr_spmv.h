@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cpu/simd.h"
@@ -67,6 +68,42 @@ inline void spmv_scalar(const IT* idx, const VT* val, int64_t j, int64_t e, cons
     for (int n = 0; n < NB; ++n) s[0][n] += w * x[n * ldx + k];
   }
   for (int n = 0; n < NB; ++n) sums[n] += (s[0][n] + s[1][n]) + (s[2][n] + s[3][n]);
+}
+
+// Read probe (benchmarks only; not a variant, never planned): the memory floor of a row's
+// SpMV. Contract: returns the XOR of all bytes of val[j0, e) in bits 0-7 and of all bytes of
+// idx[j0, e) in bits 8-15 (j0 is the argument j; 0 for an empty row). Sizes: any row length
+// e - j0 >= 0. Layout: val / idx as in the SpMV contract. Alignment: none. Reads exactly those
+// bytes, in 64-bit words with the same software prefetch as the gather variants (the prefetches
+// may name addresses beyond e, which never fault); no x, no value arithmetic. No allocation, no
+// state. Cost: O((e - j0) * (sizeof(VT) + sizeof(IT)) / 8) loads and XORs.
+inline uint64_t xor_bytes(const char* p, int64_t n) {
+  uint64_t acc = 0;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    acc ^= w;
+  }
+  for (; i < n; ++i) acc ^= static_cast<unsigned char>(p[i]);
+  acc ^= acc >> 32;
+  acc ^= acc >> 16;
+  acc ^= acc >> 8;
+  return acc & 0xffu;
+}
+
+template <class VT, class IT>
+inline uint32_t row_read_probe(const IT* idx, const VT* val, int64_t j, int64_t e) {
+  constexpr int64_t kStep = 32;  // entries per step: the gather variants' prefetch granule
+  uint64_t xv = 0, xi = 0;
+  for (; j + kStep <= e; j += kStep) {
+    prefetch_stream<kStep>(val, idx, j);
+    xv ^= xor_bytes(reinterpret_cast<const char*>(val + j), kStep * sizeof(VT));
+    xi ^= xor_bytes(reinterpret_cast<const char*>(idx + j), kStep * sizeof(IT));
+  }
+  xv ^= xor_bytes(reinterpret_cast<const char*>(val + j), (e - j) * sizeof(VT));
+  xi ^= xor_bytes(reinterpret_cast<const char*>(idx + j), (e - j) * sizeof(IT));
+  return static_cast<uint32_t>(xv | (xi << 8));
 }
 
 // Bitmap variant (csr_spmv_bitmap, and csrq_bitmap through q_row_bitmap_dot). Contract:

@@ -9,6 +9,8 @@
 //       row lengths 0 .. 5W + 3 (around W, 2W, 4W), long rows, unaligned row starts, short rows
 //       after W + 1 NaN-valued entries (the AVX2 tail window reads and masks them), x with a
 //       row stride, uint16 column 65535 and int32 columns beyond it;
+//   row_read_probe (benchmarks' read probe)
+//       row lengths 0 .. 5W + 67, exactly sized and padded rows, byte-exact XOR;
 //   csr_row_tile<V, kBounded> (V = 1, 2, 4, 8)
 //       lengths around the U-nonzero step, with / without / aliased init, K-block bounds,
 //       unaligned tiles, index limits;
@@ -251,6 +253,29 @@ template <class VT, class IT>
 void spmv_types() {
   spmv_all<1, VT, IT>();
   spmv_all<2, VT, IT>();
+}
+
+// Read probe (row_read_probe): the XOR of exactly the row's value bytes (bits 0-7) and index
+// bytes (bits 8-15), byte by byte as the reference; exactly sized arrays (pad -1) and padded
+// rows whose neighbours hold other bytes.
+template <class VT, class IT>
+void probe_types() {
+  for (int64_t L = 0; L <= 5 * W + 3 + 64; ++L)
+    for (int pad : {-1, 1, 3}) {
+      Row<VT, IT> row(sorted_cols(L, 3 * L + 5, L % 2 == 0), pad);
+      uint32_t ref_v = 0, ref_i = 0;
+      const auto* vb = reinterpret_cast<const unsigned char*>(row.val.data());
+      const auto* ib = reinterpret_cast<const unsigned char*>(row.idx.data());
+      for (int64_t b = row.j0 * static_cast<int64_t>(sizeof(VT));
+           b < row.e * static_cast<int64_t>(sizeof(VT)); ++b) ref_v ^= vb[b];
+      for (int64_t b = row.j0 * static_cast<int64_t>(sizeof(IT));
+           b < row.e * static_cast<int64_t>(sizeof(IT)); ++b) ref_i ^= ib[b];
+      const uint32_t got = row_read_probe(row.idx.data(), row.val.data(), row.j0, row.e);
+      char what[160];
+      std::snprintf(what, sizeof what, "row_read_probe %s/%s L=%lld pad=%d", Val<VT>::name(),
+                    idx_name<IT>(), static_cast<long long>(L), pad);
+      check(static_cast<double>(got), static_cast<double>(ref_v | (ref_i << 8)), 0, what);
+    }
 }
 
 // ================================================================================================
@@ -1006,6 +1031,11 @@ int main(int argc, char** argv) {
   spmv_types<bf16_t, int32_t>();
   spmv_types<f16_t, uint16_t>();
   spmv_types<f16_t, int32_t>();
+  begin("row_read_probe");
+  probe_types<float, uint16_t>();
+  probe_types<float, int32_t>();
+  probe_types<bf16_t, uint16_t>();
+  probe_types<f16_t, int32_t>();
   begin("csr_row_tile");
   tile_types<float, uint16_t>();
   tile_types<float, int32_t>();
