@@ -20,8 +20,13 @@ contenders and the sparse matrices compared with them) are timed round-robin, on
 round, so a ratio compares calls made under the same machine state: on a shared host the memory
 bandwidth drifts by tens of percent between seconds (``--no-interleave`` times them one after
 the other; numpy's OpenBLAS is always timed apart, its spinning workers would slow the next
-call). Writes benchmarks/results/cpu-<date>.json and cpu-<date>.png (speedup vs sparsity for
-N = 1, 2, 4, 8, 32, 128; dense = 1).
+call). In the same rounds a read probe streams each N = 1 CSR matrix's bytes the way the kernels
+do and computes nothing (``BoundMatrix.read_probe``): next to each bandwidth fraction and the
+bf16 ratio the record keeps what that plain read reached, the floor for a call of that size.
+``--processes N`` repeats the measurement in N fresh processes (a process's memory placement
+moves its ratios by up to ~10%) and reports each figure from the process with the median value,
+with every process's value. Writes benchmarks/results/cpu-<date>.json and cpu-<date>.png (speedup
+vs sparsity for N = 1, 2, 4, 8, 32, 128; dense = 1).
 """
 
 from __future__ import annotations

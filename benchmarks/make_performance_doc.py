@@ -208,7 +208,10 @@ def render() -> tuple[str, str]:
         "over more than twice the last-level cache, so each call streams its weight from memory "
         "as in a model with many layers (`sparsekit.timing`). Medians; `bench_cpu` runs whose "
         "record says `interleaved` timed each target's dense and sparse candidates round-robin, "
-        "one call each per round. What bounds each number "
+        "one call each per round; runs with `--processes N` report each figure from the process "
+        "with the median value (range over the processes in the last column), and the *plain "
+        "read* column is what the read probe (the same bytes streamed as the kernel streams them, "
+        "nothing computed) reached in the same rounds. What bounds each number "
         "is explained in [design.md](design.md#what-bounds-the-kernels).",
         "",
     ]
