@@ -329,19 +329,6 @@ def run_workers(argv: list[str], processes: int) -> dict[str, Any]:
     return merge_processes(runs)
 
 
-def _strip_processes(argv: list[str]) -> list[str]:
-    """argv without ``--processes N`` / ``--processes=N`` (the workers run one process each)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--processes":
-            skip = True
-        elif not arg.startswith("--processes="):
-            out.append(arg)
-    return out
-
-
 def main(argv=None) -> int:
     H.reexec_without_openblas_overrides()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -381,7 +368,7 @@ def main(argv=None) -> int:
     info = H.machine_info(a.threads)
     copy_bw = info.get("copy_bandwidth_gbs") or H.copy_bandwidth_gbs(num_threads=a.threads)
     if a.processes > 1:
-        res = run_workers(_strip_processes(argv), a.processes)
+        res = run_workers(H.argv_without(argv, "--processes"), a.processes)
     else:
         res = measure(a, min_time)
     tg, sw = res["targets"], res["sweep"]

@@ -48,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sparsekit.bench.machine import cpu_model, others_loaded  # noqa: E402
+from sparsekit.bench.machine import argv_without, cpu_model, others_loaded  # noqa: E402
 from sparsekit.prune import (  # noqa: E402
     OWL,
     distill,
@@ -344,17 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _public_argv(argv: list[str] | None) -> list[str]:
     """The command-line arguments without ``--out PATH`` (a local path, not part of the recipe)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    out: list[str] = []
-    skip = False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            out.append(a)
-    return out
+    return argv_without(sys.argv[1:] if argv is None else argv, "--out")
 
 
 def _by_block(targets: dict[str, float]) -> dict[str, float]:

@@ -250,8 +250,7 @@ def test_bench_cpu_merges_processes_by_median_record():
         bench_cpu.merge_processes(runs)
 
 
-def test_bench_cpu_strips_processes_for_workers():
-    from benchmarks import bench_cpu
-
-    argv = ["--quick", "--processes", "3", "--threads", "2", "--processes=4"]
-    assert bench_cpu._strip_processes(argv) == ["--quick", "--threads", "2"]
+def test_argv_without_drops_option_and_its_value():
+    argv = ["--quick", "--processes", "3", "--threads", "2", "--processes=4", "--processesx"]
+    assert h.argv_without(argv, "--processes") == ["--quick", "--threads", "2", "--processesx"]
+    assert h.argv_without([], "--out") == []

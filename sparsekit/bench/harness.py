@@ -20,6 +20,7 @@ from sparsekit.bench.baselines import (
 )
 from sparsekit.bench.machine import (
     OPENBLAS_OVERRIDE_VARS,
+    argv_without,
     machine_info,
     others_loaded,
     reexec_without_openblas_overrides,
@@ -42,6 +43,7 @@ __all__ = [
     "machine_info",
     "others_loaded",
     "reexec_without_openblas_overrides",
+    "argv_without",
     "OPENBLAS_OVERRIDE_VARS",
     "check_close",
     "tolerance_for",

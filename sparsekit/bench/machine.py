@@ -33,7 +33,7 @@ from sparsekit.bench.probes import copy_bandwidth_gbs
 from sparsekit.timing import llc_bytes
 
 __all__ = ["machine_info", "cpu_model", "reexec_without_openblas_overrides", "others_loaded",
-           "OPENBLAS_OVERRIDE_VARS"]
+           "argv_without", "OPENBLAS_OVERRIDE_VARS"]
 
 #: Environment variables that change numpy's OpenBLAS kernel selection (read at library load).
 OPENBLAS_OVERRIDE_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -250,6 +250,21 @@ def others_loaded(load_start: Sequence[float], load_end: Sequence[float], own_th
     """Whether other work ran on the machine during a run, from the 1-minute load averages
     before and after it (the end value counts the run's own ``own_threads`` threads)."""
     return max(load_start[0], load_end[0] - own_threads) > threshold
+
+
+def argv_without(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` and ``option=VALUE`` (e.g. a local output path kept out
+    of a recorded command line, or a flag a child process must not see)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def _torch_cpu_capability() -> str | None:
