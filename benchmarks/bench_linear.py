@@ -119,7 +119,6 @@ def dense_rotating_fns(w: torch.Tensor, x: torch.Tensor) -> dict[str, Any]:
 def sparsekit_rotating_fn(mat: Any, x: torch.Tensor, backend: str) -> Any:
     """``fn(i)``: ``backend``'s product with rotating copies of mat (over > 2x the LLC), after
     one warm call per copy (binds derived data, JIT-compiles, plans the kernel variants)."""
-
     return sparsekit_rotating_fns(mat, x, backend)[0]
 
 

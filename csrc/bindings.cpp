@@ -226,6 +226,13 @@ struct Common {
 
 // Validates everything shared by csr_linear and bsr_linear and fills the params.
 // Structure arrays: indptr length n_ptr + 1, indices length nnz (read from indptr[-1]).
+// num_threads checked (>= 1) and capped at 4096, as every entry point takes it.
+int checked_threads(int64_t num_threads) {
+  if (num_threads < 1)
+    value_error("num_threads: expected an integer >= 1, got " + std::to_string(num_threads));
+  return static_cast<int>(num_threads > 4096 ? 4096 : num_threads);
+}
+
 void fill_common(Common& c, const py::handle& indptr_o, const py::handle& indices_o,
                  const py::handle& values_o, const std::string& value_dtype,
                  const py::handle& x_o, const std::string& x_dtype, const py::handle& bias_o,
@@ -233,12 +240,10 @@ void fill_common(Common& c, const py::handle& indptr_o, const py::handle& indice
                  int64_t n_cols, int64_t n_ptr, int64_t num_threads, const std::string& isa) {
   check_dim(n_rows, "n_rows");
   check_dim(n_cols, "n_cols");
-  if (num_threads < 1)
-    value_error("num_threads: expected an integer >= 1, got " + std::to_string(num_threads));
   SpmmParams& p = c.p;
   p.M = n_rows;
   p.K = n_cols;
-  p.num_threads = static_cast<int>(num_threads > 4096 ? 4096 : num_threads);
+  p.num_threads = checked_threads(num_threads);
   p.value_dtype = parse_dtype(value_dtype, "value_dtype");
   p.x_dtype = parse_dtype(x_dtype, "x_dtype");
   DType od = parse_dtype(out_dtype, "out_dtype");
@@ -512,14 +517,11 @@ class BoundMatrix {
     if (xd != DType::F32 && xd != p_.value_dtype)
       value_error(std::string("x_dtype: expected 'f32' or the value dtype '") +
                   sparsekit::dtype_name(p_.value_dtype) + "', got '" + sparsekit::dtype_name(xd) + "'");
-    if (threads < 1) value_error("num_threads: expected an integer >= 1, got " + std::to_string(threads));
+    const int num_threads = checked_threads(threads);
     if (variant >= static_cast<int>(Variant::kCount) || variant < -1)
       value_error("variant: expected -1 or an id below " +
                   std::to_string(static_cast<int>(Variant::kCount)) + ", got " + std::to_string(variant));
-    if (isa_code < -1 || isa_code > static_cast<int>(isa_))
-      value_error("isa: expected -1 or an ISA code in [0, " + std::to_string(static_cast<int>(isa_)) +
-                  "] (this matrix's ISA '" + sparsekit::cpu::isa_name(isa_) + "' or below), got " +
-                  std::to_string(isa_code));
+    const Isa forced_isa = isa_for_code(isa_code);
     const int cls = n_class(n);
     // One plan per batch class whatever the thread count (the kernels' results do not depend
     // on it, and a variant switch would change the summation order).
@@ -536,10 +538,9 @@ class BoundMatrix {
     p.ldy = p.M;
     p.x_dtype = xd;
     p.bias = reinterpret_cast<const float*>(bias);
-    p.num_threads = threads > 4096 ? 4096 : threads;
+    p.num_threads = num_threads;
     p.variant = variant >= 0 ? variant : variant_[cls];
-    const Isa isa =
-        variant >= 0 ? (isa_code < 0 ? isa_ : static_cast<Isa>(isa_code)) : class_isa_[cls];
+    const Isa isa = variant >= 0 ? forced_isa : class_isa_[cls];
     // The bitmap is built on first use, with the GIL held; the call keeps its own reference, so
     // set_variant may drop the matrix's while a call runs.
     std::shared_ptr<const std::vector<uint64_t>> bits;
@@ -564,17 +565,13 @@ class BoundMatrix {
     if (bsr_ || q_)
       value_error(std::string("read_probe: expected a CSR matrix with float values and plain "
                               "indices, got ") + (bsr_ ? "a BSR matrix" : "a compressed CSR matrix"));
-    if (threads < 1) value_error("num_threads: expected an integer >= 1, got " + std::to_string(threads));
-    if (isa_code < -1 || isa_code > static_cast<int>(isa_))
-      value_error("isa: expected -1 or an ISA code in [0, " + std::to_string(static_cast<int>(isa_)) +
-                  "] (this matrix's ISA '" + sparsekit::cpu::isa_name(isa_) + "' or below), got " +
-                  std::to_string(isa_code));
+    const int num_threads = checked_threads(threads);
+    const Isa isa = isa_for_code(isa_code);
     if (p_.M == 0) return;
     if (out == 0) value_error("out: expected a non-null address for a non-empty matrix, got 0");
     SpmmParams p = p_;
     p.y = reinterpret_cast<void*>(out);
-    p.num_threads = threads > 4096 ? 4096 : threads;
-    const Isa isa = isa_code < 0 ? isa_ : static_cast<Isa>(isa_code);
+    p.num_threads = num_threads;
     py::gil_scoped_release nogil;
     sparsekit::cpu::csr_read_probe(p, isa);
   }
@@ -660,6 +657,16 @@ class BoundMatrix {
   SpmmParams p_;
   sparsekit::cpu::Isa isa_ = sparsekit::cpu::Isa::Generic;
   bool bsr_ = false;
+  // The ISA build an address-level call names by code (0 generic, 1 avx2, 2 avx512; -1: this
+  // matrix's), checked against the matrix's ISA, which bounds it.
+  Isa isa_for_code(int isa_code) const {
+    if (isa_code < -1 || isa_code > static_cast<int>(isa_))
+      value_error("isa: expected -1 or an ISA code in [0, " + std::to_string(static_cast<int>(isa_)) +
+                  "] (this matrix's ISA '" + sparsekit::cpu::isa_name(isa_) + "' or below), got " +
+                  std::to_string(isa_code));
+    return isa_code < 0 ? isa_ : static_cast<Isa>(isa_code);
+  }
+
   bool q_ = false;  // format 'csrq': the compressed-format kernels (csrq_linear)
   int64_t nnz_ = 0;
   int variant_[kClasses];
