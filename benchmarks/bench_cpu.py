@@ -18,21 +18,24 @@ model, the ISA path (``SPARSEKIT_ISA=avx2`` forces AVX2) and the kernel variant 
 chose (``sparsekit.kernels.planner``). The candidates of each target group (the dense
 contenders and the sparse matrices compared with them) are timed round-robin, one call each per
 round, so a ratio compares calls made under the same machine state: on a shared host the memory
-bandwidth drifts by tens of percent between seconds (``--no-interleave`` times them one after
-the other; numpy's OpenBLAS is always timed apart, its spinning workers would slow the next
-call). In the same rounds a read probe streams each N = 1 CSR matrix's bytes the way the kernels
-do and computes nothing (``BoundMatrix.read_probe``): next to each bandwidth fraction and the
-bf16 ratio the record keeps what that plain read reached, the floor for a call of that size.
-``--processes N`` repeats the measurement in N fresh processes (a process's memory placement
-moves its ratios by up to ~10%) and reports each figure from the process with the median value,
-with every process's value. Writes benchmarks/results/cpu-<date>.json and cpu-<date>.png (speedup
-vs sparsity for N = 1, 2, 4, 8, 32, 128; dense = 1).
+bandwidth drifts by tens of percent between seconds (``--no-interleave`` times them one after the
+other). numpy's OpenBLAS is timed apart (its spinning workers would slow the next call): alone,
+in alternating blocks against the fastest dense path of the rounds, also alone, and the median
+ratio of the two carries it into the rounds. In the same rounds a read probe streams each N = 1
+CSR matrix's bytes the way the kernels do and computes nothing (``BoundMatrix.read_probe``): next
+to each bandwidth fraction and the bf16 ratio the record keeps what that plain read reached, the
+floor for a call of that size. ``--processes N`` repeats the measurement in N fresh processes (a
+process's memory placement moves its ratios by up to ~10%) and reports each figure from the
+process with the median value, with every process's value. Writes
+benchmarks/results/cpu-<date>.json and cpu-<date>.png (speedup vs sparsity for N = 1, 2, 4, 8,
+32, 128; dense = 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,9 +46,19 @@ from benchmarks import bench_linear as BL
 from sparsekit.bench import harness as H
 from sparsekit.formats import BSRMatrix, CSRMatrix
 from sparsekit.kernels import get_backend, require_compiled
-from sparsekit.timing import measure_interleaved
+from sparsekit.timing import Stats, measure_alternating, measure_interleaved
 
 BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
+# Contenders timed apart from the rounds (numpy's OpenBLAS): alternating blocks against the
+# fastest dense path of the rounds, each block after this many idle seconds (OpenBLAS's workers
+# spin for about 2^28 cycles, ~0.1 s, after a call before they sleep).
+BRACKET_BLOCKS, BRACKET_SETTLE_S = 5, 0.3
+
+
+def scaled_stats(st: Stats, ratio: float) -> Stats:
+    """``st`` with every time multiplied by ``ratio`` (the reps stay those of ``st``)."""
+    return Stats(median_s=st.median_s * ratio, p10_s=st.p10_s * ratio, p90_s=st.p90_s * ratio,
+                 reps=st.reps, min_s=st.min_s * ratio, mean_s=st.mean_s * ratio)
 
 
 class Cache:
@@ -112,7 +125,8 @@ class Cache:
         x = self.xin(K, N)
         dense_fns = BL.dense_rotating_fns(BL.random_weight(M, K, 0.0, seed=1), x)
         # OpenBLAS (numpy) keeps its worker threads spinning for a while after each call, which
-        # would slow whatever runs next: numpy is timed on its own, after the round-robin.
+        # would slow whatever runs next, and inside the rounds its threads contend with the
+        # OpenMP pool: numpy is timed apart (bracket_alone) and carried into the rounds.
         alone = {k: f for k, f in dense_fns.items() if k == "numpy"}
         fns = {f"dense:{k}": f for k, f in dense_fns.items() if k not in alone}
         mats = {}
@@ -127,9 +141,12 @@ class Cache:
                 fns[("read",) + key] = read
         st = measure_interleaved(fns, min_time_s=self.min_time * len(fns), max_reps=5000)
         dense = {k.split(":", 1)[1]: v for k, v in st.items() if isinstance(k, str)}
-        for k, f in alone.items():
-            dense[k] = BL.MEASURE(f, min_time_s=self.min_time)
+        bracket = self.bracket_alone(alone, dense, dense_fns) if alone else {}
+        for k, b in bracket.items():
+            dense[k] = b.pop("stats")
         self._record_dense(M, K, N, dense, rounds=st[next(iter(st))].reps)
+        if bracket:
+            self.dense[M, K, N]["bracketed"] = bracket
         for key, mat in mats.items():
             self._record_sparse(key, st[key], mat, interleaved=True)
             if ("read",) + key in st:
@@ -137,6 +154,28 @@ class Cache:
                 self.sparse[key]["read_s"] = r.median_s
                 self.log(f"    read probe of the same bytes: {r.median_s * 1e3:.3f} ms "
                          f"({mat.nbytes / r.median_s / 1e9:.1f} GB/s)")
+
+    def bracket_alone(self, alone: dict, dense: dict, dense_fns: dict) -> dict:
+        """Time each contender of ``alone`` against the fastest dense path of the rounds, both
+        alone, in alternating blocks with idle gaps (so neither inherits the other's spinning
+        threads), and carry the median block-to-block ratio into the rounds: the contender's
+        in-round time is that ratio times the reference's in-round stats. Timing it once after
+        the rounds would take its baseline from another moment of a drifting machine.
+        ``{name: {"stats", "reference", "ratio", "block_ratios", "alone_s"}}``."""
+        ref = min(dense, key=lambda k: dense[k].median_s)
+        out = {}
+        for k, f in alone.items():
+            blocks = measure_alternating({k: f, ref: dense_fns[ref]}, blocks=BRACKET_BLOCKS,
+                                         settle_s=BRACKET_SETTLE_S,
+                                         min_time_s=self.min_time / 2)
+            ratios = [a.median_s / r.median_s for a, r in zip(blocks[k], blocks[ref])]
+            ratio = float(statistics.median(ratios))
+            out[k] = {"stats": scaled_stats(dense[ref], ratio), "reference": ref,
+                      "ratio": ratio, "block_ratios": ratios,
+                      "alone_s": statistics.median(b.median_s for b in blocks[k])}
+            self.log(f"    {k} timed alone against {ref} alone: {ratio:.3f}x its time "
+                     f"(blocks {' '.join(f'{r:.3f}' for r in ratios)})")
+        return out
 
     def torch_csr_s(self, M, K, sp, N) -> float:
         key = (M, K, sp, N)

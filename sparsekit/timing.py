@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "Stats", "measure", "measure_interleaved", "llc_bytes", "rotation_count", "sync_for",
+    "Stats", "measure", "measure_interleaved", "measure_alternating", "llc_bytes",
+    "rotation_count", "sync_for",
 ]
 
 _FALLBACK_LLC = 32 * 1024 * 1024
@@ -285,6 +286,45 @@ def measure_interleaved(
             del out
         rounds += 1
     return {k: Stats.from_samples([s * 1e-9 for s in v]) for k, v in samples.items()}
+
+
+def measure_alternating(
+    fns: dict[str, Callable[[int], Any]],
+    *,
+    blocks: int = 4,
+    settle_s: float = 0.0,
+    sleep: Callable[[float], Any] = time.sleep,
+    **measure_kwargs: Any,
+) -> dict[str, list[Stats]]:
+    """Time several candidates alone, in alternating blocks; ``{name: [Stats per block]}``.
+
+    For candidates that must not share rounds with the others (e.g. a BLAS whose worker threads
+    keep spinning after each call and slow whatever runs next): each of ``blocks`` passes times
+    every candidate in turn with :func:`measure` (``measure_kwargs``), after ``settle_s``
+    seconds of idleness. Comparing the blocks' medians pairs candidates timed seconds apart
+    rather than one before the other. ``i`` keeps counting across a candidate's blocks.
+    """
+    if not fns:
+        raise ValueError("fns: expected at least one candidate, got none")
+    if not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks: expected an int >= 1, got {blocks!r}")
+    if not (isinstance(settle_s, (int, float)) and settle_s >= 0):
+        raise ValueError(f"settle_s: expected a number >= 0, got {settle_s!r}")
+    out: dict[str, list[Stats]] = {k: [] for k in fns}
+    offset = dict.fromkeys(fns, 0)
+    for _ in range(blocks):
+        for k, fn in fns.items():
+            if settle_s:
+                sleep(settle_s)
+            calls = [0]
+
+            def shifted(i: int, fn=fn, base=offset[k], calls=calls) -> Any:
+                calls[0] += 1
+                return fn(base + i)
+
+            out[k].append(measure(shifted, **measure_kwargs))
+            offset[k] += calls[0]
+    return out
 
 
 def sync_for(device: torch.device | str) -> Callable[[], None] | None:

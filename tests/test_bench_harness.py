@@ -254,3 +254,35 @@ def test_argv_without_drops_option_and_its_value():
     argv = ["--quick", "--processes", "3", "--threads", "2", "--processes=4", "--processesx"]
     assert h.argv_without(argv, "--processes") == ["--quick", "--threads", "2", "--processesx"]
     assert h.argv_without([], "--out") == []
+
+
+def _busy(seconds: float) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_bench_cpu_carries_a_contender_timed_apart_into_the_rounds(monkeypatch):
+    """``bench_cpu``: numpy is timed alone against the fastest dense path of the rounds (also
+    alone) and its in-round time is that ratio times the reference's in-round stats."""
+    from benchmarks import bench_cpu
+
+    monkeypatch.setattr(bench_cpu, "BRACKET_SETTLE_S", 0.0)
+    cache = bench_cpu.Cache(0.02, log=lambda *a: None)
+    slow, fast = 0.004, 0.002  # numpy alone takes 2x the reference alone
+    fns = {"numpy": lambda i: _busy(slow), "torch.matmul": lambda i: _busy(fast),
+           "F.linear": lambda i: _busy(3 * fast)}
+    rounds = {"torch.matmul": h.Stats(median_s=5.0, p10_s=4.0, p90_s=6.0, reps=7, min_s=3.0,
+                                      mean_s=5.5),
+              "F.linear": h.Stats(median_s=9.0, p10_s=9.0, p90_s=9.0, reps=7)}
+    out = cache.bracket_alone({"numpy": fns["numpy"]}, rounds, fns)
+    b = out["numpy"]
+    assert b["reference"] == "torch.matmul"
+    assert len(b["block_ratios"]) == bench_cpu.BRACKET_BLOCKS
+    assert b["ratio"] == pytest.approx(slow / fast, rel=0.15)
+    assert b["alone_s"] == pytest.approx(slow, rel=0.15)
+    st = b["stats"]
+    assert st.median_s == pytest.approx(5.0 * b["ratio"]) and st.reps == 7
+    assert st.p10_s == pytest.approx(4.0 * b["ratio"]) and st.min_s == pytest.approx(3 * b["ratio"])
