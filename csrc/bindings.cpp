@@ -34,6 +34,7 @@ namespace py = pybind11;
 using sparsekit::DType;
 using sparsekit::IndexType;
 using sparsekit::SpmmParams;
+using sparsekit::Activation;
 
 namespace {
 
@@ -231,6 +232,22 @@ int checked_threads(int64_t num_threads) {
   if (num_threads < 1)
     value_error("num_threads: expected an integer >= 1, got " + std::to_string(num_threads));
   return static_cast<int>(num_threads > 4096 ? 4096 : num_threads);
+}
+
+// Activation codes of BoundMatrix.run / runner and names of the module-level entry points
+// (SpmmParams::activation): 0 'none', 1 'relu'.
+constexpr const char* kActivationNames[sparsekit::kActivationCount] = {"none", "relu"};
+
+Activation activation_for_code(int64_t code) {
+  if (code < 0 || code >= sparsekit::kActivationCount)
+    value_error("activation: expected code 0 (none) or 1 (relu), got " + std::to_string(code));
+  return static_cast<Activation>(code);
+}
+
+Activation parse_activation(const std::string& name) {
+  for (int i = 0; i < sparsekit::kActivationCount; ++i)
+    if (name == kActivationNames[i]) return static_cast<Activation>(i);
+  value_error("activation: expected 'none' or 'relu', got '" + name + "'");
 }
 
 void fill_common(Common& c, const py::handle& indptr_o, const py::handle& indices_o,
@@ -509,8 +526,9 @@ class BoundMatrix {
   // no such plan, returns false WITHOUT computing (the caller plans, then calls again: every
   // call of a class then runs the same variant, so repeated calls give bit-identical results).
   bool run(uintptr_t x, uintptr_t out, int64_t n, int x_code, uintptr_t bias, int threads,
-           int variant, int isa_code = -1) const {
+           int variant, int isa_code = -1, int activation = 0) const {
     if (n < 0) value_error("n: expected a non-negative batch size, got " + std::to_string(n));
+    const Activation act = activation_for_code(activation);
     if (x_code < 0 || x_code > 2)
       value_error("x_dtype: expected code 0 (f32), 1 (bf16) or 2 (f16), got " + std::to_string(x_code));
     const DType xd = static_cast<DType>(x_code);
@@ -540,6 +558,7 @@ class BoundMatrix {
     p.bias = reinterpret_cast<const float*>(bias);
     p.num_threads = num_threads;
     p.variant = variant >= 0 ? variant : variant_[cls];
+    p.activation = act;
     const Isa isa = variant >= 0 ? forced_isa : class_isa_[cls];
     // The bitmap is built on first use, with the GIL held; the call keeps its own reference, so
     // set_variant may drop the matrix's while a call runs.
@@ -700,10 +719,10 @@ void runner_capsule_free(PyObject* capsule) {
 PyObject* runner_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   auto* r = static_cast<Runner*>(PyCapsule_GetPointer(self, kRunnerCapsule));
   if (r == nullptr) return nullptr;
-  if (nargs != 6) {
+  if (nargs != 6 && nargs != 7) {
     PyErr_Format(PyExc_TypeError,
-                 "run: expected 6 positional arguments (x, out, n, x_dtype, bias, num_threads), "
-                 "got %zd",
+                 "run: expected 6 or 7 positional arguments (x, out, n, x_dtype, bias, "
+                 "num_threads[, activation]), got %zd",
                  nargs);
     return nullptr;
   }
@@ -713,11 +732,13 @@ PyObject* runner_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   const long x_code = PyLong_AsLong(args[3]);
   const unsigned long long bias = PyLong_AsUnsignedLongLong(args[4]);
   const long threads = PyLong_AsLong(args[5]);
+  const long activation = nargs == 7 ? PyLong_AsLong(args[6]) : 0;
   if (PyErr_Occurred()) return nullptr;
   try {
     const bool ran = r->bm->run(static_cast<uintptr_t>(x), static_cast<uintptr_t>(out),
                                 static_cast<int64_t>(n), static_cast<int>(x_code),
-                                static_cast<uintptr_t>(bias), static_cast<int>(threads), -1);
+                                static_cast<uintptr_t>(bias), static_cast<int>(threads), -1, -1,
+                                static_cast<int>(activation));
     return PyBool_FromLong(ran ? 1 : 0);
   } catch (py::error_already_set& e) {
     e.restore();
@@ -732,8 +753,8 @@ PyObject* runner_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef runner_def = {
     "run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(runner_call)),
     METH_FASTCALL,
-    "run(x, out, n, x_dtype, bias, num_threads) -> bool: BoundMatrix.run with the planned "
-    "variant, positional ints only (see BoundMatrix.runner)."};
+    "run(x, out, n, x_dtype, bias, num_threads[, activation]) -> bool: BoundMatrix.run with "
+    "the planned variant, positional ints only (see BoundMatrix.runner)."};
 
 py::object make_runner(const py::object& self) {
   const BoundMatrix* bm = self.cast<const BoundMatrix*>();
@@ -755,12 +776,13 @@ void csr_linear(const py::handle& indptr, const py::handle& indices, const py::h
                 const std::string& value_dtype, const py::handle& x, const std::string& x_dtype,
                 const py::handle& bias, const py::handle& out, const std::string& out_dtype,
                 int64_t n_rows, int64_t n_cols, int64_t num_threads, const std::string& isa,
-                const py::handle& variant) {
+                const py::handle& variant, const std::string& activation) {
   Common c;
   fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
               n_cols, n_rows, num_threads, isa);
   check_csr_values(c.arr(2), c.arr(1).shape(0));
   reject_compressed(c.p, "csr_linear");
+  c.p.activation = parse_activation(activation);
   c.p.variant = static_cast<int>(parse_variant(variant, "csr", c.isa));
   // the bitmap variant needs occupancy words: built for this call (BoundMatrix keeps them)
   std::shared_ptr<const std::vector<uint64_t>> bits;
@@ -777,11 +799,12 @@ void csrq_linear(const py::handle& indptr, const py::handle& indices, const py::
                  const std::string& value_dtype, const py::handle& scales_o, const py::handle& x,
                  const std::string& x_dtype, const py::handle& bias, const py::handle& out,
                  const std::string& out_dtype, int64_t n_rows, int64_t n_cols,
-                 int64_t num_threads, const std::string& isa) {
+                 int64_t num_threads, const std::string& isa, const std::string& activation) {
   Common c;
   fill_common(c, indptr, indices, values, value_dtype, x, x_dtype, bias, out, out_dtype, n_rows,
               n_cols, n_rows, num_threads, isa);
   check_csr_values(c.arr(2), c.arr(1).shape(0));
+  c.p.activation = parse_activation(activation);
   if (c.p.x_dtype == DType::I8) value_error("x_dtype: expected 'f32' for int8 weights, got 'i8'");
   py::object keep_scales;
   if (c.p.value_dtype == DType::I8) {
@@ -804,7 +827,8 @@ void bsr_linear(const py::handle& indptr, const py::handle& indices, const py::h
                 const std::string& value_dtype, const py::handle& x, const std::string& x_dtype,
                 const py::handle& bias, const py::handle& out, const std::string& out_dtype,
                 int64_t n_rows, int64_t n_cols, int64_t block_r, int64_t block_c,
-                int64_t num_threads, const std::string& isa, const py::handle& variant) {
+                int64_t num_threads, const std::string& isa, const py::handle& variant,
+                const std::string& activation) {
   if (block_r < 1 || block_r > 4096)
     value_error("block_r: expected an integer in [1, 4096], got " + std::to_string(block_r));
   if (block_c < 1 || block_c > 4096)
@@ -824,6 +848,7 @@ void bsr_linear(const py::handle& indptr, const py::handle& indices, const py::h
     value_error(s.str());
   }
   reject_compressed(c.p, "bsr_linear");
+  c.p.activation = parse_activation(activation);
   c.p.block_r = static_cast<int>(block_r);
   c.p.block_c = static_cast<int>(block_c);
   c.p.variant = static_cast<int>(parse_variant(variant, "bsr", c.isa));
@@ -1076,13 +1101,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("csr_linear", &csr_linear, py::arg("indptr"), py::arg("indices"), py::arg("values"),
         py::arg("value_dtype"), py::arg("x"), py::arg("x_dtype"), py::arg("bias"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("num_threads"),
-        py::arg("isa") = "auto", py::arg("variant") = py::none(),
-        "out (N, n_rows) = x (N, n_cols) @ W.T + bias for W in CSR (fp32 accumulation). "
+        py::arg("isa") = "auto", py::arg("variant") = py::none(), py::arg("activation") = "none",
+        "out (N, n_rows) = act(x (N, n_cols) @ W.T + bias) for W in CSR (fp32 accumulation; "
+        "activation 'none' or 'relu', applied in fp32 before the output's conversion). "
         "The structure must have passed validate_csr. Releases the GIL.");
   m.def("csrq_linear", &csrq_linear, py::arg("indptr"), py::arg("indices"), py::arg("values"),
         py::arg("value_dtype"), py::arg("scales"), py::arg("x"), py::arg("x_dtype"),
         py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("n_rows"),
         py::arg("n_cols"), py::arg("num_threads"), py::arg("isa") = "auto",
+        py::arg("activation") = "none",
         "csr_linear for the compressed formats: int8 values (value_dtype 'i8', with float32 "
         "per-row scales) and/or uint8 column gaps (indices dtype uint8). The structure must "
         "have been validated (sparsekit.CSRMatrix). Releases the GIL.");
@@ -1090,8 +1117,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("value_dtype"), py::arg("x"), py::arg("x_dtype"), py::arg("bias"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("block_r"),
         py::arg("block_c"), py::arg("num_threads"), py::arg("isa") = "auto",
-        py::arg("variant") = py::none(),
-        "out (N, n_rows) = x (N, n_cols) @ W.T + bias for W in BSR with (block_r, block_c) blocks, "
+        py::arg("variant") = py::none(), py::arg("activation") = "none",
+        "out (N, n_rows) = act(x (N, n_cols) @ W.T + bias) for W in BSR with (block_r, block_c) "
+        "blocks (activation as in csr_linear), "
         "values of shape (nnzb, block_r, block_c). The structure must have passed validate_bsr.");
 
   m.def("cpu_variants", &cpu_variants,
@@ -1111,8 +1139,10 @@ PYBIND11_MODULE(_C, m) {
            "formats: int8 values with float32 per-row scales and/or uint8 gap indices).")
       .def("run", &BoundMatrix::run, py::arg("x"), py::arg("out"), py::arg("n"),
            py::arg("x_dtype"), py::arg("bias"), py::arg("num_threads"), py::arg("variant") = -1,
-           py::arg("isa") = -1,
-           "out (n, n_rows) = x (n, n_cols) @ W.T + bias from addresses (ints; bias 0 = none), "
+           py::arg("isa") = -1, py::arg("activation") = 0,
+           "out (n, n_rows) = act(x (n, n_cols) @ W.T + bias) from addresses (ints; bias 0 = "
+           "none), activation code 0 none / 1 relu (applied in fp32 before the output's "
+           "conversion), "
            "x_dtype code 0 f32 / 1 bf16 / 2 f16; variant -1 = the planned one (with its ISA build), "
            "else that variant built for ISA code isa (0 generic, 1 avx2, 2 avx512; -1 = the "
            "matrix's, the highest allowed). Returns False, "
@@ -1125,7 +1155,8 @@ PYBIND11_MODULE(_C, m) {
            "row chunks and prefetch) and nothing computed: the memory floor of the SpMV. CSR with "
            "float values and plain indices only; isa as in run().")
       .def("runner", &make_runner,
-           "A builtin run(x, out, n, x_dtype, bias, num_threads) -> bool doing exactly what "
+           "A builtin run(x, out, n, x_dtype, bias, num_threads[, activation]) -> bool doing "
+           "exactly what "
            "run() does with variant -1, for positional ints only, at a fraction of the call "
            "cost (no pybind11 dispatch). It keeps this matrix alive.")
       .def("set_variant", &BoundMatrix::set_variant, py::arg("n_class"), py::arg("variant"),

@@ -21,7 +21,7 @@ _LAUNCHER_KEY = ops.LAUNCHER_KEY
 
 
 def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
-           backend: str = "auto") -> Any:
+           backend: str = "auto", activation: str | None = None) -> Any:
     """Sparse ``y = x @ weight.T + bias``, like :func:`torch.nn.functional.linear`.
 
     Parameters
@@ -36,6 +36,10 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
     backend : str
         ``"auto"`` (cuda for CUDA tensors; on CPU cpp, then numba, then torch) or a name from
         :func:`sparsekit.backends`.
+    activation : {None, "relu"}
+        Applied to the result: ``relu(x @ weight.T + bias)``. The C++ kernels fuse it into the
+        product (each output in fp32 before its conversion to x's dtype); other backends apply
+        it afterwards. Same result as ``torch.relu`` of the plain product, NaN included.
 
     Returns
     -------
@@ -68,6 +72,7 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
             + (" (convert with CSRMatrix.from_dense(w))" if isinstance(weight, torch.Tensor)
                else "")
         )
+    act = 0 if activation is None else ops.activation_code(activation)
     if type(x) is Tensor and backend == "auto" and not torch.compiler.is_compiling():
         # Fast path (see ops.fast_launcher): a weight already bound to the kernels, a plain
         # tensor, no autograd graph needed. Anything the launcher does not take as is (it
@@ -76,7 +81,7 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
         if launch is not None and (bias is None or isinstance(bias, Tensor)) and (
                 not torch.is_grad_enabled()
                 or not (x.requires_grad or (bias is not None and bias.requires_grad))):
-            y = launch(x, bias)
+            y = launch(x, bias, act)
             if y is not None:
                 return y
     is_np = isinstance(x, np.ndarray)
@@ -98,19 +103,22 @@ def linear(x: Any, weight: CSRMatrix | BSRMatrix, bias: Any = None, *,
         # int8 values / delta8 indices: through their float decoding (cached on the matrix).
         weight = weight.decoded()
         if isinstance(weight, CSRMatrix):
-            return ops.csr_linear(x, weight.indptr, weight.indices, weight.values, bias, M, K,
-                                  backend)
-        r, c = weight.blocksize
-        return ops.bsr_linear(x, weight.indptr, weight.indices, weight.values, bias, M, K, r, c,
-                              backend)
+            y = ops.csr_linear(x, weight.indptr, weight.indices, weight.values, bias, M, K,
+                               backend)
+        else:
+            r, c = weight.blocksize
+            y = ops.bsr_linear(x, weight.indptr, weight.indices, weight.values, bias, M, K, r, c,
+                               backend)
+        return torch.relu(y) if act else y
     if weight.is_compressed and torch.compiler.is_compiling():
         # the compressed ops keep the graph whole (the eager launch below would break it)
-        return ops.linear_compressed_op(
+        y = ops.linear_compressed_op(
             x, weight.indptr, weight.indices, weight.values, weight.scales, bias, M, K,
             None if isinstance(weight, CSRMatrix) else weight.blocksize, backend)
+        return torch.relu(y) if act else y
     if x.requires_grad:
         x = x.detach()
-    y = ops.launch_linear(x, weight, bias32, backend, cdt)
+    y = ops.launch_linear(x, weight, bias32, backend, cdt, act)
     return y.numpy() if is_np else y
 
 

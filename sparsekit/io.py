@@ -573,12 +573,20 @@ def load(
         new = new.to(ref.device)
         new.train(old.training)
         new.backend = getattr(old, "backend", new.backend)
+        # a fused activation belongs to the model's structure (a FusedActivation stands in
+        # the activation's place), not to the file: the installed layer keeps the old one's
+        new.activation = old.activation if isinstance(old, SparseLinear) else None
         _set_submodule(model, name, new)
     # layers sparse in the model but dense in the file
     for name, mod in list(model.named_modules()):
         if isinstance(mod, SparseLinear) and name not in sparse:
             pre = f"{name}." if name else ""
             if pre + "weight" in tensors:
+                if mod.activation is not None and not _unfuse(model, name):
+                    raise SparsekitFileError(
+                        f"module {name!r}: dense in the file, but the model's layer has the "
+                        f"fused activation {mod.activation!r} and no FusedActivation after it "
+                        "to restore; densify the model first")
                 _set_submodule(model, name, mod.to_linear())
     rest = {k: v for k, v in tensors.items() if k not in used}
     try:
@@ -647,6 +655,23 @@ def _install_wrappers(model: nn.Module, wrappers: list[dict[str, Any]]) -> None:
                                      f"not match the model's {new.geometry()}")
         if new is not old:
             _set_submodule(model, name, new)
+
+
+def _unfuse(model: nn.Module, name: str) -> bool:
+    """Puts back the activation module fused into layer ``name`` (the FusedActivation right
+    after it in its nn.Sequential); False when there is none."""
+    from sparsekit.nn.linear import FusedActivation
+
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if type(parent) is not nn.Sequential:
+        return False
+    names = list(parent._modules)
+    i = names.index(child)
+    if i + 1 >= len(names) or not isinstance(parent._modules[names[i + 1]], FusedActivation):
+        return False
+    setattr(parent, names[i + 1], parent._modules[names[i + 1]].original)
+    return True
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -61,6 +61,8 @@ __all__ = [
     "csr_linear_compressed",
     "bsr_linear_compressed",
     "linear_compressed_op",
+    "ACTIVATIONS",
+    "activation_code",
     "csr_transpose",
     "bsr_transpose",
 ]
@@ -68,6 +70,25 @@ __all__ = [
 #: Value dtypes the kernels store, and the activation dtypes they take.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
+
+#: Activation functions a layer can fuse into its product (``act(x @ W.T + bias)``): the C++
+#: kernels apply them to each output in fp32 before its conversion to x's dtype (one pass and
+#: one module call less); the other backends apply them to the result.
+ACTIVATIONS = ("relu",)
+_ACTIVATION_CODE = {None: 0, "relu": 1}  # the C++ codes (SpmmParams::activation)
+
+
+def activation_code(activation: str | None) -> int:
+    """The kernels' code of ``activation`` (None or a name in :data:`ACTIVATIONS`); raises
+    ``ValueError`` for anything else."""
+    code = _ACTIVATION_CODE.get(activation) if activation is None or isinstance(
+        activation, str) else None
+    if code is None:
+        raise ValueError(
+            "activation: expected None or one of "
+            f"{', '.join(map(repr, ACTIVATIONS))}, got {activation!r}"
+        )
+    return code
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,12 +149,12 @@ def plan_linear(
 
 
 def launch_linear(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None, backend: str,
-                  cdt: torch.dtype) -> Tensor:
-    """Allocate and launch ``x @ mat.T + bias`` for arguments :func:`plan_linear` accepted.
+                  cdt: torch.dtype, act: int = 0) -> Tensor:
+    """Allocate and launch ``act(x @ mat.T + bias)`` for arguments :func:`plan_linear` accepted.
 
     ``x`` (..., K) on the weight's device, ``bias`` fp32 contiguous (M,) or None, ``cdt`` the
-    activation dtype the kernel takes. The result has x's dtype. A 0-row ``x`` launches
-    nothing but still validates the backend name.
+    activation dtype the kernel takes, ``act`` an :func:`activation_code`. The result has x's
+    dtype. A 0-row ``x`` launches nothing but still validates the backend name.
     """
     M, K = mat._shape
     shape = x.shape
@@ -150,7 +171,7 @@ def launch_linear(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None, ba
     # skips backend selection; the bound call passes only addresses
     bound = mat.cache_get(_CPP_BOUND) if backend == "auto" and N else None
     if bound is not None and x2d.is_cpu:
-        _cpp_run_bound(bound, mat, x2d, bias, out)
+        _cpp_run_bound(bound, mat, x2d, bias, out, act)
         if mat.cache_get(LAUNCHER_KEY) is None:
             # from now on the entry points' fast paths (fast_launcher) skip this function
             mat.cache_put(LAUNCHER_KEY, _cpp_bound_launcher(mat, bound))
@@ -158,6 +179,8 @@ def launch_linear(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None, ba
         be = select_backend(mat, x2d, backend) if N or backend != "auto" else None
         if N:
             be.linear(mat, x2d, bias, out)
+            if act:  # the backends' protocol has no epilogue: applied to the fresh result
+                torch.relu_(out)
     if cdt != x.dtype:
         out = out.to(x.dtype)
     return out if len(shape) == 2 else out.reshape(*shape[:-1], M)
@@ -165,7 +188,8 @@ def launch_linear(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None, ba
 
 def fast_launcher(mat: CSRMatrix | BSRMatrix):
     """The launcher of ``mat`` once its C++ binding exists (after its second "auto" call on the
-    CPU), else None: ``launch(x, bias)`` returns ``x @ mat.T + bias`` for a plain contiguous 2-D
+    CPU), else None: ``launch(x, bias, act=0)`` returns ``act(x @ mat.T + bias)`` (``act`` an
+    :func:`activation_code`) for a plain contiguous 2-D
     CPU ``x`` of a dtype the kernel takes as is and a float32 contiguous ``bias`` (or None),
     and None for anything else. Callers use it only where no autograd graph is needed and
     ``backend == "auto"``, and fall back to :func:`plan_linear` + :func:`launch_linear` on None,
@@ -175,13 +199,14 @@ def fast_launcher(mat: CSRMatrix | BSRMatrix):
 
 
 def linear_matrix(x: Tensor, mat: CSRMatrix | BSRMatrix, bias: Tensor | None,
-                  backend: str = "auto") -> Tensor:
-    """Eager ``x @ mat.T + bias`` without autograd: plan, then launch (the thin path)."""
+                  backend: str = "auto", act: int = 0) -> Tensor:
+    """Eager ``act(x @ mat.T + bias)`` without autograd: plan, then launch (the thin path);
+    ``act`` an :func:`activation_code`."""
     M, K = mat._shape
     cdt, bias = plan_linear(x, K, M, mat.values, bias)
     if x.requires_grad:
         x = x.detach()
-    return launch_linear(x, mat, bias, backend, cdt)
+    return launch_linear(x, mat, bias, backend, cdt, act)
 
 
 # --------------------------------------------------------------------------------------------

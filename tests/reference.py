@@ -19,19 +19,24 @@ _EPS = {
 
 
 def dense_reference(x: torch.Tensor, w_dense: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w_dense.T + bias`` in float64 on CPU (inputs are upcast exactly).
+                    bias: torch.Tensor | None = None, activation: str | None = None
+                    ) -> torch.Tensor:
+    """``act(x @ w_dense.T + bias)`` in float64 on CPU (inputs are upcast exactly).
 
     Parameters
     ----------
     x : (..., K) tensor, any float dtype
     w_dense : (M, K) tensor (use ``mat.to_dense()`` so the reference sees the stored values)
     bias : (M,) tensor or None
+    activation : None or "relu" (torch.relu: NaN stays NaN)
     """
     xd = x.detach().cpu().to(torch.float64)
     y = xd @ w_dense.detach().cpu().to(torch.float64).T
     if bias is not None:
         y = y + bias.detach().cpu().to(torch.float64)
+    if activation is not None:
+        assert activation == "relu", activation
+        y = torch.relu(y)
     return y
 
 
@@ -58,10 +63,12 @@ def tolerance(x: torch.Tensor, w_dense: torch.Tensor, bias: torch.Tensor | None,
 
 
 def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w_dense: torch.Tensor,
-                              bias: torch.Tensor | None = None, *, msg: str = "") -> None:
+                              bias: torch.Tensor | None = None, *, msg: str = "",
+                              activation: str | None = None) -> None:
     """Assert ``y`` matches the float64 reference within :func:`tolerance` (and has x's dtype
-    and the right shape)."""
-    ref = dense_reference(x, w_dense, bias)
+    and the right shape); with ``activation``, ``act`` of it (the bound of the plain product
+    holds: relu is 1-Lipschitz)."""
+    ref = dense_reference(x, w_dense, bias, activation)
     assert tuple(y.shape) == tuple(ref.shape), (
         f"{msg}: shape {tuple(y.shape)} != {tuple(ref.shape)}"
     )

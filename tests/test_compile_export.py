@@ -186,3 +186,20 @@ def test_compressed_op_rejects_plain_weights():
         torch.ops.sparsekit.csr_linear_compressed(
             torch.randn(2, 16), sl.weight_indptr, sl.weight_indices, sl.weight_values, None,
             None, 8, 16)
+
+
+def test_export_of_a_fused_activation(tmp_path):
+    """sparsify fuses the ReLU after each sparse layer: the exported program applies it after
+    the op (the FusedActivation placeholder traces to nothing) and matches the dense model."""
+    torch.manual_seed(23)
+    model = magnitude_prune(mlp((64, 96, 48, 10)), 0.8).eval()
+    dense = copy.deepcopy(model)
+    assert len(sparsify(model, tune=False).fused) == 2
+    x = torch.randn(4, 64)
+    ep = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("aten.relu.default") == 2, targets
+    path = tmp_path / "fused.pt2"
+    torch.export.save(ep, path)
+    with torch.no_grad():
+        _close(torch.export.load(path).module()(x), dense.double()(x.double()))

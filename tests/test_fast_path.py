@@ -57,7 +57,7 @@ def test_runner_matches_run_and_checks_arguments():
     assert run(x.data_ptr(), out.data_ptr(), 1, 0, 0, 1) is True
     assert_close_to_reference(out, x, mat.to_dense())
     assert torch.equal(out, _general(x, mat, None))
-    with pytest.raises(TypeError, match="run: expected 6 positional arguments"):
+    with pytest.raises(TypeError, match="run: expected 6 or 7 positional arguments"):
         run(x.data_ptr(), out.data_ptr(), 1, 0, 0)
     with pytest.raises(TypeError):
         run(x.data_ptr(), out.data_ptr(), "1", 0, 0, 1)

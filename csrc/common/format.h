@@ -26,6 +26,12 @@ inline const char* dtype_name(DType t) {
   return t == DType::F32 ? "f32" : (t == DType::BF16 ? "bf16" : (t == DType::I8 ? "i8" : "f16"));
 }
 
+// Elementwise function applied to every output after the bias (and the int8 scales), in fp32
+// before the conversion to y's dtype: the fused epilogue of a layer followed by its activation.
+// Relu keeps NaN (max(0, v) with NaN in, NaN out, as torch.relu).
+enum class Activation : int { None = 0, Relu = 1 };
+constexpr int kActivationCount = 2;
+
 struct SpmmParams {
   // Problem size: W is (M, K) = (out_features, in_features); x has N rows.
   int64_t M = 0;  // rows of W = columns of y
@@ -71,6 +77,7 @@ struct SpmmParams {
   int block_c = 1;
   int num_threads = 1;  // CPU: OpenMP threads for this call (>= 1); ignored by CUDA
   int variant = 0;  // CPU: kernel variant id (csrc/cpu/variants.h), 0 = built-in choice; CUDA ignores it
+  Activation activation = Activation::None;  // CPU kernels; the CUDA bindings leave it None
 };
 
 }  // namespace sparsekit

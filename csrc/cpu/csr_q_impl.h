@@ -342,7 +342,7 @@ void csrq_linear_t(const SpmmParams& p) {
   const int threads = threads_for(p.num_threads, (bitmap ? p.M * p.K / 4 : nnz + p.M) * p.N);
   auto finish = [&](int64_t n, int64_t m, float d) {
     const float sc = p.scales ? p.scales[m] : 1.f;
-    store_out(p.y, n * p.ldy + m, d * sc + bias_at(p.bias, m), p.x_dtype);
+    store_out(p.y, n * p.ldy + m, activate(d * sc + bias_at(p.bias, m), p.activation), p.x_dtype);
   };
   // Rows in chunks with tail stealing rather than a static split (threading.h, RowChunks): at
   // N <= 2 a call lasts tens of microseconds, and on a machine where another process holds part

@@ -67,7 +67,7 @@ inline int choose_v(int64_t N, int64_t kpad, int vmax = 4) {
 // (measurements: docs/kernels.md, "Design measurements").
 constexpr int64_t kMaxGatherBatch = 2;
 
-// Driver for N <= 2: rows [r0, r1), y[n][m] = row_m . x_n + bias[m] with one SpMV micro-kernel
+// Driver for N <= 2: rows [r0, r1), y[n][m] = act(row_m . x_n + bias[m]) with one SpMV micro-kernel
 // (ukernel_csr_spmv.h) chosen by `variant`; x is fp32 with row stride ldx. The weights are read
 // once for all NB vectors. O(NB * nnz in range).
 template <int NB, class VT, class PT, class IT>
@@ -83,7 +83,8 @@ void csr_spmv_rows(const SpmmParams& p, Variant variant, const float* x, int64_t
       for (int n = 0; n < NB; ++n) sums[n] = 0.f;
       row_dot(m, sums);
       const float b = bias_at(p.bias, m);
-      for (int n = 0; n < NB; ++n) store_out(p.y, n * p.ldy + m, sums[n] + b, p.x_dtype);
+      for (int n = 0; n < NB; ++n)
+        store_out(p.y, n * p.ldy + m, activate(sums[n] + b, p.activation), p.x_dtype);
     }
   };
   if (variant == Variant::CsrSpmvBitmap) {
@@ -377,7 +378,7 @@ void bsr_linear_t(const SpmmParams& p) {
         }
         for (int i = 0; i < rows; ++i) {
           const int64_t m = br * r + i;
-          store_out(p.y, m, out.p[i] + bias_at(p.bias, m), p.x_dtype);
+          store_out(p.y, m, activate(out.p[i] + bias_at(p.bias, m), p.activation), p.x_dtype);
         }
       }
     });

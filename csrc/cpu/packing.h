@@ -140,7 +140,7 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
 
 constexpr int64_t kOutRows = 64;  // rows per output flush: 4 cache lines of fp32 per y row
 
-// Writes y[n0 + t][m0 + i] = part[i * ldp + t] + bias[m0 + i] for t < nn, i < rows (part: a
+// Writes y[n0 + t][m0 + i] = act(part[i * ldp + t] + bias[m0 + i]) for t < nn, i < rows (part: a
 // rows x NT fp32 partial-sum tile, tbuf: scratch of >= rows * nn floats). y is written
 // batch-major, in runs of `rows` consecutive outputs, instead of each row's NT outputs with
 // NT-strided scalar stores (y rows are M * 4 bytes apart; docs/kernels.md); callers pass 32-64
@@ -153,12 +153,14 @@ inline void store_rows_tile(const SpmmParams& p, const float* part, int64_t ldp,
   // run, so only AVX-512 takes this path.
   if (p.x_dtype == DType::F32) {
     constexpr int64_t W = Vec::W;
+    const bool relu = p.activation == Activation::Relu;
     for (int64_t t = 0; t < nn; ++t) {
       float* dst = static_cast<float*>(p.y) + (n0 + t) * p.ldy + m0;
       for (int64_t i = 0; i < rows; i += W) {
         const int n = static_cast<int>(imin(W, rows - i));
         Vec::T v = Vec::gather_column(part + i * ldp + t, ldp, n);
         if (p.bias != nullptr) v = Vec::add(v, Vec::load_n(p.bias + m0 + i, n));
+        if (relu) v = Vec::relu(v);
         Vec::store_n(dst + i, v, n);
       }
     }
@@ -180,8 +182,12 @@ inline void store_rows_tile(const SpmmParams& p, const float* part, int64_t ldp,
       } else {
         for (int64_t i = 0; i < rows; ++i) dst[i] = src[i];
       }
+      if (p.activation != Activation::None)
+        for (int64_t i = 0; i < rows; ++i) dst[i] = activate(dst[i], p.activation);
     } else {
-      for (int64_t i = 0; i < rows; ++i) store_out(p.y, off + i, src[i] + bias_at(p.bias, m0 + i), p.x_dtype);
+      for (int64_t i = 0; i < rows; ++i)
+        store_out(p.y, off + i, activate(src[i] + bias_at(p.bias, m0 + i), p.activation),
+                  p.x_dtype);
     }
   }
 }

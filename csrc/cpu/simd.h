@@ -84,6 +84,9 @@ inline void store_out(void* y, int64_t off, float v, DType t) {
   }
 }
 
+// The fused epilogue (SpmmParams::activation) on one fp32 output; NaN passes through.
+inline float activate(float v, Activation a) { return a == Activation::Relu && v < 0.f ? 0.f : v; }
+
 inline int64_t idx_of(uint16_t i) { return static_cast<int64_t>(i); }
 inline int64_t idx_of(int32_t i) { return static_cast<int64_t>(i); }
 
@@ -130,6 +133,8 @@ struct Vec {
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, T a) { _mm512_storeu_ps(p, a); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  // max(0, a) with NaN kept (vmaxps returns its second operand when either is NaN)
+  static T relu(T a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static float reduce(T a) { return _mm512_reduce_add_ps(a); }
   // W consecutive values -> fp32
@@ -222,6 +227,7 @@ struct Vec {
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, T a) { _mm256_storeu_ps(p, a); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T relu(T a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }  // NaN kept, as above
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static float reduce(T a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -315,6 +321,10 @@ struct Vec {
   static T load(const float* p) { T r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
   static void store(float* p, T a) { for (int i = 0; i < 8; ++i) p[i] = a.v[i]; }
   static T add(T a, T b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+  static T relu(T a) {
+    for (int i = 0; i < 8; ++i) a.v[i] = activate(a.v[i], Activation::Relu);
+    return a;
+  }
   static T fma(T a, T b, T c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
   static float reduce(T a) {
     float s = 0.f;

@@ -119,22 +119,24 @@ def bound_matrix(mat: Any) -> Any:
 
 
 def run_bound(bm: Any, mat: Any, x2d: torch.Tensor, bias: torch.Tensor | None,
-              out: torch.Tensor) -> None:
-    """``out = x2d @ W.T + bias`` through the bound matrix ``bm`` of ``mat`` (same contract as
-    :meth:`CppBackend.linear`); plans the batch class on its first call."""
+              out: torch.Tensor, act: int = 0) -> None:
+    """``out = act(x2d @ W.T + bias)`` through the bound matrix ``bm`` of ``mat`` (same contract
+    as :meth:`CppBackend.linear`; ``act`` the kernels' activation code, 0 = none); plans the
+    batch class on its first call."""
     n = x2d.shape[0]
     threads = get_num_threads()
     xp, op, xc = x2d.data_ptr(), out.data_ptr(), _XCODE[x2d.dtype]
     bp = 0 if bias is None else bias.data_ptr()
-    if not bm.run(xp, op, n, xc, bp, threads):
+    if not bm.run(xp, op, n, xc, bp, threads, -1, -1, act):
         # first call of this batch class: nothing ran; plan, then run the
         # planned variant (so every call of the class gives bit-identical results)
         _planner.plan_bound(mat, bm, n, threads)
-        bm.run(xp, op, n, xc, bp, threads)
+        bm.run(xp, op, n, xc, bp, threads, -1, -1, act)
 
 
 def bound_launcher(mat: Any, bm: Any):
-    """A function ``launch(x, bias) -> Tensor | None`` computing ``x @ W.T + bias`` through the
+    """A function ``launch(x, bias, act=0) -> Tensor | None`` computing ``act(x @ W.T + bias)``
+    (``act`` the kernels' activation code, 0 = none) through the
     bound matrix ``bm`` of ``mat`` for the common call only, with everything per-matrix resolved
     once: ``x`` a C-contiguous CPU (..., K) tensor with N >= 1 rows, of dtype float32 or the
     weight's value dtype; ``bias`` None or a contiguous (M,) float32 CPU tensor. For anything
@@ -158,7 +160,7 @@ def bound_launcher(mat: Any, bm: Any):
     plan = _planner.plan_bound
     Tensor = torch.Tensor
 
-    def launch(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    def launch(x: torch.Tensor, bias: torch.Tensor | None, act: int = 0) -> torch.Tensor | None:
         xdt = x.dtype
         code = codes.get(xdt)
         shape = x.shape
@@ -188,9 +190,9 @@ def bound_launcher(mat: Any, bm: Any):
         threads = num_threads()
         xp = x.data_ptr()
         op = out.data_ptr()
-        if not run(xp, op, n, code, bp, threads):
+        if not run(xp, op, n, code, bp, threads, act):
             plan(mat, bm, n, threads)  # first call of this batch class (see run_bound)
-            run(xp, op, n, code, bp, threads)
+            run(xp, op, n, code, bp, threads, act)
         return out
 
     return launch

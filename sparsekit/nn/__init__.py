@@ -6,7 +6,7 @@ SparseLinear runs through the ``sparsekit::*`` torch.library custom ops of :mod:
 
 from sparsekit.nn.attention import SparseMultiheadAttention
 from sparsekit.nn.conv import SparseConv2d
-from sparsekit.nn.linear import SparseLinear, heuristic_choice
+from sparsekit.nn.linear import FusedActivation, SparseLinear, heuristic_choice
 from sparsekit.nn.sparsify import (
     LayerReport,
     SparsifyReport,
@@ -17,6 +17,7 @@ from sparsekit.nn.sparsify import (
 
 __all__ = [
     "SparseLinear",
+    "FusedActivation",
     "SparseConv2d",
     "SparseMultiheadAttention",
     "sparsify",

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 from sparsekit import ops
 from sparsekit.formats import BSRMatrix, CSRMatrix
 
-__all__ = ["SparseLinear", "FORMATS", "heuristic_choice", "DEFAULT_BLOCKSIZES"]
+__all__ = ["SparseLinear", "FusedActivation", "FORMATS", "heuristic_choice",
+           "DEFAULT_BLOCKSIZES"]
 
 #: Storage formats SparseLinear understands.
 FORMATS = ("csr", "bsr")
@@ -123,6 +124,11 @@ class SparseLinear(nn.Module):
     backend : str
         Kernel backend name passed to the ops (``"auto"``: cuda for CUDA tensors, then cpp,
         numba, torch).
+    activation : {None, "relu"}
+        Fused activation: the layer computes ``relu(x W^T + b)`` (the C++ kernels apply it to
+        each output before storing it). :func:`sparsekit.sparsify` sets it when an ``nn.ReLU``
+        follows the layer in an ``nn.Sequential`` (and puts a :class:`FusedActivation` in the
+        ReLU's place); :meth:`to_linear` returns the linear part only.
 
     Attributes
     ----------
@@ -149,8 +155,13 @@ class SparseLinear(nn.Module):
     # by the general path; never pickled or deep-copied (the launcher holds C++ objects).
     _fast: tuple | None = None
 
-    def __init__(self, weight: Any, bias: Tensor | None = None, *, backend: str = "auto") -> None:
+    # the kernels' code of `activation` (ops.activation_code), read by forward()'s fast path
+    _act: int = 0
+
+    def __init__(self, weight: Any, bias: Tensor | None = None, *, backend: str = "auto",
+                 activation: str | None = None) -> None:
         super().__init__()
+        self.activation = activation
         if not isinstance(weight, (CSRMatrix, BSRMatrix)):
             raise TypeError(
                 f"weight: expected a sparsekit CSRMatrix or BSRMatrix, got {type(weight).__name__}"
@@ -185,6 +196,16 @@ class SparseLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         else:
             self.register_parameter("bias", None)
+
+    @property
+    def activation(self) -> str | None:
+        """The fused activation (None or ``"relu"``), applied after the bias."""
+        return self.__dict__.get("_activation")
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        self.__dict__["_act"] = ops.activation_code(value)  # validates
+        self.__dict__["_activation"] = value
 
     # ------------------------------------------------------------------ construction
     def __getstate__(self):
@@ -227,6 +248,7 @@ class SparseLinear(nn.Module):
         value_dtype: torch.dtype | None = None,
         backend: str = "auto",
         index_encoding: str | None = None,
+        activation: str | None = None,
     ) -> SparseLinear:
         """Build from a (pruned) :class:`torch.nn.Linear`; exact zeros are dropped.
 
@@ -248,6 +270,8 @@ class SparseLinear(nn.Module):
         index_encoding : {"plain", "delta8", "auto"}, optional
             Column index coding (see :meth:`sparsekit.CSRMatrix.from_dense`); default
             ``"plain"``.
+        activation : {None, "relu"}
+            Fused activation (see the class docs).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
@@ -277,7 +301,7 @@ class SparseLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         if bias is not None and bias.dtype not in ops.FLOAT_DTYPES:
             bias = bias.float()  # e.g. a float64 nn.Linear: its weight is stored as fp32 too
-        out = cls(mat, bias, backend=backend)
+        out = cls(mat, bias, backend=backend, activation=activation)
         if out.bias is not None:
             out.bias.requires_grad_(linear.bias.requires_grad)
         return out
@@ -379,6 +403,7 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, format={self.format}{bs}, "
             f"density={self.density:.4f}, value_dtype={dt}, bytes={self.nbytes}"
+            + ("" if self.activation is None else f", activation={self.activation}")
         )
 
     # ------------------------------------------------------------------ forward
@@ -403,7 +428,7 @@ class SparseLinear(nn.Module):
                             x.requires_grad or (bias is not None and bias.requires_grad)):
                         launch = mat.cache_get(ops.LAUNCHER_KEY)
                         if launch is not None:
-                            y = launch(x, bias)
+                            y = launch(x, bias, self._act)
                             if y is not None:
                                 return y
         b = self._buffers
@@ -412,11 +437,12 @@ class SparseLinear(nn.Module):
             bias = self._parameters["bias"]
             bias = None if bias is None else bias.detach()
             if not torch.compiler.is_compiling() and _current_dispatch_mode() is None:
-                return ops.linear_matrix(x, self._registered_matrix(), bias, self.backend)
-            return ops.linear_compressed_op(
+                return ops.linear_matrix(x, self._registered_matrix(), bias, self.backend,
+                                         self._act)
+            return self._activate(ops.linear_compressed_op(
                 x.detach(), b["weight_indptr"], b["weight_indices"], b["weight_values"],
                 b.get("weight_scales"), bias, self.out_features, self.in_features,
-                self.blocksize, self.backend)
+                self.blocksize, self.backend))
         if not torch.compiler.is_compiling():
             mat = self._registered_matrix()  # keeps backend caches warm in eager mode
             bias = self._parameters["bias"]
@@ -427,20 +453,24 @@ class SparseLinear(nn.Module):
                 # Plain eager inference (no autograd, no tracing mode, no tensor subclass):
                 # call the kernels directly. The dispatcher + autograd wrapper of the custom
                 # op cost tens of microseconds per layer -- the whole product at batch 1.
-                y = ops.linear_matrix(x, mat, bias, self.backend)
+                y = ops.linear_matrix(x, mat, bias, self.backend, self._act)
                 if self.backend == "auto":
                     self._enable_fast_path(mat)
                 return y
         if self.blocksize is None:
-            return torch.ops.sparsekit.csr_linear(
+            return self._activate(torch.ops.sparsekit.csr_linear(
                 x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
                 self.out_features, self.in_features, self.backend,
-            )
+            ))
         r, c = self.blocksize
-        return torch.ops.sparsekit.bsr_linear(
+        return self._activate(torch.ops.sparsekit.bsr_linear(
             x, self.weight_indptr, self.weight_indices, self.weight_values, self.bias,
             self.out_features, self.in_features, r, c, self.backend,
-        )
+        ))
+
+    def _activate(self, y: Tensor) -> Tensor:
+        # the ops' path (autograd, tracing): the activation as its own differentiable op
+        return torch.relu(y) if self._act else y
 
     def _enable_fast_path(self, mat) -> None:
         """Remember ``mat`` for forward()'s fast path once its launcher exists (float values).
@@ -463,7 +493,8 @@ class SparseLinear(nn.Module):
         self.__dict__["_fast"] = (ip, ix, v, versions, mat)
 
     def to_linear(self) -> nn.Linear:
-        """A :class:`torch.nn.Linear` with the exact dense weight.
+        """A :class:`torch.nn.Linear` with the exact dense weight (the linear part only: a fused
+        :attr:`activation` is not part of it; :func:`sparsekit.densify` restores its module).
 
         The weight takes the bias's dtype when there is a bias (e.g. fp32 for a layer built
         with ``value_dtype=torch.bfloat16`` from an fp32 ``nn.Linear``: widening is exact and
@@ -537,6 +568,32 @@ class SparseLinear(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
             error_msgs,
         )
+
+
+class FusedActivation(nn.Module):
+    """Stands in an ``nn.Sequential`` where an activation module was fused into the
+    :class:`SparseLinear` before it (:func:`sparsekit.sparsify`); passes its input through.
+
+    ``original`` is the activation module it replaced, which :func:`sparsekit.densify` puts
+    back. Calling it costs one Python call, not a module call: the point of fusing is to skip
+    the activation's call, so ``__call__`` is ``forward`` itself and hooks registered on this
+    placeholder do not run (register them on the layer before it).
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(original, nn.Module):
+            raise TypeError(f"original: expected an nn.Module, got {type(original).__name__}")
+        self.original = original
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def __call__(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x
+
+    def extra_repr(self) -> str:
+        return "fused into the preceding layer"
 
 
 def matrix_from_state(

@@ -63,6 +63,7 @@ from sparsekit.nn.conv import SparseConv2d
 from sparsekit.nn.linear import (
     DEFAULT_BLOCKSIZES,
     DEFAULT_MAX_FILL,
+    FusedActivation,
     SparseLinear,
     block_fill,
     heuristic_choice,
@@ -170,6 +171,8 @@ class SparsifyReport:
     layers: list[LayerReport]
     batch_sizes: tuple[int, ...]
     tuned: bool
+    #: (layer, activation module) names of the activations fused into sparse layers
+    fused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def replaced(self) -> list[str]:
@@ -199,6 +202,7 @@ class SparsifyReport:
             "tuned": self.tuned,
             "summary": self.summary(),
             "layers": [lr.to_dict() for lr in self.layers],
+            "fused": [list(f) for f in self.fused],
         }
 
     def __str__(self) -> str:
@@ -212,6 +216,9 @@ class SparsifyReport:
             f"{t}: " + ", ".join(f"{n} {st}" for st, n in sorted(c.items()))
             for t, c in self.summary().items())
         head += "\n" + per_type
+        if self.fused:
+            head += "\nfused activations: " + ", ".join(f"{a} into {lyr}"
+                                                      for lyr, a in self.fused)
         rows = [("layer", "type", "shape", "density", "status", "choice", "dense", "sparse",
                  "speedup", "note")]
         for lr in self.layers:
@@ -545,6 +552,7 @@ def sparsify(
     cold: bool | None = None,
     example_inputs: Any = None,
     index_encoding: str | None = None,
+    fuse_activations: bool = True,
 ) -> SparsifyReport:
     """Replace the pruned layers of ``model`` by sparse modules, in place.
 
@@ -606,6 +614,13 @@ def sparsify(
         record every ``Conv2d``'s input size, at which convolutions are then measured against
         the dense convolution (with ``batch_sizes`` images). Without it, convolutions are
         decided by :func:`heuristic_choice`.
+    fuse_activations : bool
+        Where an ``nn.ReLU`` directly follows a :class:`SparseLinear` in an ``nn.Sequential``,
+        fuse it into the layer (``activation="relu"``: the kernels apply it as they store each
+        output) and put a :class:`~sparsekit.nn.FusedActivation` in its place, which passes
+        its input through; the model computes the same, with one activation call less per
+        layer. :func:`densify` puts the ReLU back. Subclasses of ``nn.Sequential`` (which may
+        override ``forward``) are left alone.
 
     Returns
     -------
@@ -641,6 +656,9 @@ def sparsify(
             f"value_dtype: expected float32, bfloat16, float16 or int8, got {value_dtype}")
     if cold is not None and not isinstance(cold, bool):
         raise TypeError(f"cold: expected a bool or None, got {type(cold).__name__}")
+    if not isinstance(fuse_activations, bool):
+        raise TypeError(
+            f"fuse_activations: expected a bool, got {type(fuse_activations).__name__}")
     selector = Selector(include, exclude, filter_fn)
     selector.check_against(model)
     conv_inputs = (_record_conv_inputs(model, example_inputs)
@@ -805,7 +823,27 @@ def sparsify(
         setattr(parent, cname, new)
     if cache_path is not None and new_entries:
         _save_cache_file(cache_path, new_entries)
-    return SparsifyReport(layers, batch_sizes, bool(tune))
+    fused = _fuse_activations(model) if fuse_activations else []
+    return SparsifyReport(layers, batch_sizes, bool(tune), fused)
+
+
+def _fuse_activations(model: nn.Module) -> list[tuple[str, str]]:
+    """Fuses each ``nn.ReLU`` that directly follows a :class:`SparseLinear` without an
+    activation in a plain ``nn.Sequential`` (whose forward calls its children in order, so the
+    ReLU's input is exactly the layer's output); returns the (layer, ReLU) names."""
+    fused = []
+    for name, seq in list(model.named_modules()):
+        if type(seq) is not nn.Sequential:
+            continue
+        children = list(seq.named_children())
+        for (lname, layer), (aname, act) in zip(children, children[1:]):
+            if (isinstance(layer, SparseLinear) and layer.activation is None
+                    and type(act) is nn.ReLU):
+                layer.activation = "relu"
+                setattr(seq, aname, FusedActivation(act))
+                prefix = f"{name}." if name else ""
+                fused.append((prefix + lname, prefix + aname))
+    return fused
 
 
 def _pick(cands: list[tuple[str, tuple[int, int] | None]], dense_t: dict[str, float],
@@ -827,14 +865,31 @@ def densify(model: nn.Module) -> nn.Module:
     returns ``model``. (A ``transformers`` ``Conv1D`` converted by sparsify comes back as the
     equivalent nn.Linear.)
 
+    Fused activations come back as the modules they were (each
+    :class:`~sparsekit.nn.FusedActivation` is replaced by its ``original``); a SparseLinear
+    whose ``activation`` was set without one (by hand) becomes ``nn.Sequential(linear, ReLU)``,
+    so the model still computes the same.
+
     If ``model`` itself is one of these modules, its dense replacement is returned instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    # layers whose activation a FusedActivation right after them will restore
+    restored: set[int] = set()
+    for seq in model.modules():
+        if type(seq) is nn.Sequential:
+            kids = list(seq.children())
+            for layer, nxt in zip(kids, kids[1:]):
+                if isinstance(nxt, FusedActivation) and isinstance(layer, SparseLinear):
+                    restored.add(id(layer))
 
     def dense(mod: nn.Module) -> nn.Module | None:
+        if isinstance(mod, FusedActivation):
+            return mod.original
         if isinstance(mod, SparseLinear):
             out: nn.Module = mod.to_linear()
+            if mod.activation is not None and id(mod) not in restored:
+                out = nn.Sequential(out, nn.ReLU())
         elif isinstance(mod, SparseConv2d):
             out = mod.to_conv()
         elif isinstance(mod, SparseMultiheadAttention):

@@ -29,7 +29,8 @@
 //   RowChunks (threading.h)
 //       every row claimed once under random and concurrent schedules, chunks within one range;
 //   pack_x_tile / load_x_row / store_rows_tile (packing.h)
-//       N around the tile width, ragged K, bf16 / fp16 activations and outputs, bias.
+//       N around the tile width, ragged K, bf16 / fp16 activations and outputs, bias, the fused
+//       relu epilogue (SpmmParams::activation).
 // Values outside the range a kernel may read are NaN, so a kernel that reads past its tail
 // reports a mismatch (and ASan sees over-reads of the exactly sized buffers).
 //
@@ -620,7 +621,8 @@ template <class YT>
 double y_value(const std::vector<YT>& y, size_t i) { return Val<YT>::dec(y[i]); }
 
 template <class YT>
-void store_case(int NT, int64_t rows, int64_t nn, int64_t n0, int64_t m0, bool with_bias) {
+void store_case(int NT, int64_t rows, int64_t nn, int64_t n0, int64_t m0, bool with_bias,
+                bool relu) {
   const int64_t M = m0 + rows + 2, ldy = M + 3, N = n0 + nn + 1;
   const std::vector<float> part = rnd_floats(static_cast<size_t>(rows * NT));
   const std::vector<float> bias = rnd_floats(static_cast<size_t>(M));
@@ -634,6 +636,7 @@ void store_case(int NT, int64_t rows, int64_t nn, int64_t n0, int64_t m0, bool w
   p.ldy = ldy;
   p.x_dtype = dtype_of<YT>();
   p.bias = with_bias ? bias.data() : nullptr;
+  p.activation = relu ? Activation::Relu : Activation::None;
   store_rows_tile(p, part.data(), NT, rows, nn, n0, m0, tbuf.data());
   // bf16 / fp16 outputs are rounded once: allow half an ulp of the stored type.
   const double rel = std::is_same<YT, float>::value ? 0.0 : (std::is_same<YT, bf16_t>::value ? 0x1p-8 : 0x1p-11);
@@ -645,12 +648,12 @@ void store_case(int NT, int64_t rows, int64_t nn, int64_t n0, int64_t m0, bool w
       if (written) {
         const float v = part[static_cast<size_t>((m - m0) * NT + (n - n0))] +
                         (with_bias ? bias[static_cast<size_t>(m)] : 0.f);
-        want = v;
+        want = relu && v < 0.f ? 0.0 : v;
       }
       char what[256];
-      std::snprintf(what, sizeof what, "store_rows_tile %s NT=%d rows=%lld nn=%lld n0=%lld m0=%lld bias=%d n=%lld m=%lld",
+      std::snprintf(what, sizeof what, "store_rows_tile %s NT=%d rows=%lld nn=%lld n0=%lld m0=%lld bias=%d relu=%d n=%lld m=%lld",
                     Val<YT>::name(), NT, static_cast<long long>(rows), static_cast<long long>(nn),
-                    static_cast<long long>(n0), static_cast<long long>(m0), with_bias,
+                    static_cast<long long>(n0), static_cast<long long>(m0), with_bias, relu,
                     static_cast<long long>(n), static_cast<long long>(m));
       check(y_value(y, at), want, written ? rel * std::fabs(want) : 0.0, what);
     }
@@ -665,7 +668,8 @@ void packing_types() {
     for (int64_t rows : {1, W - 1, W, W + 1, 33, 64})
       for (int64_t nn : {1, W - 1, W, NT}) {
         if (nn < 1 || nn > NT) continue;
-        store_case<XT>(NT, rows, nn, rows % 2 ? 0 : NT, rows % 3 ? 0 : 5, nn % 2 == 1);
+        for (bool relu : {false, true})
+          store_case<XT>(NT, rows, nn, rows % 2 ? 0 : NT, rows % 3 ? 0 : 5, nn % 2 == 1, relu);
       }
   }
 }
