@@ -295,6 +295,10 @@ def test_sparsify_fusion_off_and_sequential_subclasses():
     assert type(sub[1]) is nn.ReLU and isinstance(sub[4][1], FusedActivation)
     with pytest.raises(TypeError, match="fuse_activations: expected a bool, got str"):
         sparsekit.sparsify(copy.deepcopy(dense), fuse_activations="yes")
+    # a layer instance used twice (here without a ReLU after its second use) is not fused
+    shared = SparseLinear.from_dense(nn.Linear(16, 16))
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    assert sparsekit.sparsify(twice, tune=False).fused == [] and shared.activation is None
     # a layer given an activation by hand comes back as linear + ReLU
     lone = nn.Sequential(SparseLinear.from_dense(dense[0], activation="relu"))
     sparsekit.densify(lone)

@@ -620,7 +620,8 @@ def sparsify(
         output) and put a :class:`~sparsekit.nn.FusedActivation` in its place, which passes
         its input through; the model computes the same, with one activation call less per
         layer. :func:`densify` puts the ReLU back. Subclasses of ``nn.Sequential`` (which may
-        override ``forward``) are left alone.
+        override ``forward``) and layers used more than once are left alone; a model that also
+        calls a fused layer outside its ``nn.Sequential`` needs ``False``.
 
     Returns
     -------
@@ -830,7 +831,12 @@ def sparsify(
 def _fuse_activations(model: nn.Module) -> list[tuple[str, str]]:
     """Fuses each ``nn.ReLU`` that directly follows a :class:`SparseLinear` without an
     activation in a plain ``nn.Sequential`` (whose forward calls its children in order, so the
-    ReLU's input is exactly the layer's output); returns the (layer, ReLU) names."""
+    ReLU's input is exactly the layer's output); returns the (layer, ReLU) names. A layer that
+    appears more than once in the model (a shared instance) is left alone: its other uses may
+    not be followed by the ReLU."""
+    uses: dict[int, int] = {}
+    for _n, mod in model.named_modules(remove_duplicate=False):
+        uses[id(mod)] = uses.get(id(mod), 0) + 1
     fused = []
     for name, seq in list(model.named_modules()):
         if type(seq) is not nn.Sequential:
@@ -838,7 +844,7 @@ def _fuse_activations(model: nn.Module) -> list[tuple[str, str]]:
         children = list(seq.named_children())
         for (lname, layer), (aname, act) in zip(children, children[1:]):
             if (isinstance(layer, SparseLinear) and layer.activation is None
-                    and type(act) is nn.ReLU):
+                    and type(act) is nn.ReLU and uses[id(layer)] == 1):
                 layer.activation = "relu"
                 setattr(seq, aname, FusedActivation(act))
                 prefix = f"{name}." if name else ""
