@@ -526,7 +526,7 @@ class BoundMatrix {
   // no such plan, returns false WITHOUT computing (the caller plans, then calls again: every
   // call of a class then runs the same variant, so repeated calls give bit-identical results).
   bool run(uintptr_t x, uintptr_t out, int64_t n, int x_code, uintptr_t bias, int threads,
-           int variant, int isa_code = -1, int activation = 0) const {
+           int variant, int isa_code = -1, int64_t activation = 0) const {
     if (n < 0) value_error("n: expected a non-negative batch size, got " + std::to_string(n));
     const Activation act = activation_for_code(activation);
     if (x_code < 0 || x_code > 2)
@@ -738,7 +738,7 @@ PyObject* runner_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
     const bool ran = r->bm->run(static_cast<uintptr_t>(x), static_cast<uintptr_t>(out),
                                 static_cast<int64_t>(n), static_cast<int>(x_code),
                                 static_cast<uintptr_t>(bias), static_cast<int>(threads), -1, -1,
-                                static_cast<int>(activation));
+                                static_cast<int64_t>(activation));
     return PyBool_FromLong(ran ? 1 : 0);
   } catch (py::error_already_set& e) {
     e.restore();

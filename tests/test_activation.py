@@ -170,6 +170,8 @@ def test_bound_matrix_runner_and_argument_errors():
         bm.run(x.data_ptr(), out.data_ptr(), 2, 0, 0, 1, -1, -1, 2)
     with pytest.raises(ValueError, match="activation: expected code .* got -1"):
         run(x.data_ptr(), out.data_ptr(), 2, 0, 0, 1, -1)
+    with pytest.raises(ValueError, match="activation: expected code .* got 4294967297"):
+        run(x.data_ptr(), out.data_ptr(), 2, 0, 0, 1, 2**32 + 1)  # not truncated to 1
     with pytest.raises(TypeError, match="expected 6 or 7 positional arguments"):
         run(x.data_ptr(), out.data_ptr(), 2, 0, 0, 1, 1, 1)
     with pytest.raises(ValueError, match="activation: expected 'none' or 'relu', got 'gelu'"):
