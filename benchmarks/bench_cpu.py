@@ -143,7 +143,7 @@ class Cache:
         dense = {k.split(":", 1)[1]: v for k, v in st.items() if isinstance(k, str)}
         bracket = self.bracket_alone(alone, dense, dense_fns) if alone else {}
         for k, b in bracket.items():
-            dense[k] = b.pop("stats")
+            dense[k] = scaled_stats(dense[b["reference"]], b["ratio"])
         self._record_dense(M, K, N, dense, rounds=st[next(iter(st))].reps)
         if bracket:
             self.dense[M, K, N]["bracketed"] = bracket
@@ -159,9 +159,9 @@ class Cache:
         """Time each contender of ``alone`` against the fastest dense path of the rounds, both
         alone, in alternating blocks with idle gaps (so neither inherits the other's spinning
         threads), and carry the median block-to-block ratio into the rounds: the contender's
-        in-round time is that ratio times the reference's in-round stats. Timing it once after
-        the rounds would take its baseline from another moment of a drifting machine.
-        ``{name: {"stats", "reference", "ratio", "block_ratios", "alone_s"}}``."""
+        in-round time is that ratio times the reference's in-round stats (:func:`scaled_stats`).
+        Timing it once after the rounds would take its baseline from another moment of a
+        drifting machine. ``{name: {"reference", "ratio", "block_ratios", "alone_s"}}``."""
         ref = min(dense, key=lambda k: dense[k].median_s)
         out = {}
         for k, f in alone.items():
@@ -170,8 +170,7 @@ class Cache:
                                          min_time_s=self.min_time / 2)
             ratios = [a.median_s / r.median_s for a, r in zip(blocks[k], blocks[ref])]
             ratio = float(statistics.median(ratios))
-            out[k] = {"stats": scaled_stats(dense[ref], ratio), "reference": ref,
-                      "ratio": ratio, "block_ratios": ratios,
+            out[k] = {"reference": ref, "ratio": ratio, "block_ratios": ratios,
                       "alone_s": statistics.median(b.median_s for b in blocks[k])}
             self.log(f"    {k} timed alone against {ref} alone: {ratio:.3f}x its time "
                      f"(blocks {' '.join(f'{r:.3f}' for r in ratios)})")

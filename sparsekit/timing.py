@@ -19,6 +19,7 @@ Imports only numpy and torch (no benchmark machinery), so library code may use i
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -311,19 +312,17 @@ def measure_alternating(
     if not (isinstance(settle_s, (int, float)) and settle_s >= 0):
         raise ValueError(f"settle_s: expected a number >= 0, got {settle_s!r}")
     out: dict[str, list[Stats]] = {k: [] for k in fns}
-    offset = dict.fromkeys(fns, 0)
+    def counting(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+        # measure() numbers each block's calls from 0; one running count per candidate instead
+        count = itertools.count()
+        return lambda _i: fn(next(count))
+
+    counted = {k: counting(fn) for k, fn in fns.items()}
     for _ in range(blocks):
-        for k, fn in fns.items():
+        for k, fn in counted.items():
             if settle_s:
                 sleep(settle_s)
-            calls = [0]
-
-            def shifted(i: int, fn=fn, base=offset[k], calls=calls) -> Any:
-                calls[0] += 1
-                return fn(base + i)
-
-            out[k].append(measure(shifted, **measure_kwargs))
-            offset[k] += calls[0]
+            out[k].append(measure(fn, **measure_kwargs))
     return out
 
 

@@ -283,6 +283,6 @@ def test_bench_cpu_carries_a_contender_timed_apart_into_the_rounds(monkeypatch):
     assert len(b["block_ratios"]) == bench_cpu.BRACKET_BLOCKS
     assert b["ratio"] == pytest.approx(slow / fast, rel=0.15)
     assert b["alone_s"] == pytest.approx(slow, rel=0.15)
-    st = b["stats"]
+    st = bench_cpu.scaled_stats(rounds[b["reference"]], b["ratio"])
     assert st.median_s == pytest.approx(5.0 * b["ratio"]) and st.reps == 7
     assert st.p10_s == pytest.approx(4.0 * b["ratio"]) and st.min_s == pytest.approx(3 * b["ratio"])
