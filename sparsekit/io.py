@@ -660,17 +660,14 @@ def _install_wrappers(model: nn.Module, wrappers: list[dict[str, Any]]) -> None:
 def _unfuse(model: nn.Module, name: str) -> bool:
     """Puts back the activation module fused into layer ``name`` (the FusedActivation right
     after it in its nn.Sequential); False when there is none."""
-    from sparsekit.nn.linear import FusedActivation
+    from sparsekit.nn.linear import fused_placeholder_after
 
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if type(parent) is not nn.Sequential:
+    slot = fused_placeholder_after(parent, child)
+    if slot is None:
         return False
-    names = list(parent._modules)
-    i = names.index(child)
-    if i + 1 >= len(names) or not isinstance(parent._modules[names[i + 1]], FusedActivation):
-        return False
-    setattr(parent, names[i + 1], parent._modules[names[i + 1]].original)
+    setattr(parent, slot, parent._modules[slot].original)
     return True
 
 

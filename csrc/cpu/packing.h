@@ -176,14 +176,13 @@ inline void store_rows_tile(const SpmmParams& p, const float* part, int64_t ldp,
     const int64_t off = (n0 + t) * p.ldy + m0;
     if (p.x_dtype == DType::F32) {
       float* dst = static_cast<float*>(p.y) + off;
+      const Activation act = p.activation;
       if (p.bias != nullptr) {
         const float* b = p.bias + m0;
-        for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] + b[i];
+        for (int64_t i = 0; i < rows; ++i) dst[i] = activate(src[i] + b[i], act);
       } else {
-        for (int64_t i = 0; i < rows; ++i) dst[i] = src[i];
+        for (int64_t i = 0; i < rows; ++i) dst[i] = activate(src[i], act);
       }
-      if (p.activation != Activation::None)
-        for (int64_t i = 0; i < rows; ++i) dst[i] = activate(dst[i], p.activation);
     } else {
       for (int64_t i = 0; i < rows; ++i)
         store_out(p.y, off + i, activate(src[i] + bias_at(p.bias, m0 + i), p.activation),

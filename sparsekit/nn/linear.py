@@ -596,6 +596,19 @@ class FusedActivation(nn.Module):
         return "fused into the preceding layer"
 
 
+def fused_placeholder_after(parent: nn.Module, name: str) -> str | None:
+    """The name of the :class:`FusedActivation` right after child ``name`` of ``parent`` when
+    ``parent`` is a plain ``nn.Sequential`` (where :func:`sparsekit.sparsify` puts it), else
+    None."""
+    if type(parent) is not nn.Sequential:
+        return None
+    names = list(parent._modules)
+    i = names.index(name) + 1
+    if i < len(names) and isinstance(parent._modules[names[i]], FusedActivation):
+        return names[i]
+    return None
+
+
 def matrix_from_state(
     indptr: Tensor,
     indices: Tensor,

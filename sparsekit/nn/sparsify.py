@@ -66,6 +66,7 @@ from sparsekit.nn.linear import (
     FusedActivation,
     SparseLinear,
     block_fill,
+    fused_placeholder_after,
     heuristic_choice,
     linear_from_weight,
 )
@@ -880,21 +881,15 @@ def densify(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    # layers whose activation a FusedActivation right after them will restore
-    restored: set[int] = set()
-    for seq in model.modules():
-        if type(seq) is nn.Sequential:
-            kids = list(seq.children())
-            for layer, nxt in zip(kids, kids[1:]):
-                if isinstance(nxt, FusedActivation) and isinstance(layer, SparseLinear):
-                    restored.add(id(layer))
 
-    def dense(mod: nn.Module) -> nn.Module | None:
+    def dense(mod: nn.Module, parent: nn.Module | None = None, name: str = "") -> nn.Module | None:
         if isinstance(mod, FusedActivation):
             return mod.original
         if isinstance(mod, SparseLinear):
             out: nn.Module = mod.to_linear()
-            if mod.activation is not None and id(mod) not in restored:
+            # children are replaced in order, so a placeholder after it is still in place
+            if mod.activation is not None and (
+                    parent is None or fused_placeholder_after(parent, name) is None):
                 out = nn.Sequential(out, nn.ReLU())
         elif isinstance(mod, SparseConv2d):
             out = mod.to_conv()
@@ -913,7 +908,7 @@ def densify(model: nn.Module) -> nn.Module:
         except AttributeError:  # inside a module already replaced
             continue
         for cname, child in list(mod.named_children()):
-            new = dense(child)
+            new = dense(child, mod, cname)
             if new is not None:
                 setattr(mod, cname, new)
     return model
