@@ -10,6 +10,22 @@ import math
 import numpy as np
 import torch
 
+#: The CPU kernels' ISA builds, lowest first (their positions are sparsekit._C's ISA codes).
+ISA_ORDER = ("generic", "avx2", "avx512")
+
+
+def isas_up_to(hardware: str) -> list[str]:
+    """The ISA builds a machine runs: every one up to ``hardware`` (what
+    ``sparsekit._C.build_info()["isa_hardware"]`` reports)."""
+    return list(ISA_ORDER[: ISA_ORDER.index(hardware) + 1])
+
+
+def kernel_array(t: torch.Tensor) -> np.ndarray:
+    """``t`` as the bindings take it: bf16 as its uint16 bits (numpy has no bfloat16), any other
+    dtype as it is."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
 #: unit roundoff of each dtype that can enter a product (values, x or output)
 _EPS = {
     torch.float32: 2.0**-24,

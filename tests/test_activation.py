@@ -10,7 +10,6 @@ import copy
 import functools
 import io
 
-import numpy as np
 import pytest
 
 C = pytest.importorskip("sparsekit._C")
@@ -18,22 +17,19 @@ torch = pytest.importorskip("torch")
 
 from reference import (  # noqa: E402
     assert_close_to_reference,
+    isas_up_to,
     random_block_pruned,
     random_pruned,
     random_x,
 )
+from reference import kernel_array as _np  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit.nn import FusedActivation, SparseLinear  # noqa: E402
 
-ISA_ORDER = ["generic", "avx2", "avx512"]
-ISAS = ISA_ORDER[: ISA_ORDER.index(C.build_info()["isa_hardware"]) + 1]
+ISAS = isas_up_to(C.build_info()["isa_hardware"])
 CODE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 nn = torch.nn
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.uint16).numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
 
 
 def _variants(family: str, isa: str) -> list[dict]:

@@ -18,9 +18,10 @@ import pytest
 C = pytest.importorskip("sparsekit._C")
 torch = pytest.importorskip("torch")
 
-ISA_ORDER = ["generic", "avx2", "avx512"]
+from reference import ISA_ORDER, isas_up_to  # noqa: E402
+
 HW = C.build_info()["isa_hardware"]
-ISAS = ISA_ORDER[: ISA_ORDER.index(HW) + 1]
+ISAS = isas_up_to(HW)
 # (value dtype, x dtype) combinations the kernels accept
 DTYPE_COMBOS = [("f32", "f32"), ("bf16", "f32"), ("bf16", "bf16"), ("f16", "f32"), ("f16", "f16")]
 TORCH_DT = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}

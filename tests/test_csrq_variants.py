@@ -14,14 +14,18 @@ import pytest
 C = pytest.importorskip("sparsekit._C")
 torch = pytest.importorskip("torch")
 
-from reference import assert_close_to_reference, random_pruned, random_x  # noqa: E402
+from reference import (  # noqa: E402
+    assert_close_to_reference,
+    isas_up_to,
+    random_pruned,
+    random_x,
+)
 
 import sparsekit  # noqa: E402
 from sparsekit.kernels import cpp, planner  # noqa: E402
 
-ISA_ORDER = ["generic", "avx2", "avx512"]
 HW = C.build_info()["isa_hardware"]
-ISAS = ISA_ORDER[: ISA_ORDER.index(HW) + 1]
+ISAS = isas_up_to(HW)
 IDS = {v["name"]: v["id"] for v in C.cpu_variants()}
 CSRQ = [v for v in C.cpu_variants() if v["family"] == "csrq"]
 

@@ -17,23 +17,20 @@ torch = pytest.importorskip("torch")
 
 from reference import (  # noqa: E402
     assert_close_to_reference,
+    isas_up_to,
     random_block_pruned,
     random_pruned,
     random_x,
 )
+from reference import kernel_array as _np  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit.kernels import planner  # noqa: E402
 
-ISA_ORDER = ["generic", "avx2", "avx512"]
 HW = C.build_info()["isa_hardware"]
-ISAS = ISA_ORDER[: ISA_ORDER.index(HW) + 1]
+ISAS = isas_up_to(HW)
 VARIANTS = C.cpu_variants()
 TD = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _cases(family: str, isa: str):
