@@ -122,13 +122,16 @@ def sparsekit_rotating_fn(mat: Any, x: torch.Tensor, backend: str) -> Any:
     return sparsekit_rotating_fns(mat, x, backend)[0]
 
 
-def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str,
-                           read_probe: bool = False) -> tuple[Any, Any]:
-    """``(fn, read)``: ``fn`` as :func:`sparsekit_rotating_fn`; with ``read_probe`` (cpp backend,
-    float CSR) ``read(i)`` runs the C++ read probe (``BoundMatrix.read_probe``: the matrix's
-    value and index bytes streamed as the N = 1 kernels stream them, nothing computed) over the
-    same copies half a rotation away from ``fn``'s, so neither finds the other's bytes in
-    cache; else ``read`` is None."""
+def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str, read_probe: bool = False,
+                           gather_probe: bool = False) -> tuple[Any, Any, Any]:
+    """``(fn, read, gather)``: ``fn`` as :func:`sparsekit_rotating_fn`; with ``read_probe``
+    (cpp backend, float CSR) ``read(i)`` runs the C++ read probe (``BoundMatrix.read_probe``:
+    the matrix's value and index bytes streamed as the N = 1 kernels stream them, nothing
+    computed) over the same copies half a rotation away from ``fn``'s, so neither finds the
+    other's bytes in cache; with ``gather_probe`` (fp32 x, N = 1) ``gather(i)`` runs the gather
+    probe (``BoundMatrix.gather_probe``: x fetched at every column id with the kernel's gathers,
+    the index stream read, no values) over the copies a third of a rotation away. Each is None
+    when not asked for."""
     from sparsekit.kernels import get_backend
 
     be = get_backend(backend)
@@ -137,20 +140,27 @@ def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str,
     for m in mats:
         be.linear(m, x, None, out)
     n = len(mats)
-    read = None
-    if read_probe:
+    read = gather = None
+    if read_probe or gather_probe:
         from sparsekit.kernels.cpp import bound_matrix
         from sparsekit.threads import get_num_threads
 
         bms = [bound_matrix(m) for m in mats]
         probe_out = torch.empty(mat.shape[0])
-        half = n // 2
+        x32 = x.float().contiguous()
+        half, third = n // 2, n // 3
 
+        # probe_out and x are bound as defaults so they live as long as the functions using them
         def read(i: int, probe_out: torch.Tensor = probe_out) -> None:
-            # probe_out is bound here so it lives as long as the function that writes to it
             bms[(i + half) % n].read_probe(probe_out.data_ptr(), get_num_threads())
 
-    return (lambda i: be.linear(mats[i % n], x, None, out)), read
+        def gather(i: int, probe_out: torch.Tensor = probe_out, x32: torch.Tensor = x32) -> None:
+            bms[(i + third) % n].gather_probe(x32.data_ptr(), probe_out.data_ptr(),
+                                              get_num_threads())
+
+        read = read if read_probe else None
+        gather = gather if gather_probe else None
+    return (lambda i: be.linear(mats[i % n], x, None, out)), read, gather
 
 
 def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, H.Stats]:

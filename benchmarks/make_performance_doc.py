@@ -89,14 +89,18 @@ def targets_table(d: dict[str, Any], ids: tuple[str, ...] | None = None) -> list
     """Rows of the run's targets. Runs measured in several processes (``--processes``) show the
     median process's figures and the range over all processes; runs with the read probe show,
     for the bandwidth fractions and the bf16 ratio, what a plain read of the same bytes reached
-    in the same rounds (the floor for a call of that size)."""
+    in the same rounds (the floor for a call of that size) and, where the gather probe ran, the
+    figure at the slower of that read and the kernel's x fetches alone."""
     rows = [t for t in d["targets"] if ids is None or t["id"] in ids]
     spread = any("per_process" in t for t in rows)
     probe = any("read_fraction" in t or "read_ratio" in t for t in rows)
+    gather = any("floor_fraction" in t or "floor_ratio" in t for t in rows)
     out = ["| case | sparse | fastest dense | speedup | vs F.linear |"
            + (" plain read of the same bytes |" if probe else "")
+           + (" slower of read and gathers alone |" if gather else "")
            + (" range over processes |" if spread else ""),
-           "|---|---|---|---|---|" + ("---|" if probe else "") + ("---|" if spread else "")]
+           "|---|---|---|---|---|" + ("---|" if probe else "") + ("---|" if gather else "")
+           + ("---|" if spread else "")]
     for t in rows:
         dense = (f"{t['best_dense_ms']:.3f} ms ({t['best_dense']})" if t.get("best_dense_ms")
                  else "")
@@ -106,6 +110,9 @@ def targets_table(d: dict[str, Any], ids: tuple[str, ...] | None = None) -> list
         if probe:
             bound = t.get("read_fraction", t.get("read_ratio"))
             line += f" {bound:.2f}x |" if bound is not None else " |"
+        if gather:
+            floor = t.get("floor_fraction", t.get("floor_ratio"))
+            line += f" {floor:.2f}x |" if floor is not None else " |"
         if spread:
             pp = t.get("per_process") or [t["value"]]
             line += f" {min(pp):.2f}-{max(pp):.2f}x |"

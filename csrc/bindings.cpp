@@ -581,18 +581,31 @@ class BoundMatrix {
   // csrc/cpu/spmm_cpu.h): this matrix's value and index bytes read as its N = 1 kernels stream
   // them, nothing computed. Float-valued CSR with plain indices only.
   void read_probe(uintptr_t out, int threads, int isa_code) const {
+    probe("read_probe", sparsekit::cpu::Probe::Read, 0, out, threads, isa_code);
+  }
+  // Benchmarks: out[m] (fp32, n_rows entries) = sum of x[c] over row m's column ids c, x (fp32,
+  // n_cols entries at address x) fetched with the gathers of csr_spmv_gather and no values
+  // read (csr_probe, Probe::Gather): the x-fetch floor of the SpMV.
+  void gather_probe(uintptr_t x, uintptr_t out, int threads, int isa_code) const {
+    probe("gather_probe", sparsekit::cpu::Probe::Gather, x, out, threads, isa_code);
+  }
+  void probe(const char* what, sparsekit::cpu::Probe kind, uintptr_t x, uintptr_t out,
+             int threads, int isa_code) const {
     if (bsr_ || q_)
-      value_error(std::string("read_probe: expected a CSR matrix with float values and plain "
-                              "indices, got ") + (bsr_ ? "a BSR matrix" : "a compressed CSR matrix"));
+      value_error(std::string(what) + ": expected a CSR matrix with float values and plain "
+                  "indices, got " + (bsr_ ? "a BSR matrix" : "a compressed CSR matrix"));
     const int num_threads = checked_threads(threads);
     const Isa isa = isa_for_code(isa_code);
     if (p_.M == 0) return;
     if (out == 0) value_error("out: expected a non-null address for a non-empty matrix, got 0");
+    if (kind == sparsekit::cpu::Probe::Gather && x == 0 && p_.K > 0)
+      value_error("x: expected a non-null address of n_cols fp32 values, got 0");
     SpmmParams p = p_;
     p.y = reinterpret_cast<void*>(out);
+    p.x = reinterpret_cast<const void*>(x);
     p.num_threads = num_threads;
     py::gil_scoped_release nogil;
-    sparsekit::cpu::csr_read_probe(p, isa);
+    sparsekit::cpu::csr_probe(p, isa, kind);
   }
 
   // Records `variant` (name or id) built for `isa` (a name; None: the matrix's ISA, which
@@ -1154,6 +1167,13 @@ PYBIND11_MODULE(_C, m) {
            "0-7) and index bytes (bits 8-15), read as the N = 1 kernels stream them (same threads, "
            "row chunks and prefetch) and nothing computed: the memory floor of the SpMV. CSR with "
            "float values and plain indices only; isa as in run().")
+      .def("gather_probe", &BoundMatrix::gather_probe, py::arg("x"), py::arg("out"),
+           py::arg("num_threads"), py::arg("isa") = -1,
+           "Benchmarks: out (n_rows fp32, an address) = per row, the sum of x[c] over its column "
+           "ids c, x (n_cols fp32, an address) fetched with the hardware gathers of "
+           "csr_spmv_gather (same threads, row chunks, steps and index prefetch; scalar loads in "
+           "the generic build) and no values read: the x-fetch floor of the SpMV. CSR with float "
+           "values and plain indices only; isa as in run().")
       .def("runner", &make_runner,
            "A builtin run(x, out, n, x_dtype, bias, num_threads[, activation]) -> bool doing "
            "exactly what "

@@ -413,6 +413,34 @@ def test_read_probe_reads_every_byte_of_every_row(isa, vdtype, threads):
         np.testing.assert_array_equal(out.double().numpy(), _probe_reference(mat))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_probe_sums_x_at_every_column_id(isa, threads):
+    """The benchmarks' gather probe: per row, the sum of x at the row's column ids, fetched as
+    csr_spmv_gather fetches them (row lengths around the W / 2W steps, empty rows, both index
+    widths, x exactly n_cols long), against a float64 sum."""
+    from sparsekit.formats import CSRMatrix
+    from sparsekit.kernels.cpp import bound_matrix
+
+    rng = np.random.default_rng(43 + threads)
+    lengths = [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 0, 250, 3]
+    for k in (300, 70000):  # uint16 and int32 column ids
+        rows = len(lengths) * 5
+        w = torch.zeros(rows, k)
+        for r in range(rows):
+            n = lengths[r] if r < len(lengths) else int(rng.integers(0, 120))
+            w[r, torch.from_numpy(rng.choice(k, size=n, replace=False))] = 1.0
+        w[-1, k - 1] = 1.0  # the last column of x
+        mat = CSRMatrix.from_dense(w)
+        x = torch.from_numpy(rng.standard_normal(k).astype(np.float32))
+        out = torch.full((rows,), np.nan)
+        bound_matrix(mat).gather_probe(x.data_ptr(), out.data_ptr(), threads,
+                                       ISA_ORDER.index(isa))
+        ref = w.double().numpy() @ x.double().numpy()
+        mag = np.abs(w.double().numpy()) @ np.abs(x.double().numpy())
+        np.testing.assert_array_less(np.abs(out.double().numpy() - ref), 1e-6 * mag + 1e-30)
+
+
 def test_read_probe_errors():
     from sparsekit.formats import BSRMatrix, CSRMatrix
     from sparsekit.kernels.cpp import bound_matrix
@@ -428,3 +456,12 @@ def test_read_probe_errors():
         bm.read_probe(0, 1)
     with pytest.raises(ValueError, match=r"read_probe: expected a CSR matrix .* got a BSR matrix"):
         bound_matrix(BSRMatrix.from_dense(w, (2, 2))).read_probe(out.data_ptr(), 1)
+    x = torch.randn(16)
+    with pytest.raises(ValueError, match=r"x: expected a non-null address of n_cols fp32.*got 0"):
+        bm.gather_probe(0, out.data_ptr(), 1)
+    with pytest.raises(ValueError, match=r"out: expected a non-null address.*got 0"):
+        bm.gather_probe(x.data_ptr(), 0, 1)
+    with pytest.raises(ValueError, match=r"num_threads: expected an integer >= 1, got 0"):
+        bm.gather_probe(x.data_ptr(), out.data_ptr(), 0)
+    with pytest.raises(ValueError, match=r"gather_probe: expected a CSR matrix .* got a BSR"):
+        bound_matrix(BSRMatrix.from_dense(w, (2, 2))).gather_probe(x.data_ptr(), out.data_ptr(), 1)

@@ -68,7 +68,8 @@ def test_every_micro_kernel_matches_reference(tester):
     assert r.returncode == 0 and int(m.group(2)) == 0, report
     kernels = dict(re.findall(r"^(\w+)\s+(\d+) checks", r.stdout, re.M))
     expected = {"csr_spmv", "csr_row_tile", "bsr_spmv_blockrow", "bsr_tile_rows", "q_row_dot",
-                "q_row_bitmap_dot", "spmv_bitmap", "packing", "row_chunks", "row_read_probe"}
+                "q_row_bitmap_dot", "spmv_bitmap", "packing", "row_chunks", "row_read_probe",
+                "row_gather_probe"}
     assert set(kernels) == expected, report
     # row_chunks checks whole partitions (two checks per schedule), the others single results
     assert all(int(n) > (100 if k == "row_chunks" else 1000) for k, n in kernels.items()), report

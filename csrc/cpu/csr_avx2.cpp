@@ -4,4 +4,4 @@
 #include "cpu/spmm_cpu.h"
 
 SPARSEKIT_DEFINE_CSR_ENTRY(csr_linear_avx2)
-SPARSEKIT_DEFINE_CSR_READ_PROBE(csr_read_probe_avx2)
+SPARSEKIT_DEFINE_CSR_PROBE(csr_probe_avx2)

@@ -201,23 +201,28 @@ inline int64_t spmv_rows_per_chunk(int64_t nnz, int64_t rows) {
   return imax(1, kSpmvChunkCost * rows / imax(1, nnz + kRowCost * rows));
 }
 
-// Read probe driver (benchmarks: the memory floor of the N = 1 SpMV in the same run). Writes
-// y[m] = row_read_probe(row m) as an fp32 integer (y is fp32 whatever x_dtype says, M entries,
-// ldy ignored) over the same threads and row chunks as the N = 1 driver. O(bytes of the rows).
+// Probe driver (benchmarks: the floors of the N = 1 SpMV in the same run), over the same threads
+// and row chunks as the N = 1 driver; y is fp32 whatever x_dtype says (M entries, ldy ignored).
+// gather false (read probe): y[m] = row_read_probe(row m) as an fp32 integer, O(bytes of the
+// rows). gather true: y[m] = row_gather_probe(row m) over x (fp32, K entries, p.x; x_dtype
+// ignored), O(nnz) gathered loads.
 template <class VT, class PT, class IT>
-void csr_read_probe_t(const SpmmParams& p) {
+void csr_probe_t(const SpmmParams& p, bool gather) {
   const PT* indptr = static_cast<const PT*>(p.indptr);
   const IT* idx = static_cast<const IT*>(p.indices);
   const VT* val = static_cast<const VT*>(p.values);
   float* y = static_cast<float*>(p.y);
   const int64_t nnz = static_cast<int64_t>(indptr[p.M]);
+  const float* x = static_cast<const float*>(p.x);
   const int threads = threads_for(p.num_threads, nnz + p.M);
   parallel_row_chunks(threads, indptr, p.M, spmv_rows_per_chunk(nnz, p.M),
                       [&](int64_t r0, int64_t r1) {
-                        for (int64_t m = r0; m < r1; ++m)
-                          y[m] = static_cast<float>(row_read_probe(
-                              idx, val, static_cast<int64_t>(indptr[m]),
-                              static_cast<int64_t>(indptr[m + 1])));
+                        for (int64_t m = r0; m < r1; ++m) {
+                          const int64_t j = static_cast<int64_t>(indptr[m]);
+                          const int64_t e = static_cast<int64_t>(indptr[m + 1]);
+                          y[m] = gather ? row_gather_probe(idx, j, e, x)
+                                        : static_cast<float>(row_read_probe(idx, val, j, e));
+                        }
                       });
 }
 
@@ -432,13 +437,13 @@ inline bool handle_trivial(const SpmmParams& p) {
     });                                                                              \
   } } }
 
-#define SPARSEKIT_DEFINE_CSR_READ_PROBE(NAME)                                         \
+#define SPARSEKIT_DEFINE_CSR_PROBE(NAME)                                              \
   namespace sparsekit { namespace cpu {                                              \
-  void NAME(const SpmmParams& p) {                                                   \
+  void NAME(const SpmmParams& p, Probe kind) {                                       \
     if (p.M == 0) return;                                                            \
     SPARSEKIT_VALUE_SWITCH(p.value_dtype, VT, [&] {                                  \
       SPARSEKIT_INDEX_SWITCH(p.indptr_type, p.index_type, PT, IT,                    \
-                             [&] { csr_read_probe_t<VT, PT, IT>(p); });              \
+                             [&] { csr_probe_t<VT, PT, IT>(p, kind == Probe::Gather); }); \
     });                                                                              \
   } } }
 

@@ -18,15 +18,15 @@ void csr_linear(const SpmmParams& p, Isa isa) {
   }
 }
 
-void csr_read_probe(const SpmmParams& p, Isa isa) {
+void csr_probe(const SpmmParams& p, Isa isa, Probe kind) {
   switch (isa) {
 #if defined(SPARSEKIT_HAVE_ISA_avx512)
-    case Isa::AVX512: return csr_read_probe_avx512(p);
+    case Isa::AVX512: return csr_probe_avx512(p, kind);
 #endif
 #if defined(SPARSEKIT_HAVE_ISA_avx2)
-    case Isa::AVX2: return csr_read_probe_avx2(p);
+    case Isa::AVX2: return csr_probe_avx2(p, kind);
 #endif
-    default: return csr_read_probe_generic(p);
+    default: return csr_probe_generic(p, kind);
   }
 }
 

@@ -106,6 +106,52 @@ inline uint32_t row_read_probe(const IT* idx, const VT* val, int64_t j, int64_t 
   return static_cast<uint32_t>(xv | (xi << 8));
 }
 
+// Gather probe (benchmarks only; not a variant, never planned): the x-fetch floor of a row's
+// SpMV. Contract: returns sum_{j in [j0, e)} x[idx[j]] in fp32 (j0 is the argument j; 0 for an
+// empty row), fetched as csr_spmv_gather fetches x: 2W column ids per step, each W through one
+// hardware gather, the index stream prefetched as far ahead, the row tail through one masked
+// gather (AVX2: the W ids ending at e with the earlier lanes masked, the scalar loop only when
+// e < W); the generic build sums with scalar loads. No values are read, so the probe's time is
+// what the gathers and the index stream cost without the value stream. Sizes: any row length
+// e - j0 >= 0. Layout: idx as in the SpMV contract; x holds at least max(idx) + 1 fp32.
+// Alignment: none. Reads [j0, e) of idx (AVX2 tails also [e - W, j0) as in spmv_gather; the
+// prefetches may name addresses beyond e, which never fault). No allocation, no state.
+// Cost: O(e - j0) gathered loads of x.
+template <class IT>
+inline float row_gather_probe(const IT* idx, int64_t j, int64_t e, const float* x) {
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  constexpr int W = Vec::W;
+  constexpr int kIdxLines = 2 * W * sizeof(IT) > 64 ? 2 * W * sizeof(IT) / 64 : 1;
+  typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+  for (; j + 2 * W <= e; j += 2 * W) {
+    const char* pf = reinterpret_cast<const char*>(idx + j + kPfDist);
+    for (int l = 0; l < kIdxLines; ++l) prefetch_t0(pf + 64 * l);
+    a0 = Vec::add(a0, Vec::gather(x, idx + j));
+    a1 = Vec::add(a1, Vec::gather(x, idx + j + W));
+  }
+  if (j + W <= e) {
+    a0 = Vec::add(a0, Vec::gather(x, idx + j));
+    j += W;
+  }
+#if defined(SPARSEKIT_ISA_AVX512)
+  if (j < e) {
+    a1 = Vec::add(a1, Vec::gather_n(x, idx + j, static_cast<int>(e - j)));
+    j = e;
+  }
+#else
+  if (j < e && e >= W) {
+    a1 = Vec::add(a1, Vec::gather_masked(x, idx + e - W, Vec::mask_last(static_cast<int>(e - j))));
+    j = e;
+  }
+#endif
+  float s = Vec::reduce(Vec::add(a0, a1));
+#else
+  float s = 0.f;
+#endif
+  for (; j < e; ++j) s += x[idx_of(idx[j])];
+  return s;
+}
+
 // Bitmap variant (csr_spmv_bitmap, and csrq_bitmap through q_row_bitmap_dot). Contract:
 // sums[n] += sum_k v(k) * x[n * ldx + k] for n < NB over one CSR row given by occupancy words:
 // bit t of words[b] set means column 64b + t is stored, and the row's stored values

@@ -9,8 +9,9 @@
 //       row lengths 0 .. 5W + 3 (around W, 2W, 4W), long rows, unaligned row starts, short rows
 //       after W + 1 NaN-valued entries (the AVX2 tail window reads and masks them), x with a
 //       row stride, uint16 column 65535 and int32 columns beyond it;
-//   row_read_probe (benchmarks' read probe)
-//       row lengths 0 .. 5W + 67, exactly sized and padded rows, byte-exact XOR;
+//   row_read_probe, row_gather_probe (benchmarks' probes)
+//       row lengths 0 .. 5W + 67 (read) / 5W + 3 (gather), exactly sized and padded rows,
+//       byte-exact XOR / the float64 sum of x at the row's columns;
 //   csr_row_tile<V, kBounded> (V = 1, 2, 4, 8)
 //       lengths around the U-nonzero step, with / without / aliased init, K-block bounds,
 //       unaligned tiles, index limits;
@@ -277,6 +278,32 @@ void probe_types() {
                     idx_name<IT>(), static_cast<long long>(L), pad);
       check(static_cast<double>(got), static_cast<double>(ref_v | (ref_i << 8)), 0, what);
     }
+}
+
+// Gather probe (row_gather_probe): the fp32 sum of x at the row's column ids against a float64
+// sum, rows of every length around the 2W step (the AVX2 tail reads the W ids ending at e), x
+// exactly K long, padded rows whose neighbouring ids are 0.
+template <class IT>
+void gather_probe_types() {
+  for (int64_t L = 0; L <= 5 * W + 3; ++L)
+    for (int pad : {-1, 1, 2, 5})
+      for (int draw = 0; draw < 4; ++draw) {
+        const int64_t K = 3 * L + 5;
+        Row<float, IT> row(sorted_cols(L, K, (L + draw) % 2 == 1), pad);
+        std::vector<float> x(static_cast<size_t>(K));
+        for (auto& v : x) v = rnd_mag();
+        double ref = 0, mag = 0;
+        for (int64_t j = row.j0; j < row.e; ++j) {
+          const double v = x[static_cast<size_t>(row.idx[static_cast<size_t>(j)])];
+          ref += v;
+          mag += std::fabs(v);
+        }
+        const float got = row_gather_probe(row.idx.data(), row.j0, row.e, x.data());
+        char what[160];
+        std::snprintf(what, sizeof what, "row_gather_probe %s L=%lld pad=%d", idx_name<IT>(),
+                      static_cast<long long>(L), pad);
+        check(static_cast<double>(got), ref, tol_sum(L, mag), what);
+      }
 }
 
 // ================================================================================================
@@ -1040,6 +1067,9 @@ int main(int argc, char** argv) {
   probe_types<float, int32_t>();
   probe_types<bf16_t, uint16_t>();
   probe_types<f16_t, int32_t>();
+  begin("row_gather_probe");
+  gather_probe_types<uint16_t>();
+  gather_probe_types<int32_t>();
   begin("csr_row_tile");
   tile_types<float, uint16_t>();
   tile_types<float, int32_t>();
