@@ -221,7 +221,10 @@ def render() -> tuple[str, str]:
         "after the rounds); runs with `--processes N` report each figure from the process "
         "with the median value (range over the processes in the last column), and the *plain "
         "read* column is what the read probe (the same bytes streamed as the kernel streams them, "
-        "nothing computed) reached in the same rounds. What bounds each number "
+        "nothing computed) reached in the same rounds; where the gather probe ran (x fetched at "
+        "every column id with the kernel's gathers, no values read), the next column is the "
+        "figure at the slower of that read and those gathers alone, what a kernel overlapping "
+        "the two perfectly would reach. What bounds each number "
         "is explained in [design.md](design.md#what-bounds-the-kernels).",
         "",
     ]
