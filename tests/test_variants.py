@@ -396,6 +396,31 @@ def test_planner_times_the_contenders_further(monkeypatch):
     assert bound.calls[3] == 1 + 2
 
 
+def test_planner_keeps_timing_the_built_in_choice(monkeypatch):
+    """The built-in choice stays among the contenders even when its first two samples were more
+    than 10% off the fastest (a burst of memory traffic slowing the memory-bound default): its
+    later samples decide. Dropped, it would lose for good once two other contenders keep the
+    race going past the head-to-head confirmation's reach."""
+    clock = [0.0]
+    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setenv("SPARSEKIT_PLAN_BUDGET_MS", "1")
+    monkeypatch.setenv("SPARSEKIT_PLAN_CACHE", "cold")
+    default = planner._INCUMBENTS[0]
+    # untimed first call, then: the default 5.6 ms twice, then its real 3.9 ms; two steady
+    # contenders at 5.0 and 5.05 ms; "slow" 5.8 ms (16% off the lead: dropped)
+    durations = {0: [0.0056, 0.0056, 0.0056, 0.0039], 1: [0.005], 2: [0.00505], 3: [0.0058]}
+    names = {default: (0, -1), "bitmap": (1, -1), "other": (2, -1), "slow": (3, -1)}
+    bound = _ScriptedBound(durations, clock)
+    winner, times, _ = planner._measure(bound, 8, 4, 1, 1, list(names), names)
+    assert winner == default and times[default] == pytest.approx(3900.0), times
+    assert bound.calls[0] > 1 + 2 and bound.calls[3] == 1 + 2
+    # without that rule the default is dropped after two rounds and never timed again
+    monkeypatch.setattr(planner, "_INCUMBENTS", ())
+    bound = _ScriptedBound(durations, clock)
+    winner, _, _ = planner._measure(bound, 8, 4, 1, 1, list(names), names)
+    assert winner == "bitmap" and bound.calls[0] == 1 + 2
+
+
 @pytest.mark.parametrize("confirm", [True, False])
 def test_planner_confirms_the_two_fastest_head_to_head(monkeypatch, confirm):
     """Long calls leave the budget two samples per candidate; two slow samples of the better

@@ -91,8 +91,9 @@ _MARGIN = 0.03
 #: Extra alternating calls of the two fastest candidates when the budget allowed fewer than
 #: this many + 2 rounds (long calls: two samples each; docs/kernels.md, "Planner").
 _CONFIRM_ROUNDS = 3
-#: After two rounds only candidates within this fraction of the fastest are timed further, to
-#: at least _CONTENDER_ROUNDS calls each (more while the budget lasts).
+#: After two rounds only candidates within this fraction of the fastest, and the built-in
+#: choice, are timed further, to at least _CONTENDER_ROUNDS calls each (more while the budget
+#: lasts).
 _RACE_KEEP = 0.10
 _CONTENDER_ROUNDS = 6
 _WISDOM_FORMAT = "sparsekit-wisdom"
@@ -377,7 +378,11 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
     # Round-robin so a load spike hits every candidate alike; at least 2 timed calls each. Then
     # only the contenders (within _RACE_KEEP of the fastest so far) go on, to at least
     # _CONTENDER_ROUNDS calls each: one flushed-cache call varies by 10-15% on a shared host, so
-    # the minimum of two samples out of ten candidates picks whichever got lucky.
+    # the minimum of two samples out of ten candidates picks whichever got lucky. The built-in
+    # choice always stays in: a burst of memory traffic from another job during the first two
+    # rounds slows the memory-bound variants more than the compute-bound ones, and one of those
+    # must not win for good against a default that was not timed again.
+    incumbent = next((nm for nm in names if nm in _INCUMBENTS), None)
     rounds = 0
     active = list(names)
     while True:
@@ -389,7 +394,8 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
         if rounds < 2:
             continue
         lead = min(best[nm] for nm in active)
-        active = [nm for nm in active if best[nm] <= lead * (1 + _RACE_KEEP)]
+        active = [nm for nm in active
+                  if best[nm] <= lead * (1 + _RACE_KEEP) or nm == incumbent]
         spent = time.perf_counter() - t0 > budget
         if rounds >= 50 or len(active) == 1 or (spent and rounds >= _CONTENDER_ROUNDS):
             break
@@ -404,7 +410,6 @@ def _measure(bound: Any, k: int, m: int, n: int, threads: int, names: list[str],
     winner = min(names, key=lambda nm: best[nm])
     # The built-in choice keeps its place unless beaten by more than the timing noise of a
     # brief measurement on a possibly shared machine.
-    incumbent = next((nm for nm in names if nm in _INCUMBENTS), None)
     if incumbent is not None and best[incumbent] <= best[winner] * (1 + _MARGIN):
         winner = incumbent
     return winner, {nm: round(t * 1e6, 3) for nm, t in best.items()}, time.perf_counter() - t0
