@@ -209,20 +209,6 @@ struct Vec {
   static T gather_n(const float* x, const I* idx, int n) {
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask(n), load_idx_n(idx, n), x, 4);
   }
-  static __m256i load_idx8_n(const uint16_t* p, int n) {
-    return _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(static_cast<__mmask8>(mask(n)), p));
-  }
-  static __m256i load_idx8_n(const int32_t* p, int n) {
-    return _mm256_maskz_loadu_epi32(static_cast<__mmask8>(mask(n)), p);
-  }
-  // Row tails (1 <= n < W): as gather_n, through an 8-lane gather when n <= 8 (a masked
-  // 16-lane gather costs about as much as a full one; measured in docs/kernels.md).
-  template <class I>
-  static T gather_tail(const float* x, const I* idx, int n) {
-    if (n > 8) return gather_n(x, idx, n);
-    return _mm512_zextps256_ps512(_mm256_mmask_i32gather_ps(
-        _mm256_setzero_ps(), static_cast<__mmask8>(mask(n)), load_idx8_n(idx, n), x, 4));
-  }
   // Column read: lane t = base[t * ld] for t < n (n <= W), 0 beyond. Needs W * ld < 2^31.
   static T gather_column(const float* base, int64_t ld, int n) {
     const __m512i off = _mm512_mullo_epi32(

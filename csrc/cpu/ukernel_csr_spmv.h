@@ -135,7 +135,7 @@ inline float row_gather_probe(const IT* idx, int64_t j, int64_t e, const float* 
   }
 #if defined(SPARSEKIT_ISA_AVX512)
   if (j < e) {
-    a1 = Vec::add(a1, Vec::gather_tail(x, idx + j, static_cast<int>(e - j)));
+    a1 = Vec::add(a1, Vec::gather_n(x, idx + j, static_cast<int>(e - j)));
     j = e;
   }
 #else
@@ -215,9 +215,8 @@ inline void spmv_bitmap(const uint64_t* words, int64_t K, const VT* val, const V
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
 // Hardware-gather variant: U vectors of W nonzeros per step (U = 2: csr_spmv_gather, U = 4:
 // csr_spmv_gather4), U independent accumulators per vector of x. Remainder below U * W: one
-// vector at a time, then a masked gather (AVX-512: masked loads of exactly the remaining entries,
-// through an 8-lane gather when at most 8 remain; AVX2: the W entries ending at e with the
-// earlier lanes masked; the scalar loop only when e < W).
+// vector at a time, then a masked gather (AVX-512: masked loads of exactly the remaining entries;
+// AVX2: the W entries ending at e with the earlier lanes masked; the scalar loop only when e < W).
 template <int U, int NB, class VT, class IT>
 inline void spmv_gather(const IT* idx, const VT* val, int64_t j, int64_t e, const float* x,
                         int64_t ldx, float* sums) {
@@ -258,7 +257,7 @@ inline void spmv_gather(const IT* idx, const VT* val, int64_t j, int64_t e, cons
     const int cnt = static_cast<int>(e - j);
     const typename Vec::T v = Vec::load_vals_n(val + j, cnt);
     for (int n = 0; n < NB; ++n)
-      acc[U - 1][n] = Vec::fma(v, Vec::gather_tail(x + n * ldx, idx + j, cnt), acc[U - 1][n]);
+      acc[U - 1][n] = Vec::fma(v, Vec::gather_n(x + n * ldx, idx + j, cnt), acc[U - 1][n]);
     j = e;
   }
 #else
