@@ -577,9 +577,9 @@ class BoundMatrix {
     return true;
   }
 
-  // Benchmarks: out[m] (fp32, n_rows entries) = the read probe of row m (csr_read_probe in
-  // csrc/cpu/spmm_cpu.h): this matrix's value and index bytes read as its N = 1 kernels stream
-  // them, nothing computed. Float-valued CSR with plain indices only.
+  // Benchmarks: out[m] (fp32, n_rows entries) = the read probe of row m (csr_probe with
+  // Probe::Read, csrc/cpu/spmm_cpu.h): this matrix's value and index bytes read as its N = 1
+  // kernels stream them, nothing computed. Float-valued CSR with plain indices only.
   void read_probe(uintptr_t out, int threads, int isa_code) const {
     probe("read_probe", sparsekit::cpu::Probe::Read, 0, out, threads, isa_code);
   }
