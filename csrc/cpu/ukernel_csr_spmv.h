@@ -35,17 +35,20 @@ namespace {
 // hardware prefetchers alone leave one core's memory pipeline underused.
 constexpr int64_t kPfDist = SPARSEKIT_PF_DIST;
 
-// Prefetches the cache lines that `Entries` stored entries from j + kPfDist occupy in each
-// stream (one line per 64 bytes, at least one), so a step of any width, value type and index
-// width covers exactly the bytes it will consume.
+// Prefetches the cache lines that `Entries` entries of one stream from j + kPfDist occupy (one
+// line per 64 bytes, at least one), so a step of any width and entry type covers exactly the
+// bytes it will consume.
+template <int Entries, class T>
+inline void prefetch_ahead(const T* stream, int64_t j) {
+  constexpr int kLines = Entries * sizeof(T) > 64 ? Entries * sizeof(T) / 64 : 1;
+  const char* p = reinterpret_cast<const char*>(stream + j + kPfDist);
+  for (int l = 0; l < kLines; ++l) prefetch_t0(p + 64 * l);
+}
+// The same for both streams of a CSR row: values and column ids.
 template <int Entries, class VT, class IT>
 inline void prefetch_stream(const VT* val, const IT* idx, int64_t j) {
-  constexpr int kValLines = Entries * sizeof(VT) > 64 ? Entries * sizeof(VT) / 64 : 1;
-  constexpr int kIdxLines = Entries * sizeof(IT) > 64 ? Entries * sizeof(IT) / 64 : 1;
-  const char* v = reinterpret_cast<const char*>(val + j + kPfDist);
-  const char* i = reinterpret_cast<const char*>(idx + j + kPfDist);
-  for (int l = 0; l < kValLines; ++l) prefetch_t0(v + 64 * l);
-  for (int l = 0; l < kIdxLines; ++l) prefetch_t0(i + 64 * l);
+  prefetch_ahead<Entries>(val, j);
+  prefetch_ahead<Entries>(idx, j);
 }
 
 // Scalar tail / scalar variant: 4 independent sums per vector (hides the FMA latency).
@@ -121,11 +124,9 @@ template <class IT>
 inline float row_gather_probe(const IT* idx, int64_t j, int64_t e, const float* x) {
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   constexpr int W = Vec::W;
-  constexpr int kIdxLines = 2 * W * sizeof(IT) > 64 ? 2 * W * sizeof(IT) / 64 : 1;
   typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
   for (; j + 2 * W <= e; j += 2 * W) {
-    const char* pf = reinterpret_cast<const char*>(idx + j + kPfDist);
-    for (int l = 0; l < kIdxLines; ++l) prefetch_t0(pf + 64 * l);
+    prefetch_ahead<2 * W>(idx, j);
     a0 = Vec::add(a0, Vec::gather(x, idx + j));
     a1 = Vec::add(a1, Vec::gather(x, idx + j + W));
   }
