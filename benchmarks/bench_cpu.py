@@ -24,13 +24,15 @@ in alternating blocks against the fastest dense path of the rounds, also alone, 
 ratio of the two carries it into the rounds. In the same rounds a read probe streams each N = 1
 CSR matrix's bytes the way the kernels do and computes nothing (``BoundMatrix.read_probe``): next
 to each bandwidth fraction and the bf16 ratio the record keeps what that plain read reached, the
-floor for a call of that size. At 90-95% a gather probe fetches x at every column id with the
-kernel's gathers and reads no values (``BoundMatrix.gather_probe``): the records keep its time
+floor for a call of that size. At 90-95% a gather probe fetches x at every column id as the
+planned kernel does (hardware gathers, or the scalar-load assembly of ``csr_spmv_assemble``) and
+reads no values (``BoundMatrix.gather_probe``): the records keep its time, its fetch
 and the figure a kernel overlapping its memory stream and its x fetches perfectly would reach,
 running at the slower of the two floors (``floor_fraction``; ``floor_ratio``: the fp32 kernel's
-time over that floor of the bf16 matrix). ``--processes N`` repeats the measurement in N fresh
-processes (a process's memory placement moves its ratios by up to ~10%) and reports each figure
-from the process with the median value, with every process's value. Writes
+time over that floor of the bf16 matrix; ``x_fetch``: how the probe fetched x).
+``--processes N`` repeats the measurement in N fresh processes (a process's memory placement
+moves its ratios by up to ~10%) and reports each figure from the process with the median value,
+with every process's value. Writes
 benchmarks/results/cpu-<date>.json and cpu-<date>.png (speedup vs sparsity for N = 1, 2, 4, 8,
 32, 128; dense = 1).
 """
@@ -50,6 +52,7 @@ from benchmarks import bench_linear as BL
 from sparsekit.bench import harness as H
 from sparsekit.formats import BSRMatrix, CSRMatrix
 from sparsekit.kernels import get_backend, require_compiled
+from sparsekit.kernels.cpp import bound_matrix
 from sparsekit.threads import get_num_threads
 from sparsekit.timing import Stats, measure_alternating, measure_interleaved
 
@@ -168,7 +171,10 @@ class Cache:
             if ("gather",) + key in st:
                 g = st[("gather",) + key]
                 self.sparse[key]["gather_s"] = g.median_s
-                self.log(f"    gather probe of the same column ids: {g.median_s * 1e3:.3f} ms "
+                fetch = BL.probe_fetch(bound_matrix(mat))[0]
+                self.sparse[key]["gather_fetch"] = fetch
+                self.log(f"    gather probe ({fetch}) of the same column ids: "
+                         f"{g.median_s * 1e3:.3f} ms "
                          f"({g.median_s / mat.nnz * 1e9 * get_num_threads():.3f} ns per "
                          "nonzero per thread)")
 
@@ -219,7 +225,8 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
         floor = d.get("floor_fraction", d.get("floor_ratio"))
         c.log(f"[{'PASS' if d['pass'] else 'MISS'}] {tid}: {desc}: {value:.2f}x (need {need}x)"
               + (f" (plain read of the same bytes: {bound:.2f}x" if bound else "")
-              + (f", slower of read and gathers alone: {floor:.2f}x" if floor else "")
+              + (f", slower of read and x fetches ({d.get('x_fetch', 'gather')}) alone: "
+                 f"{floor:.2f}x" if floor else "")
               + (")" if bound else "")
               + (f", variant {d['variant']}" if d.get("variant") else "")
               + (f", vs F.linear {d['vs_F.linear']:.2f}x" if d["vs_F.linear"] else "")
@@ -254,6 +261,7 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
                 # read and the x fetches of the same column ids), stream and gathers overlapped
                 # perfectly: the most a better bf16 kernel could reach against this fp32 one
                 extra["floor_ratio"] = s90["s"] / max(b90["read_s"], s90["gather_s"])
+                extra["x_fetch"] = s90.get("gather_fetch", "gather")
         add(f"N1-90-bf16-vs-f32-{M}", f"{M}x{K} 90% N=1 bf16 vs our fp32 sparse",
             s90["s"] / b90["s"], 1.4, b90, None, extra)
         # Machine-independent: the sparse SpMV moves its compressed bytes (values + indices +
@@ -272,6 +280,7 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
                     extra["gather_ms"] = s_["gather_s"] * 1e3
                     extra["floor_fraction"] = (s_["bytes"] / max(s_["read_s"], s_["gather_s"])
                                                / 1e9 / dense_gbps)
+                    extra["x_fetch"] = s_.get("gather_fetch", "gather")
             add(f"BW-N1-{round(sp * 100)}-{M}",
                 f"{M}x{K} {round(sp * 100)}% N=1 bytes/s vs dense GEMV weight read", frac, 0.85,
                 s_, d, extra)

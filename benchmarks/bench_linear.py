@@ -129,9 +129,10 @@ def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str, read_probe: 
     the matrix's value and index bytes streamed as the N = 1 kernels stream them, nothing
     computed) over the same copies half a rotation away from ``fn``'s, so neither finds the
     other's bytes in cache; with ``gather_probe`` (fp32 x, N = 1) ``gather(i)`` runs the gather
-    probe (``BoundMatrix.gather_probe``: x fetched at every column id with the kernel's gathers,
-    the index stream read, no values) over the copies a third of a rotation away. Each is None
-    when not asked for."""
+    probe (``BoundMatrix.gather_probe``: x fetched at every column id as the planned N = 1
+    kernel fetches it, with its ISA build: hardware gathers, or scalar-load assembly for
+    ``csr_spmv_assemble``; the index stream read, no values) over the copies a third of a
+    rotation away. Each is None when not asked for."""
     from sparsekit.kernels import get_backend
 
     be = get_backend(backend)
@@ -149,18 +150,34 @@ def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str, read_probe: 
         probe_out = torch.empty(mat.shape[0])
         x32 = x.float().contiguous()
         half, third = n // 2, n // 3
+        fetch = [probe_fetch(bm) for bm in bms]
 
         # probe_out and x are bound as defaults so they live as long as the functions using them
         def read(i: int, probe_out: torch.Tensor = probe_out) -> None:
             bms[(i + half) % n].read_probe(probe_out.data_ptr(), get_num_threads())
 
         def gather(i: int, probe_out: torch.Tensor = probe_out, x32: torch.Tensor = x32) -> None:
-            bms[(i + third) % n].gather_probe(x32.data_ptr(), probe_out.data_ptr(),
-                                              get_num_threads())
+            c = (i + third) % n
+            bms[c].gather_probe(x32.data_ptr(), probe_out.data_ptr(), get_num_threads(),
+                                fetch[c][1], fetch[c][0])
 
         read = read if read_probe else None
         gather = gather if gather_probe else None
     return (lambda i: be.linear(mats[i % n], x, None, out)), read, gather
+
+
+_ISA_CODE = {"generic": 0, "avx2": 1, "avx512": 2}
+
+
+def probe_fetch(bm: Any) -> tuple[str, int]:
+    """``(fetch, isa_code)`` for ``BoundMatrix.gather_probe``: how the N = 1 plan of ``bm``
+    fetches x (``"assemble"`` for ``csr_spmv_assemble``, else ``"gather"``) and the ISA build
+    it runs."""
+    from sparsekit import _C
+
+    names = {v["id"]: v["name"] for v in _C.cpu_variants()}
+    fetch = "assemble" if names.get(bm.get_variant(0)) == "csr_spmv_assemble" else "gather"
+    return fetch, _ISA_CODE[bm.get_isa(0)]
 
 
 def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, H.Stats]:

@@ -90,14 +90,15 @@ def targets_table(d: dict[str, Any], ids: tuple[str, ...] | None = None) -> list
     median process's figures and the range over all processes; runs with the read probe show,
     for the bandwidth fractions and the bf16 ratio, what a plain read of the same bytes reached
     in the same rounds (the floor for a call of that size) and, where the gather probe ran, the
-    figure at the slower of that read and the kernel's x fetches alone."""
+    figure at the slower of that read and the kernel's x fetches alone (hardware gathers, or
+    "assembled" where the probe assembled x from scalar loads as ``csr_spmv_assemble`` does)."""
     rows = [t for t in d["targets"] if ids is None or t["id"] in ids]
     spread = any("per_process" in t for t in rows)
     probe = any("read_fraction" in t or "read_ratio" in t for t in rows)
     gather = any("floor_fraction" in t or "floor_ratio" in t for t in rows)
     out = ["| case | sparse | fastest dense | speedup | vs F.linear |"
            + (" plain read of the same bytes |" if probe else "")
-           + (" slower of read and gathers alone |" if gather else "")
+           + (" slower of read and x fetches alone |" if gather else "")
            + (" range over processes |" if spread else ""),
            "|---|---|---|---|---|" + ("---|" if probe else "") + ("---|" if gather else "")
            + ("---|" if spread else "")]
@@ -112,7 +113,8 @@ def targets_table(d: dict[str, Any], ids: tuple[str, ...] | None = None) -> list
             line += f" {bound:.2f}x |" if bound is not None else " |"
         if gather:
             floor = t.get("floor_fraction", t.get("floor_ratio"))
-            line += f" {floor:.2f}x |" if floor is not None else " |"
+            how = " (assembled)" if t.get("x_fetch") == "assemble" else ""
+            line += f" {floor:.2f}x{how} |" if floor is not None else " |"
         if spread:
             pp = t.get("per_process") or [t["value"]]
             line += f" {min(pp):.2f}-{max(pp):.2f}x |"
@@ -222,9 +224,10 @@ def render() -> tuple[str, str]:
         "with the median value (range over the processes in the last column), and the *plain "
         "read* column is what the read probe (the same bytes streamed as the kernel streams them, "
         "nothing computed) reached in the same rounds; where the gather probe ran (x fetched at "
-        "every column id with the kernel's gathers, no values read), the next column is the "
-        "figure at the slower of that read and those gathers alone, what a kernel overlapping "
-        "the two perfectly would reach. What bounds each number "
+        "every column id as the planned kernel fetches it, no values read: hardware gathers, or "
+        "scalar-load assembly where the cell says *assembled*), the next column is the figure at "
+        "the slower of that read and those x fetches alone, what a kernel overlapping the two "
+        "perfectly would reach. What bounds each number "
         "is explained in [design.md](design.md#what-bounds-the-kernels).",
         "",
     ]

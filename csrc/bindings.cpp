@@ -584,10 +584,16 @@ class BoundMatrix {
     probe("read_probe", sparsekit::cpu::Probe::Read, 0, out, threads, isa_code);
   }
   // Benchmarks: out[m] (fp32, n_rows entries) = sum of x[c] over row m's column ids c, x (fp32,
-  // n_cols entries at address x) fetched with the gathers of csr_spmv_gather and no values
-  // read (csr_probe, Probe::Gather): the x-fetch floor of the SpMV.
-  void gather_probe(uintptr_t x, uintptr_t out, int threads, int isa_code) const {
-    probe("gather_probe", sparsekit::cpu::Probe::Gather, x, out, threads, isa_code);
+  // n_cols entries at address x) fetched as one N = 1 kernel fetches it and no values read
+  // (csr_probe, Probe::Gather: the gathers of csr_spmv_gather; Probe::Assemble: the scalar-load
+  // assembly of csr_spmv_assemble): the x-fetch floor of that kernel.
+  void gather_probe(uintptr_t x, uintptr_t out, int threads, int isa_code,
+                    const std::string& fetch) const {
+    sparsekit::cpu::Probe kind;
+    if (fetch == "gather") kind = sparsekit::cpu::Probe::Gather;
+    else if (fetch == "assemble") kind = sparsekit::cpu::Probe::Assemble;
+    else value_error("fetch: expected 'gather' or 'assemble', got '" + fetch + "'");
+    probe("gather_probe", kind, x, out, threads, isa_code);
   }
   void probe(const char* what, sparsekit::cpu::Probe kind, uintptr_t x, uintptr_t out,
              int threads, int isa_code) const {
@@ -598,7 +604,7 @@ class BoundMatrix {
     const Isa isa = isa_for_code(isa_code);
     if (p_.M == 0) return;
     if (out == 0) value_error("out: expected a non-null address for a non-empty matrix, got 0");
-    if (kind == sparsekit::cpu::Probe::Gather && x == 0 && p_.K > 0)
+    if (kind != sparsekit::cpu::Probe::Read && x == 0 && p_.K > 0)
       value_error("x: expected a non-null address of n_cols fp32 values, got 0");
     SpmmParams p = p_;
     p.y = reinterpret_cast<void*>(out);
@@ -1168,12 +1174,13 @@ PYBIND11_MODULE(_C, m) {
            "row chunks and prefetch) and nothing computed: the memory floor of the SpMV. CSR with "
            "float values and plain indices only; isa as in run().")
       .def("gather_probe", &BoundMatrix::gather_probe, py::arg("x"), py::arg("out"),
-           py::arg("num_threads"), py::arg("isa") = -1,
+           py::arg("num_threads"), py::arg("isa") = -1, py::arg("fetch") = "gather",
            "Benchmarks: out (n_rows fp32, an address) = per row, the sum of x[c] over its column "
-           "ids c, x (n_cols fp32, an address) fetched with the hardware gathers of "
-           "csr_spmv_gather (same threads, row chunks, steps and index prefetch; scalar loads in "
-           "the generic build) and no values read: the x-fetch floor of the SpMV. CSR with float "
-           "values and plain indices only; isa as in run().")
+           "ids c, x (n_cols fp32, an address) fetched as one N = 1 kernel fetches it (fetch "
+           "'gather': the hardware gathers of csr_spmv_gather; 'assemble': the scalar-load "
+           "assembly of csr_spmv_assemble; same threads, row chunks, steps, tails and index "
+           "prefetch; scalar loads in the generic build) and no values read: the x-fetch floor "
+           "of that kernel. CSR with float values and plain indices only; isa as in run().")
       .def("runner", &make_runner,
            "A builtin run(x, out, n, x_dtype, bias, num_threads[, activation]) -> bool doing "
            "exactly what "

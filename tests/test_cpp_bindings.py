@@ -415,10 +415,12 @@ def test_read_probe_reads_every_byte_of_every_row(isa, vdtype, threads):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gather_probe_sums_x_at_every_column_id(isa, threads):
+@pytest.mark.parametrize("fetch", ["gather", "assemble"])
+def test_gather_probe_sums_x_at_every_column_id(isa, threads, fetch):
     """The benchmarks' gather probe: per row, the sum of x at the row's column ids, fetched as
-    csr_spmv_gather fetches them (row lengths around the W / 2W steps, empty rows, both index
-    widths, x exactly n_cols long), against a float64 sum."""
+    csr_spmv_gather (hardware gathers) or csr_spmv_assemble (scalar-load assembly) fetches them
+    (row lengths around the W / 2W steps, empty rows, both index widths, x exactly n_cols long),
+    against a float64 sum."""
     from sparsekit.formats import CSRMatrix
     from sparsekit.kernels.cpp import bound_matrix
 
@@ -435,7 +437,7 @@ def test_gather_probe_sums_x_at_every_column_id(isa, threads):
         x = torch.from_numpy(rng.standard_normal(k).astype(np.float32))
         out = torch.full((rows,), np.nan)
         bound_matrix(mat).gather_probe(x.data_ptr(), out.data_ptr(), threads,
-                                       ISA_ORDER.index(isa))
+                                       ISA_ORDER.index(isa), fetch)
         ref = w.double().numpy() @ x.double().numpy()
         mag = np.abs(w.double().numpy()) @ np.abs(x.double().numpy())
         np.testing.assert_array_less(np.abs(out.double().numpy() - ref), 1e-6 * mag + 1e-30)
@@ -463,5 +465,7 @@ def test_read_probe_errors():
         bm.gather_probe(x.data_ptr(), 0, 1)
     with pytest.raises(ValueError, match=r"num_threads: expected an integer >= 1, got 0"):
         bm.gather_probe(x.data_ptr(), out.data_ptr(), 0)
+    with pytest.raises(ValueError, match=r"fetch: expected 'gather' or 'assemble', got 'scalar'"):
+        bm.gather_probe(x.data_ptr(), out.data_ptr(), 1, -1, "scalar")
     with pytest.raises(ValueError, match=r"gather_probe: expected a CSR matrix .* got a BSR"):
         bound_matrix(BSRMatrix.from_dense(w, (2, 2))).gather_probe(x.data_ptr(), out.data_ptr(), 1)

@@ -13,6 +13,9 @@
 //           build/micro/kernel_micro spmv-cascade M K density [threads]   fp32, in one process,
 //                                         rounds alternating: a plain read of the same bytes, the
 //                                         spmv loop without gathers, the library kernel
+//           build/micro/kernel_micro spmv-bounds M K density [threads] [v=<variant id>]  one
+//                                         process, rounds alternating: plain reads of the fp32 and
+//                                         bf16 matrices, the kernel on each streamed and warm
 //           build/micro/kernel_micro spmv-gather-only M K density [threads] [warm]   the gathers
 //                                         of csr_spmv_gather alone: compute bound (no check)
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
@@ -399,6 +402,90 @@ int run_cascade(int M, int K, double d, int threads) {
 }
 #endif
 
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// What bounds one N = 1 variant, fp32 against bf16 values, in one process (rounds alternate, so
+// the host's phase moves every figure alike): a plain read of each matrix's compressed bytes
+// (streamed), the kernel on rotating copies (streamed) and on one copy run twice in a row, the
+// second call timed (warm in the caches: its compute cost). When the warm time of the bf16 kernel is not below its streamed time, the
+// bf16 / fp32 ratio is bound by the kernel's work per nonzero, not by the bytes it reads.
+int run_spmv_bounds(int M, int K, double d, int threads, int variant) {
+  std::mt19937 g(0);
+  SpmvCopies c32 = spmv_copies(M, K, d, /*bf16=*/false, /*warm=*/false, g);
+  std::mt19937 g16(0);
+  SpmvCopies c16 = spmv_copies(M, K, d, /*bf16=*/true, /*warm=*/false, g16);
+  const int copies = static_cast<int>(c32.mats.size());
+  std::vector<float> x(K), y(M), sink(16 * threads);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  for (auto& v : x) v = u(g);
+  // Sums the value and index arrays of one copy as floats (bf16 values: their 2-byte words).
+  auto read = [&](const void* val, size_t val_bytes, const Sparse& s) {
+#pragma omp parallel num_threads(threads)
+    {
+      constexpr int W = Vec::W;
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+      for (int arr = 0; arr < 2; ++arr) {
+        const float* p = arr ? reinterpret_cast<const float*>(s.idx.data())
+                             : static_cast<const float*>(val);
+        const size_t n = (arr ? s.idx.size() * 2 : val_bytes) / 4;
+        const size_t b = n * tid / nt / (4 * W) * (4 * W);
+        const size_t e = tid + 1 == nt ? n / (4 * W) * (4 * W) : n * (tid + 1) / nt / (4 * W) * (4 * W);
+        for (size_t k = b; k < e; k += 4 * W) {
+          for (int l = 0; l < 4 * W; l += 16) prefetch_t0(p + k + kPfDist + l);
+          a0 = Vec::add(a0, Vec::add(Vec::load(p + k), Vec::load(p + k + W)));
+          a1 = Vec::add(a1, Vec::add(Vec::load(p + k + 2 * W), Vec::load(p + k + 3 * W)));
+        }
+      }
+      sink[16 * tid] = Vec::reduce(Vec::add(a0, a1));
+    }
+  };
+  auto kernel = [&](bool bf16, int c) {
+    const SpmvCopies& cs = bf16 ? c16 : c32;
+    SpmmParams p = params(cs.mats[c], M, K, 1, x.data(), y.data(), threads);
+    p.variant = variant;
+    if (bf16) {
+      p.values = cs.vals16[c].data();
+      p.value_dtype = DType::BF16;
+      csr_linear_t<bf16_t, int32_t, uint16_t>(p);
+    } else {
+      csr_linear_t<float, int32_t, uint16_t>(p);
+    }
+  };
+  const size_t nnz = c32.s0.idx.size();
+  auto call = [&](int mode, int c) {
+    switch (mode) {
+      case 0: return read(c32.mats[c].val.data(), nnz * 4, c32.mats[c]);
+      case 1: return read(c16.vals16[c].data(), nnz * 2, c16.mats[c]);
+      case 2: return kernel(false, c);
+      case 3: return kernel(true, c);
+      case 4: return kernel(false, 0);
+      default: return kernel(true, 0);
+    }
+  };
+  for (int c = 0; c < copies; ++c) call(2, c), call(3, c);
+  constexpr int kModes = 6;
+  std::vector<double> ts[kModes];
+  for (int r = 0; r < 45; ++r)
+    for (int mode = 0; mode < kModes; ++mode) {
+      if (mode >= 4) call(mode, 0);  // the streamed rounds evicted it: bring it back untimed
+      const auto t0 = std::chrono::steady_clock::now();
+      call(mode, (kModes * r + mode) % copies);
+      ts[mode].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  const char* names[kModes] = {"read fp32 bytes",   "read bf16 bytes",  "kernel fp32 streamed",
+                               "kernel bf16 streamed", "kernel fp32 warm", "kernel bf16 warm"};
+  std::printf("spmv-bounds %dx%d density=%.2f threads=%d %s (%zu nonzeros)\n", M, K, d, threads,
+              variant_info(static_cast<Variant>(variant)).name, nnz);
+  for (int mode = 0; mode < kModes; ++mode) {
+    std::sort(ts[mode].begin(), ts[mode].end());
+    const double t = ts[mode][ts[mode].size() / 2];
+    std::printf("  %-22s %.3f ms  %.3f ns per nonzero per thread\n", names[mode], t * 1e3,
+                t * 1e9 * threads / nnz);
+  }
+  return 0;
+}
+#endif
+
 #if defined(SPARSEKIT_ISA_AVX512)
 // Reads 180 MB (11008 x 4096 fp32) per call as `streams` interleaved sequential streams per
 // thread, optionally with software prefetch `pf` floats ahead; rotating copies over > 2x the LLC.
@@ -561,6 +648,9 @@ int main(int argc, char** argv) {
     return run_stream_bound(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "bf16"));
   if (!std::strcmp(mode, "spmv-cascade") && argc >= 5)
     return run_cascade(ai(2, 0), ai(3, 0), ad(4), ai(5, 1));
+  if (!std::strcmp(mode, "spmv-bounds") && argc >= 5)
+    return run_spmv_bounds(ai(2, 0), ai(3, 0), ad(4), ai(5, 1),
+                           argc > 6 && !std::strncmp(argv[6], "v=", 2) ? std::atoi(argv[6] + 2) : 0);
   if (!std::strcmp(mode, "spmv-gather-only") && argc >= 5)
     return run_gather_bound(ai(2, 0), ai(3, 0), ad(4), ai(5, 1), argc > 6 && !std::strcmp(argv[6], "warm"));
 #endif

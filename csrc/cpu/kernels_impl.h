@@ -33,6 +33,7 @@
 #include "common/dispatch.h"
 #include "common/format.h"
 #include "cpu/packing.h"
+#include "cpu/spmm_cpu.h"  // Probe
 #include "cpu/simd.h"
 #include "cpu/threading.h"
 #include "cpu/ukernel_bsr.h"
@@ -203,11 +204,11 @@ inline int64_t spmv_rows_per_chunk(int64_t nnz, int64_t rows) {
 
 // Probe driver (benchmarks: the floors of the N = 1 SpMV in the same run), over the same threads
 // and row chunks as the N = 1 driver; y is fp32 whatever x_dtype says (M entries, ldy ignored).
-// gather false (read probe): y[m] = row_read_probe(row m) as an fp32 integer, O(bytes of the
-// rows). gather true: y[m] = row_gather_probe(row m) over x (fp32, K entries, p.x; x_dtype
-// ignored), O(nnz) gathered loads.
+// Probe::Read: y[m] = row_read_probe(row m) as an fp32 integer, O(bytes of the rows).
+// Probe::Gather / Probe::Assemble: y[m] = row_gather_probe<false / true>(row m) over x (fp32, K
+// entries, p.x; x_dtype ignored), O(nnz) indexed loads.
 template <class VT, class PT, class IT>
-void csr_probe_t(const SpmmParams& p, bool gather) {
+void csr_probe_t(const SpmmParams& p, Probe kind) {
   const PT* indptr = static_cast<const PT*>(p.indptr);
   const IT* idx = static_cast<const IT*>(p.indices);
   const VT* val = static_cast<const VT*>(p.values);
@@ -220,8 +221,13 @@ void csr_probe_t(const SpmmParams& p, bool gather) {
                         for (int64_t m = r0; m < r1; ++m) {
                           const int64_t j = static_cast<int64_t>(indptr[m]);
                           const int64_t e = static_cast<int64_t>(indptr[m + 1]);
-                          y[m] = gather ? row_gather_probe(idx, j, e, x)
-                                        : static_cast<float>(row_read_probe(idx, val, j, e));
+                          switch (kind) {
+                            case Probe::Read:
+                              y[m] = static_cast<float>(row_read_probe(idx, val, j, e));
+                              break;
+                            case Probe::Gather: y[m] = row_gather_probe<false>(idx, j, e, x); break;
+                            case Probe::Assemble: y[m] = row_gather_probe<true>(idx, j, e, x); break;
+                          }
                         }
                       });
 }
@@ -443,7 +449,7 @@ inline bool handle_trivial(const SpmmParams& p) {
     if (p.M == 0) return;                                                            \
     SPARSEKIT_VALUE_SWITCH(p.value_dtype, VT, [&] {                                  \
       SPARSEKIT_INDEX_SWITCH(p.indptr_type, p.index_type, PT, IT,                    \
-                             [&] { csr_probe_t<VT, PT, IT>(p, kind == Probe::Gather); }); \
+                             [&] { csr_probe_t<VT, PT, IT>(p, kind); });                  \
     });                                                                              \
   } } }
 

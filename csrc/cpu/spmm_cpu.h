@@ -22,7 +22,9 @@ void bsr_linear(const SpmmParams& p, Isa isa);
 //   floor. Also reads p.values. Cost: O(nnz * (value + index bytes)) bytes read.
 // - Probe::Gather: sum_j x[idx[j]] over row m, x (p.x, fp32, K entries) fetched with the
 //   gathers of csr_spmv_gather and no values read: the x-fetch floor. Cost: O(nnz) gathers.
-enum class Probe { Read = 0, Gather = 1 };
+// - Probe::Assemble: the same sum, x assembled from scalar loads as csr_spmv_assemble does:
+//   the x-fetch floor of the gather-free kernel. Cost: O(nnz) scalar loads.
+enum class Probe { Read = 0, Gather = 1, Assemble = 2 };
 void csr_probe(const SpmmParams& p, Isa isa, Probe kind);
 
 // Per-ISA implementations (csrc/cpu/{csr,bsr}_<isa>.cpp). Only call those the CPU supports.

@@ -111,37 +111,45 @@ inline uint32_t row_read_probe(const IT* idx, const VT* val, int64_t j, int64_t 
 
 // Gather probe (benchmarks only; not a variant, never planned): the x-fetch floor of a row's
 // SpMV. Contract: returns sum_{j in [j0, e)} x[idx[j]] in fp32 (j0 is the argument j; 0 for an
-// empty row), fetched as csr_spmv_gather fetches x: 2W column ids per step, each W through one
-// hardware gather, the index stream prefetched as far ahead, the row tail through one masked
-// gather (AVX2: the W ids ending at e with the earlier lanes masked, the scalar loop only when
-// e < W); the generic build sums with scalar loads. No values are read, so the probe's time is
-// what the gathers and the index stream cost without the value stream. Sizes: any row length
-// e - j0 >= 0. Layout: idx as in the SpMV contract; x holds at least max(idx) + 1 fp32.
-// Alignment: none. Reads [j0, e) of idx (AVX2 tails also [e - W, j0) as in spmv_gather; the
+// empty row), fetched as the N = 1 kernel named by kAssemble fetches x: 2W column ids per step,
+// each W through one hardware gather (csr_spmv_gather) or assembled from W scalar loads
+// (kAssemble, csr_spmv_assemble), the index stream prefetched as far ahead; the row tail as that
+// kernel's: one W step, then a masked gather (AVX-512 gathers), the W ids ending at e with the
+// earlier lanes masked (AVX2, either fetch), else the scalar loop (AVX-512 assembly, and AVX2
+// rows with e < W); the generic build sums with scalar loads. No values are read, so the probe's
+// time is what fetching x and the index stream cost without the value stream. Sizes: any row
+// length e - j0 >= 0. Layout: idx as in the SpMV contract; x holds at least max(idx) + 1 fp32.
+// Alignment: none. Reads [j0, e) of idx (AVX2 tails also [e - W, j0) as in the kernels; the
 // prefetches may name addresses beyond e, which never fault). No allocation, no state.
-// Cost: O(e - j0) gathered loads of x.
-template <class IT>
+// Cost: O(e - j0) indexed loads of x. A change to a kernel's steps or tails belongs here too.
+template <bool kAssemble, class IT>
 inline float row_gather_probe(const IT* idx, int64_t j, int64_t e, const float* x) {
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   constexpr int W = Vec::W;
+  auto fetch = [x](const IT* i) {
+    if constexpr (kAssemble) return Vec::assemble(x, i);
+    else return Vec::gather(x, i);
+  };
   typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
   for (; j + 2 * W <= e; j += 2 * W) {
     prefetch_ahead<2 * W>(idx, j);
-    a0 = Vec::add(a0, Vec::gather(x, idx + j));
-    a1 = Vec::add(a1, Vec::gather(x, idx + j + W));
+    a0 = Vec::add(a0, fetch(idx + j));
+    a1 = Vec::add(a1, fetch(idx + j + W));
   }
   if (j + W <= e) {
-    a0 = Vec::add(a0, Vec::gather(x, idx + j));
+    a0 = Vec::add(a0, fetch(idx + j));
     j += W;
   }
 #if defined(SPARSEKIT_ISA_AVX512)
-  if (j < e) {
+  if (!kAssemble && j < e) {
     a1 = Vec::add(a1, Vec::gather_n(x, idx + j, static_cast<int>(e - j)));
     j = e;
   }
 #else
   if (j < e && e >= W) {
-    a1 = Vec::add(a1, Vec::gather_masked(x, idx + e - W, Vec::mask_last(static_cast<int>(e - j))));
+    const auto m = Vec::mask_last(static_cast<int>(e - j));
+    if constexpr (kAssemble) a1 = Vec::add(a1, Vec::assemble_masked(x, idx + e - W, m));
+    else a1 = Vec::add(a1, Vec::gather_masked(x, idx + e - W, m));
     j = e;
   }
 #endif

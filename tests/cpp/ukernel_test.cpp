@@ -280,10 +280,11 @@ void probe_types() {
     }
 }
 
-// Gather probe (row_gather_probe): the fp32 sum of x at the row's column ids against a float64
-// sum, rows of every length around the 2W step (the AVX2 tail reads the W ids ending at e), x
-// exactly K long, padded rows whose neighbouring ids are 0.
-template <class IT>
+// Gather probe (row_gather_probe, both fetches: hardware gathers and scalar-load assembly): the
+// fp32 sum of x at the row's column ids against a float64 sum, rows of every length around the
+// 2W step (the AVX2 tail reads the W ids ending at e), x exactly K long, padded rows whose
+// neighbouring ids are 0.
+template <bool kAssemble, class IT>
 void gather_probe_types() {
   for (int64_t L = 0; L <= 5 * W + 3; ++L)
     for (int pad : {-1, 1, 2, 5})
@@ -298,10 +299,11 @@ void gather_probe_types() {
           ref += v;
           mag += std::fabs(v);
         }
-        const float got = row_gather_probe(row.idx.data(), row.j0, row.e, x.data());
+        const float got = row_gather_probe<kAssemble>(row.idx.data(), row.j0, row.e, x.data());
         char what[160];
-        std::snprintf(what, sizeof what, "row_gather_probe %s L=%lld pad=%d", idx_name<IT>(),
-                      static_cast<long long>(L), pad);
+        std::snprintf(what, sizeof what, "row_gather_probe<%s> %s L=%lld pad=%d",
+                      kAssemble ? "assemble" : "gather", idx_name<IT>(), static_cast<long long>(L),
+                      pad);
         check(static_cast<double>(got), ref, tol_sum(L, mag), what);
       }
 }
@@ -1068,8 +1070,10 @@ int main(int argc, char** argv) {
   probe_types<bf16_t, uint16_t>();
   probe_types<f16_t, int32_t>();
   begin("row_gather_probe");
-  gather_probe_types<uint16_t>();
-  gather_probe_types<int32_t>();
+  gather_probe_types<false, uint16_t>();
+  gather_probe_types<false, int32_t>();
+  gather_probe_types<true, uint16_t>();
+  gather_probe_types<true, int32_t>();
   begin("csr_row_tile");
   tile_types<float, uint16_t>();
   tile_types<float, int32_t>();
