@@ -334,6 +334,31 @@ int run_gather_bound(int M, int K, double d, int threads, bool warm) {
 // contiguously (stream_bound_rows: the row structure, no gathers) and (2) the library kernel
 // (csr_linear_t, planner default), one call each per round, so the three rates see the same
 // machine state. Prints each median and its rate on the compressed bytes relative to (0).
+// A plain read of one matrix copy: its value array (val_bytes at val; bf16 values read as
+// their 2-byte words) and its uint16 index array, summed as floats in 4W-float steps with the
+// kernels' software prefetch, each thread its share of each array. sink: 16 * threads floats.
+void read_bytes(const void* val, size_t val_bytes, const Sparse& s, int threads, float* sink) {
+#pragma omp parallel num_threads(threads)
+  {
+    constexpr int W = Vec::W;
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
+    for (int arr = 0; arr < 2; ++arr) {
+      const float* p = arr ? reinterpret_cast<const float*>(s.idx.data())
+                           : static_cast<const float*>(val);
+      const size_t n = (arr ? s.idx.size() * 2 : val_bytes) / 4;
+      const size_t b = n * tid / nt / (4 * W) * (4 * W);
+      const size_t e = tid + 1 == nt ? n / (4 * W) * (4 * W) : n * (tid + 1) / nt / (4 * W) * (4 * W);
+      for (size_t k = b; k < e; k += 4 * W) {
+        for (int l = 0; l < 4 * W; l += 16) prefetch_t0(p + k + kPfDist + l);
+        a0 = Vec::add(a0, Vec::add(Vec::load(p + k), Vec::load(p + k + W)));
+        a1 = Vec::add(a1, Vec::add(Vec::load(p + k + 2 * W), Vec::load(p + k + 3 * W)));
+      }
+    }
+    sink[16 * tid] = Vec::reduce(Vec::add(a0, a1));
+  }
+}
+
 int run_cascade(int M, int K, double d, int threads) {
   std::mt19937 g(0);
   SpmvCopies cs = spmv_copies(M, K, d, /*bf16=*/false, /*warm=*/false, g);
@@ -344,25 +369,7 @@ int run_cascade(int M, int K, double d, int threads) {
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
   for (auto& v : x) v = u(g);
   auto read = [&](const Sparse& s) {
-#pragma omp parallel num_threads(threads)
-    {
-      constexpr int W = Vec::W;
-      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-      typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
-      const size_t nv = s.val.size(), ni = s.idx.size() / 2;  // floats; uint16 pairs as floats
-      const float* idxf = reinterpret_cast<const float*>(s.idx.data());
-      for (int arr = 0; arr < 2; ++arr) {
-        const float* p = arr ? idxf : s.val.data();
-        const size_t n = arr ? ni : nv, b = n * tid / nt / (4 * W) * (4 * W);
-        const size_t e = tid + 1 == nt ? n / (4 * W) * (4 * W) : n * (tid + 1) / nt / (4 * W) * (4 * W);
-        for (size_t k = b; k < e; k += 4 * W) {
-          for (int l = 0; l < 4 * W; l += 16) prefetch_t0(p + k + kPfDist + l);
-          a0 = Vec::add(a0, Vec::add(Vec::load(p + k), Vec::load(p + k + W)));
-          a1 = Vec::add(a1, Vec::add(Vec::load(p + k + 2 * W), Vec::load(p + k + 3 * W)));
-        }
-      }
-      sink[16 * tid] = Vec::reduce(Vec::add(a0, a1));
-    }
+    read_bytes(s.val.data(), s.val.size() * 4, s, threads, sink.data());
   };
   auto call = [&](int mode, int c) {
     const Sparse& s = cs.mats[c];
@@ -417,27 +424,8 @@ int run_spmv_bounds(int M, int K, double d, int threads, int variant) {
   std::vector<float> x(K), y(M), sink(16 * threads);
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
   for (auto& v : x) v = u(g);
-  // Sums the value and index arrays of one copy as floats (bf16 values: their 2-byte words).
   auto read = [&](const void* val, size_t val_bytes, const Sparse& s) {
-#pragma omp parallel num_threads(threads)
-    {
-      constexpr int W = Vec::W;
-      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-      typename Vec::T a0 = Vec::zero(), a1 = Vec::zero();
-      for (int arr = 0; arr < 2; ++arr) {
-        const float* p = arr ? reinterpret_cast<const float*>(s.idx.data())
-                             : static_cast<const float*>(val);
-        const size_t n = (arr ? s.idx.size() * 2 : val_bytes) / 4;
-        const size_t b = n * tid / nt / (4 * W) * (4 * W);
-        const size_t e = tid + 1 == nt ? n / (4 * W) * (4 * W) : n * (tid + 1) / nt / (4 * W) * (4 * W);
-        for (size_t k = b; k < e; k += 4 * W) {
-          for (int l = 0; l < 4 * W; l += 16) prefetch_t0(p + k + kPfDist + l);
-          a0 = Vec::add(a0, Vec::add(Vec::load(p + k), Vec::load(p + k + W)));
-          a1 = Vec::add(a1, Vec::add(Vec::load(p + k + 2 * W), Vec::load(p + k + 3 * W)));
-        }
-      }
-      sink[16 * tid] = Vec::reduce(Vec::add(a0, a1));
-    }
+    read_bytes(val, val_bytes, s, threads, sink.data());
   };
   auto kernel = [&](bool bf16, int c) {
     const SpmvCopies& cs = bf16 ? c16 : c32;
