@@ -48,6 +48,17 @@ def micro(tmp_path_factory) -> Path:
     ["spmv", "40", "2000", "0.3", "1", "warm", "bf16"],
 ])
 def test_kernel_micro_reference_check(micro, args):
+    _run_checked(micro, args)
+
+
+@pytest.mark.parametrize("variant", ["v=1", "v=2"])  # csr_spmv_gather, csr_spmv_assemble
+def test_kernel_micro_spmv_bounds_checks_both_value_widths(micro, variant):
+    if _isa() == "generic":
+        pytest.skip("spmv-bounds is built for the SIMD ISAs only")
+    _run_checked(micro, ["spmv-bounds", "40", "2000", "0.3", "2", variant])
+
+
+def _run_checked(micro: Path, args: list[str]) -> None:
     r = subprocess.run([str(micro), *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     m = re.search(r"max err ([0-9.e+-]+)", r.stdout)

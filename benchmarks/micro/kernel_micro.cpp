@@ -16,6 +16,7 @@
 //           build/micro/kernel_micro spmv-bounds M K density [threads] [v=<variant id>]  one
 //                                         process, rounds alternating: plain reads of the fp32 and
 //                                         bf16 matrices, the kernel on each streamed and warm
+//                                         (both kernels checked first)
 //           build/micro/kernel_micro spmv-gather-only M K density [threads] [warm]   the gathers
 //                                         of csr_spmv_gather alone: compute bound (no check)
 //           build/micro/kernel_micro read streams prefetch [threads]  read bandwidth probe
@@ -451,6 +452,16 @@ int run_spmv_bounds(int M, int K, double d, int threads, int variant) {
     }
   };
   for (int c = 0; c < copies; ++c) call(2, c), call(3, c);
+  double err = 0;  // both kernels against a float64 reference (bf16: of the rounded values)
+  for (const bool bf16 : {false, true}) {
+    const Sparse& s0 = (bf16 ? c16 : c32).s0;
+    kernel(bf16, 0);
+    for (int m = 0; m < M; ++m) {
+      double ref = 0;
+      for (int j = s0.indptr[m]; j < s0.indptr[m + 1]; ++j) ref += double(s0.val[j]) * x[s0.idx[j]];
+      err = std::max(err, std::abs(ref - y[m]));
+    }
+  }
   constexpr int kModes = 6;
   std::vector<double> ts[kModes];
   for (int r = 0; r < 45; ++r)
@@ -462,8 +473,8 @@ int run_spmv_bounds(int M, int K, double d, int threads, int variant) {
     }
   const char* names[kModes] = {"read fp32 bytes",   "read bf16 bytes",  "kernel fp32 streamed",
                                "kernel bf16 streamed", "kernel fp32 warm", "kernel bf16 warm"};
-  std::printf("spmv-bounds %dx%d density=%.2f threads=%d %s (%zu nonzeros)\n", M, K, d, threads,
-              variant_info(static_cast<Variant>(variant)).name, nnz);
+  std::printf("spmv-bounds %dx%d density=%.2f threads=%d %s (%zu nonzeros), max err %.1e\n", M,
+              K, d, threads, variant_info(static_cast<Variant>(variant)).name, nnz, err);
   for (int mode = 0; mode < kModes; ++mode) {
     std::sort(ts[mode].begin(), ts[mode].end());
     const double t = ts[mode][ts[mode].size() / 2];
