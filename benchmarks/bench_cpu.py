@@ -52,7 +52,6 @@ from benchmarks import bench_linear as BL
 from sparsekit.bench import harness as H
 from sparsekit.formats import BSRMatrix, CSRMatrix
 from sparsekit.kernels import get_backend, require_compiled
-from sparsekit.kernels.cpp import bound_matrix
 from sparsekit.threads import get_num_threads
 from sparsekit.timing import Stats, measure_alternating, measure_interleaved
 
@@ -171,7 +170,7 @@ class Cache:
             if ("gather",) + key in st:
                 g = st[("gather",) + key]
                 self.sparse[key]["gather_s"] = g.median_s
-                fetch = BL.probe_fetch(bound_matrix(mat))[0]
+                fetch = BL.x_fetch(self.sparse[key]["variant"])  # as the probe fetched it
                 self.sparse[key]["gather_fetch"] = fetch
                 self.log(f"    gather probe ({fetch}) of the same column ids: "
                          f"{g.median_s * 1e3:.3f} ms "

@@ -150,7 +150,7 @@ def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str, read_probe: 
         probe_out = torch.empty(mat.shape[0])
         x32 = x.float().contiguous()
         half, third = n // 2, n // 3
-        fetch = [probe_fetch(bm) for bm in bms]
+        fetch = [probe_fetch(m) for m in mats]
 
         # probe_out and x are bound as defaults so they live as long as the functions using them
         def read(i: int, probe_out: torch.Tensor = probe_out) -> None:
@@ -166,18 +166,22 @@ def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str, read_probe: 
     return (lambda i: be.linear(mats[i % n], x, None, out)), read, gather
 
 
-_ISA_CODE = {"generic": 0, "avx2": 1, "avx512": 2}
+def x_fetch(variant: str) -> str:
+    """How the N = 1 kernel ``variant`` (a planned name as ``CppBackend.variant`` gives it,
+    optionally ``@<isa>``) fetches x: ``"assemble"`` for ``csr_spmv_assemble``, else
+    ``"gather"``."""
+    return "assemble" if variant.partition("@")[0] == "csr_spmv_assemble" else "gather"
 
 
-def probe_fetch(bm: Any) -> tuple[str, int]:
-    """``(fetch, isa_code)`` for ``BoundMatrix.gather_probe``: how the N = 1 plan of ``bm``
-    fetches x (``"assemble"`` for ``csr_spmv_assemble``, else ``"gather"``) and the ISA build
-    it runs."""
-    from sparsekit import _C
+def probe_fetch(mat: Any) -> tuple[str, int]:
+    """``(fetch, isa_code)`` for ``BoundMatrix.gather_probe``: how the N = 1 plan of ``mat``
+    fetches x (:func:`x_fetch`) and the ISA build it runs (-1: the matrix's own)."""
+    from sparsekit.kernels import get_backend
+    from sparsekit.kernels.planner import _ISA_CODE
 
-    names = {v["id"]: v["name"] for v in _C.cpu_variants()}
-    fetch = "assemble" if names.get(bm.get_variant(0)) == "csr_spmv_assemble" else "gather"
-    return fetch, _ISA_CODE[bm.get_isa(0)]
+    variant = get_backend("cpp").variant(mat, 1)
+    isa = variant.partition("@")[2]
+    return x_fetch(variant), _ISA_CODE[isa] if isa else -1
 
 
 def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, H.Stats]:
