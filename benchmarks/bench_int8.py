@@ -3,7 +3,12 @@
 One run measures, for each shape / sparsity / batch, with weights rotated through enough copies
 to exceed twice the last-level cache (so every call streams its weights from DRAM):
 
-* ``dense_fp32``: the fastest of ``F.linear`` and ``x @ W.T`` on a pre-transposed weight;
+* ``dense_fp32``: the fastest of every fp32 dense contender of
+  :func:`sparsekit.bench.baselines.dense_contenders` (``F.linear``, ``torch.matmul`` on a
+  pre-transposed weight, oneDNN and MKL packed weights where torch has them, numpy's BLAS);
+  numpy is timed alone against the fastest of the others in alternating blocks, as
+  ``bench_cpu.py`` does (its BLAS threads keep spinning after each call), and its ratio carried
+  into the rounds;
 * ``dense_int8``: ``torch.ao.quantization.quantize_dynamic`` int8 ``nn.Linear`` (FBGEMM/oneDNN);
 * ``sparse_f32_u16``, ``sparse_bf16_u16``, ``sparse_bf16_d8``, ``sparse_i8_d8``: sparsekit CSR.
 
@@ -21,13 +26,17 @@ import json
 import math
 import os
 import platform
+import statistics
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sparsekit.bench.baselines import dense_contenders
 from sparsekit.bench.machine import machine_info
-from sparsekit.timing import measure_interleaved
+from sparsekit.timing import measure_alternating, measure_interleaved
+
+# numpy's BLAS timed alone against the fastest in-round dense path: blocks, idle seconds before each
+BRACKET_BLOCKS, BRACKET_SETTLE_S = 5, 0.3
 
 
 def _llc_bytes() -> int:
@@ -48,6 +57,17 @@ def _time_round_robin(variants: dict[str, list], x: torch.Tensor, reps: int) -> 
     passes = {k: (lambda i, fns=fns: one_pass(fns)) for k, fns in variants.items()}
     st = measure_interleaved(passes, warmup=1, min_reps=reps, max_reps=reps, min_time_s=0)
     return {k: st[k].median_s / len(variants[k]) for k in variants}
+
+
+def _bracket_alone(fn, ref_fn, ncopies: int) -> dict:
+    """Median per-call time ratio of ``fn`` to ``ref_fn`` (each ``f(i)`` on copy ``i % ncopies``),
+    both timed alone in alternating blocks after idle gaps, so neither inherits the other's
+    spinning threads; the blocks pair times taken seconds apart on a drifting machine."""
+    blocks = measure_alternating({"alone": fn, "ref": ref_fn}, blocks=BRACKET_BLOCKS,
+                                 settle_s=BRACKET_SETTLE_S, min_reps=max(3, ncopies),
+                                 min_time_s=0.2)
+    ratios = [a.median_s / r.median_s for a, r in zip(blocks["alone"], blocks["ref"])]
+    return {"ratio": float(statistics.median(ratios)), "block_ratios": ratios}
 
 
 def _copies(nbytes: int, llc: int, cap: int = 4096) -> int:
@@ -93,9 +113,6 @@ def main() -> None:
             dense_bytes = M * K * 4
             nd = _copies(dense_bytes, llc)
             dense_w = [w.clone() for _ in range(nd)]
-            dense_wt = [d.t().contiguous() for d in dense_w]
-            variants["dense_fp32_linear"] = [lambda x, d=d: F.linear(x, d) for d in dense_w]
-            variants["dense_fp32_matmul_t"] = [lambda x, d=d: x @ d for d in dense_wt]
             lin = nn.Linear(K, M, bias=False)
             with torch.no_grad():
                 lin.weight.copy_(w)
@@ -103,7 +120,6 @@ def main() -> None:
                 nn.Sequential(copy_lin(lin)), {nn.Linear}, dtype=torch.qint8)
                 for _ in range(_copies(M * K, llc))]
             variants["dense_int8_qdynamic"] = [lambda x, q=q: q(x) for q in qlins]
-            del dense_w
             specs = {
                 "sparse_f32_u16": dict(value_dtype=torch.float32, index_encoding="plain"),
                 "sparse_bf16_u16": dict(value_dtype=torch.bfloat16, index_encoding="plain"),
@@ -113,8 +129,7 @@ def main() -> None:
             }
             nbytes = {}
             mats_of: dict[str, list] = {}
-            rotated_bytes = {"dense_fp32_linear": nd * dense_bytes,
-                             "dense_fp32_matmul_t": nd * dense_bytes,
+            rotated_bytes = {"dense_fp32": nd * dense_bytes,
                              "dense_int8_qdynamic": len(qlins) * M * K}
             for name, kw in specs.items():
                 m0 = CSRMatrix.from_dense(w, **kw)
@@ -125,11 +140,28 @@ def main() -> None:
                 mats_of[name] = mats
             for N in batches:
                 x = torch.randn(N, K)
-                t = _time_round_robin(variants, x, args.reps if N == 1 else max(3, args.reps // 2))
-                best_dense = min(t["dense_fp32_linear"], t["dense_fp32_matmul_t"])
+                # the fp32 dense contenders, packed for this batch size
+                dense = dense_contenders(dense_w, batch_size=N)
+                in_round = {f"dense_fp32_{k}": [lambda x, f=f, i=i: f(x, i) for i in range(nd)]
+                            for k, f in dense.items() if k != "numpy"}
+                t = _time_round_robin({**in_round, **variants}, x,
+                                      args.reps if N == 1 else max(3, args.reps // 2))
+                bracketed = {}
+                if "numpy" in dense:
+                    ref = min(in_round, key=t.__getitem__)
+                    ref_fn = dense[ref.removeprefix("dense_fp32_")]
+                    b = _bracket_alone(lambda i, f=dense["numpy"], x=x: f(x, i),
+                                       lambda i, f=ref_fn, x=x: f(x, i), nd)
+                    t["dense_fp32_numpy"] = b["ratio"] * t[ref]
+                    bracketed["dense_fp32_numpy"] = {"reference": ref, **b}
+                fp32_dense = [k for k in t if k.startswith("dense_fp32_")]
+                best_name = min(fp32_dense, key=t.__getitem__)
+                best_dense = t[best_name]
                 row = {
                     "shape": [M, K], "sparsity": sparsity, "N": N,
                     "time_s": t, "bytes": nbytes, "rotated_bytes": rotated_bytes,
+                    "best_fp32_dense": best_name, "bracketed": bracketed,
+                    "skipped_dense": dict(dense.skipped),
                     "i8_d8_vs_best_fp32_dense": best_dense / t["sparse_i8_d8"],
                     "i8_d8_vs_int8_dense": t["dense_int8_qdynamic"] / t["sparse_i8_d8"],
                     "bf16_d8_vs_bf16_u16": t["sparse_bf16_u16"] / t["sparse_bf16_d8"],
@@ -148,9 +180,10 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                                   for k, v in row.items()
-                                  if k not in ("time_s", "bytes", "rotated_bytes")}),
+                                  if k not in ("time_s", "bytes", "rotated_bytes", "bracketed")}),
                       flush=True)
-            del variants, qlins, mats_of
+                del dense, in_round
+            del variants, qlins, mats_of, dense_w
     load_end = list(os.getloadavg())
     info = machine_info(args.threads, bandwidth=False)
     info.update({
@@ -162,7 +195,8 @@ def main() -> None:
         "shared_machine": load_start[0] >= 1.0 or load_end[0] > args.threads + 1.0,
         "weights_rotated": not args.resident,
         "quantized_engine": torch.backends.quantized.engine,
-        "timing": "round-robin: one pass over each variant's rotated copies per round, median",
+        "timing": "round-robin: one pass over each variant's rotated copies per round, median; "
+                  "numpy's BLAS bracketed alone against the fastest in-round fp32 dense path",
     })
     res = {"machine": info, "results": rows}
     if args.out:

@@ -286,3 +286,37 @@ def test_bench_cpu_carries_a_contender_timed_apart_into_the_rounds(monkeypatch):
     st = bench_cpu.scaled_stats(rounds[b["reference"]], b["ratio"])
     assert st.median_s == pytest.approx(5.0 * b["ratio"]) and st.reps == 7
     assert st.p10_s == pytest.approx(4.0 * b["ratio"]) and st.min_s == pytest.approx(3 * b["ratio"])
+
+
+def test_bench_int8_races_every_fp32_dense_contender(monkeypatch, tmp_path):
+    """``bench_int8``: the fp32 baseline is the fastest of all dense contenders, numpy's BLAS
+    carried into the rounds by its ratio to the fastest in-round path (timed alone), and every
+    ratio of a row is computed from that row's times."""
+    import sys
+
+    from benchmarks import bench_int8
+
+    monkeypatch.setattr(bench_int8, "BRACKET_SETTLE_S", 0.0)
+    monkeypatch.setenv("SPARSEKIT_NUM_THREADS", "1")  # main() sets it; restored afterwards
+    out = tmp_path / "int8.json"
+    monkeypatch.setattr(sys, "argv", ["bench_int8", "--quick", "--resident", "--shapes", "48x80",
+                                      "--reps", "2", "--threads", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        bench_int8.main()
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["sparsity"] for r in rows] == [0.9, 0.7]
+    for r in rows:
+        t = r["time_s"]
+        dense = {k: v for k, v in t.items() if k.startswith("dense_fp32_")}
+        assert {"dense_fp32_F.linear", "dense_fp32_torch.matmul"} <= set(dense), dense
+        assert r["best_fp32_dense"] == min(dense, key=dense.__getitem__)
+        if "dense_fp32_numpy" in dense:
+            b = r["bracketed"]["dense_fp32_numpy"]
+            assert b["reference"] in dense and len(b["block_ratios"]) == bench_int8.BRACKET_BLOCKS
+            assert dense["dense_fp32_numpy"] == pytest.approx(b["ratio"] * t[b["reference"]])
+        assert r["i8_d8_vs_best_fp32_dense"] == pytest.approx(
+            dense[r["best_fp32_dense"]] / t["sparse_i8_d8"])
+        assert set(r["kernel_variants"]) == {k for k in t if k.startswith("sparse_")}

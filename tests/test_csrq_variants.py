@@ -82,7 +82,8 @@ def test_gap_coded_and_float_values_run_the_gather_variants(isa):
         assert mat.indices.dtype == torch.uint8
         bm = _bound(mat, isa)
         x = random_x((2, 900), seed=4)
-        for variant in ("csrq_rows2", "csrq_row1") if isa != "generic" else ("csrq_rows2",):
+        for variant in (("csrq_rows2", "csrq_row1", "csrq_assemble") if isa != "generic"
+                        else ("csrq_rows2",)):
             assert_close_to_reference(_run(bm, x, 21, variant), x, mat.to_dense(),
                                       msg=f"{variant} {isa} {vdt}")
         with pytest.raises(ValueError,

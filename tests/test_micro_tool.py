@@ -69,3 +69,35 @@ def _run_checked(micro: Path, args: list[str]) -> None:
 def test_kernel_micro_rejects_bad_usage(micro):
     r = subprocess.run([str(micro), "nonsense"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def q_micro(tmp_path_factory) -> Path:
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path_factory.mktemp("q_micro")
+    env = dict(os.environ, ISA=_isa(), OUT=str(out), SRC=str(ROOT / "benchmarks/micro/q_micro.cpp"))
+    r = subprocess.run(["bash", str(ROOT / "benchmarks/micro/build.sh"), "-O1"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"q_micro build failed:\n{r.stderr[-4000:]}"
+    return out / "q_micro"
+
+
+@pytest.mark.parametrize("coding", ["u16", "d8"])
+def test_q_micro_alternates_the_variants_it_is_given(q_micro, coding):
+    """Several ``v=`` ids are timed in one process and each is checked against float64."""
+    r = subprocess.run([str(q_micro), "40", "2000", "0.3", "2", "warm", coding, "i8",
+                        "v=12,13,17"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [re.search(r" v=(\d+) ", ln).group(1) for ln in lines] == ["12", "13", "17"], r.stdout
+    for ln in lines:
+        assert float(re.search(r"max rel err ([0-9.e+-]+)", ln).group(1)) < 1e-4, ln
+
+
+def test_q_micro_rejects_a_bad_variant_list(q_micro):
+    r = subprocess.run([str(q_micro), "40", "2000", "0.3", "1", "warm", "v=12,x"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert re.search(r"v: expected variant ids in \[0, \d+\) separated by commas, got '12,x'",
+                     r.stderr), r.stderr

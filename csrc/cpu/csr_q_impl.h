@@ -7,9 +7,10 @@
 // escape entries (gap 255, value 0), so the kernels never branch on them.
 //
 // Strategy: y[n][m] = scale[m] * sum_j v[j] * x_n[col(j)] + bias[m]. Threads own nnz-balanced
-// row ranges; each row is one pass over (indices, values) per vector with gathers of x, the
-// int8 -> fp32 widening and the gap prefix sum done in registers (simd.h), so the bytes read per
-// nonzero are 1 (gap) + 1 (int8) instead of 2 + 4. Meant for small N (SpMV): for larger N the
+// row ranges; each row is one pass over (indices, values) per vector with gathers of x (or, in
+// csrq_assemble, x assembled from scalar loads: hardware gathers are microcoded on AMD cores),
+// the int8 -> fp32 widening and the gap prefix sum done in registers (simd.h), so the bytes read
+// per nonzero are 1 (gap) + 1 (int8) instead of 2 + 4. Meant for small N (SpMV): for larger N the
 // caller decodes once to the float/plain format and runs the tiled kernels.
 //
 // Bitmap variant (Variant::CsrqBitmap, int8 values with plain indices): the columns of row m
@@ -35,6 +36,41 @@ inline int64_t scalar_col(int32_t i, int64_t) { return i; }
 inline float q_to_f32(int8_t v) { return static_cast<float>(v); }
 template <class VT> inline float q_to_f32(VT v) { return to_f32(v); }
 
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// x at the W columns `cols` of stored entries [idx, idx + W): one hardware gather, or (kAssemble)
+// W scalar loads, of column ids read straight from the index array when it holds them (plain
+// coding) or from a stack copy of the decoded columns (gap coding; the vector store forwards to
+// the scalar index loads).
+template <bool kAssemble, class IT>
+inline typename Vec::T q_fetch(const float* x, const IT* idx, IdxV cols) {
+  if constexpr (!kAssemble) {
+    (void)idx;
+    return q_gather(x, cols);
+  } else if constexpr (std::is_same<IT, uint8_t>::value) {
+    alignas(64) int32_t c[Vec::W];
+    idx_store(c, cols);
+    return Vec::assemble(x, c);
+  } else {
+    (void)cols;
+    return Vec::assemble(x, idx);
+  }
+}
+#endif
+#if defined(SPARSEKIT_ISA_AVX512)
+// The masked tail's x: n < W valid lanes of `cols` (q_cols_n: the lanes beyond repeat a valid
+// column), the rest zero.
+template <bool kAssemble>
+inline __m512 q_fetch_n(const float* x, IdxV cols, int n) {
+  if constexpr (!kAssemble) {
+    return q_gather_n(x, cols, n);
+  } else {
+    alignas(64) int32_t c[Vec::W];
+    idx_store(c, cols);
+    return q_keep_n(Vec::assemble(x, c), n);
+  }
+}
+#endif
+
 // Contract (micro-kernel). Returns sum_{j in [j0, e)} v(val[j]) * x[col(j)] in fp32 for one row,
 // unscaled (the driver multiplies by the row's scale). col(j) is idx[j] for IT uint16_t / int32_t;
 // for IT uint8_t (gap coding) it is the running sum of the gaps idx[j0..j], so j0 (the argument j)
@@ -44,8 +80,9 @@ template <class VT> inline float q_to_f32(VT v) { return to_f32(v); }
 // when the matrix was built). Reads exactly [j0, e) of idx and val (the prefetches may name
 // addresses beyond e). No allocation, no state. Cost: O(e - j0); steps of 4W stored entries (4
 // gathers in flight, 2 gap-decode chains), then 2W, W, and the tail (masked on AVX-512, scalar
-// elsewhere), so the edges are lengths around W, 2W and 4W.
-template <class VT, class IT>
+// elsewhere), so the edges are lengths around W, 2W and 4W. kAssemble: x is assembled from W
+// scalar loads per vector instead of gathered (q_fetch), same steps and tails.
+template <bool kAssemble, class VT, class IT>
 inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e, const float* x) {
   int64_t col = 0;
   float sum = 0.f;
@@ -58,10 +95,10 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
     IdxV c0, c1, c2, c3;
     q_cols2(idx + j, carry, c0, c1);
     q_cols2(idx + j + 2 * W, carry, c2, c3);
-    a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
-    a1 = Vec::fma(q_vals(val + j + W), q_gather(x, c1), a1);
-    a2 = Vec::fma(q_vals(val + j + 2 * W), q_gather(x, c2), a2);
-    a3 = Vec::fma(q_vals(val + j + 3 * W), q_gather(x, c3), a3);
+    a0 = Vec::fma(q_vals(val + j), q_fetch<kAssemble>(x, idx + j, c0), a0);
+    a1 = Vec::fma(q_vals(val + j + W), q_fetch<kAssemble>(x, idx + j + W, c1), a1);
+    a2 = Vec::fma(q_vals(val + j + 2 * W), q_fetch<kAssemble>(x, idx + j + 2 * W, c2), a2);
+    a3 = Vec::fma(q_vals(val + j + 3 * W), q_fetch<kAssemble>(x, idx + j + 3 * W, c3), a3);
   }
   a0 = Vec::add(a0, a2);
   a1 = Vec::add(a1, a3);
@@ -69,19 +106,19 @@ inline float q_row_dot(const IT* idx, const VT* val, int64_t j, const int64_t e,
     prefetch_stream<2 * W>(val, idx, j);
     IdxV c0, c1;
     q_cols2(idx + j, carry, c0, c1);
-    a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
-    a1 = Vec::fma(q_vals(val + j + W), q_gather(x, c1), a1);
+    a0 = Vec::fma(q_vals(val + j), q_fetch<kAssemble>(x, idx + j, c0), a0);
+    a1 = Vec::fma(q_vals(val + j + W), q_fetch<kAssemble>(x, idx + j + W, c1), a1);
   }
   if (j + W <= e) {
     const auto c0 = q_cols(idx + j, carry);
-    a0 = Vec::fma(q_vals(val + j), q_gather(x, c0), a0);
+    a0 = Vec::fma(q_vals(val + j), q_fetch<kAssemble>(x, idx + j, c0), a0);
     j += W;
   }
 #if defined(SPARSEKIT_ISA_AVX512)
   if (j < e) {
     const int n = static_cast<int>(e - j);
     const auto c0 = q_cols_n(idx + j, n, carry);
-    a1 = Vec::fma(q_vals_n(val + j, n), q_gather_n(x, c0, n), a1);
+    a1 = Vec::fma(q_vals_n(val + j, n), q_fetch_n<kAssemble>(x, c0, n), a1);
     j = e;
   }
 #endif
@@ -206,34 +243,34 @@ inline QRowState q_row_begin(int64_t s, int64_t e) {
 }
 
 // 2W stored entries of one row; needs r.j + 2W <= r.e.
-template <class VT, class IT>
+template <bool kAssemble, class VT, class IT>
 inline void q_row_step(const IT* idx, const VT* val, QRowState& r, const float* x) {
   constexpr int W = Vec::W;
   prefetch_stream<2 * W>(val, idx, r.j);
   IdxV c0, c1;
   q_cols2(idx + r.j, r.carry, c0, c1);
-  r.a0 = Vec::fma(q_vals(val + r.j), q_gather(x, c0), r.a0);
-  r.a1 = Vec::fma(q_vals(val + r.j + W), q_gather(x, c1), r.a1);
+  r.a0 = Vec::fma(q_vals(val + r.j), q_fetch<kAssemble>(x, idx + r.j, c0), r.a0);
+  r.a1 = Vec::fma(q_vals(val + r.j + W), q_fetch<kAssemble>(x, idx + r.j + W, c1), r.a1);
   r.j += 2 * W;
 }
 
 // The rest of the row after the interleaved steps (fewer than 2W entries once the partner row
 // is done, or more for the longer row): 2W steps, one W step, the masked (AVX-512) or scalar
 // tail, then the horizontal sum.
-template <class VT, class IT>
+template <bool kAssemble, class VT, class IT>
 inline float q_row_finish(const IT* idx, const VT* val, QRowState& r, const float* x) {
   constexpr int W = Vec::W;
-  while (r.j + 2 * W <= r.e) q_row_step(idx, val, r, x);
+  while (r.j + 2 * W <= r.e) q_row_step<kAssemble>(idx, val, r, x);
   if (r.j + W <= r.e) {
     const auto c0 = q_cols(idx + r.j, r.carry);
-    r.a0 = Vec::fma(q_vals(val + r.j), q_gather(x, c0), r.a0);
+    r.a0 = Vec::fma(q_vals(val + r.j), q_fetch<kAssemble>(x, idx + r.j, c0), r.a0);
     r.j += W;
   }
 #if defined(SPARSEKIT_ISA_AVX512)
   if (r.j < r.e) {
     const int n = static_cast<int>(r.e - r.j);
     const auto c0 = q_cols_n(idx + r.j, n, r.carry);
-    r.a1 = Vec::fma(q_vals_n(val + r.j, n), q_gather_n(x, c0, n), r.a1);
+    r.a1 = Vec::fma(q_vals_n(val + r.j, n), q_fetch_n<kAssemble>(x, c0, n), r.a1);
     r.j = r.e;
   }
 #endif
@@ -255,29 +292,32 @@ inline float q_row_finish(const IT* idx, const VT* val, QRowState& r, const floa
 // nonzeros, so each row's horizontal sum, tail and gap-carry chain are a large share of its
 // time; stepping two independent rows in lockstep (2W entries of each per step: 4 gathers and
 // two gap-decode chains in flight) overlaps one row's serial parts with the other's work.
-template <class VT, class IT>
+// kAssemble: x assembled from scalar loads (q_fetch), as q_row_dot.
+template <bool kAssemble, class VT, class IT>
 inline void q_rows2_dot(const IT* idx, const VT* val, int64_t s0, int64_t e0, int64_t s1,
                         int64_t e1, const float* x, float& d0, float& d1) {
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   constexpr int W = Vec::W;
   QRowState r0 = q_row_begin(s0, e0), r1 = q_row_begin(s1, e1);
   while (r0.j + 2 * W <= r0.e && r1.j + 2 * W <= r1.e) {
-    q_row_step(idx, val, r0, x);
-    q_row_step(idx, val, r1, x);
+    q_row_step<kAssemble>(idx, val, r0, x);
+    q_row_step<kAssemble>(idx, val, r1, x);
   }
-  d0 = q_row_finish(idx, val, r0, x);
-  d1 = q_row_finish(idx, val, r1, x);
+  d0 = q_row_finish<kAssemble>(idx, val, r0, x);
+  d1 = q_row_finish<kAssemble>(idx, val, r1, x);
 #else
-  d0 = q_row_dot<VT, IT>(idx, val, s0, e0, x);
-  d1 = q_row_dot<VT, IT>(idx, val, s1, e1, x);
+  d0 = q_row_dot<kAssemble, VT, IT>(idx, val, s0, e0, x);
+  d1 = q_row_dot<kAssemble, VT, IT>(idx, val, s1, e1, x);
 #endif
 }
 
 // Kernel choice of csrq_linear_t (SpmmParams::variant, variants.h): Auto and CsrqRows2 = rows in
-// pairs (q_rows2_dot), CsrqRow1 = one row at a time (q_row_dot), CsrqBitmap = q_row_bitmap_dot
-// over SpmmParams::bitmap (int8 values, plain indices; the index array is not read),
-// CsrqBitmapVnni = q_row_bitmap_dot_vnni over the same bitmap and SpmmParams::bitmap_row_sums.
+// pairs (q_rows2_dot), CsrqRow1 = one row at a time (q_row_dot), CsrqAssemble = rows in pairs
+// with x assembled from scalar loads (q_rows2_dot<true>), CsrqBitmap = q_row_bitmap_dot over
+// SpmmParams::bitmap (int8 values, plain indices; the index array is not read), CsrqBitmapVnni =
+// q_row_bitmap_dot_vnni over the same bitmap and SpmmParams::bitmap_row_sums.
 constexpr int kQRow1 = static_cast<int>(Variant::CsrqRow1);
+constexpr int kQAssemble = static_cast<int>(Variant::CsrqAssemble);
 constexpr int kQBitmap = static_cast<int>(Variant::CsrqBitmap);
 constexpr int kQBitmapVnni = static_cast<int>(Variant::CsrqBitmapVnni);
 
@@ -326,6 +366,7 @@ void csrq_linear_t(const SpmmParams& p) {
   const float* x = xr.x;
   const int64_t ldx = xr.ldx;
   const bool pairs = p.variant != kQRow1;
+  const bool assemble = p.variant == kQAssemble;
   const bool vnni = p.variant == kQBitmapVnni;
   const bool bitmap = p.variant == kQBitmap || vnni;
   if (bitmap && (p.bitmap == nullptr || !std::is_same<VT, int8_t>::value ||
@@ -380,7 +421,10 @@ void csrq_linear_t(const SpmmParams& p) {
         const int64_t e1 = static_cast<int64_t>(indptr[m + 2]);
         for (int64_t n = 0; n < p.N; ++n) {  // the two rows stay in L1 across the vectors
           float d0, d1;
-          q_rows2_dot<VT, IT>(idx, val, s0, s1, s1, e1, x + n * ldx, d0, d1);
+          if (assemble)
+            q_rows2_dot<true, VT, IT>(idx, val, s0, s1, s1, e1, x + n * ldx, d0, d1);
+          else
+            q_rows2_dot<false, VT, IT>(idx, val, s0, s1, s1, e1, x + n * ldx, d0, d1);
           finish(n, m, d0);
           finish(n, m + 1, d1);
         }
@@ -388,7 +432,9 @@ void csrq_linear_t(const SpmmParams& p) {
     }
     for (; m < r1; ++m) {
       const int64_t s = static_cast<int64_t>(indptr[m]), e = static_cast<int64_t>(indptr[m + 1]);
-      for (int64_t n = 0; n < p.N; ++n) finish(n, m, q_row_dot<VT, IT>(idx, val, s, e, x + n * ldx));
+      for (int64_t n = 0; n < p.N; ++n)
+        finish(n, m, assemble ? q_row_dot<true, VT, IT>(idx, val, s, e, x + n * ldx)
+                              : q_row_dot<false, VT, IT>(idx, val, s, e, x + n * ldx));
     }
   };
   parallel_row_chunks(threads, indptr, p.M, chunk, rows);

@@ -394,6 +394,11 @@ inline __m512 q_gather(const float* x, __m512i cols) { return _mm512_i32gather_p
 inline __m512 q_gather_n(const float* x, __m512i cols, int n) {
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), Vec::mask(n), cols, x, 4);
 }
+// Decoded columns to memory, for the scalar-load assembly of x (csrq_assemble).
+inline void idx_store(int32_t* p, IdxV cols) { _mm512_storeu_si512(p, cols); }
+// v with lanes n and above zeroed (n < W): a masked tail's x lanes, so an inf or NaN at the
+// repeated column never meets the zero values of those lanes.
+inline __m512 q_keep_n(__m512 v, int n) { return _mm512_maskz_mov_ps(Vec::mask(n), v); }
 // Float-value bitmap expansion (ukernel_csr_spmv.h, spmv_bitmap): lane t is the next stored
 // value (as fp32) when bit t of m16 is set, else 0; reads exactly popcount(m16) values at p
 // (expand-loads and masked loads touch nothing beyond them) and advances p past them.
@@ -524,6 +529,7 @@ inline __m256i q_cols(const uint8_t* p, IdxV& carry) {
 }
 template <class I> inline __m256i q_cols(const I* p, IdxV&) { return Vec::load_idx(p); }
 inline __m256 q_gather(const float* x, __m256i cols) { return _mm256_i32gather_ps(x, cols, 4); }
+inline void idx_store(int32_t* p, IdxV cols) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), cols); }
 // Byte-shuffle controls of the AVX2 bitmap expansion: byte t of entry m is the rank of bit t
 // among the set bits of m, or 0x80 (pshufb writes 0) where bit t is clear.
 struct Expand8Table {

@@ -560,19 +560,23 @@ void q_case(int64_t L, int64_t K, bool last, int pad, float scale) {
   }
   std::vector<float> x(static_cast<size_t>(K));
   for (auto& f : x) f = rnd_mag();
-  // Scaled as csrq_linear_t does (scale after the dot product).
-  const float got = q_row_dot<VT, IT>(idx.data(), val.data(), p, p + n, x.data()) * scale;
   double ref = 0, mag = 0;
   for (int64_t j = 0; j < n; ++j) {
     const double t = Val<VT>::dec(sval[static_cast<size_t>(j)]) * x[static_cast<size_t>(scol[static_cast<size_t>(j)])];
     ref += t;
     mag += std::fabs(t);
   }
-  char what[256];
-  std::snprintf(what, sizeof what, "q_row_dot %s/%s L=%lld stored=%lld K=%lld pad=%d",
-                Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L),
-                static_cast<long long>(n), static_cast<long long>(K), pad);
-  check(got, ref * scale, tol_sum(n, mag) * std::fabs(scale) + 1e-30, what);
+  for (int fetch = 0; fetch < 2; ++fetch) {  // x gathered, then assembled (csrq_assemble)
+    // Scaled as csrq_linear_t does (scale after the dot product).
+    const float got = (fetch ? q_row_dot<true, VT, IT>(idx.data(), val.data(), p, p + n, x.data())
+                             : q_row_dot<false, VT, IT>(idx.data(), val.data(), p, p + n, x.data())) *
+                      scale;
+    char what[256];
+    std::snprintf(what, sizeof what, "q_row_dot<%s> %s/%s L=%lld stored=%lld K=%lld pad=%d",
+                  fetch ? "assemble" : "gather", Val<VT>::name(), idx_name<IT>(),
+                  static_cast<long long>(L), static_cast<long long>(n), static_cast<long long>(K), pad);
+    check(got, ref * scale, tol_sum(n, mag) * std::fabs(scale) + 1e-30, what);
+  }
 }
 
 template <class VT, class IT>
@@ -746,15 +750,20 @@ void q_pair_case(int64_t L0, int64_t L1, int64_t K, int pad) {
   const int64_t end = static_cast<int64_t>(idx.size());
   idx.resize(static_cast<size_t>(end + pad), IT(0));
   val.resize(static_cast<size_t>(end + pad), Val<VT>::nan());
-  float d0 = 0, d1 = 0;
-  q_rows2_dot<VT, IT>(idx.data(), val.data(), pad, mid, mid, end, x.data(), d0, d1);
-  char what[256];
-  std::snprintf(what, sizeof what, "q_rows2_dot %s/%s L0=%lld L1=%lld K=%lld row 0",
-                Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L0),
-                static_cast<long long>(L1), static_cast<long long>(K));
-  check(d0, ref0, tol_sum(mid - pad, mag0) + 1e-30, what);
-  what[std::strlen(what) - 1] = '1';
-  check(d1, ref1, tol_sum(end - mid, mag1) + 1e-30, what);
+  for (int fetch = 0; fetch < 2; ++fetch) {  // x gathered, then assembled (csrq_assemble)
+    float d0 = 0, d1 = 0;
+    if (fetch)
+      q_rows2_dot<true, VT, IT>(idx.data(), val.data(), pad, mid, mid, end, x.data(), d0, d1);
+    else
+      q_rows2_dot<false, VT, IT>(idx.data(), val.data(), pad, mid, mid, end, x.data(), d0, d1);
+    char what[256];
+    std::snprintf(what, sizeof what, "q_rows2_dot<%s> %s/%s L0=%lld L1=%lld K=%lld row 0",
+                  fetch ? "assemble" : "gather", Val<VT>::name(), idx_name<IT>(),
+                  static_cast<long long>(L0), static_cast<long long>(L1), static_cast<long long>(K));
+    check(d0, ref0, tol_sum(mid - pad, mag0) + 1e-30, what);
+    what[std::strlen(what) - 1] = '1';
+    check(d1, ref1, tol_sum(end - mid, mag1) + 1e-30, what);
+  }
 }
 
 template <class VT, class IT>
@@ -769,6 +778,54 @@ void q_pair_types() {
   q_pair_case<VT, IT>(300, 1, sizeof(IT) == 2 ? 65536 : 70001, 2);
 }
 
+// Tails with an infinite x where a masked tail's unused lanes look: column 0 (not stored; plain
+// ids load as 0 there) and the last stored column (gap coding repeats it). The sum must be the
+// stored entries' (+-inf when the last column's x is inf), never the NaN of 0 * inf. Lengths
+// cover every tail after one and two full vectors; both fetches, one row and a row pair.
+template <class VT, class IT>
+void q_tail_inf_cases() {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t L = 1; L <= 2 * W + W - 1; ++L)
+    for (int at_last = 0; at_last < 2; ++at_last) {
+      const int64_t K = 2 * L + 2;
+      std::vector<IT> idx;
+      std::vector<VT> val;
+      std::vector<float> x(static_cast<size_t>(K));
+      for (auto& f : x) f = rnd_mag();
+      int64_t prev = 0;
+      double ref = 0, mag = 0;
+      for (int64_t i = 0; i < L; ++i) {  // columns 1, 3, 5, ...: gaps 1 then 2, no escapes
+        const int64_t k = 2 * i + 1;
+        idx.push_back(static_cast<IT>(std::is_same<IT, uint8_t>::value ? k - prev : k));
+        prev = k;
+        val.push_back(Val<VT>::make());
+      }
+      x[at_last ? static_cast<size_t>(prev) : 0] = inf;
+      for (int64_t i = 0; i < L; ++i) {
+        const double t = Val<VT>::dec(val[static_cast<size_t>(i)]) * x[static_cast<size_t>(2 * i + 1)];
+        ref += t;
+        mag += std::isinf(t) ? 0.0 : std::fabs(t);
+      }
+      // one copy of the row, then the row again as the second of a pair after an empty row
+      for (int fetch = 0; fetch < 2; ++fetch) {
+        float got = fetch ? q_row_dot<true, VT, IT>(idx.data(), val.data(), 0, L, x.data())
+                          : q_row_dot<false, VT, IT>(idx.data(), val.data(), 0, L, x.data());
+        float d0 = 1.f, d1 = 0.f;
+        if (fetch) q_rows2_dot<true, VT, IT>(idx.data(), val.data(), 0, 0, 0, L, x.data(), d0, d1);
+        else q_rows2_dot<false, VT, IT>(idx.data(), val.data(), 0, 0, 0, L, x.data(), d0, d1);
+        char what[160];
+        std::snprintf(what, sizeof what, "q tail, inf x at %s, <%s> %s/%s L=%lld",
+                      at_last ? "the last column" : "column 0", fetch ? "assemble" : "gather",
+                      Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L));
+        for (float g : {got, d1}) {
+          if (std::isinf(ref)) check(g == ref ? 0.0 : 1.0, 0.0, 0.0, what);
+          else check(g, ref, tol_sum(L, mag), what);
+        }
+        check(d0, 0.0, 0.0, what);
+      }
+    }
+}
+
 template <class VT>
 void q_index_types() {
   q_types<VT, uint16_t>();
@@ -777,6 +834,9 @@ void q_index_types() {
   q_pair_types<VT, uint16_t>();
   q_pair_types<VT, int32_t>();
   q_pair_types<VT, uint8_t>();
+  q_tail_inf_cases<VT, uint16_t>();
+  q_tail_inf_cases<VT, int32_t>();
+  q_tail_inf_cases<VT, uint8_t>();
 }
 
 // q_row_bitmap_dot (and the VBMI2 version where the CPU has it) on one row of K columns whose
