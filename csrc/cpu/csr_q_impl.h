@@ -243,34 +243,34 @@ inline QRowState q_row_begin(int64_t s, int64_t e) {
 }
 
 // 2W stored entries of one row; needs r.j + 2W <= r.e.
-template <bool kAssemble, class VT, class IT>
+template <class VT, class IT>
 inline void q_row_step(const IT* idx, const VT* val, QRowState& r, const float* x) {
   constexpr int W = Vec::W;
   prefetch_stream<2 * W>(val, idx, r.j);
   IdxV c0, c1;
   q_cols2(idx + r.j, r.carry, c0, c1);
-  r.a0 = Vec::fma(q_vals(val + r.j), q_fetch<kAssemble>(x, idx + r.j, c0), r.a0);
-  r.a1 = Vec::fma(q_vals(val + r.j + W), q_fetch<kAssemble>(x, idx + r.j + W, c1), r.a1);
+  r.a0 = Vec::fma(q_vals(val + r.j), q_gather(x, c0), r.a0);
+  r.a1 = Vec::fma(q_vals(val + r.j + W), q_gather(x, c1), r.a1);
   r.j += 2 * W;
 }
 
 // The rest of the row after the interleaved steps (fewer than 2W entries once the partner row
 // is done, or more for the longer row): 2W steps, one W step, the masked (AVX-512) or scalar
 // tail, then the horizontal sum.
-template <bool kAssemble, class VT, class IT>
+template <class VT, class IT>
 inline float q_row_finish(const IT* idx, const VT* val, QRowState& r, const float* x) {
   constexpr int W = Vec::W;
-  while (r.j + 2 * W <= r.e) q_row_step<kAssemble>(idx, val, r, x);
+  while (r.j + 2 * W <= r.e) q_row_step(idx, val, r, x);
   if (r.j + W <= r.e) {
     const auto c0 = q_cols(idx + r.j, r.carry);
-    r.a0 = Vec::fma(q_vals(val + r.j), q_fetch<kAssemble>(x, idx + r.j, c0), r.a0);
+    r.a0 = Vec::fma(q_vals(val + r.j), q_gather(x, c0), r.a0);
     r.j += W;
   }
 #if defined(SPARSEKIT_ISA_AVX512)
   if (r.j < r.e) {
     const int n = static_cast<int>(r.e - r.j);
     const auto c0 = q_cols_n(idx + r.j, n, r.carry);
-    r.a1 = Vec::fma(q_vals_n(val + r.j, n), q_fetch_n<kAssemble>(x, c0, n), r.a1);
+    r.a1 = Vec::fma(q_vals_n(val + r.j, n), q_gather_n(x, c0, n), r.a1);
     r.j = r.e;
   }
 #endif
@@ -292,28 +292,27 @@ inline float q_row_finish(const IT* idx, const VT* val, QRowState& r, const floa
 // nonzeros, so each row's horizontal sum, tail and gap-carry chain are a large share of its
 // time; stepping two independent rows in lockstep (2W entries of each per step: 4 gathers and
 // two gap-decode chains in flight) overlaps one row's serial parts with the other's work.
-// kAssemble: x assembled from scalar loads (q_fetch), as q_row_dot.
-template <bool kAssemble, class VT, class IT>
+template <class VT, class IT>
 inline void q_rows2_dot(const IT* idx, const VT* val, int64_t s0, int64_t e0, int64_t s1,
                         int64_t e1, const float* x, float& d0, float& d1) {
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
   constexpr int W = Vec::W;
   QRowState r0 = q_row_begin(s0, e0), r1 = q_row_begin(s1, e1);
   while (r0.j + 2 * W <= r0.e && r1.j + 2 * W <= r1.e) {
-    q_row_step<kAssemble>(idx, val, r0, x);
-    q_row_step<kAssemble>(idx, val, r1, x);
+    q_row_step(idx, val, r0, x);
+    q_row_step(idx, val, r1, x);
   }
-  d0 = q_row_finish<kAssemble>(idx, val, r0, x);
-  d1 = q_row_finish<kAssemble>(idx, val, r1, x);
+  d0 = q_row_finish(idx, val, r0, x);
+  d1 = q_row_finish(idx, val, r1, x);
 #else
-  d0 = q_row_dot<kAssemble, VT, IT>(idx, val, s0, e0, x);
-  d1 = q_row_dot<kAssemble, VT, IT>(idx, val, s1, e1, x);
+  d0 = q_row_dot<false, VT, IT>(idx, val, s0, e0, x);
+  d1 = q_row_dot<false, VT, IT>(idx, val, s1, e1, x);
 #endif
 }
 
 // Kernel choice of csrq_linear_t (SpmmParams::variant, variants.h): Auto and CsrqRows2 = rows in
-// pairs (q_rows2_dot), CsrqRow1 = one row at a time (q_row_dot), CsrqAssemble = rows in pairs
-// with x assembled from scalar loads (q_rows2_dot<true>), CsrqBitmap = q_row_bitmap_dot over
+// pairs (q_rows2_dot), CsrqRow1 = one row at a time (q_row_dot), CsrqAssemble = one row at a
+// time with x assembled from scalar loads (q_row_dot<true>), CsrqBitmap = q_row_bitmap_dot over
 // SpmmParams::bitmap (int8 values, plain indices; the index array is not read), CsrqBitmapVnni =
 // q_row_bitmap_dot_vnni over the same bitmap and SpmmParams::bitmap_row_sums.
 constexpr int kQRow1 = static_cast<int>(Variant::CsrqRow1);
@@ -365,8 +364,8 @@ void csrq_linear_t(const SpmmParams& p) {
   const XRowsF32 xr(p);
   const float* x = xr.x;
   const int64_t ldx = xr.ldx;
-  const bool pairs = p.variant != kQRow1;
   const bool assemble = p.variant == kQAssemble;
+  const bool pairs = p.variant != kQRow1 && !assemble;
   const bool vnni = p.variant == kQBitmapVnni;
   const bool bitmap = p.variant == kQBitmap || vnni;
   if (bitmap && (p.bitmap == nullptr || !std::is_same<VT, int8_t>::value ||
@@ -421,10 +420,7 @@ void csrq_linear_t(const SpmmParams& p) {
         const int64_t e1 = static_cast<int64_t>(indptr[m + 2]);
         for (int64_t n = 0; n < p.N; ++n) {  // the two rows stay in L1 across the vectors
           float d0, d1;
-          if (assemble)
-            q_rows2_dot<true, VT, IT>(idx, val, s0, s1, s1, e1, x + n * ldx, d0, d1);
-          else
-            q_rows2_dot<false, VT, IT>(idx, val, s0, s1, s1, e1, x + n * ldx, d0, d1);
+          q_rows2_dot<VT, IT>(idx, val, s0, s1, s1, e1, x + n * ldx, d0, d1);
           finish(n, m, d0);
           finish(n, m + 1, d1);
         }

@@ -41,7 +41,7 @@ enum class Variant : int {
   // Compressed CSR, int8 values, N <= 2: as CsrqBitmap with x as 32-bit fixed point in byte
   // planes and VNNI byte dot products (AVX-512 VNNI + VBMI2 CPUs only).
   CsrqBitmapVnni = 16,
-  // Compressed CSR, N <= 2: as CsrqRows2 with x assembled from scalar loads (no gathers).
+  // Compressed CSR, N <= 2: as CsrqRow1 with x assembled from scalar loads (no gathers).
   CsrqAssemble = 17,
   kCount = 18,
 };
@@ -104,7 +104,7 @@ inline constexpr VariantInfo kVariants[] = {
      "csrq_bitmap with x as 32-bit fixed point in 4 byte planes and VNNI byte dot products "
      "(CPUs with AVX-512 VNNI + VBMI2)", kFeatAvx512Vnni | kFeatAvx512Vbmi2},
     {Variant::CsrqAssemble, "csrq_assemble", "csrq", 1, 2, kIsaSimd, "i8,f32,bf16,f16",
-     "compressed formats: two rows in lockstep, x assembled from scalar loads (no gather)"},
+     "compressed formats: one row at a time, x assembled from scalar loads (no gather)"},
 };
 static_assert(sizeof(kVariants) / sizeof(kVariants[0]) == static_cast<int>(Variant::kCount),
               "one kVariants row per Variant");

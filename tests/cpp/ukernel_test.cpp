@@ -750,20 +750,15 @@ void q_pair_case(int64_t L0, int64_t L1, int64_t K, int pad) {
   const int64_t end = static_cast<int64_t>(idx.size());
   idx.resize(static_cast<size_t>(end + pad), IT(0));
   val.resize(static_cast<size_t>(end + pad), Val<VT>::nan());
-  for (int fetch = 0; fetch < 2; ++fetch) {  // x gathered, then assembled (csrq_assemble)
-    float d0 = 0, d1 = 0;
-    if (fetch)
-      q_rows2_dot<true, VT, IT>(idx.data(), val.data(), pad, mid, mid, end, x.data(), d0, d1);
-    else
-      q_rows2_dot<false, VT, IT>(idx.data(), val.data(), pad, mid, mid, end, x.data(), d0, d1);
-    char what[256];
-    std::snprintf(what, sizeof what, "q_rows2_dot<%s> %s/%s L0=%lld L1=%lld K=%lld row 0",
-                  fetch ? "assemble" : "gather", Val<VT>::name(), idx_name<IT>(),
-                  static_cast<long long>(L0), static_cast<long long>(L1), static_cast<long long>(K));
-    check(d0, ref0, tol_sum(mid - pad, mag0) + 1e-30, what);
-    what[std::strlen(what) - 1] = '1';
-    check(d1, ref1, tol_sum(end - mid, mag1) + 1e-30, what);
-  }
+  float d0 = 0, d1 = 0;
+  q_rows2_dot<VT, IT>(idx.data(), val.data(), pad, mid, mid, end, x.data(), d0, d1);
+  char what[256];
+  std::snprintf(what, sizeof what, "q_rows2_dot %s/%s L0=%lld L1=%lld K=%lld row 0",
+                Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L0),
+                static_cast<long long>(L1), static_cast<long long>(K));
+  check(d0, ref0, tol_sum(mid - pad, mag0) + 1e-30, what);
+  what[std::strlen(what) - 1] = '1';
+  check(d1, ref1, tol_sum(end - mid, mag1) + 1e-30, what);
 }
 
 template <class VT, class IT>
@@ -781,7 +776,7 @@ void q_pair_types() {
 // Tails with an infinite x where a masked tail's unused lanes look: column 0 (not stored; plain
 // ids load as 0 there) and the last stored column (gap coding repeats it). The sum must be the
 // stored entries' (+-inf when the last column's x is inf), never the NaN of 0 * inf. Lengths
-// cover every tail after one and two full vectors; both fetches, one row and a row pair.
+// cover every tail after one and two full vectors; both fetches, and the gather pair kernel.
 template <class VT, class IT>
 void q_tail_inf_cases() {
   const float inf = std::numeric_limits<float>::infinity();
@@ -806,23 +801,22 @@ void q_tail_inf_cases() {
         ref += t;
         mag += std::isinf(t) ? 0.0 : std::fabs(t);
       }
-      // one copy of the row, then the row again as the second of a pair after an empty row
-      for (int fetch = 0; fetch < 2; ++fetch) {
-        float got = fetch ? q_row_dot<true, VT, IT>(idx.data(), val.data(), 0, L, x.data())
-                          : q_row_dot<false, VT, IT>(idx.data(), val.data(), 0, L, x.data());
-        float d0 = 1.f, d1 = 0.f;
-        if (fetch) q_rows2_dot<true, VT, IT>(idx.data(), val.data(), 0, 0, 0, L, x.data(), d0, d1);
-        else q_rows2_dot<false, VT, IT>(idx.data(), val.data(), 0, 0, 0, L, x.data(), d0, d1);
+      // q_row_dot with either fetch, and the gather pair kernel (csrq_rows2's masked tail) on
+      // the row as the second of a pair after an empty row
+      float d0 = 1.f, d1 = 0.f;
+      q_rows2_dot<VT, IT>(idx.data(), val.data(), 0, 0, 0, L, x.data(), d0, d1);
+      const float got[3] = {q_row_dot<false, VT, IT>(idx.data(), val.data(), 0, L, x.data()),
+                            q_row_dot<true, VT, IT>(idx.data(), val.data(), 0, L, x.data()), d1};
+      const char* kernel[3] = {"q_row_dot<gather>", "q_row_dot<assemble>", "q_rows2_dot"};
+      for (int k = 0; k < 3; ++k) {
         char what[160];
-        std::snprintf(what, sizeof what, "q tail, inf x at %s, <%s> %s/%s L=%lld",
-                      at_last ? "the last column" : "column 0", fetch ? "assemble" : "gather",
-                      Val<VT>::name(), idx_name<IT>(), static_cast<long long>(L));
-        for (float g : {got, d1}) {
-          if (std::isinf(ref)) check(g == ref ? 0.0 : 1.0, 0.0, 0.0, what);
-          else check(g, ref, tol_sum(L, mag), what);
-        }
-        check(d0, 0.0, 0.0, what);
+        std::snprintf(what, sizeof what, "q tail, inf x at %s, %s %s/%s L=%lld",
+                      at_last ? "the last column" : "column 0", kernel[k], Val<VT>::name(),
+                      idx_name<IT>(), static_cast<long long>(L));
+        if (std::isinf(ref)) check(got[k] == ref ? 0.0 : 1.0, 0.0, 0.0, what);
+        else check(got[k], ref, tol_sum(L, mag), what);
       }
+      check(d0, 0.0, 0.0, "q tail: the empty first row of the pair");
     }
 }
 
