@@ -60,7 +60,7 @@ inline typename Vec::T q_fetch(const float* x, const IT* idx, IdxV cols) {
 // The masked tail's x: n < W valid lanes of `cols` (q_cols_n: the lanes beyond repeat a valid
 // column), the rest zero.
 template <bool kAssemble>
-inline __m512 q_fetch_n(const float* x, IdxV cols, int n) {
+inline typename Vec::T q_fetch_n(const float* x, IdxV cols, int n) {
   if constexpr (!kAssemble) {
     return q_gather_n(x, cols, n);
   } else {
