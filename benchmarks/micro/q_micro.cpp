@@ -21,7 +21,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
-#include <string>
 #include <vector>
 
 #include "cpu/csr_q_impl.h"
