@@ -329,12 +329,6 @@ int run_gather_bound(int M, int K, double d, int threads, bool warm) {
 #endif
 
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
-// Where the bandwidth goes (fp32 values, uint16 columns, rotating copies): rounds alternate
-// between (0) a plain read of the copy's value and index arrays (each thread a contiguous half,
-// 4 vector loads per step, the kernel's software prefetch), (1) the spmv loop with x read
-// contiguously (stream_bound_rows: the row structure, no gathers) and (2) the library kernel
-// (csr_linear_t, planner default), one call each per round, so the three rates see the same
-// machine state. Prints each median and its rate on the compressed bytes relative to (0).
 // A plain read of one matrix copy: its value array (val_bytes at val; bf16 values read as
 // their 2-byte words) and its uint16 index array, summed as floats in 4W-float steps with the
 // kernels' software prefetch, each thread its share of each array. sink: 16 * threads floats.
@@ -360,6 +354,12 @@ void read_bytes(const void* val, size_t val_bytes, const Sparse& s, int threads,
   }
 }
 
+// Where the bandwidth goes (fp32 values, uint16 columns, rotating copies): rounds alternate
+// between (0) a plain read of the copy's value and index arrays (each thread a contiguous half,
+// 4 vector loads per step, the kernel's software prefetch), (1) the spmv loop with x read
+// contiguously (stream_bound_rows: the row structure, no gathers) and (2) the library kernel
+// (csr_linear_t, planner default), one call each per round, so the three rates see the same
+// machine state. Prints each median and its rate on the compressed bytes relative to (0).
 int run_cascade(int M, int K, double d, int threads) {
   std::mt19937 g(0);
   SpmvCopies cs = spmv_copies(M, K, d, /*bf16=*/false, /*warm=*/false, g);
@@ -414,8 +414,9 @@ int run_cascade(int M, int K, double d, int threads) {
 // What bounds one N = 1 variant, fp32 against bf16 values, in one process (rounds alternate, so
 // the host's phase moves every figure alike): a plain read of each matrix's compressed bytes
 // (streamed), the kernel on rotating copies (streamed) and on one copy run twice in a row, the
-// second call timed (warm in the caches: its compute cost). When the warm time of the bf16 kernel is not below its streamed time, the
-// bf16 / fp32 ratio is bound by the kernel's work per nonzero, not by the bytes it reads.
+// second call timed (warm in the caches: its compute cost). When the warm time of the bf16
+// kernel is not below its streamed time, the bf16 / fp32 ratio is bound by the kernel's work per
+// nonzero, not by the bytes it reads.
 int run_spmv_bounds(int M, int K, double d, int threads, int variant) {
   std::mt19937 g(0);
   SpmvCopies c32 = spmv_copies(M, K, d, /*bf16=*/false, /*warm=*/false, g);
