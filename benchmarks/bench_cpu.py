@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from sparsekit.bench import harness as H
 from sparsekit.formats import BSRMatrix, CSRMatrix
 from sparsekit.kernels import get_backend, require_compiled
 from sparsekit.threads import get_num_threads
-from sparsekit.timing import Stats, measure_alternating, measure_interleaved
+from sparsekit.timing import Stats, measure_interleaved
 
 BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
 # Contenders timed apart from the rounds (numpy's OpenBLAS): alternating blocks against the
@@ -187,15 +186,11 @@ class Cache:
         ref = min(dense, key=lambda k: dense[k].median_s)
         out = {}
         for k, f in alone.items():
-            blocks = measure_alternating({k: f, ref: dense_fns[ref]}, blocks=BRACKET_BLOCKS,
-                                         settle_s=BRACKET_SETTLE_S,
-                                         min_time_s=self.min_time / 2)
-            ratios = [a.median_s / r.median_s for a, r in zip(blocks[k], blocks[ref])]
-            ratio = float(statistics.median(ratios))
-            out[k] = {"reference": ref, "ratio": ratio, "block_ratios": ratios,
-                      "alone_s": statistics.median(b.median_s for b in blocks[k])}
-            self.log(f"    {k} timed alone against {ref} alone: {ratio:.3f}x its time "
-                     f"(blocks {' '.join(f'{r:.3f}' for r in ratios)})")
+            b = BL.bracket_alone(f, dense_fns[ref], blocks=BRACKET_BLOCKS,
+                                 settle_s=BRACKET_SETTLE_S, min_time_s=self.min_time / 2)
+            out[k] = {"reference": ref, **b}
+            self.log(f"    {k} timed alone against {ref} alone: {b['ratio']:.3f}x its time "
+                     f"(blocks {' '.join(f'{r:.3f}' for r in b['block_ratios'])})")
         return out
 
     def torch_csr_s(self, M, K, sp, N) -> float:

@@ -26,14 +26,14 @@ import json
 import math
 import os
 import platform
-import statistics
 
 import torch
 from torch import nn
 
+from benchmarks import bench_linear as BL
 from sparsekit.bench.baselines import dense_contenders
 from sparsekit.bench.machine import machine_info
-from sparsekit.timing import measure_alternating, measure_interleaved
+from sparsekit.timing import measure_interleaved
 
 # numpy's BLAS timed alone against the fastest in-round dense path: blocks, idle seconds before each
 BRACKET_BLOCKS, BRACKET_SETTLE_S = 5, 0.3
@@ -57,17 +57,6 @@ def _time_round_robin(variants: dict[str, list], x: torch.Tensor, reps: int) -> 
     passes = {k: (lambda i, fns=fns: one_pass(fns)) for k, fns in variants.items()}
     st = measure_interleaved(passes, warmup=1, min_reps=reps, max_reps=reps, min_time_s=0)
     return {k: st[k].median_s / len(variants[k]) for k in variants}
-
-
-def _bracket_alone(fn, ref_fn, ncopies: int) -> dict:
-    """Median per-call time ratio of ``fn`` to ``ref_fn`` (each ``f(i)`` on copy ``i % ncopies``),
-    both timed alone in alternating blocks after idle gaps, so neither inherits the other's
-    spinning threads; the blocks pair times taken seconds apart on a drifting machine."""
-    blocks = measure_alternating({"alone": fn, "ref": ref_fn}, blocks=BRACKET_BLOCKS,
-                                 settle_s=BRACKET_SETTLE_S, min_reps=max(3, ncopies),
-                                 min_time_s=0.2)
-    ratios = [a.median_s / r.median_s for a, r in zip(blocks["alone"], blocks["ref"])]
-    return {"ratio": float(statistics.median(ratios)), "block_ratios": ratios}
 
 
 def _copies(nbytes: int, llc: int, cap: int = 4096) -> int:
@@ -150,8 +139,10 @@ def main() -> None:
                 if "numpy" in dense:
                     ref = min(in_round, key=t.__getitem__)
                     ref_fn = dense[ref.removeprefix("dense_fp32_")]
-                    b = _bracket_alone(lambda i, f=dense["numpy"], x=x: f(x, i),
-                                       lambda i, f=ref_fn, x=x: f(x, i), nd)
+                    b = BL.bracket_alone(lambda i, f=dense["numpy"], x=x: f(x, i),
+                                         lambda i, f=ref_fn, x=x: f(x, i),
+                                         blocks=BRACKET_BLOCKS, settle_s=BRACKET_SETTLE_S,
+                                         min_reps=max(3, nd), min_time_s=0.2)
                     t["dense_fp32_numpy"] = b["ratio"] * t[ref]
                     bracketed["dense_fp32_numpy"] = {"reference": ref, **b}
                 fp32_dense = [k for k in t if k.startswith("dense_fp32_")]

@@ -21,6 +21,7 @@ import csv
 import datetime as dt
 import json
 import os
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 from sparsekit.bench import harness as H
 from sparsekit.formats import BSRMatrix, CSRMatrix
 from sparsekit.kernels import require_compiled
+from sparsekit.timing import measure_alternating
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SHAPES = [(768, 3072), (4096, 4096), (11008, 4096)]
@@ -150,16 +152,16 @@ def sparsekit_rotating_fns(mat: Any, x: torch.Tensor, backend: str, read_probe: 
         probe_out = torch.empty(mat.shape[0])
         x32 = x.float().contiguous()
         half, third = n // 2, n // 3
-        fetch = [probe_fetch(m) for m in mats]
+        # the copies share one plan (the planner keys by matrix class), so one lookup serves all
+        fetch, isa_code = probe_fetch(mats[0]) if gather_probe else ("gather", -1)
 
         # probe_out and x are bound as defaults so they live as long as the functions using them
         def read(i: int, probe_out: torch.Tensor = probe_out) -> None:
             bms[(i + half) % n].read_probe(probe_out.data_ptr(), get_num_threads())
 
         def gather(i: int, probe_out: torch.Tensor = probe_out, x32: torch.Tensor = x32) -> None:
-            c = (i + third) % n
-            bms[c].gather_probe(x32.data_ptr(), probe_out.data_ptr(), get_num_threads(),
-                                fetch[c][1], fetch[c][0])
+            bms[(i + third) % n].gather_probe(x32.data_ptr(), probe_out.data_ptr(),
+                                              get_num_threads(), isa_code, fetch)
 
         read = read if read_probe else None
         gather = gather if gather_probe else None
@@ -182,6 +184,20 @@ def probe_fetch(mat: Any) -> tuple[str, int]:
     variant = get_backend("cpp").variant(mat, 1)
     isa = variant.partition("@")[2]
     return x_fetch(variant), _ISA_CODE[isa] if isa else -1
+
+
+def bracket_alone(fn: Any, ref_fn: Any, *, blocks: int, settle_s: float,
+                  **measure_kwargs: Any) -> dict[str, Any]:
+    """``fn`` against ``ref_fn`` (each ``f(i)``), both timed alone in ``blocks`` alternating
+    blocks, each after ``settle_s`` idle seconds (:func:`sparsekit.timing.measure_alternating`
+    with ``measure_kwargs``): neither inherits the other's spinning threads, and each pair of
+    blocks is timed seconds apart on a drifting machine. ``{"ratio": the median block-to-block
+    time ratio fn / ref_fn, "block_ratios", "alone_s": the median of fn's block medians}``."""
+    st = measure_alternating({"alone": fn, "ref": ref_fn}, blocks=blocks, settle_s=settle_s,
+                             **measure_kwargs)
+    ratios = [a.median_s / r.median_s for a, r in zip(st["alone"], st["ref"])]
+    return {"ratio": float(statistics.median(ratios)), "block_ratios": ratios,
+            "alone_s": statistics.median(b.median_s for b in st["alone"])}
 
 
 def dense_stats(w: torch.Tensor, x: torch.Tensor, min_time: float) -> dict[str, H.Stats]:
