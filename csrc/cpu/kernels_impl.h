@@ -320,6 +320,8 @@ void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
       for (int64_t br = f0; br < f1; ++br) {
         const int64_t s = static_cast<int64_t>(indptr[br]), e = static_cast<int64_t>(indptr[br + 1]);
         const int rows = static_cast<int>(imin(r, p.M - br * r));  // ragged bottom edge
+        int64_t rb_calls = 0;  // register blocks per block group
+        for (int i0 = 0; i0 < rows; i0 += next_rb<RBM>(rows - i0)) ++rb_calls;
         float* pr = part.p + (br - f0) * r * NT;
         if (s == e)
           for (int64_t i = 0; i < static_cast<int64_t>(rows) * NT; ++i) pr[i] = 0.f;
@@ -327,25 +329,22 @@ void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
           const int64_t ge = imin(e, gs + group);
           const bool acc = gs > s;
           // The weights arrive from memory once per tile; fetch the next group's values into
-          // L2 while this group computes (the hardware streamers alone leave a cold/warm gap).
-          prefetch_l2(val + ge * bsz, imin(group, nnzb - ge) * bsz * static_cast<int64_t>(sizeof(VT)));
-          int i0 = 0;
-          while (i0 < rows) {
-            const int rem = rows - i0;
+          // L2 while this group computes (the hardware streamers alone leave a cold/warm gap),
+          // a few lines per block over all of this group's register blocks.
+          const int64_t next_blocks = imax(0, imin(group, nnzb - ge));
+          L2Trickle pf(val + ge * bsz, next_blocks * bsz * static_cast<int64_t>(sizeof(VT)),
+                       (ge - gs) * rb_calls);
+          for (int i0 = 0; i0 < rows;) {
             float* out = pr + static_cast<int64_t>(i0) * NT;
-            if (RBM >= 8 && rem >= 8) {
-              bsr_tile_rows<(RBM >= 8 ? 8 : 1), V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
-              i0 += 8;
-            } else if (RBM >= 4 && rem >= 4) {
-              bsr_tile_rows<(RBM >= 4 ? 4 : 1), V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
-              i0 += 4;
-            } else if (rem >= 2) {
-              bsr_tile_rows<2, V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
-              i0 += 2;
-            } else {
-              bsr_tile_rows<1, V>(idx, val, gs, ge, r, c, i0, xt, out, acc);
-              i0 += 1;
+            const int rb = next_rb<RBM>(rows - i0);
+            constexpr int kRb8 = RBM >= 8 ? 8 : 1, kRb4 = RBM >= 4 ? 4 : 1;
+            switch (rb) {
+              case 8: bsr_tile_rows<kRb8, V>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
+              case 4: bsr_tile_rows<kRb4, V>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
+              case 2: bsr_tile_rows<2, V>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
+              default: bsr_tile_rows<1, V>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
             }
+            i0 += rb;
           }
         }
       }

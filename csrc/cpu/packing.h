@@ -132,12 +132,6 @@ inline void pack_x_tile(const SpmmParams& p, float* xt, int NT, int64_t n0, int6
     for (int64_t t = 0; t < NT; ++t) xt[k * NT + t] = 0.f;
 }
 
-// Prefetches [p, p + bytes) into L2, one request per cache line (no-op for bytes <= 0).
-inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) prefetch_t1(c + o);
-}
-
 constexpr int64_t kOutRows = 64;  // rows per output flush: 4 cache lines of fp32 per y row
 
 // Writes y[n0 + t][m0 + i] = act(part[i * ldp + t] + bias[m0 + i]) for t < nn, i < rows (part: a

@@ -619,6 +619,35 @@ inline void prefetch_t1(const void* p) {
 #endif
 }
 
+// A byte range brought into L2 kLinesPerStep lines per call of step(), interleaved with compute.
+// Issued in one burst, a few hundred prefetches fill the core's miss buffers and the core waits
+// on them; up to kBurstLines cost nothing measurable and go at once, as do the lines beyond what
+// `steps` steps take (docs/kernels.md, "Measured here (AMD EPYC Zen 4)"). step() is straight-line
+// code (a loop there cost the BSR micro-kernel registers). The last step may name up to
+// kLinesPerStep - 1 lines past the range: prefetches never fault, so the range may name any
+// addresses; bytes <= 0 prefetches nothing.
+struct L2Trickle {
+  static constexpr int64_t kBurstLines = 128;
+  static constexpr int kLinesPerStep = 4;
+  const char* next = nullptr;
+  const char* end = nullptr;
+  L2Trickle() = default;
+  L2Trickle(const void* begin, int64_t bytes, int64_t steps)
+      : next(static_cast<const char*>(begin)), end(next) {
+    const int64_t lines = (bytes + 63) / 64;
+    if (lines <= 0) return;
+    const int64_t most = steps > 0 ? kLinesPerStep * steps : 0;
+    const int64_t trickled = lines <= kBurstLines ? 0 : lines < most ? lines : most;
+    end = next + 64 * lines;
+    for (const char* at_once = end - 64 * trickled; next < at_once; next += 64) prefetch_t1(next);
+  }
+  void step() {
+    if (next >= end) return;
+    for (int l = 0; l < kLinesPerStep; ++l) prefetch_t1(next + 64 * l);
+    next += 64 * kLinesPerStep;
+  }
+};
+
 }  // namespace
 }  // namespace cpu
 }  // namespace sparsekit

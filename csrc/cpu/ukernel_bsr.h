@@ -54,9 +54,12 @@ inline void bsr_spmv_blockrow(const IT* idx, const VT* val, int64_t s, int64_t e
 // are zero-padded (format contract). Reads value rows [i0, i0 + RB) only. No allocation, no state.
 // Cost: O((e - s) * c * RB * V) vector multiply-adds; RB x V accumulators, and each loaded xt
 // vector is used RB times, so RB * V + V registers must fit the register file (max_rb).
+// Prefetch: one pf.step() per block, so the caller's L2 prefetches of data for later calls (the
+// driver: the next block group's values) run spread over this call's multiply-adds; pf holds
+// the trickle's position on return.
 template <int RB, int V, class VT, class IT>
 inline void bsr_tile_rows(const IT* idx, const VT* val, int64_t s, int64_t e, int r, int c,
-                          int i0, const float* xt, float* out, bool accumulate) {
+                          int i0, const float* xt, float* out, bool accumulate, L2Trickle& pf) {
   constexpr int W = Vec::W;
   constexpr int NT = V * W;
   typename Vec::T acc[RB][V];
@@ -64,7 +67,9 @@ inline void bsr_tile_rows(const IT* idx, const VT* val, int64_t s, int64_t e, in
     for (int v = 0; v < V; ++v)
       acc[i][v] = accumulate ? Vec::load(out + i * NT + v * W) : Vec::zero();
   const int64_t bsz = static_cast<int64_t>(r) * c;
+  L2Trickle trickle = pf;  // a local copy stays in registers
   for (int64_t b = s; b < e; ++b) {
+    trickle.step();
     const VT* B = val + b * bsz + static_cast<int64_t>(i0) * c;
     const float* xb = xt + idx_of(idx[b]) * c * NT;
     for (int j = 0; j < c; ++j) {
@@ -78,6 +83,7 @@ inline void bsr_tile_rows(const IT* idx, const VT* val, int64_t s, int64_t e, in
   }
   for (int i = 0; i < RB; ++i)
     for (int v = 0; v < V; ++v) Vec::store(out + i * NT + v * W, acc[i][v]);
+  pf = trickle;
 }
 
 // Largest register block for V vectors given the register file (32 zmm / 16 ymm).
@@ -88,6 +94,13 @@ constexpr int max_rb() {
 #else
   return V >= 4 ? 2 : (V == 2 ? 4 : 8);
 #endif
+}
+
+// The register block the driver takes for the next `rem` rows of a block row: the largest of
+// 8, 4, 2, 1 that fits both `rem` and RBM (= max_rb<V>()).
+template <int RBM>
+constexpr int next_rb(int rem) {
+  return RBM >= 8 && rem >= 8 ? 8 : RBM >= 4 && rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
 }
 
 }  // namespace

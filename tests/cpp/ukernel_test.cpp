@@ -17,7 +17,8 @@
 //       unaligned tiles, index limits;
 //   bsr_spmv_blockrow<CC> (CC = c and CC = 0) and bsr_tile_rows<RB, V>
 //       block shapes 1..8 x 1..16, ragged bottom (rows < r) and right (zero padding) edges,
-//       empty block rows, accumulate, index limits;
+//       empty block rows, accumulate, index limits, the L2 trickle stepped once per block;
+//   L2Trickle (simd.h): ranges around 0, one line and kBurstLines lines, 0 to 1000 steps;
 //   q_row_dot, q_rows2_dot (csr_q_impl.h)
 //       int8 values (full range, scales applied as the driver does), uint8 gaps with escapes;
 //   spmv_bitmap (NB = 1, 2; fp32 / bf16 / fp16) and q_row_bitmap_dot (int8, and its VBMI2 and
@@ -38,6 +39,7 @@
 // Usage: ukernel_test [-v]. Prints one line per kernel and a total; exit 1 on any mismatch.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -473,6 +475,32 @@ void blockrow_types() {
   for (int c : {1, 2, 3, 4, 5, 8, 16}) blockrow_c<0, VT, IT>(c);
 }
 
+// L2Trickle over `bytes` in `steps` steps: ranges of up to kBurstLines lines go at once, longer
+// ones kLinesPerStep lines per step after what does not fit the steps; after `steps` calls of
+// step() every line of the range has been named once (ceil(bytes / 64) lines), and fewer than
+// kLinesPerStep beyond it; nothing for bytes <= 0.
+void l2_trickle_cases() {
+  static const char range[26944] = {};  // the largest case's lines and a step beyond
+  constexpr int64_t kStep = L2Trickle::kLinesPerStep;
+  const int64_t burst = L2Trickle::kBurstLines * 64;
+  for (int64_t bytes : {int64_t{-64}, int64_t{0}, int64_t{1}, int64_t{63}, int64_t{64},
+                        int64_t{640}, burst - 1, burst, burst + 1, burst + 64, int64_t{26624},
+                        int64_t{26625}})
+    for (int64_t steps : {0, 1, 2, 7, 26, 104, 1000}) {
+      L2Trickle pf(range, bytes, steps);
+      const int64_t lines = bytes > 0 ? (bytes + 63) / 64 : 0;
+      const int64_t trickled = lines <= L2Trickle::kBurstLines ? 0 : std::min(lines, kStep * steps);
+      const int64_t named = lines - trickled + (trickled + kStep - 1) / kStep * kStep;
+      const std::string what = "L2Trickle bytes=" + std::to_string(bytes) +
+                               " steps=" + std::to_string(steps);
+      check(static_cast<double>((pf.next - range) / 64), static_cast<double>(lines - trickled),
+            0.0, what + " (constructor)");
+      for (int64_t k = 0; k < steps; ++k) pf.step();
+      check(static_cast<double>((pf.next - range) / 64), static_cast<double>(named), 0.0, what);
+      check(static_cast<double>(named - lines), kStep / 2.0, kStep / 2.0, what + " (beyond)");
+    }
+}
+
 template <int RB, int V, class VT, class IT>
 void bsr_tile_case(int64_t nb, int r, int c, int i0, bool accumulate, int64_t Kb, bool last) {
   constexpr int NT = V * W;
@@ -484,8 +512,20 @@ void bsr_tile_case(int64_t nb, int r, int c, int i0, bool accumulate, int64_t Kb
     for (int t = 0; t < NT; ++t) xt[static_cast<size_t>(k * NT + t)] = rnd_mag();
   std::vector<float> out = accumulate ? rnd_floats(RB * NT) : std::vector<float>(RB * NT, kNaN);
   const std::vector<float> start = out;
+  // The L2 trickle (prefetches of a later group's values) steps once per block, whatever it
+  // names: here a random range of up to nb + 2 steps' lines, so it runs dry in some calls.
+  const char* pf_base = reinterpret_cast<const char*>(br.val.data());
+  const int64_t pf_lines = rnd(L2Trickle::kLinesPerStep * (nb + 2));
+  L2Trickle pf;
+  pf.next = pf_base;
+  pf.end = pf_base + 64 * pf_lines;
   bsr_tile_rows<RB, V>(br.idx.data(), br.val.data(), 0, nb, r, c, i0, xt.data(), out.data(),
-                       accumulate);
+                       accumulate, pf);
+  const int64_t pf_steps = std::min(nb, (pf_lines + L2Trickle::kLinesPerStep - 1) /
+                                            L2Trickle::kLinesPerStep);
+  check(static_cast<double>((pf.next - pf_base) / 64),
+        static_cast<double>(pf_steps * L2Trickle::kLinesPerStep), 0.0,
+        "bsr_tile_rows: prefetch lines issued (one trickle step per block)");
   for (int i = 0; i < RB; ++i)
     for (int t = 0; t < NT; ++t) {
       const double s0 = accumulate ? start[static_cast<size_t>(i * NT + t)] : 0.0;
@@ -1150,6 +1190,8 @@ int main(int argc, char** argv) {
   bsr_tile_types<float, int32_t>();
   bsr_tile_types<bf16_t, uint16_t>();
   bsr_tile_types<f16_t, int32_t>();
+  begin("l2_trickle");
+  l2_trickle_cases();
   begin("q_row_dot");
   q_index_types<int8_t>();
   q_index_types<float>();
