@@ -127,6 +127,10 @@ BSR_CASES = [
     (128, 128, (16, 16), 128, 0.5, F16, F16, False, 0.3),
     (1025, 33, (4, 8), 33, 0.5, F32, F32, False, 0.0),
     (97, 97, (3, 5), 1, 0.7, F16, F32, True, 0.2),
+    # N = 1 with whole blocks in registers (full block rows; the ragged last one falls back)
+    (97, 1025, (4, 4), 1, 0.8, F32, F32, True, 0.0),
+    (33, 97, (1, 16), 1, 0.5, F16, F32, False, 0.0),
+    (66, 130, (2, 8), 1, 0.6, BF16, BF16, True, 0.2),
 ]
 
 

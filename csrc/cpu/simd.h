@@ -188,6 +188,16 @@ struct Vec {
     io = _mm512_srli_epi32(ii, 16);
   }
   static T gather_at(const float* x, __m512i cols) { return _mm512_i32gather_ps(cols, x, 4); }
+  // Lane l = p[l % C]: C consecutive floats repeated across the vector (C = 4, 8 or 16).
+  template <int C>
+  static T load_tiled(const float* p) {
+    static_assert(C == 4 || C == 8 || C == 16, "load_tiled: C must be 4, 8 or 16");
+    if constexpr (C == 4) return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+    else if constexpr (C == 8)
+      return _mm512_castpd_ps(
+          _mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(p))));
+    else return _mm512_loadu_ps(p);
+  }
   // Masked tails: only the first n (< W) lanes are read; the others are zero.
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static __mmask16 mask16(int n) { return n >= 16 ? __mmask16(0xffff) : mask(n); }
@@ -281,6 +291,13 @@ struct Vec {
     io = _mm256_srli_epi32(ii, 16);
   }
   static T gather_at(const float* x, __m256i cols) { return _mm256_i32gather_ps(x, cols, 4); }
+  // Lane l = p[l % C]: C consecutive floats repeated across the vector (C = 4 or 8).
+  template <int C>
+  static T load_tiled(const float* p) {
+    static_assert(C == 4 || C == 8, "load_tiled: C must be 4 or 8");
+    if constexpr (C == 4) return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
+    else return _mm256_loadu_ps(p);
+  }
   // Row tails without a scalar loop: the last n (1 <= n < W) lanes of the W entries at p are
   // kept, the others zeroed (mask_last(n) selects them). All W entries are read, so the caller
   // makes sure they exist; the masked lanes' values may be anything, inf and NaN included.

@@ -44,6 +44,60 @@ inline void bsr_spmv_blockrow(const IT* idx, const VT* val, int64_t s, int64_t e
   }
 }
 
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// Contract (N = 1, one full block row, blocks of NV whole vectors: bsr_spmv_blockrow_vec).
+// Computes out[i] = sum_{b in [s, e)} sum_{j < CC} to_f32(val[(b * r + i) * CC + j]) *
+// xs[idx[b] * CC + j] for i < r, in fp32, overwriting out. Sizes: r x CC blocks with
+// r * CC = NV * W, CC = 4, 8 or 16 and CC <= W or CC = 2W (then x takes two vectors); any block
+// count e - s >= 0. Layout: as bsr_spmv_blockrow; out holds r fp32. Alignment: none. Assumes:
+// idx[b] * CC + CC <= the length of xs. Reads all r value rows of every block, so the driver
+// passes only full block rows (the ragged last one goes to bsr_spmv_blockrow). No allocation,
+// no state. Cost: O((e - s) * NV) vector multiply-adds: each block is NV vectors multiplied by
+// x's CC columns repeated across the lanes, into NV accumulators kept in registers, reduced to
+// the r row sums once per block row. bsr_spmv_blockrow instead adds each block row into an
+// r x c array in L1, which for c = 4 is a read-modify-write of 4 lanes per block row.
+template <int CC, int NV, class VT, class IT>
+inline void bsr_spmv_blockrow_vec(const IT* idx, const VT* val, int64_t s, int64_t e,
+                                  const float* xs, float* out) {
+  constexpr int W = Vec::W;
+  static_assert((CC == 4 || CC == 8 || CC == 16) && (CC <= W || CC == 2 * W),
+                "bsr_spmv_blockrow_vec: CC must be 4, 8 or 16, at most 2W");
+  constexpr int kXv = CC > W ? CC / W : 1;  // x vectors per block column range
+  constexpr int kBlock = NV * W;             // values per block
+  constexpr int R = kBlock / CC;
+  static_assert(NV % kXv == 0 && R * CC == kBlock, "bsr_spmv_blockrow_vec: NV * W = r * CC");
+  // Blocks of fewer than 4 vectors take turns over U sets of accumulators, so at least 4
+  // multiply-add chains hide the FMA latency.
+  constexpr int U = NV >= 4 ? 1 : 4 / NV;
+  typename Vec::T acc[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < NV; ++v) acc[u][v] = Vec::zero();
+  auto block = [&](int64_t b, typename Vec::T* a) {
+    const VT* B = val + b * kBlock;
+    const float* xb = xs + idx_of(idx[b]) * CC;
+    typename Vec::T xv[kXv];
+    if constexpr (CC > W)
+      for (int k = 0; k < kXv; ++k) xv[k] = Vec::load(xb + k * W);
+    else
+      xv[0] = Vec::template load_tiled<CC>(xb);
+    for (int v = 0; v < NV; ++v) a[v] = Vec::fma(Vec::load_vals(B + v * W), xv[v % kXv], a[v]);
+  };
+  int64_t b = s;
+  for (; b + U <= e; b += U)
+    for (int u = 0; u < U; ++u) block(b + u, acc[u]);
+  for (; b < e; ++b) block(b, acc[0]);
+  for (int u = 1; u < U; ++u)
+    for (int v = 0; v < NV; ++v) acc[0][v] = Vec::add(acc[0][v], acc[u][v]);
+  float lanes[kBlock];
+  for (int v = 0; v < NV; ++v) Vec::store(lanes + v * W, acc[0][v]);
+  for (int i = 0; i < R; ++i) {
+    float sum = 0.f;
+    for (int j = 0; j < CC; ++j) sum += lanes[i * CC + j];
+    out[i] = sum;
+  }
+}
+#endif
+
 // Contract (N > 1, one register block). Computes, for i < RB and t < NT = V * W,
 // out[i * NT + t] = (out[i * NT + t] with accumulate, else 0) + sum_{b in [s, e)} sum_{j < c}
 // to_f32(val[(b * r + i0 + i) * c + j]) * xt[(idx[b] * c + j) * NT + t], in fp32. Sizes: r x c

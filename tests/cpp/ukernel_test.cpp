@@ -18,6 +18,9 @@
 //   bsr_spmv_blockrow<CC> (CC = c and CC = 0) and bsr_tile_rows<RB, V>
 //       block shapes 1..8 x 1..16, ragged bottom (rows < r) and right (zero padding) edges,
 //       empty block rows, accumulate, index limits, the L2 trickle stepped once per block;
+//   bsr_spmv_blockrow_vec<CC, NV> (SIMD builds): every block shape the driver gives it (CC = 4,
+//       8, 16; NV = 1, 2, 4, 8 vectors), 0 to 17 blocks (around the U-block step), ragged right
+//       edge, index limits;
 //   L2Trickle (simd.h): ranges around 0, one line and kBurstLines lines, 0 to 1000 steps;
 //   q_row_dot, q_rows2_dot (csr_q_impl.h)
 //       int8 values (full range, scales applied as the driver does), uint8 gaps with escapes;
@@ -464,6 +467,51 @@ void blockrow_c(int c) {
   const int64_t Kb = sizeof(IT) == 2 ? 65536 : 70001;  // block-column index limits
   if (c <= 2) blockrow_case<CC, VT, IT>(4, 2, c, 2, Kb, true);
 }
+
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+template <int CC, int NV, class VT, class IT>
+void blockrow_vec_case(int64_t nb, int64_t Kb, bool last) {
+  constexpr int r = NV * W / CC;
+  const int64_t K = Kb * CC - 1;  // ragged right edge: the last column is zero padding
+  BlockRow<VT, IT> br(nb, Kb, r, CC, r, K, last);
+  std::vector<float> xs(static_cast<size_t>(Kb * CC), 0.f);
+  for (int64_t k = 0; k < K; ++k) xs[static_cast<size_t>(k)] = rnd_mag();
+  std::vector<float> out(static_cast<size_t>(r), kNaN);
+  bsr_spmv_blockrow_vec<CC, NV>(br.idx.data(), br.val.data(), 0, nb, xs.data(), out.data());
+  for (int i = 0; i < r; ++i) {
+    char what[256];
+    std::snprintf(what, sizeof what, "bsr_spmv_blockrow_vec %dx%d NV=%d %s/%s nb=%lld Kb=%lld i=%d",
+                  r, CC, NV, Val<VT>::name(), idx_name<IT>(), static_cast<long long>(nb),
+                  static_cast<long long>(Kb), i);
+    check(out[static_cast<size_t>(i)], br.ref(i, CC, r, xs.data(), 1),
+          tol_sum(nb * CC, br.mag(i, CC, r, xs.data(), 1)), what);
+  }
+}
+
+// Every (CC, NV) the driver can pick (bsr_blockrow_vec_if's shapes).
+template <int CC, int NV, class VT, class IT>
+void blockrow_vec_nv() {
+  constexpr int kXv = CC > W ? CC / W : 1;
+  if constexpr ((CC <= W || CC == 2 * W) && NV % kXv == 0 && NV <= 8) {
+    for (int64_t nb : {0, 1, 2, 3, 5, 17}) blockrow_vec_case<CC, NV, VT, IT>(nb, 2 * nb + 3, nb == 3);
+    const int64_t Kb = sizeof(IT) == 2 ? 65536 : 70001;  // block-column index limits
+    blockrow_vec_case<CC, NV, VT, IT>(4, Kb, true);
+  }
+}
+template <int CC, class VT, class IT>
+void blockrow_vec_cc() {
+  blockrow_vec_nv<CC, 1, VT, IT>();
+  blockrow_vec_nv<CC, 2, VT, IT>();
+  blockrow_vec_nv<CC, 4, VT, IT>();
+  blockrow_vec_nv<CC, 8, VT, IT>();
+}
+template <class VT, class IT>
+void blockrow_vec_types() {
+  blockrow_vec_cc<4, VT, IT>();
+  blockrow_vec_cc<8, VT, IT>();
+  blockrow_vec_cc<16, VT, IT>();
+}
+#endif
 
 template <class VT, class IT>
 void blockrow_types() {
@@ -1185,6 +1233,13 @@ int main(int argc, char** argv) {
   blockrow_types<float, int32_t>();
   blockrow_types<bf16_t, uint16_t>();
   blockrow_types<f16_t, int32_t>();
+#if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+  begin("bsr_spmv_blockrow_vec");
+  blockrow_vec_types<float, uint16_t>();
+  blockrow_vec_types<float, int32_t>();
+  blockrow_vec_types<bf16_t, uint16_t>();
+  blockrow_vec_types<f16_t, int32_t>();
+#endif
   begin("bsr_tile_rows");
   bsr_tile_types<float, uint16_t>();
   bsr_tile_types<float, int32_t>();
