@@ -388,9 +388,9 @@ bool bsr_blockrow_vec_nv(int64_t nv, const IT* idx, const VT* val, int64_t s, in
   }
 }
 // One full block row at N = 1 with its blocks in registers (bsr_spmv_blockrow_vec) when the
-// r x c shape allows it (c = 4, 8 or 16 and r * c 1, 2, 4 or 8 vectors: 4x4, 8x8, 1x16 on AVX2,
-// 4x4, 2x8, 1x16 on AVX-512, ...); returns false, having computed nothing, for other shapes and
-// in the generic build.
+// r x c shape allows it (c = 4, 8 or 16 and r * c 1, 2, 4 or 8 vectors: 4x4, 8x8, 1x8, 2x8,
+// 1x16 on AVX2, 4x4, 8x8, 2x8, 1x16 on AVX-512, among others); returns false, having computed
+// nothing, for other shapes and in the generic build.
 template <class VT, class IT>
 bool bsr_blockrow_in_registers(int r, int c, const IT* idx, const VT* val, int64_t s, int64_t e,
                                const float* xs, float* out) {

@@ -1,6 +1,7 @@
-// BSR micro-kernels: one block row at N = 1 (bsr_spmv_blockrow) and the RB x V register-blocked
-// block-row kernel for N > 1 (bsr_tile_rows). Contracts below; drivers in kernels_impl.h; edge
-// tester: tests/cpp/ukernel_test.cpp.
+// BSR micro-kernels: one block row at N = 1 (bsr_spmv_blockrow, and bsr_spmv_blockrow_vec with
+// whole blocks in registers) and the RB x V register-blocked block-row kernel for N > 1
+// (bsr_tile_rows). Contracts below; drivers in kernels_impl.h; edge tester:
+// tests/cpp/ukernel_test.cpp.
 #pragma once
 
 #include <cstdint>
