@@ -357,18 +357,13 @@ void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
 #ifndef SPARSEKIT_BSR_VMAX
 #define SPARSEKIT_BSR_VMAX 4  // cap on the batch tile width (vectors) for BSR
 #endif
-// bsr_spmv_blockrow_vec<CC, NV> where that shape is one it covers (CC = 4, 8, 16 within 2W, NV
-// a multiple of the x vectors per block and at most kMaxNv); false otherwise.
+// bsr_spmv_blockrow_vec<CC, NV> where it takes that shape (bsr_blockrow_vec_takes); false
+// otherwise.
 template <int CC, int NV, class VT, class IT>
 bool bsr_blockrow_vec_if(const IT* idx, const VT* val, int64_t s, int64_t e, const float* xs,
                          float* out) {
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
-  constexpr int W = Vec::W;
-  // At most 8 accumulators: 16 ymm hold them with x; on AVX-512 16 vectors (16x16 blocks) fit
-  // too but measured 10-20% slower than bsr_spmv_blockrow (the 256-lane reduction per block row).
-  constexpr int kMaxNv = 8;
-  constexpr int kXv = CC > W ? CC / W : 1;
-  if constexpr ((CC <= W || CC == 2 * W) && NV % kXv == 0 && NV <= kMaxNv) {
+  if constexpr (bsr_blockrow_vec_takes<CC, NV>()) {
     bsr_spmv_blockrow_vec<CC, NV>(idx, val, s, e, xs, out);
     return true;
   }

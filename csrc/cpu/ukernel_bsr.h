@@ -46,6 +46,17 @@ inline void bsr_spmv_blockrow(const IT* idx, const VT* val, int64_t s, int64_t e
 }
 
 #if defined(SPARSEKIT_ISA_AVX512) || defined(SPARSEKIT_ISA_AVX2)
+// The block shapes bsr_spmv_blockrow_vec takes: r x CC blocks of NV vectors with CC = 4, 8 or 16
+// at most 2W (x then takes CC / W vectors, which must divide NV) and NV <= 8. Eight accumulators
+// leave room for x in 16 ymm; on AVX-512, 16 (16x16 blocks) fit too but measured 10-20% slower
+// than bsr_spmv_blockrow (the 256-lane reduction per block row; docs/kernels.md, Zen 4).
+template <int CC, int NV>
+constexpr bool bsr_blockrow_vec_takes() {
+  constexpr int W = Vec::W;
+  return (CC == 4 || CC == 8 || CC == 16) && (CC <= W || CC == 2 * W) && NV >= 1 && NV <= 8 &&
+         NV % (CC > W ? CC / W : 1) == 0;
+}
+
 // Contract (N = 1, one full block row, blocks of NV whole vectors: bsr_spmv_blockrow_vec).
 // Computes out[i] = sum_{b in [s, e)} sum_{j < CC} to_f32(val[(b * r + i) * CC + j]) *
 // xs[idx[b] * CC + j] for i < r, in fp32, overwriting out. Sizes: r x CC blocks with
@@ -61,12 +72,10 @@ template <int CC, int NV, class VT, class IT>
 inline void bsr_spmv_blockrow_vec(const IT* idx, const VT* val, int64_t s, int64_t e,
                                   const float* xs, float* out) {
   constexpr int W = Vec::W;
-  static_assert((CC == 4 || CC == 8 || CC == 16) && (CC <= W || CC == 2 * W),
-                "bsr_spmv_blockrow_vec: CC must be 4, 8 or 16, at most 2W");
+  static_assert(bsr_blockrow_vec_takes<CC, NV>(), "bsr_spmv_blockrow_vec: unsupported shape");
   constexpr int kXv = CC > W ? CC / W : 1;  // x vectors per block column range
   constexpr int kBlock = NV * W;             // values per block
   constexpr int R = kBlock / CC;
-  static_assert(NV % kXv == 0 && R * CC == kBlock, "bsr_spmv_blockrow_vec: NV * W = r * CC");
   // Blocks of fewer than 4 vectors take turns over U sets of accumulators, so at least 4
   // multiply-add chains hide the FMA latency.
   constexpr int U = NV >= 4 ? 1 : 4 / NV;
