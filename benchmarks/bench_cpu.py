@@ -29,7 +29,9 @@ planned kernel does (hardware gathers, or the scalar-load assembly of ``csr_spmv
 reads no values (``BoundMatrix.gather_probe``): the records keep its time, its fetch
 and the figure a kernel overlapping its memory stream and its x fetches perfectly would reach,
 running at the slower of the two floors (``floor_fraction``; ``floor_ratio``: the fp32 kernel's
-time over that floor of the bf16 matrix; ``x_fetch``: how the probe fetched x).
+time over that floor of the bf16 matrix; ``x_fetch``: how the probe fetched x). BSR matrices
+(4x4, 8x8 and 1x16 blocks, 90%) share the 4096-row N = 1 rounds: the record's ``bsr_n1`` keeps
+their ratios to the fastest dense GEMV and to CSR (not targets).
 ``--processes N`` repeats the measurement in N fresh processes (a process's memory placement
 moves its ratios by up to ~10%) and reports each figure from the process with the median value,
 with every process's value. Writes
@@ -55,6 +57,9 @@ from sparsekit.threads import get_num_threads
 from sparsekit.timing import Stats, measure_interleaved
 
 BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
+# Block shapes timed at N = 1 (90%, 4096x4096) in the N = 1 rounds: SparseLinear's default
+# (4x4), a square one and a single-row one. Recorded next to the targets, not a target.
+BSR_N1_BLOCKS = [(4, 4), (8, 8), (1, 16)]
 # Contenders timed apart from the rounds (numpy's OpenBLAS): alternating blocks against the
 # fastest dense path of the rounds, each block after this many idle seconds (OpenBLAS's workers
 # spin for about 2^28 cycles, ~0.1 s, after a call before they sleep).
@@ -230,7 +235,8 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
     for M, K in shapes_n1:
         if c.interleave:
             c.interleaved(M, K, 1, [(sp, None, f32) for sp in (0.5, 0.7, 0.8, 0.9, 0.95)]
-                          + [(0.9, None, bf16)])
+                          + [(0.9, None, bf16)]
+                          + [(0.9, blk, f32) for blk in (BSR_N1_BLOCKS if M == K else [])])
         d = c.dense_best(M, K, 1)
         s90 = c.sparse_s(M, K, 0.9, 1)
         add(f"N1-90-{M}", f"{M}x{K} 90% N=1 fp32 vs best dense", d["best_s"] / s90["s"], 4.5,
@@ -297,6 +303,24 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
     return out
 
 
+def bsr_n1(c: Cache) -> list[dict]:
+    """BSR at N = 1, 90%, 4096x4096, per block shape of :data:`BSR_N1_BLOCKS`: against the
+    fastest dense GEMV and against CSR (fp32 values) of the same sparsity, same rounds."""
+    M = K = 4096
+    d, csr = c.dense_best(M, K, 1), c.sparse_s(M, K, 0.9, 1)
+    rows = []
+    for r, cc in BSR_N1_BLOCKS:
+        s = c.sparse_s(M, K, 0.9, 1, block=(r, cc))
+        rows.append({"block": f"{r}x{cc}", "sparse_ms": s["s"] * 1e3,
+                     "best_dense": d["best"], "best_dense_ms": d["best_s"] * 1e3,
+                     "speedup_vs_best": d["best_s"] / s["s"], "vs_csr": csr["s"] / s["s"],
+                     "achieved_GBps": s["bytes"] / s["s"] / 1e9, "variant": s["variant"]})
+        c.log(f"  BSR {r}x{cc} 90% N=1: {rows[-1]['speedup_vs_best']:.2f}x vs best dense, "
+              f"{rows[-1]['vs_csr']:.2f}x vs CSR, {rows[-1]['achieved_GBps']:.1f} GB/s "
+              f"compressed, variant {s['variant']}")
+    return rows
+
+
 def sweep(c: Cache, sparsities, batches) -> list[dict]:
     rows = []
     M, K = 4096, 4096
@@ -344,9 +368,10 @@ def measure(a: argparse.Namespace, min_time: float) -> dict[str, Any]:
     with H.threads_for_all(a.threads):
         shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096)]
         tg = targets(c, shapes)
+        bn1 = bsr_n1(c)
         sps = [0.5, 0.8, 0.9, 0.95] if a.quick else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
         sw = sweep(c, sps, [1, 2, 4, 8, 32, 128])
-    return {"targets": tg, "sweep": sw, "plans": planner.plans(),
+    return {"targets": tg, "sweep": sw, "bsr_n1": bn1, "plans": planner.plans(),
             "dense": {f"{k[0]}x{k[1]} N={k[2]}": v for k, v in c.dense.items()}}
 
 
@@ -372,12 +397,14 @@ def merge_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
         t["per_process"] = [rec["value"] for rec in recs]
         t["pass"] = t["value"] >= t["need"]
         tg.append(t)
-    sw = []
-    for i in range(len(runs[0]["sweep"])):
-        row = dict(_median_record([r["sweep"][i] for r in runs], "speedup_vs_best"))
-        row["per_process_speedup_vs_best"] = [r["sweep"][i]["speedup_vs_best"] for r in runs]
-        sw.append(row)
-    merged["targets"], merged["sweep"] = tg, sw
+    merged["targets"] = tg
+    for key in ("sweep", "bsr_n1"):  # rows by position: the median speedup's record
+        merged[key] = []
+        for i in range(len(runs[0].get(key, []))):
+            recs = [r[key][i] for r in runs]
+            row = dict(_median_record(recs, "speedup_vs_best"))
+            row["per_process_speedup_vs_best"] = [rec["speedup_vs_best"] for rec in recs]
+            merged[key].append(row)
     return merged
 
 
@@ -460,6 +487,10 @@ def main(argv=None) -> int:
                   if "per_process" in t else "")
         print(f"{t['target']:<58} {t['value']:6.2f}x {t['need']:4.2f}x {verdict} {vf:>8} {gb:>6} "
               f"{t.get('variant') or ''}{spread}")
+    for r in res["bsr_n1"]:
+        print(f"{'4096x4096 BSR ' + r['block'] + ' 90% N=1 vs best dense (not a target)':<58} "
+              f"{r['speedup_vs_best']:6.2f}x {r['vs_csr']:5.2f}x vs CSR {r['achieved_GBps']:6.1f} "
+              f"{r['variant']}")
     meta: dict[str, Any] = {
         "benchmark": "bench_cpu", "argv": argv, "threads": a.threads, "machine": info,
         "copy_bandwidth_gbs": copy_bw, "load_avg_start": load0, "load_avg_end": load1,
@@ -467,7 +498,7 @@ def main(argv=None) -> int:
         "isa_path": _C.cpu_isa(), "cpu_model": info.get("cpu_model"),
         "machine_shared": H.others_loaded(load0, load1, a.threads),
         "plans": res["plans"], "processes": a.processes,
-        "targets": tg, "dense": res["dense"],
+        "targets": tg, "bsr_n1": res["bsr_n1"], "dense": res["dense"],
         "method": "median wall time; weights rotating over > 2x LLC; baselines from this run"
                   + ("; each target's dense and sparse candidates timed round-robin"
                      if a.interleave else "")

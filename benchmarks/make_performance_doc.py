@@ -135,6 +135,25 @@ def sweep_table(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def bsr_n1_table(d: dict[str, Any]) -> list[str]:
+    """BSR at N = 1 (90%, 4096x4096) per block shape, from runs that timed it."""
+    rows = d.get("bsr_n1") or []
+    if not rows:
+        return []
+    spread = any("per_process_speedup_vs_best" in r for r in rows)
+    out = ["| block | vs best dense | vs CSR (fp32 values) | GB/s compressed | variant |"
+           + (" processes |" if spread else ""),
+           "|---|---|---|---|---|" + ("---|" if spread else "")]
+    for r in rows:
+        pp = r.get("per_process_speedup_vs_best")
+        out.append(f"| {r['block']} | {r['speedup_vs_best']:.2f}x | {r['vs_csr']:.2f}x | "
+                   f"{r['achieved_GBps']:.1f} | "
+                   # "auto": no planned variant (BSR at N = 1 has one kernel, by block shape)
+                   f"{'built-in' if r['variant'] == 'auto' else r['variant']} |"
+                   + (f" {min(pp):.2f}-{max(pp):.2f}x |" if pp else (" |" if spread else "")))
+    return out
+
+
 def model_table(runs: list[tuple[Path, dict[str, Any]]]) -> list[str]:
     out = ["| tokens per call | threads | layers sparse | best dense | dense ms | sparse ms "
            "| vs best dense | vs nn.Linear | file |", "|---|---|---|---|---|---|---|---|---|"]
@@ -240,6 +259,10 @@ def render() -> tuple[str, str]:
         doc += targets_table(d) + [""]
         doc += ["Speedup against the fastest dense path, 4096x4096 fp32 CSR, by sparsity and "
                 "batch N (same run):", ""] + sweep_table(d) + [""]
+        if d.get("bsr_n1"):
+            doc += ["Block-sparse (BSR) at N = 1, 4096x4096 at 90%, fp32 values, timed in the "
+                    "same rounds as the N = 1 targets (recorded, not a target):", ""]
+            doc += bsr_n1_table(d) + [""]
         headline = [f"4096x4096 layer, C++ kernels, {d['threads']} threads, "
                     f"{d['machine'].get('cpu_model')} ({d['machine'].get('cores_logical')} "
                     f"logical CPUs, {d['machine'].get('sparsekit', {}).get('cpp_isa')}), from "

@@ -232,7 +232,8 @@ def test_bench_cpu_merges_processes_by_median_record():
         tg = [{"id": f"t{i}", "value": v, "need": 1.0, "pass": v >= 1.0, "variant": f"v{p}",
                "sparse_ms": 10.0 * p + i} for i, v in enumerate(vals)]
         sw = [{"N": 1, "sparsity": 0.9, "speedup_vs_best": vals[0] * 2, "sparse_ms": float(p)}]
-        runs.append({"targets": tg, "sweep": sw, "plans": {"p": p}, "dense": {}})
+        bn1 = [{"block": "4x4", "speedup_vs_best": vals[1] * 3, "variant": f"b{p}"}]
+        runs.append({"targets": tg, "sweep": sw, "bsr_n1": bn1, "plans": {"p": p}, "dense": {}})
     merged = bench_cpu.merge_processes(runs)
     for i, t in enumerate(merged["targets"]):
         col = [values[p][i] for p in range(5)]
@@ -244,6 +245,11 @@ def test_bench_cpu_merges_processes_by_median_record():
     row = merged["sweep"][0]
     want0 = sorted(values[p][0] for p in range(5))[2]
     assert row["speedup_vs_best"] == want0 * 2
+    col1 = [values[p][1] for p in range(5)]
+    b = merged["bsr_n1"][0]
+    assert b["speedup_vs_best"] == sorted(col1)[2] * 3
+    assert b["variant"] == f"b{col1.index(sorted(col1)[2])}"
+    assert b["per_process_speedup_vs_best"] == [v * 3 for v in col1]
     assert len(merged["plans"]) == 5
     runs[3]["targets"][1]["id"] = "other"
     with pytest.raises(RuntimeError, match="disagree on target 1"):
