@@ -57,9 +57,11 @@ from sparsekit.threads import get_num_threads
 from sparsekit.timing import Stats, measure_interleaved
 
 BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
-# Block shapes timed at N = 1 (90%, 4096x4096) in the N = 1 rounds: SparseLinear's default
-# (4x4), a square one and a single-row one. Recorded next to the targets, not a target.
+# Block shapes timed at N = 1 (90%, layer BSR_N1_SHAPE) in that shape's N = 1 rounds:
+# SparseLinear's default (4x4), a square one and a single-row one. Recorded next to the targets,
+# not a target.
 BSR_N1_BLOCKS = [(4, 4), (8, 8), (1, 16)]
+BSR_N1_SHAPE = (4096, 4096)
 # Contenders timed apart from the rounds (numpy's OpenBLAS): alternating blocks against the
 # fastest dense path of the rounds, each block after this many idle seconds (OpenBLAS's workers
 # spin for about 2^28 cycles, ~0.1 s, after a call before they sleep).
@@ -236,7 +238,8 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
         if c.interleave:
             c.interleaved(M, K, 1, [(sp, None, f32) for sp in (0.5, 0.7, 0.8, 0.9, 0.95)]
                           + [(0.9, None, bf16)]
-                          + [(0.9, blk, f32) for blk in (BSR_N1_BLOCKS if M == K else [])])
+                          + [(0.9, blk, f32)
+                             for blk in (BSR_N1_BLOCKS if (M, K) == BSR_N1_SHAPE else [])])
         d = c.dense_best(M, K, 1)
         s90 = c.sparse_s(M, K, 0.9, 1)
         add(f"N1-90-{M}", f"{M}x{K} 90% N=1 fp32 vs best dense", d["best_s"] / s90["s"], 4.5,
@@ -304,9 +307,10 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
 
 
 def bsr_n1(c: Cache) -> list[dict]:
-    """BSR at N = 1, 90%, 4096x4096, per block shape of :data:`BSR_N1_BLOCKS`: against the
-    fastest dense GEMV and against CSR (fp32 values) of the same sparsity, same rounds."""
-    M = K = 4096
+    """BSR at N = 1, 90%, layer :data:`BSR_N1_SHAPE`, per block shape of :data:`BSR_N1_BLOCKS`:
+    against the fastest dense GEMV and against CSR (fp32 values) of the same sparsity, same
+    rounds."""
+    M, K = BSR_N1_SHAPE
     d, csr = c.dense_best(M, K, 1), c.sparse_s(M, K, 0.9, 1)
     rows = []
     for r, cc in BSR_N1_BLOCKS:
@@ -488,7 +492,8 @@ def main(argv=None) -> int:
         print(f"{t['target']:<58} {t['value']:6.2f}x {t['need']:4.2f}x {verdict} {vf:>8} {gb:>6} "
               f"{t.get('variant') or ''}{spread}")
     for r in res["bsr_n1"]:
-        print(f"{'4096x4096 BSR ' + r['block'] + ' 90% N=1 vs best dense (not a target)':<58} "
+        label = f"{BSR_N1_SHAPE[0]}x{BSR_N1_SHAPE[1]} BSR {r['block']} 90% N=1 vs best dense"
+        print(f"{label + ' (not a target)':<58} "
               f"{r['speedup_vs_best']:6.2f}x {r['vs_csr']:5.2f}x vs CSR {r['achieved_GBps']:6.1f} "
               f"{r['variant']}")
     meta: dict[str, Any] = {

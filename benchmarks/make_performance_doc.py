@@ -136,7 +136,7 @@ def sweep_table(d: dict[str, Any]) -> list[str]:
 
 
 def bsr_n1_table(d: dict[str, Any]) -> list[str]:
-    """BSR at N = 1 (90%, 4096x4096) per block shape, from runs that timed it."""
+    """BSR at N = 1 (90%, 4096x4096) per block shape; no rows for runs that did not time it."""
     rows = d.get("bsr_n1") or []
     if not rows:
         return []
@@ -259,10 +259,11 @@ def render() -> tuple[str, str]:
         doc += targets_table(d) + [""]
         doc += ["Speedup against the fastest dense path, 4096x4096 fp32 CSR, by sparsity and "
                 "batch N (same run):", ""] + sweep_table(d) + [""]
-        if d.get("bsr_n1"):
+        bsr_rows = bsr_n1_table(d)
+        if bsr_rows:
             doc += ["Block-sparse (BSR) at N = 1, 4096x4096 at 90%, fp32 values, timed in the "
                     "same rounds as the N = 1 targets (recorded, not a target):", ""]
-            doc += bsr_n1_table(d) + [""]
+            doc += bsr_rows + [""]
         headline = [f"4096x4096 layer, C++ kernels, {d['threads']} threads, "
                     f"{d['machine'].get('cpu_model')} ({d['machine'].get('cores_logical')} "
                     f"logical CPUs, {d['machine'].get('sparsekit', {}).get('cpp_isa')}), from "
