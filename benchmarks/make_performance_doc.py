@@ -54,13 +54,22 @@ def _native_isa(d: dict[str, Any]) -> bool:
     return isa == best
 
 
+def _hugepages(d: dict[str, Any]) -> bool:
+    """True when a run's tensors of 2 MiB or more were on huge pages (PyTorch's
+    ``THP_MEM_ALLOC_ENABLE=1``, or the kernel's ``always`` mode): not the default set-up."""
+    m = d["machine"]
+    return (m.get("env", {}).get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0")
+            or m.get("transparent_hugepage") == "always")
+
+
 def _latest_headline_run() -> tuple[Path, dict[str, Any]] | None:
-    """The newest full wall-clock bench_cpu run at 2 threads on its machine's native ISA path."""
+    """The newest full wall-clock bench_cpu run at 2 threads on its machine's native ISA path,
+    in the default memory set-up (no huge pages)."""
     for p in sorted(RESULTS.glob("cpu-*.json"), key=_stamp, reverse=True):
         d = _load(p)
         if (d.get("benchmark", "bench_cpu") == "bench_cpu" and d.get("clock") == "wall"
                 and d.get("threads") == 2 and "--quick" not in d.get("argv", [])
-                and _native_isa(d)):
+                and _native_isa(d) and not _hugepages(d)):
             return p, d
     return None
 
@@ -81,7 +90,9 @@ def machine_line(m: dict[str, Any], threads: int, clock: str) -> str:
     return (f"{m.get('cpu_model', '?')} ({m.get('cpu_family_model', '?')}), "
             f"{m.get('cores_logical', '?')} logical CPUs, LLC {llc:.0f} MiB, sparsekit ISA path "
             f"{isa}; {threads} thread(s), {clock} clock; torch {versions.get('torch', '?')}; "
-            f"copy bandwidth {m.get('copy_bandwidth_gbs', '?')} GB/s; load average "
+            f"copy bandwidth {m.get('copy_bandwidth_gbs', '?')} GB/s; "
+            + ("tensors on huge pages; " if _hugepages({"machine": m}) else "")
+            + "load average "
             f"{[round(v, 1) for v in m.get('load_avg', [])]}")
 
 
@@ -189,19 +200,22 @@ MACHINE_COLS = (("N1-90-4096", "N=1 90%"), ("N1-70-4096", "N=1 70%"), ("N1-50-40
                 ("N128-80", "N=128 80%"), ("BSR-N128-90", "BSR N=128 90%"))
 
 
-def machines_table() -> list[str]:
-    """One row per (CPU, ISA path): the newest wall-clock bench_cpu run of each."""
-    newest: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+def machines_table(hugepages: bool = True) -> list[str]:
+    """One row per (CPU, ISA path, huge pages or not): the newest wall-clock bench_cpu run of
+    each; ``hugepages=False`` leaves out the runs made with tensors on huge pages."""
+    newest: dict[tuple[str, str, bool], tuple[Path, dict[str, Any]]] = {}
     for p in sorted(RESULTS.glob("cpu-*.json")):
         d = _load(p)
-        if d.get("benchmark", "bench_cpu") != "bench_cpu" or d.get("clock") != "wall":
+        if (d.get("benchmark", "bench_cpu") != "bench_cpu" or d.get("clock") != "wall"
+                or (_hugepages(d) and not hugepages)):
             continue
         m = d["machine"]
         isa = d.get("isa_path") or m.get("sparsekit", {}).get("cpp_isa", "?")
-        newest[(f"{m.get('cpu_model', '?')} ({m.get('cpu_family_model', '?')})", isa)] = (p, d)
+        cpu = f"{m.get('cpu_model', '?')} ({m.get('cpu_family_model', '?')})"
+        newest[(cpu, isa, _hugepages(d))] = (p, d)
     out = ["| CPU | ISA path | threads | " + " | ".join(h for _, h in MACHINE_COLS)
            + " | N=1 variant | file |", "|---|---|---|" + "---|" * len(MACHINE_COLS) + "---|---|"]
-    for (cpu, isa), (p, d) in sorted(newest.items()):
+    for (cpu, isa, huge), (p, d) in sorted(newest.items()):
         by_id = {t["id"]: t for t in d["targets"]}
         cells = []
         for tid, _ in MACHINE_COLS:
@@ -214,6 +228,8 @@ def machines_table() -> list[str]:
             notes.append("quick")
         if d.get("machine_shared"):
             notes.append("shared machine")
+        if huge:
+            notes.append("tensors on huge pages")
         note = f" ({', '.join(notes)})" if notes else ""
         out.append(f"| {cpu} | {isa} | {d['threads']} | " + " | ".join(cells)
                    + f" | {variant} | `{p.name}`{note} |")
@@ -276,10 +292,13 @@ def render() -> tuple[str, str]:
                 "run, and the kernel variant the planner chose at N=1 (`built-in` for runs made "
                 "before the planner existed; `<variant>@avx2`: the AVX2 build of that variant, "
                 "which the planner also times on AVX-512 machines). Runs marked shared were "
-                "taken while other jobs loaded the machine.", ""] + machines + [""]
+                "taken while other jobs loaded the machine; runs marked huge pages were made "
+                "with `THP_MEM_ALLOC_ENABLE=1` (PyTorch puts every tensor of 2 MiB or more, "
+                "dense and sparse weights alike, on transparent huge pages).", ""]
+        doc += machines + [""]
         headline += ["", "Every machine measured, with the kernel variant the planner chose "
                      "([docs/performance.md](docs/performance.md#machines-measured)):", ""]
-        headline += machines
+        headline += machines_table(hugepages=False)
     if cpu:
         p, d = cpu
         doc += [f"## Same cases, 1 thread, CPU time, `{_rel(p)}`", "",

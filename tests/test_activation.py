@@ -305,6 +305,50 @@ def test_sparsify_fusion_off_and_sequential_subclasses():
     torch.testing.assert_close(lone(x), torch.relu(dense[0](x)), rtol=1e-5, atol=1e-5)
 
 
+def test_sparsify_tunes_a_fusable_layer_with_its_relu(monkeypatch):
+    """With tuning, a layer followed by a ReLU it would be fused with is timed with that ReLU
+    (dense: the ReLU's call after the layer; sparse: fused), every other layer without; the
+    decisions are cached apart, and the tuned model computes what the dense one does."""
+    import importlib
+
+    sparsify_mod = importlib.import_module("sparsekit.nn.sparsify")  # the module, not the function
+    seen: dict[int, object] = {}
+    real = sparsify_mod._measure_layer
+
+    def spy(lin, *args, **kwargs):
+        relu = args[5] if len(args) > 5 else kwargs.get("relu")
+        seen[id(lin)] = relu
+        dense_t, sparse_t = real(lin, *args, **kwargs)
+        if relu is not None:  # the sparse candidates ran with the ReLU in their epilogue
+            assert sparse_t and all(t > 0 for t in sparse_t.values())
+        return dense_t, sparse_t
+
+    monkeypatch.setattr(sparsify_mod, "_measure_layer", spy)
+    dense = _pruned_mlp(3)
+    model = copy.deepcopy(dense)
+    ids = {n: id(model.get_submodule(n)) for n in ("0", "2", "4.0", "5")}
+    sparsify_mod.clear_tune_cache()
+    rep = sparsekit.sparsify(model, batch_sizes=(1, 4))
+    acts = {n: seen[i] for n, i in ids.items()}
+    assert type(acts["0"]) is nn.ReLU and not acts["0"].inplace
+    assert type(acts["2"]) is nn.ReLU and acts["2"].inplace
+    assert type(acts["4.0"]) is nn.ReLU and acts["5"] is None
+    reasons = {r.name: r.reason for r in rep.layers}
+    assert "next ReLU" in reasons["0"] and "next ReLU" not in reasons["5"]
+    x = random_x((3, 64), seed=4)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert len(seen) == 4
+    # without fusion nothing is timed with a ReLU: the three layers measured with one are
+    # measured again (their cache entries are apart), the last one comes from the cache
+    seen.clear()
+    plain = copy.deepcopy(dense)
+    rep = sparsekit.sparsify(plain, batch_sizes=(1, 4), fuse_activations=False)
+    assert len(seen) == 3 and all(v is None for v in seen.values())
+    assert [r.from_cache for r in rep.layers] == [False, False, False, True]
+    sparsify_mod.clear_tune_cache()
+
+
 def test_save_load_keeps_the_models_fusion(tmp_path):
     dense = _pruned_mlp(2)
     fused = copy.deepcopy(dense)

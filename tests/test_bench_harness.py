@@ -200,12 +200,25 @@ def test_machine_info_keys_and_json():
     assert set(info["versions"]) >= {"torch", "numpy", "scipy", "numba"}
     assert set(info["sparsekit"]) >= {"version", "backends", "cpp_isa"}
     assert info["date_utc"].endswith("Z")
+    assert info["transparent_hugepage"] in (None, "always", "madvise", "never")
     json.dumps(info)  # must be serialisable as-is
     # bandwidth on a small buffer (cached per arguments) is a positive finite number
     bw = h.copy_bandwidth_gbs(nbytes=8 * 2**20, num_threads=1)
     assert math.isfinite(bw) and bw > 0
     with pytest.raises(ValueError, match="nbytes"):
         h.copy_bandwidth_gbs(nbytes=0)
+
+
+def test_machine_info_records_hugepage_settings(monkeypatch):
+    """The huge page settings change what a streaming kernel measures: the kernel's mode is
+    read from its bracketed choice, and PyTorch's allocator switch is kept with the env."""
+    from sparsekit.bench import machine
+
+    assert machine.bracketed_choice("always [madvise] never\n") == "madvise"
+    assert machine.bracketed_choice("[always] madvise never") == "always"
+    assert machine.bracketed_choice("no brackets") is None
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert h.machine_info(num_threads=1, bandwidth=False)["env"]["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
 def test_dense_contenders_names_subset():

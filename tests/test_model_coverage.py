@@ -4,6 +4,7 @@ compared with the masked dense model (and a float64 reference for the single mod
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -137,6 +138,43 @@ def test_hf_conv1d_transposed_weight():
     assert [lr.status for lr in out.layers] == ["converted", "converted"]
     assert all(isinstance(model[i], SparseLinear) for i in (0, 2))
     x = torch.randn(4, 97)
+    with torch.no_grad():
+        _close(model(x), ref(x))
+
+
+def test_tuned_layers_are_judged_against_their_own_dense_formulation():
+    """A kept-dense layer runs what it ran before, so each layer's decision is made against
+    that formulation: F.linear for nn.Linear, the addmm on the stored (in, out) weight for a
+    transformers Conv1D; the report names it and its speedup is against it."""
+    from transformers.pytorch_utils import Conv1D
+
+    pick = importlib.import_module("sparsekit.nn.sparsify")._pick  # the module, not the function
+    cands = [("csr", None)]
+    dense_t = {"F.linear": 10.0, "matmul(W.T)": 6.0}
+    assert pick(cands, dense_t, {"csr": 8.0}, 0.05, "F.linear")[0] == "csr"
+    assert pick(cands, dense_t, {"csr": 8.0}, 0.05, "matmul(W.T)")[0] == "dense"
+    assert pick(cands, dense_t, {"csr": 8.0}, 0.05)[0] == "dense"  # unnamed: the fastest
+    assert pick(cands, dense_t, {"csr": 9.6}, 0.05, "F.linear")[0] == "dense"  # within margin
+
+    torch.manual_seed(6)
+    model = nn.Sequential(Conv1D(64, 96), nn.GELU(), nn.Linear(64, 32))
+    with torch.no_grad():
+        for m in model:
+            if hasattr(m, "weight"):
+                m.weight.mul_((torch.rand_like(m.weight) > 0.9).float())
+    ref = copy.deepcopy(model)
+    rep = sparsify(model, batch_sizes=(1,), cache=False)
+    conv, lin = rep.layers
+    assert conv.dense_formulation == "matmul(W.T)" and lin.dense_formulation == "F.linear"
+    for lr in (conv, lin):
+        assert set(lr.dense_times) == {"F.linear", "matmul(W.T)"}
+        assert lr.dense_time == lr.dense_times[lr.dense_formulation]
+        assert lr.to_dict()["dense_time"] == lr.dense_time
+        if lr.choice == "dense":
+            assert lr.speedup == 1.0
+        else:
+            assert lr.speedup == lr.dense_time / lr.chosen_time > 1.0
+    x = torch.randn(4, 96)
     with torch.no_grad():
         _close(model(x), ref(x))
 

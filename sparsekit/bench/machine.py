@@ -52,6 +52,7 @@ _RECORDED_ENV = (
     "DNNL_MAX_CPU_ISA",
     "ONEDNN_MAX_CPU_ISA",
     "ATEN_CPU_CAPABILITY",
+    "THP_MEM_ALLOC_ENABLE",  # PyTorch's allocator: tensors >= 2 MiB on transparent huge pages
 )
 
 def reexec_without_openblas_overrides(argv: Sequence[str] | None = None) -> None:
@@ -163,6 +164,24 @@ def _blas_info() -> list[dict[str, Any]]:
         return []
 
 
+def transparent_hugepage_mode() -> str | None:
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``; Linux),
+    else None. With ``madvise`` only memory a program asks for gets huge pages, e.g. PyTorch's
+    tensors of 2 MiB or more when ``THP_MEM_ALLOC_ENABLE=1`` (recorded in ``env``)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return bracketed_choice(text)
+
+
+def bracketed_choice(text: str) -> str | None:
+    """The selected word of a Linux sysfs choice list (``"always [madvise] never"`` ->
+    ``"madvise"``), else None."""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
 def machine_info(num_threads: int | None = None, *, bandwidth: bool = True) -> dict[str, Any]:
     """Describe the machine and software a benchmark ran on (JSON-serialisable).
 
@@ -179,8 +198,8 @@ def machine_info(num_threads: int | None = None, *, bandwidth: bool = True) -> d
     -------
     dict
         Keys: ``cpu_model, cpu_family_model, isa_flags, cores_logical, cores_physical,
-        affinity, num_threads, llc_bytes, copy_bandwidth_gbs, load_avg, os, kernel, python,
-        versions, sparsekit, blas, env, gpu, date_utc, git``.
+        affinity, num_threads, llc_bytes, copy_bandwidth_gbs, load_avg, os, kernel,
+        transparent_hugepage, python, versions, sparsekit, blas, env, gpu, date_utc, git``.
     """
     if num_threads is None:
         num_threads = torch.get_num_threads()
@@ -228,6 +247,7 @@ def machine_info(num_threads: int | None = None, *, bandwidth: bool = True) -> d
         "load_avg": load,
         "os": platform.platform(),
         "kernel": platform.release(),
+        "transparent_hugepage": transparent_hugepage_mode(),
         "python": platform.python_version(),
         "versions": {
             "torch": torch.__version__,

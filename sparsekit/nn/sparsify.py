@@ -116,7 +116,11 @@ class LayerReport:
     slower, below ``min_sparsity``, excluded / filtered out) or ``"unsupported"`` (no sparse
     path for this module; ``reason`` says why). ``shape`` is the ``(out, K)`` matrix shape
     (empty for unsupported modules). Times are medians in seconds, summed over the requested
-    batch sizes (None: not measured). ``speedup`` = best dense time / chosen time.
+    batch sizes (None: not measured). ``dense_formulation`` names the dense time the decision
+    was made against: the formulation the module itself runs (``"F.linear"`` for ``nn.Linear``
+    and attention projections, ``"matmul(W.T)"`` for ``transformers``' ``Conv1D``, whose
+    weight is stored transposed); ``speedup`` = that time / chosen time, what converting
+    gained. ``best_dense_time`` is the fastest dense formulation measured.
     """
 
     name: str
@@ -132,6 +136,7 @@ class LayerReport:
     status: str = ""
     #: int8 quantization error of the stored weights (``CSRMatrix.quantization``), or None.
     quantization: dict[str, float] | None = None
+    dense_formulation: str = ""
 
     def __post_init__(self) -> None:
         if not self.status:
@@ -142,14 +147,21 @@ class LayerReport:
         return min(self.dense_times.values()) if self.dense_times else None
 
     @property
+    def dense_time(self) -> float | None:
+        """The time of the module's own dense formulation (``dense_formulation``; the fastest
+        one measured where it is not named)."""
+        t = self.dense_times.get(self.dense_formulation)
+        return self.best_dense_time if t is None else t
+
+    @property
     def chosen_time(self) -> float | None:
         if self.choice == "dense":
-            return self.best_dense_time
+            return self.dense_time
         return self.sparse_times.get(_variant_name(self.choice, self.blocksize))
 
     @property
     def speedup(self) -> float | None:
-        d, c = self.best_dense_time, self.chosen_time
+        d, c = self.dense_time, self.chosen_time
         if d is None or c is None or c <= 0:
             return None
         return d / c
@@ -160,6 +172,7 @@ class LayerReport:
         d["status"] = self.status
         d["blocksize"] = None if self.blocksize is None else list(self.blocksize)
         d["best_dense_time"] = self.best_dense_time
+        d["dense_time"] = self.dense_time
         d["chosen_time"] = self.chosen_time
         d["speedup"] = self.speedup
         return d
@@ -224,7 +237,7 @@ class SparsifyReport:
                  "speedup", "note")]
         for lr in self.layers:
             choice = _variant_name(lr.choice, lr.blocksize)
-            d = lr.best_dense_time
+            d = lr.dense_time
             best_sparse = min(lr.sparse_times.values()) if lr.sparse_times else None
             sp = lr.speedup
             rows.append((
@@ -375,7 +388,12 @@ def _measure_layer(
     value_dtype: torch.dtype,
     backend: str,
     cold_bytes: int = 0,
+    relu: nn.ReLU | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median times (summed over ``batch_sizes``) of the dense formulations and of each sparse
+    candidate of ``lin``. ``relu``: the ``nn.ReLU`` that follows the layer where it would be
+    fused (:func:`_fuse_activations`): each formulation is then timed as the model would run
+    it, the dense ones followed by that ReLU, the sparse ones with the ReLU in their epilogue."""
     global _MEASUREMENTS
     _MEASUREMENTS += 1
     dev = lin.weight.device
@@ -388,7 +406,8 @@ def _measure_layer(
     mods = {}
     for fmt, bs in cands:
         mods[_variant_name(fmt, bs)] = SparseLinear.from_dense(
-            lin, format=fmt, blocksize=bs, value_dtype=value_dtype, backend=backend
+            lin, format=fmt, blocksize=bs, value_dtype=value_dtype, backend=backend,
+            activation=None if relu is None else "relu",
         )
         sparse[_variant_name(fmt, bs)] = 0.0
     dense_bytes = w.numel() * w.element_size()
@@ -408,13 +427,21 @@ def _measure_layer(
     with torch.inference_mode():
         for n in batch_sizes:
             x = torch.randn((n, lin.in_features), generator=gen).to(device=dev, dtype=w.dtype)
-            fns: dict[str, Callable[[int], Any]] = {
-                "F.linear": lambda _i, x=x: F.linear(x, next_w(), b)
-            }
-            if b is None:
-                fns["matmul(W.T)"] = lambda _i, x=x: torch.matmul(x, next_wt())
-            else:
-                fns["matmul(W.T)"] = lambda _i, x=x: torch.addmm(b, x, next_wt())
+            if relu is None:
+                fns: dict[str, Callable[[int], Any]] = {
+                    "F.linear": lambda _i, x=x: F.linear(x, next_w(), b)
+                }
+                if b is None:
+                    fns["matmul(W.T)"] = lambda _i, x=x: torch.matmul(x, next_wt())
+                else:
+                    fns["matmul(W.T)"] = lambda _i, x=x: torch.addmm(b, x, next_wt())
+            else:  # the ReLU's own call (its forward: F.relu with its inplace flag)
+                fns = {"F.linear": lambda _i, x=x: relu.forward(F.linear(x, next_w(), b))}
+                if b is None:
+                    fns["matmul(W.T)"] = lambda _i, x=x: relu.forward(torch.matmul(x, next_wt()))
+                else:
+                    fns["matmul(W.T)"] = lambda _i, x=x: relu.forward(
+                        torch.addmm(b, x, next_wt()))
             # forward(), not __call__: the dense side is F.linear, not nn.Linear.__call__, and
             # the module-call overhead (hooks dispatch, ~1-2 us) is the same whichever layer
             # the model ends up holding, so it must not count against the sparse one
@@ -604,7 +631,10 @@ def sparsify(
     max_fill : float
         Largest BSR fill ratio (stored entries / nonzeros) considered.
     margin : float
-        Sparse must beat the best dense formulation by this fraction to be chosen.
+        Sparse must beat the layer's own dense formulation by this fraction to be chosen: what
+        the module runs if it stays (``F.linear`` for ``nn.Linear`` and attention projections,
+        an ``addmm`` on the stored transposed weight for ``Conv1D``; the fastest dense
+        convolution for ``Conv2d``). Every dense formulation measured is in the report.
     cold : bool, optional
         Time each layer with its weights coming from memory (rotating copies beyond twice the
         last-level cache), as inside a model that does not fit in the cache. None (default):
@@ -622,7 +652,9 @@ def sparsify(
         its input through; the model computes the same, with one activation call less per
         layer. :func:`densify` puts the ReLU back. Subclasses of ``nn.Sequential`` (which may
         override ``forward``) and layers used more than once are left alone; a model that also
-        calls a fused layer outside its ``nn.Sequential`` needs ``False``.
+        calls a fused layer outside its ``nn.Sequential`` needs ``False``. With ``tune``, such
+        a layer is timed as the model would run it: dense followed by the ReLU's call, against
+        sparse with the ReLU fused (at batch 1 the saved call can decide the layer).
 
     Returns
     -------
@@ -673,7 +705,8 @@ def sparsify(
 
     def decide(name: str, w: Tensor, has_bias: bool, mtype: str,
                lin_factory: Callable[[], nn.Linear] | None,
-               conv: nn.Conv2d | None = None) -> LayerReport:
+               conv: nn.Conv2d | None = None, relu: nn.ReLU | None = None,
+               dense_formulation: str = "F.linear") -> LayerReport:
         m, k = w.shape
         mask = w != 0
         nnz = int(mask.sum())
@@ -718,6 +751,8 @@ def sparsify(
             "max_fill": max_fill,
             "margin": margin,
             "cold": cold_bytes > 0,
+            "relu": relu is not None,
+            "dense_formulation": dense_formulation,
             **_versions(),
         }
         key = _cache_key(key_obj)
@@ -730,9 +765,11 @@ def sparsify(
             cands = _candidates(mask, formats, blocksizes, max_fill)
             dense_t, sparse_t = _measure_layer(
                 lin_factory(), cands, batch_sizes, vdt, backend,
-                cold_bytes if w.device.type == "cpu" else 0,
+                cold_bytes if w.device.type == "cpu" else 0, relu,
             )
-            fmt, bs, why = _pick(cands, dense_t, sparse_t, margin)
+            fmt, bs, why = _pick(cands, dense_t, sparse_t, margin, dense_formulation)
+            if relu is not None:
+                why += " (timed with the next ReLU: fused when sparse)"
             dec = {"choice": fmt, "blocksize": None if bs is None else list(bs), "reason": why,
                    "dense_times": dense_t, "sparse_times": sparse_t}
             if use_cache:
@@ -741,12 +778,17 @@ def sparsify(
             with _CACHE_LOCK:
                 _MEM_CACHE[key] = dec
         bs = None if dec["blocksize"] is None else tuple(dec["blocksize"])
-        return row(dec["choice"], bs, dec["reason"], dict(dec["dense_times"]),
-                   dict(dec["sparse_times"]), from_cache)
+        report = row(dec["choice"], bs, dec["reason"], dict(dec["dense_times"]),
+                     dict(dec["sparse_times"]), from_cache)
+        report.dense_formulation = dense_formulation
+        return report
 
     def vdt_of(w: Tensor) -> torch.dtype:
         return value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
 
+    # The ReLU that _fuse_activations will fuse into each layer, if converted: tuning times
+    # the layer as the model will run it (dense + ReLU call, or sparse with the ReLU fused).
+    relu_after = dict(_fusable_relus(model)) if fuse_activations else {}
     layers: list[LayerReport] = []
     for name, mod in list(_iter_layers(model)):
         mtype = type(mod).__name__
@@ -804,10 +846,12 @@ def sparsify(
         bias = getattr(mod, "bias", None)
         bias = None if bias is None else bias.detach()
         if kind == "linear":
-            rep = decide(name, w2, bias is not None, mtype, lambda mod=mod: mod)
+            rep = decide(name, w2, bias is not None, mtype, lambda mod=mod: mod,
+                         relu=relu_after.get(id(mod)))
         elif kind == "conv1d_hf":
             rep = decide(name, w2, bias is not None, mtype,
-                         lambda w=w2, b=bias: linear_from_weight(w, b))
+                         lambda w=w2, b=bias: linear_from_weight(w, b),
+                         relu=relu_after.get(id(mod)), dense_formulation="matmul(W.T)")
         else:
             rep = decide(name, w2, bias is not None, mtype, None, conv=mod)
         layers.append(rep)
@@ -829,37 +873,60 @@ def sparsify(
     return SparsifyReport(layers, batch_sizes, bool(tune), fused)
 
 
-def _fuse_activations(model: nn.Module) -> list[tuple[str, str]]:
-    """Fuses each ``nn.ReLU`` that directly follows a :class:`SparseLinear` without an
-    activation in a plain ``nn.Sequential`` (whose forward calls its children in order, so the
-    ReLU's input is exactly the layer's output); returns the (layer, ReLU) names. A layer that
-    appears more than once in the model (a shared instance) is left alone: its other uses may
-    not be followed by the ReLU."""
+def _relu_pairs(
+    model: nn.Module,
+) -> list[tuple[nn.Sequential, str, str, nn.Module, str, nn.ReLU]]:
+    """``(sequential, its name, layer name, layer, ReLU name, ReLU)`` for every child of a plain
+    ``nn.Sequential`` (whose forward calls its children in order, so the ReLU's input is exactly
+    the layer's output) that is directly followed by an ``nn.ReLU`` and appears only once in
+    the model (a shared instance's other uses may not be followed by the ReLU)."""
     uses: dict[int, int] = {}
     for _n, mod in model.named_modules(remove_duplicate=False):
         uses[id(mod)] = uses.get(id(mod), 0) + 1
-    fused = []
+    pairs = []
     for name, seq in list(model.named_modules()):
         if type(seq) is not nn.Sequential:
             continue
         children = list(seq.named_children())
         for (lname, layer), (aname, act) in zip(children, children[1:]):
-            if (isinstance(layer, SparseLinear) and layer.activation is None
-                    and type(act) is nn.ReLU and uses[id(layer)] == 1):
-                layer.activation = "relu"
-                setattr(seq, aname, FusedActivation(act))
-                prefix = f"{name}." if name else ""
-                fused.append((prefix + lname, prefix + aname))
+            if type(act) is nn.ReLU and uses[id(layer)] == 1:
+                pairs.append((seq, name, lname, layer, aname, act))
+    return pairs
+
+
+def _fusable_relus(model: nn.Module) -> list[tuple[int, nn.ReLU]]:
+    """``(id(layer), relu)`` for each layer :func:`_fuse_activations` would fuse a ReLU into
+    once the layer is a :class:`SparseLinear` without an activation."""
+    return [(id(layer), act) for _s, _n, _l, layer, _a, act in _relu_pairs(model)
+            if not isinstance(layer, SparseLinear) or layer.activation is None]
+
+
+def _fuse_activations(model: nn.Module) -> list[tuple[str, str]]:
+    """Fuses each ``nn.ReLU`` that directly follows a :class:`SparseLinear` without an
+    activation (:func:`_relu_pairs`); returns the (layer, ReLU) names."""
+    fused = []
+    for seq, name, lname, layer, aname, act in _relu_pairs(model):
+        if isinstance(layer, SparseLinear) and layer.activation is None:
+            layer.activation = "relu"
+            setattr(seq, aname, FusedActivation(act))
+            prefix = f"{name}." if name else ""
+            fused.append((prefix + lname, prefix + aname))
     return fused
 
 
 def _pick(cands: list[tuple[str, tuple[int, int] | None]], dense_t: dict[str, float],
-          sparse_t: dict[str, float], margin: float) -> tuple[str, tuple[int, int] | None, str]:
-    best_dense = min(dense_t.values())
+          sparse_t: dict[str, float], margin: float, dense_formulation: str | None = None,
+          ) -> tuple[str, tuple[int, int] | None, str]:
+    """The fastest sparse candidate where it beats the dense time by ``margin``, else dense.
+    The dense time is ``dense_formulation``'s (what the module runs if it stays), or the
+    fastest dense time where none is named (convolutions)."""
+    dense = dense_t.get(dense_formulation) if dense_formulation else None
+    if dense is None:
+        dense = min(dense_t.values())
     if not sparse_t:
         return "dense", None, "no sparse candidate"
     vname = min(sparse_t, key=sparse_t.__getitem__)
-    if sparse_t[vname] < (1.0 - margin) * best_dense:
+    if sparse_t[vname] < (1.0 - margin) * dense:
         fmt, bs = next((f, b) for f, b in cands if _variant_name(f, b) == vname)
         return fmt, bs, "fastest"
     return "dense", None, "dense wins"
