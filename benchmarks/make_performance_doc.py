@@ -54,10 +54,10 @@ def _native_isa(d: dict[str, Any]) -> bool:
     return isa == best
 
 
-def _hugepages(d: dict[str, Any]) -> bool:
-    """True when a run's tensors of 2 MiB or more were on huge pages (PyTorch's
-    ``THP_MEM_ALLOC_ENABLE=1``, or the kernel's ``always`` mode): not the default set-up."""
-    m = d["machine"]
+def _hugepages(m: dict[str, Any]) -> bool:
+    """True when a run (its ``machine`` record) had its tensors of 2 MiB or more on huge pages
+    (PyTorch's ``THP_MEM_ALLOC_ENABLE=1``, or the kernel's ``always`` mode): not the default
+    set-up."""
     return (m.get("env", {}).get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0")
             or m.get("transparent_hugepage") == "always")
 
@@ -69,7 +69,7 @@ def _latest_headline_run() -> tuple[Path, dict[str, Any]] | None:
         d = _load(p)
         if (d.get("benchmark", "bench_cpu") == "bench_cpu" and d.get("clock") == "wall"
                 and d.get("threads") == 2 and "--quick" not in d.get("argv", [])
-                and _native_isa(d) and not _hugepages(d)):
+                and _native_isa(d) and not _hugepages(d["machine"])):
             return p, d
     return None
 
@@ -91,7 +91,7 @@ def machine_line(m: dict[str, Any], threads: int, clock: str) -> str:
             f"{m.get('cores_logical', '?')} logical CPUs, LLC {llc:.0f} MiB, sparsekit ISA path "
             f"{isa}; {threads} thread(s), {clock} clock; torch {versions.get('torch', '?')}; "
             f"copy bandwidth {m.get('copy_bandwidth_gbs', '?')} GB/s; "
-            + ("tensors on huge pages; " if _hugepages({"machine": m}) else "")
+            + ("tensors on huge pages; " if _hugepages(m) else "")
             + "load average "
             f"{[round(v, 1) for v in m.get('load_avg', [])]}")
 
@@ -206,13 +206,15 @@ def machines_table(hugepages: bool = True) -> list[str]:
     newest: dict[tuple[str, str, bool], tuple[Path, dict[str, Any]]] = {}
     for p in sorted(RESULTS.glob("cpu-*.json")):
         d = _load(p)
-        if (d.get("benchmark", "bench_cpu") != "bench_cpu" or d.get("clock") != "wall"
-                or (_hugepages(d) and not hugepages)):
+        if d.get("benchmark", "bench_cpu") != "bench_cpu" or d.get("clock") != "wall":
             continue
         m = d["machine"]
+        huge = _hugepages(m)
+        if huge and not hugepages:
+            continue
         isa = d.get("isa_path") or m.get("sparsekit", {}).get("cpp_isa", "?")
         cpu = f"{m.get('cpu_model', '?')} ({m.get('cpu_family_model', '?')})"
-        newest[(cpu, isa, _hugepages(d))] = (p, d)
+        newest[(cpu, isa, huge)] = (p, d)
     out = ["| CPU | ISA path | threads | " + " | ".join(h for _, h in MACHINE_COLS)
            + " | N=1 variant | file |", "|---|---|---|" + "---|" * len(MACHINE_COLS) + "---|---|"]
     for (cpu, isa, huge), (p, d) in sorted(newest.items()):

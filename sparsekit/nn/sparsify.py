@@ -427,21 +427,15 @@ def _measure_layer(
     with torch.inference_mode():
         for n in batch_sizes:
             x = torch.randn((n, lin.in_features), generator=gen).to(device=dev, dtype=w.dtype)
-            if relu is None:
-                fns: dict[str, Callable[[int], Any]] = {
-                    "F.linear": lambda _i, x=x: F.linear(x, next_w(), b)
-                }
-                if b is None:
-                    fns["matmul(W.T)"] = lambda _i, x=x: torch.matmul(x, next_wt())
-                else:
-                    fns["matmul(W.T)"] = lambda _i, x=x: torch.addmm(b, x, next_wt())
-            else:  # the ReLU's own call (its forward: F.relu with its inplace flag)
-                fns = {"F.linear": lambda _i, x=x: relu.forward(F.linear(x, next_w(), b))}
-                if b is None:
-                    fns["matmul(W.T)"] = lambda _i, x=x: relu.forward(torch.matmul(x, next_wt()))
-                else:
-                    fns["matmul(W.T)"] = lambda _i, x=x: relu.forward(
-                        torch.addmm(b, x, next_wt()))
+            fns: dict[str, Callable[[int], Any]] = {
+                "F.linear": lambda _i, x=x: F.linear(x, next_w(), b)
+            }
+            if b is None:
+                fns["matmul(W.T)"] = lambda _i, x=x: torch.matmul(x, next_wt())
+            else:
+                fns["matmul(W.T)"] = lambda _i, x=x: torch.addmm(b, x, next_wt())
+            if relu is not None:  # then the ReLU's own call (F.relu with its inplace flag)
+                fns = {k: lambda i, f=f: relu.forward(f(i)) for k, f in fns.items()}
             # forward(), not __call__: the dense side is F.linear, not nn.Linear.__call__, and
             # the module-call overhead (hooks dispatch, ~1-2 us) is the same whichever layer
             # the model ends up holding, so it must not count against the sparse one
@@ -713,8 +707,9 @@ def sparsify(
         density = nnz / (m * k)
         vdt = value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
 
-        def row(choice: str, bs: Any, why: str, *rest: Any) -> LayerReport:
-            return LayerReport(name, (m, k), density, choice, bs, why, *rest, module_type=mtype)
+        def row(choice: str, bs: Any, why: str, *rest: Any, **kw: Any) -> LayerReport:
+            return LayerReport(name, (m, k), density, choice, bs, why, *rest,
+                               module_type=mtype, **kw)
 
         if 1.0 - density < min_sparsity:
             return row("dense", None, f"sparsity {1 - density:.3f} < min_sparsity {min_sparsity}")
@@ -778,17 +773,16 @@ def sparsify(
             with _CACHE_LOCK:
                 _MEM_CACHE[key] = dec
         bs = None if dec["blocksize"] is None else tuple(dec["blocksize"])
-        report = row(dec["choice"], bs, dec["reason"], dict(dec["dense_times"]),
-                     dict(dec["sparse_times"]), from_cache)
-        report.dense_formulation = dense_formulation
-        return report
+        return row(dec["choice"], bs, dec["reason"], dict(dec["dense_times"]),
+                   dict(dec["sparse_times"]), from_cache, dense_formulation=dense_formulation)
 
     def vdt_of(w: Tensor) -> torch.dtype:
         return value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
 
     # The ReLU that _fuse_activations will fuse into each layer, if converted: tuning times
     # the layer as the model will run it (dense + ReLU call, or sparse with the ReLU fused).
-    relu_after = dict(_fusable_relus(model)) if fuse_activations else {}
+    relu_after = ({id(layer): act for *_, layer, _aname, act in _relu_pairs(model)}
+                  if fuse_activations else {})
     layers: list[LayerReport] = []
     for name, mod in list(_iter_layers(model)):
         mtype = type(mod).__name__
@@ -892,13 +886,6 @@ def _relu_pairs(
             if type(act) is nn.ReLU and uses[id(layer)] == 1:
                 pairs.append((seq, name, lname, layer, aname, act))
     return pairs
-
-
-def _fusable_relus(model: nn.Module) -> list[tuple[int, nn.ReLU]]:
-    """``(id(layer), relu)`` for each layer :func:`_fuse_activations` would fuse a ReLU into
-    once the layer is a :class:`SparseLinear` without an activation."""
-    return [(id(layer), act) for _s, _n, _l, layer, _a, act in _relu_pairs(model)
-            if not isinstance(layer, SparseLinear) or layer.activation is None]
 
 
 def _fuse_activations(model: nn.Module) -> list[tuple[str, str]]:
