@@ -139,6 +139,8 @@ def test_csr_special_structures(isa):
     # K-blocked walk of wide batch tiles: several K blocks, 3 batch tiles (the last partial),
     # rows empty throughout or in some blocks only; int32 indices across many blocks
     run_csr(rng, 70, 3000, 130, 0.3, "f32", "f32", isa, empty_rows=(0, 33, 69))
+    # several row chunks per thread (kb_chunk_rows: 106 rows at density 0.3), the last partial
+    run_csr(rng, 700, 500, 70, 0.3, "f32", "f32", isa, empty_rows=(0, 105, 106, 699))
     run_csr(rng, 40, 5000, 64, 0.002, "bf16", "f32", isa)
     run_csr(rng, 5, 70001, 40, 0.01, "f16", "f16", isa)
     run_csr(rng, 20, 40, 1, 0.3, "f32", "f32", isa, ptr_dtype=np.int64, idx_dtype=np.int32)
@@ -149,7 +151,7 @@ def test_csr_threads_agree(threads):
     rng = np.random.default_rng(2)
     # skewed rows so the nnz-balanced partition differs from an even split
     indptr, indices, values, w = random_csr(rng, 300, 512, 0.05)
-    for N in (1, 64):
+    for N in (1, 24, 64):  # SpMV; tiles packed per thread; the K-blocked walk (AVX-512)
         x = rng.standard_normal((N, 512)).astype(np.float32)
         ref = np.empty((N, 300), np.float32)
         C.csr_linear(indptr, indices, values, "f32", x, "f32", None, ref, "f32", 300, 512, 1)

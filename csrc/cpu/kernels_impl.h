@@ -11,15 +11,16 @@
 //  * N <= 2 (SpMV, memory bound): one pass over (indices, values) for all vectors; CSR runs
 //    one of the SpMV micro-kernel variants (hardware gather, gather-free assembly, scalar),
 //    chosen by the caller through SpmmParams::variant (variants.h).
-//  * N > 1: x is packed once per call, transposed and converted to fp32, into tiles
+//  * N > 1: x is packed per call, transposed and converted to fp32, into tiles
 //    xt[tile][k][0..NT) (NT = V * W batch columns, zero-padded), so that one nonzero w_mk
 //    updates NT outputs with V broadcast-FMAs from one contiguous row of xt.
 //      - Narrow tiles (xt in L2): rows are walked in chunks small enough for their weights to
-//        stay in L2 while every tile is applied, so the weights stream from memory once.
+//        stay in L2 while every tile is applied, so the weights stream from memory once. Each
+//        thread packs its own copy of the tiles when they fit the tile budget.
 //      - 64-wide CSR tiles and BSR: one tile at a time (the weights stream once per tile), K
 //        walked in L1-sized blocks with fp32 partial sums (csr_batch_rows_kb, bsr_batch_rows).
 //    BSR uses an RB x V register-blocked micro-kernel that reuses each loaded xt vector for RB
-//    block rows. Outputs are written batch-major in runs of 32-64 rows (store_rows_tile).
+//    block rows. Outputs are written batch-major in runs of at least 32 rows (store_rows_tile).
 #pragma once
 
 #include <cstdint>
@@ -150,43 +151,57 @@ void csr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
 }
 
 // K-blocked walk for wide tiles (V = 4: 64 batch columns, 4 cache lines per xt row) whose
-// packed tile is far beyond L1. Rows are taken kRows at a time; for each block of kb xt rows
-// (kL1Tile bytes, L1-resident) every row of the chunk continues from its cursor into its
+// packed tile is far beyond L1. Rows are taken kb_chunk_rows() at a time; for each block of kb
+// xt rows (kL1Tile bytes, L1-resident) every row of the chunk continues from its cursor into its
 // sorted indices while the column stays below the block end, adding into an fp32 partial-sum
 // tile. Each nonzero then reads its xt row from L1 instead of L2 (measurements:
 // docs/kernels.md, "Design measurements"). Cost per (row, block) visit: one mispredicted loop
 // exit and a partial-sum load/store; the cursor test is fused into the multiply loop
 // (csr_row_tile<V, true>). The batch tile is the outer loop, so the weights stream once per
-// tile: keeping several 1 MiB tiles hot spills L2. Same flops; O(kRows * NT) scratch per thread.
+// tile: keeping several 1 MiB tiles hot spills L2. Same flops; O(rows per chunk * NT) scratch
+// per thread.
 constexpr int64_t kL1Tile = 48 * 1024;
+
+// Rows per chunk of the K-blocked walk: about kKbChunkDensityRows / density, within [32, 1024].
+// Each chunk brings the whole xt tile from L2 into L1 once (block by block) and uses each block
+// for the chunk's nonzeros in it, about rows * density * kb of them, so sparser matrices need
+// more rows for the same reuse. The partial-sum tile (rows * NT floats, at most 256 KiB at
+// NT = 64) stays in L2. 32 rows at every density ran 15-35% slower at 80-95% with 2 threads
+// (N = 128, both ISA builds) and the same at 50% or on 1 thread (docs/kernels.md).
+constexpr int64_t kKbChunkDensityRows = 32;
+constexpr int64_t kKbChunkMaxRows = 1024;
+inline int64_t kb_chunk_rows(int64_t nnz, int64_t M, int64_t K) {
+  return imax(32, imin(kKbChunkMaxRows, kKbChunkDensityRows * M * K / imax(1, nnz)));
+}
+
 template <int V, class VT, class PT, class IT>
 void csr_batch_rows_kb(const SpmmParams& p, const float* xt_all, int64_t r0, int64_t r1) {
   constexpr int NT = V * Vec::W;
-  constexpr int64_t kRows = 32;
   const int64_t kb = imax(16, kL1Tile / (NT * 4));
   const PT* indptr = static_cast<const PT*>(p.indptr);
   const IT* idx = static_cast<const IT*>(p.indices);
   const VT* val = static_cast<const VT*>(p.values);
   const int64_t ntiles = (p.N + NT - 1) / NT;
-  Scratch acc(static_cast<size_t>(kRows * NT));
-  Scratch tbuf(static_cast<size_t>(kRows * NT));
-  int64_t cur[kRows];
+  const int64_t rows = kb_chunk_rows(static_cast<int64_t>(indptr[p.M]), p.M, p.K);
+  Scratch acc(static_cast<size_t>(rows * NT));
+  Scratch tbuf(static_cast<size_t>(rows * NT));
+  ScratchOf<int64_t> cur(static_cast<size_t>(rows));
   for (int64_t tile = 0; tile < ntiles; ++tile) {
     const float* xt = xt_all + tile * p.K * NT;
     const int64_t n0 = tile * NT;
     const int64_t nn = imin(NT, p.N - n0);
-    for (int64_t c0 = r0; c0 < r1; c0 += kRows) {
-      const int64_t c1 = imin(r1, c0 + kRows);
-      for (int64_t m = c0; m < c1; ++m) cur[m - c0] = static_cast<int64_t>(indptr[m]);
+    for (int64_t c0 = r0; c0 < r1; c0 += rows) {
+      const int64_t c1 = imin(r1, c0 + rows);
+      for (int64_t m = c0; m < c1; ++m) cur.p[m - c0] = static_cast<int64_t>(indptr[m]);
       for (int64_t i = 0; i < (c1 - c0) * NT; ++i) acc.p[i] = 0.f;
       for (int64_t k0 = 0; k0 < p.K; k0 += kb) {
         const int64_t kend = k0 + kb;
         for (int64_t m = c0; m < c1; ++m) {
-          const int64_t j = cur[m - c0];
+          const int64_t j = cur.p[m - c0];
           const int64_t e = static_cast<int64_t>(indptr[m + 1]);
           if (j >= e || idx_of(idx[j]) >= kend) continue;
           float* a = acc.p + (m - c0) * NT;
-          cur[m - c0] = csr_row_tile<V, true>(idx, val, j, e, xt, a, a, kend);
+          cur.p[m - c0] = csr_row_tile<V, true>(idx, val, j, e, xt, a, a, kend);
         }
       }
       store_rows_tile(p, acc.p, NT, c1 - c0, nn, n0, c0, tbuf.p);
@@ -260,26 +275,35 @@ void csr_linear_t(const SpmmParams& p) {
   const int V = choose_v(p.N, p.K, vmax);
   const int64_t NT = V * Vec::W;
   const int64_t ntiles = (p.N + NT - 1) / NT;
-  Scratch xt(static_cast<size_t>(ntiles * p.K * NT));
+  const int64_t xt_floats = ntiles * p.K * NT;
   const int threads = threads_for(p.num_threads, (nnz + p.M) * p.N + p.N * p.K);
+  // Wide tiles (>= 64 batch columns, >= 4 lines per xt row) far beyond L1: K-blocked walk.
+  // For narrower tiles the per-visit overhead measured higher than the L2 traffic it saves.
+  const bool kb_walk = NT >= 64 && p.K * NT * 4 > 2 * kL1Tile;
+  // Without the K-blocked walk every nonzero reads its xt row from L2 at random. There each
+  // thread packs all of x into tiles of its own when they fit the tile budget: with one packed
+  // copy read by both cores, N = 4-32 ran 0.97-1.59x the time (mostly 1.1-1.25x) on the Intel
+  // 6/167 (2 threads, both ISA builds; docs/kernels.md), for one extra packing of x per thread.
+  const bool own_tiles = !kb_walk && threads > 1 && xt_floats * 4 <= kTileBytes;
+  // allocated here: an exception must not leave the parallel region
+  Scratch xt_all(static_cast<size_t>(own_tiles ? threads * xt_floats : xt_floats));
   parallel_run(threads, [&](int tid, int nt) {
-    const int64_t k0 = p.K * tid / nt, k1 = p.K * (tid + 1) / nt;
+    float* xt = xt_all.p + (own_tiles ? tid * xt_floats : 0);
+    const int64_t k0 = own_tiles ? 0 : p.K * tid / nt, k1 = own_tiles ? p.K : p.K * (tid + 1) / nt;
     for (int64_t tile = 0; tile < ntiles; ++tile)
-      pack_x_tile(p, xt.p + tile * p.K * NT, static_cast<int>(NT), tile * NT, k0, k1);
-    barrier(nt);
+      pack_x_tile(p, xt + tile * p.K * NT, static_cast<int>(NT), tile * NT, k0, k1);
+    if (!own_tiles) barrier(nt);
     const int64_t r0 = split_point(indptr, p.M, tid, nt), r1 = split_point(indptr, p.M, tid + 1, nt);
-    // Wide tiles (>= 64 batch columns, >= 4 lines per xt row) far beyond L1: K-blocked walk.
-    // For narrower tiles the per-visit overhead measured higher than the L2 traffic it saves.
-    if (NT >= 64 && p.K * NT * 4 > 2 * kL1Tile) {
-      if (V == 8) csr_batch_rows_kb<8, VT, PT, IT>(p, xt.p, r0, r1);
-      else csr_batch_rows_kb<4, VT, PT, IT>(p, xt.p, r0, r1);
+    if (kb_walk) {
+      if (V == 8) csr_batch_rows_kb<8, VT, PT, IT>(p, xt, r0, r1);
+      else csr_batch_rows_kb<4, VT, PT, IT>(p, xt, r0, r1);
       return;
     }
     switch (V) {
-      case 8: csr_batch_rows<8, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
-      case 4: csr_batch_rows<4, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
-      case 2: csr_batch_rows<2, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
-      default: csr_batch_rows<1, VT, PT, IT>(p, xt.p, p.K, r0, r1); break;
+      case 8: csr_batch_rows<8, VT, PT, IT>(p, xt, p.K, r0, r1); break;
+      case 4: csr_batch_rows<4, VT, PT, IT>(p, xt, p.K, r0, r1); break;
+      case 2: csr_batch_rows<2, VT, PT, IT>(p, xt, p.K, r0, r1); break;
+      default: csr_batch_rows<1, VT, PT, IT>(p, xt, p.K, r0, r1); break;
     }
   });
 }

@@ -137,8 +137,8 @@ constexpr int64_t kOutRows = 64;  // rows per output flush: 4 cache lines of fp3
 // Writes y[n0 + t][m0 + i] = act(part[i * ldp + t] + bias[m0 + i]) for t < nn, i < rows (part: a
 // rows x NT fp32 partial-sum tile, tbuf: scratch of >= rows * nn floats). y is written
 // batch-major, in runs of `rows` consecutive outputs, instead of each row's NT outputs with
-// NT-strided scalar stores (y rows are M * 4 bytes apart; docs/kernels.md); callers pass 32-64
-// rows so every y row gets whole cache lines. O(rows * nn).
+// NT-strided scalar stores (y rows are M * 4 bytes apart; docs/kernels.md); callers pass at least
+// 32 rows so every y row gets whole cache lines. O(rows * nn).
 inline void store_rows_tile(const SpmmParams& p, const float* part, int64_t ldp, int64_t rows,
                             int64_t nn, int64_t n0, int64_t m0, float* tbuf) {
 #if defined(SPARSEKIT_ISA_AVX512)

@@ -17,19 +17,22 @@ namespace {
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Per-call aligned scratch, freed on scope exit (no STL containers in ISA-specific TUs).
-struct Scratch {
-  float* p = nullptr;
-  explicit Scratch(size_t n) {
-    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+// Per-call aligned scratch of n elements of T, freed on scope exit (no STL containers in
+// ISA-specific TUs).
+template <class T>
+struct ScratchOf {
+  T* p = nullptr;
+  explicit ScratchOf(size_t n) {
+    size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
     if (bytes == 0) bytes = 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
     if (p == nullptr) throw std::bad_alloc();
   }
-  ~Scratch() { std::free(p); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
+  ~ScratchOf() { std::free(p); }
+  ScratchOf(const ScratchOf&) = delete;
+  ScratchOf& operator=(const ScratchOf&) = delete;
 };
+using Scratch = ScratchOf<float>;
 
 // Runs body(tid, nthreads) on up to `threads` OpenMP threads (serially when 1).
 template <class F>
