@@ -139,6 +139,9 @@ def test_csr_special_structures(isa):
     # K-blocked walk of wide batch tiles: several K blocks, 3 batch tiles (the last partial),
     # rows empty throughout or in some blocks only; int32 indices across many blocks
     run_csr(rng, 70, 3000, 130, 0.3, "f32", "f32", isa, empty_rows=(0, 33, 69))
+    # x tiles packed per thread (>= 16 nonzeros per thread and column of x), 2 and 3 threads
+    run_csr(rng, 200, 300, 24, 0.3, "f32", "f32", isa, empty_rows=(0, 199))
+    run_csr(rng, 200, 300, 7, 0.3, "bf16", "bf16", isa, threads=3)
     # several row chunks per thread (kb_chunk_rows: 106 rows at density 0.3), the last partial
     run_csr(rng, 700, 500, 70, 0.3, "f32", "f32", isa, empty_rows=(0, 105, 106, 699))
     run_csr(rng, 40, 5000, 64, 0.002, "bf16", "f32", isa)
@@ -149,15 +152,19 @@ def test_csr_special_structures(isa):
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_csr_threads_agree(threads):
     rng = np.random.default_rng(2)
-    # skewed rows so the nnz-balanced partition differs from an even split
-    indptr, indices, values, w = random_csr(rng, 300, 512, 0.05)
-    for N in (1, 24, 64):  # SpMV; tiles packed per thread; the K-blocked walk (AVX-512)
-        x = rng.standard_normal((N, 512)).astype(np.float32)
-        ref = np.empty((N, 300), np.float32)
-        C.csr_linear(indptr, indices, values, "f32", x, "f32", None, ref, "f32", 300, 512, 1)
-        out = np.empty_like(ref)
-        C.csr_linear(indptr, indices, values, "f32", x, "f32", None, out, "f32", 300, 512, threads)
-        np.testing.assert_array_equal(out, ref)  # same per-row summation order
+    # skewed rows so the nnz-balanced partition differs from an even split; N = 1: SpMV, 24: x
+    # tiles packed per thread at density 0.6 (>= 16 nonzeros per thread and column of x, up to
+    # 8 threads), 64: the K-blocked walk on AVX-512
+    for density, batches in ((0.05, (1, 64)), (0.6, (24,))):
+        indptr, indices, values, w = random_csr(rng, 300, 512, density)
+        for N in batches:
+            x = rng.standard_normal((N, 512)).astype(np.float32)
+            ref = np.empty((N, 300), np.float32)
+            C.csr_linear(indptr, indices, values, "f32", x, "f32", None, ref, "f32", 300, 512, 1)
+            out = np.empty_like(ref)
+            C.csr_linear(indptr, indices, values, "f32", x, "f32", None, out, "f32", 300, 512,
+                         threads)
+            np.testing.assert_array_equal(out, ref)  # same per-row summation order
 
 
 def run_bsr(rng, M, K, r, c, N, density, vcode, xcode, isa, threads=2):

@@ -247,6 +247,11 @@ void csr_probe_t(const SpmmParams& p, Probe kind) {
                       });
 }
 
+// Limits of the per-thread x tiles in csr_linear_t: their total size, and the nonzeros a thread
+// must have per column of x it packs.
+constexpr int64_t kOwnTilesBytes = 8 << 20;
+constexpr int64_t kOwnTilesMinNnzPerColumn = 16;
+
 template <class VT, class PT, class IT>
 void csr_linear_t(const SpmmParams& p) {
   const PT* indptr = static_cast<const PT*>(p.indptr);
@@ -284,7 +289,13 @@ void csr_linear_t(const SpmmParams& p) {
   // thread packs all of x into tiles of its own when they fit the tile budget: with one packed
   // copy read by both cores, N = 4-32 ran 0.97-1.59x the time (mostly 1.1-1.25x) on the Intel
   // 6/167 (2 threads, both ISA builds; docs/kernels.md), for one extra packing of x per thread.
-  const bool own_tiles = !kb_walk && threads > 1 && xt_floats * 4 <= kTileBytes;
+  // A thread then packs all of x instead of 1/threads of it, so this is kept to calls where its
+  // share of the nonzeros is at least kOwnTilesMinNnzPerColumn per column of x it packs and the
+  // copies stay within kOwnTilesBytes together (many-core calls keep the shared copy; only 2
+  // threads were measured).
+  const bool own_tiles = !kb_walk && threads > 1 && xt_floats * 4 <= kTileBytes &&
+                         threads * xt_floats * 4 <= kOwnTilesBytes &&
+                         threads * p.K * kOwnTilesMinNnzPerColumn <= nnz;
   // allocated here: an exception must not leave the parallel region
   Scratch xt_all(static_cast<size_t>(own_tiles ? threads * xt_floats : xt_floats));
   parallel_run(threads, [&](int tid, int nt) {
