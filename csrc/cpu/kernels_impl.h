@@ -165,9 +165,10 @@ constexpr int64_t kL1Tile = 48 * 1024;
 // Rows per chunk of the K-blocked walk: about kKbChunkDensityRows / density, within [32, 1024].
 // Each chunk brings the whole xt tile from L2 into L1 once (block by block) and uses each block
 // for the chunk's nonzeros in it, about rows * density * kb of them, so sparser matrices need
-// more rows for the same reuse. The partial-sum tile (rows * NT floats, at most 256 KiB at
-// NT = 64) stays in L2. 32 rows at every density ran 15-35% slower at 80-95% with 2 threads
-// (N = 128, both ISA builds) and the same at 50% or on 1 thread (docs/kernels.md).
+// more rows for the same reuse. The partial-sum tile (rows * NT floats: at most 256 KiB at
+// NT = 64, 512 KiB at NT = 128) stays in L2. 32 rows at every density took 1.12-1.35x the time
+// at 80-95% with 2 threads (N = 128, both ISA builds), the same at 50% or on 1 thread
+// (docs/kernels.md).
 constexpr int64_t kKbChunkDensityRows = 32;
 constexpr int64_t kKbChunkMaxRows = 1024;
 inline int64_t kb_chunk_rows(int64_t nnz, int64_t M, int64_t K) {
