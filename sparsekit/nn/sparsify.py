@@ -697,6 +697,9 @@ def sparsify(
     file_entries = _load_cache_file(cache_path) if cache_path is not None else {}
     new_entries: dict[str, dict[str, Any]] = {}
 
+    def vdt_of(w: Tensor) -> torch.dtype:
+        return value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
+
     def decide(name: str, w: Tensor, has_bias: bool, mtype: str,
                lin_factory: Callable[[], nn.Linear] | None,
                conv: nn.Conv2d | None = None, relu: nn.ReLU | None = None,
@@ -705,7 +708,7 @@ def sparsify(
         mask = w != 0
         nnz = int(mask.sum())
         density = nnz / (m * k)
-        vdt = value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
+        vdt = vdt_of(w)
 
         def row(choice: str, bs: Any, why: str, *rest: Any, **kw: Any) -> LayerReport:
             return LayerReport(name, (m, k), density, choice, bs, why, *rest,
@@ -775,9 +778,6 @@ def sparsify(
         bs = None if dec["blocksize"] is None else tuple(dec["blocksize"])
         return row(dec["choice"], bs, dec["reason"], dict(dec["dense_times"]),
                    dict(dec["sparse_times"]), from_cache, dense_formulation=dense_formulation)
-
-    def vdt_of(w: Tensor) -> torch.dtype:
-        return value_dtype or (w.dtype if w.dtype in ops.FLOAT_DTYPES else torch.float32)
 
     # The ReLU that _fuse_activations will fuse into each layer, if converted: tuning times
     # the layer as the model will run it (dense + ReLU call, or sparse with the ReLU fused).
