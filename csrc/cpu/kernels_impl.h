@@ -374,11 +374,20 @@ void bsr_batch_rows(const SpmmParams& p, const float* xt_all, int64_t kpad, int6
             float* out = pr + static_cast<int64_t>(i0) * NT;
             const int rb = next_rb<RBM>(rows - i0);
             constexpr int kRb8 = RBM >= 8 ? 8 : 1, kRb4 = RBM >= 4 ? 4 : 1;
+            // bsr_block_unroll: accumulator sets by register block (ukernel_bsr.h)
+            constexpr int kU8 = bsr_block_unroll<kRb8, V>(), kU4 = bsr_block_unroll<kRb4, V>();
+            constexpr int kU2 = bsr_block_unroll<2, V>(), kU1 = bsr_block_unroll<1, V>();
             switch (rb) {
-              case 8: bsr_tile_rows<kRb8, V>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
-              case 4: bsr_tile_rows<kRb4, V>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
-              case 2: bsr_tile_rows<2, V>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
-              default: bsr_tile_rows<1, V>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
+              case 8:
+                bsr_tile_rows<kRb8, V, kU8>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf);
+                break;
+              case 4:
+                bsr_tile_rows<kRb4, V, kU4>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf);
+                break;
+              case 2: bsr_tile_rows<2, V, kU2>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf); break;
+              default:
+                bsr_tile_rows<1, V, kU1>(idx, val, gs, ge, r, c, i0, xt, out, acc, pf);
+                break;
             }
             i0 += rb;
           }

@@ -108,46 +108,71 @@ inline void bsr_spmv_blockrow_vec(const IT* idx, const VT* val, int64_t s, int64
 }
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define SPARSEKIT_NOINLINE __attribute__((noinline))
+#else
+#define SPARSEKIT_NOINLINE
+#endif
+// bsr_tile_rows is not inlined. Inlined into the driver's switch over every register block and
+// set count, its 2 x 2 path ran 1.1-1.27x slower on the AVX-512 build than the same code as a
+// function of its own; as its own function the AVX2 build's 4 x 4 and 8 x 8 paths at N = 8 ran
+// 1.15-1.23x faster than inlined before (Intel 6/167, docs/kernels.md). One call per block group
+// and register block costs nothing measurable.
+
 // Contract (N > 1, one register block). Computes, for i < RB and t < NT = V * W,
 // out[i * NT + t] = (out[i * NT + t] with accumulate, else 0) + sum_{b in [s, e)} sum_{j < c}
 // to_f32(val[(b * r + i0 + i) * c + j]) * xt[(idx[b] * c + j) * NT + t], in fp32. Sizes: r x c
-// blocks, i0 + RB <= r (RB = 1, 2, 4 or 8, see max_rb), V = 1, 2 or 4, any block count e - s >= 0.
-// Layout: blocks row-major as above; xt is one packed tile (packing.h pack_x_tile) of whole block
-// columns (row k holds NT batch columns, contiguous fp32, zero rows beyond K); out is RB rows of
-// NT fp32. Alignment: none. Assumes: (idx[b] + 1) * c <= the rows of xt; ragged right-edge blocks
-// are zero-padded (format contract). Reads value rows [i0, i0 + RB) only. No allocation, no state.
-// Cost: O((e - s) * c * RB * V) vector multiply-adds; RB x V accumulators, and each loaded xt
-// vector is used RB times, so RB * V + V registers must fit the register file (max_rb).
-// Prefetch: one pf.step() per block, so the caller's L2 prefetches of data for later calls (the
-// driver: the next block group's values) run spread over this call's multiply-adds; pf holds
-// the trickle's position on return.
-template <int RB, int V, class VT, class IT>
-inline void bsr_tile_rows(const IT* idx, const VT* val, int64_t s, int64_t e, int r, int c,
-                          int i0, const float* xt, float* out, bool accumulate, L2Trickle& pf) {
+// blocks, i0 + RB <= r (RB = 1, 2, 4 or 8, see max_rb), V = 1, 2 or 4, KU = 1, 2, 4 or 8, any
+// block count e - s >= 0. Layout: blocks row-major as above; xt is one packed tile (packing.h
+// pack_x_tile) of whole block columns (row k holds NT batch columns, contiguous fp32, zero rows
+// beyond K); out is RB rows of NT fp32. Alignment: none. Assumes: (idx[b] + 1) * c <= the rows of
+// xt; ragged right-edge blocks are zero-padded (format contract). Reads value rows [i0, i0 + RB)
+// only. No allocation, no state. Cost: O((e - s) * c * RB * V) vector multiply-adds; KU x RB x V
+// accumulators (KU sets taking consecutive blocks in turn, summed at the end, so a small register
+// block still has enough independent multiply-add chains to cover the FMA latency; see
+// bsr_block_unroll), and each loaded xt vector is used RB times, so KU * RB * V + V registers
+// must fit the register file. Prefetch: one pf.step() per block, so the caller's L2 prefetches
+// of data for later calls (the driver: the next block group's values) run spread over this call's
+// multiply-adds; pf holds the trickle's position on return.
+template <int RB, int V, int KU = 1, class VT, class IT>
+SPARSEKIT_NOINLINE void bsr_tile_rows(const IT* idx, const VT* val, int64_t s, int64_t e, int r,
+                                      int c, int i0, const float* xt, float* out, bool accumulate,
+                                      L2Trickle& pf) {
   constexpr int W = Vec::W;
   constexpr int NT = V * W;
-  typename Vec::T acc[RB][V];
+  typename Vec::T acc[KU][RB][V];
   for (int i = 0; i < RB; ++i)
-    for (int v = 0; v < V; ++v)
-      acc[i][v] = accumulate ? Vec::load(out + i * NT + v * W) : Vec::zero();
+    for (int v = 0; v < V; ++v) {
+      acc[0][i][v] = accumulate ? Vec::load(out + i * NT + v * W) : Vec::zero();
+      for (int u = 1; u < KU; ++u) acc[u][i][v] = Vec::zero();
+    }
   const int64_t bsz = static_cast<int64_t>(r) * c;
   L2Trickle trickle = pf;  // a local copy stays in registers
-  for (int64_t b = s; b < e; ++b) {
-    trickle.step();
-    const VT* B = val + b * bsz + static_cast<int64_t>(i0) * c;
-    const float* xb = xt + idx_of(idx[b]) * c * NT;
-    for (int j = 0; j < c; ++j) {
-      typename Vec::T xv[V];
-      for (int v = 0; v < V; ++v) xv[v] = Vec::load(xb + j * NT + v * W);
-      for (int i = 0; i < RB; ++i) {
-        const typename Vec::T w = Vec::set1(to_f32(B[i * c + j]));
-        for (int v = 0; v < V; ++v) acc[i][v] = Vec::fma(w, xv[v], acc[i][v]);
+  int64_t b = s;
+  const int64_t e_sets = s + (e - s) / KU * KU;  // blocks taken by the sets in turn
+  for (; b < e_sets; b += KU)
+    for (int u = 0; u < KU; ++u) {
+      trickle.step();
+      const VT* B = val + (b + u) * bsz + static_cast<int64_t>(i0) * c;
+      const float* xb = xt + idx_of(idx[b + u]) * c * NT;
+      for (int j = 0; j < c; ++j) {
+        typename Vec::T xv[V];
+        for (int v = 0; v < V; ++v) xv[v] = Vec::load(xb + j * NT + v * W);
+        for (int i = 0; i < RB; ++i) {
+          const typename Vec::T w = Vec::set1(to_f32(B[i * c + j]));
+          for (int v = 0; v < V; ++v) acc[u][i][v] = Vec::fma(w, xv[v], acc[u][i][v]);
+        }
       }
     }
-  }
+  for (int u = 1; u < KU; ++u)
+    for (int i = 0; i < RB; ++i)
+      for (int v = 0; v < V; ++v) acc[0][i][v] = Vec::add(acc[0][i][v], acc[u][i][v]);
   for (int i = 0; i < RB; ++i)
-    for (int v = 0; v < V; ++v) Vec::store(out + i * NT + v * W, acc[i][v]);
+    for (int v = 0; v < V; ++v) Vec::store(out + i * NT + v * W, acc[0][i][v]);
   pf = trickle;
+  // the last (e - s) % KU blocks: one set, continuing from out
+  if constexpr (KU > 1)
+    if (b < e) bsr_tile_rows<RB, V, 1>(idx, val, b, e, r, c, i0, xt, out, true, pf);
 }
 
 // Largest register block for V vectors given the register file (32 zmm / 16 ymm).
@@ -157,6 +182,24 @@ constexpr int max_rb() {
   return V >= 4 ? 4 : 8;
 #else
   return V >= 4 ? 2 : (V == 2 ? 4 : 8);
+#endif
+}
+
+// Accumulator sets of bsr_tile_rows for an RB x V register block. One-vector tiles (N <= W) give
+// only RB multiply-add chains per set, too few to cover the FMA latency for small blocks. On the
+// Intel 6/167 (2 threads, 4096 x 4096 at 90%, N = 4-16, old and new alternating in one process;
+// docs/kernels.md), blocks taken in turn by several sets ran: 1 x 16 and 1 x 8 (RB = 1, 8 sets)
+// 1.17-1.35x faster on both builds; 2 x 2 (RB = 2, 4 sets) 1.5-1.6x faster on AVX2 but 1.3-1.6x
+// slower on AVX-512; 4 x 4 (RB = 4, 2 sets) 1.2-1.3x faster on AVX-512, no faster on AVX2 (where
+// the broadcast loads bound it). Wider tiles and 8-row blocks keep one set.
+template <int RB, int V>
+constexpr int bsr_block_unroll() {
+  if (V != 1 || RB >= 8) return 1;
+  if (RB == 1) return 8;
+#if defined(SPARSEKIT_ISA_AVX512)
+  return RB == 4 ? 2 : 1;
+#else
+  return RB == 2 ? 4 : 1;
 #endif
 }
 

@@ -15,9 +15,10 @@
 //   csr_row_tile<V, kBounded> (V = 1, 2, 4, 8)
 //       lengths around the U-nonzero step, with / without / aliased init, K-block bounds,
 //       unaligned tiles, index limits;
-//   bsr_spmv_blockrow<CC> (CC = c and CC = 0) and bsr_tile_rows<RB, V>
+//   bsr_spmv_blockrow<CC> (CC = c and CC = 0) and bsr_tile_rows<RB, V, KU>
 //       block shapes 1..8 x 1..16, ragged bottom (rows < r) and right (zero padding) edges,
 //       empty block rows, accumulate, index limits, the L2 trickle stepped once per block;
+//       KU = 1, 2, 4, 8 accumulator sets for one-vector tiles, block counts around the KU step;
 //   bsr_spmv_blockrow_vec<CC, NV> (SIMD builds): every block shape the driver gives it (CC = 4,
 //       8, 16; NV = 1, 2, 4, 8 vectors), 0 to 17 blocks (around the U-block step), ragged right
 //       edge, index limits;
@@ -549,7 +550,7 @@ void l2_trickle_cases() {
     }
 }
 
-template <int RB, int V, class VT, class IT>
+template <int RB, int V, int KU, class VT, class IT>
 void bsr_tile_case(int64_t nb, int r, int c, int i0, bool accumulate, int64_t Kb, bool last) {
   constexpr int NT = V * W;
   const int rows = i0 + RB;  // rows below i0 + RB are NaN: never read
@@ -567,8 +568,8 @@ void bsr_tile_case(int64_t nb, int r, int c, int i0, bool accumulate, int64_t Kb
   L2Trickle pf;
   pf.next = pf_base;
   pf.end = pf_base + 64 * pf_lines;
-  bsr_tile_rows<RB, V>(br.idx.data(), br.val.data(), 0, nb, r, c, i0, xt.data(), out.data(),
-                       accumulate, pf);
+  bsr_tile_rows<RB, V, KU>(br.idx.data(), br.val.data(), 0, nb, r, c, i0, xt.data(), out.data(),
+                           accumulate, pf);
   const int64_t pf_steps = std::min(nb, (pf_lines + L2Trickle::kLinesPerStep - 1) /
                                             L2Trickle::kLinesPerStep);
   check(static_cast<double>((pf.next - pf_base) / 64),
@@ -579,29 +580,46 @@ void bsr_tile_case(int64_t nb, int r, int c, int i0, bool accumulate, int64_t Kb
       const double s0 = accumulate ? start[static_cast<size_t>(i * NT + t)] : 0.0;
       char what[256];
       std::snprintf(what, sizeof what,
-                    "bsr_tile_rows RB=%d V=%d %dx%d i0=%d acc=%d %s/%s nb=%lld Kb=%lld i=%d t=%d",
-                    RB, V, r, c, i0, accumulate, Val<VT>::name(), idx_name<IT>(),
+                    "bsr_tile_rows RB=%d V=%d KU=%d %dx%d i0=%d acc=%d %s/%s nb=%lld Kb=%lld i=%d t=%d",
+                    RB, V, KU, r, c, i0, accumulate, Val<VT>::name(), idx_name<IT>(),
                     static_cast<long long>(nb), static_cast<long long>(Kb), i, t);
       check(out[static_cast<size_t>(i * NT + t)], s0 + br.ref(i0 + i, c, r, xt.data() + t, NT),
             tol_sum(nb * c, std::fabs(s0) + br.mag(i0 + i, c, r, xt.data() + t, NT)), what);
     }
 }
 
-template <int RB, int V, class VT, class IT>
-void bsr_tile_rb() {
+template <int RB, int V, int KU, class VT, class IT>
+void bsr_tile_rb_ku() {
+  // block counts around the KU-block step of the accumulator sets (and the remainder after it)
+  std::vector<int64_t> counts = {0, 1, 2, 5};
+  if (KU > 1)
+    for (int64_t nb : {KU - 1, KU, KU + 1, 2 * KU + 3}) counts.push_back(nb);
   for (int r : {RB, RB + 1, 16}) {
     if (r < RB) continue;
     for (int c : {1, 3, 4, 8})
-      for (int64_t nb : {0, 1, 2, 5})
+      for (int64_t nb : counts)
         for (bool acc : {false, true}) {
-          bsr_tile_case<RB, V, VT, IT>(nb, r, c, 0, acc, nb + 2, nb == 2);
-          if (r > RB) bsr_tile_case<RB, V, VT, IT>(nb, r, c, r - RB, acc, nb + 2, false);
+          bsr_tile_case<RB, V, KU, VT, IT>(nb, r, c, 0, acc, nb + 2, nb == 2);
+          if (r > RB) bsr_tile_case<RB, V, KU, VT, IT>(nb, r, c, r - RB, acc, nb + 2, false);
         }
   }
   if (V == 1) {  // block-column index limits (c = 1 keeps the packed tile small)
     const int64_t Kb = sizeof(IT) == 2 ? 65536 : 70001;
-    bsr_tile_case<RB, V, VT, IT>(3, RB, 1, 0, false, Kb, true);
+    bsr_tile_case<RB, V, KU, VT, IT>(3 + KU, RB, 1, 0, false, Kb, true);
   }
+}
+
+// Every accumulator-set count the kernel takes for one-vector tiles (bsr_block_unroll picks
+// among them per ISA and register block), one set for wider tiles as the driver uses them.
+template <int RB, int V, class VT, class IT>
+void bsr_tile_rb() {
+  bsr_tile_rb_ku<RB, V, 1, VT, IT>();
+  if constexpr (V == 1) {
+    bsr_tile_rb_ku<RB, V, 2, VT, IT>();
+    bsr_tile_rb_ku<RB, V, 4, VT, IT>();
+    bsr_tile_rb_ku<RB, V, 8, VT, IT>();
+  }
+  static_assert(V == 1 || bsr_block_unroll<RB, V>() == 1, "test the sets the driver takes");
 }
 
 template <int V, class VT, class IT>
