@@ -31,7 +31,9 @@ and the figure a kernel overlapping its memory stream and its x fetches perfectl
 running at the slower of the two floors (``floor_fraction``; ``floor_ratio``: the fp32 kernel's
 time over that floor of the bf16 matrix; ``x_fetch``: how the probe fetched x). BSR matrices
 (4x4, 8x8 and 1x16 blocks, 90%) share the 4096-row N = 1 rounds: the record's ``bsr_n1`` keeps
-their ratios to the fastest dense GEMV and to CSR (not targets).
+their ratios to the fastest dense GEMV and to CSR (not targets); ``bsr_small_batch`` keeps the
+same at N = 8 (1x16, 2x2, 4x4 and 8x8 blocks, rounds of their own with the dense contenders and
+CSR).
 ``--processes N`` repeats the measurement in N fresh processes (a process's memory placement
 moves its ratios by up to ~10%) and reports each figure from the process with the median value,
 with every process's value. Writes
@@ -62,6 +64,10 @@ BSR_BLOCKS = [(1, 8), (4, 1), (8, 8), (16, 16)]
 # not a target.
 BSR_N1_BLOCKS = [(4, 4), (8, 8), (1, 16)]
 BSR_N1_SHAPE = (4096, 4096)
+# Block shapes timed at a small batch (90%, layer BSR_N1_SHAPE, N = BSR_SMALL_N), in rounds of
+# their own with the dense contenders and CSR: the serving case of block pruning. Not a target.
+BSR_SMALL_BLOCKS = [(1, 16), (2, 2), (4, 4), (8, 8)]
+BSR_SMALL_N = 8
 # Contenders timed apart from the rounds (numpy's OpenBLAS): alternating blocks against the
 # fastest dense path of the rounds, each block after this many idle seconds (OpenBLAS's workers
 # spin for about 2^28 cycles, ~0.1 s, after a call before they sleep).
@@ -306,20 +312,24 @@ def targets(c: Cache, shapes_n1) -> list[dict]:
     return out
 
 
-def bsr_n1(c: Cache) -> list[dict]:
-    """BSR at N = 1, 90%, layer :data:`BSR_N1_SHAPE`, per block shape of :data:`BSR_N1_BLOCKS`:
-    against the fastest dense GEMV and against CSR (fp32 values) of the same sparsity, same
-    rounds."""
+def bsr_rows(c: Cache, N: int, blocks) -> list[dict]:
+    """BSR at batch N, 90%, layer :data:`BSR_N1_SHAPE`, per block shape of ``blocks``: against
+    the fastest dense path and against CSR (fp32 values) of the same sparsity. At N = 1 the
+    matrices share the N = 1 target rounds (:func:`targets`); at other N they get rounds of their
+    own here."""
     M, K = BSR_N1_SHAPE
-    d, csr = c.dense_best(M, K, 1), c.sparse_s(M, K, 0.9, 1)
+    if N != 1 and c.interleave:
+        c.interleaved(M, K, N, [(0.9, None, torch.float32)]
+                      + [(0.9, blk, torch.float32) for blk in blocks])
+    d, csr = c.dense_best(M, K, N), c.sparse_s(M, K, 0.9, N)
     rows = []
-    for r, cc in BSR_N1_BLOCKS:
-        s = c.sparse_s(M, K, 0.9, 1, block=(r, cc))
-        rows.append({"block": f"{r}x{cc}", "sparse_ms": s["s"] * 1e3,
+    for r, cc in blocks:
+        s = c.sparse_s(M, K, 0.9, N, block=(r, cc))
+        rows.append({"block": f"{r}x{cc}", "N": N, "sparse_ms": s["s"] * 1e3,
                      "best_dense": d["best"], "best_dense_ms": d["best_s"] * 1e3,
                      "speedup_vs_best": d["best_s"] / s["s"], "vs_csr": csr["s"] / s["s"],
                      "achieved_GBps": s["bytes"] / s["s"] / 1e9, "variant": s["variant"]})
-        c.log(f"  BSR {r}x{cc} 90% N=1: {rows[-1]['speedup_vs_best']:.2f}x vs best dense, "
+        c.log(f"  BSR {r}x{cc} 90% N={N}: {rows[-1]['speedup_vs_best']:.2f}x vs best dense, "
               f"{rows[-1]['vs_csr']:.2f}x vs CSR, {rows[-1]['achieved_GBps']:.1f} GB/s "
               f"compressed, variant {s['variant']}")
     return rows
@@ -372,10 +382,12 @@ def measure(a: argparse.Namespace, min_time: float) -> dict[str, Any]:
     with H.threads_for_all(a.threads):
         shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (11008, 4096)]
         tg = targets(c, shapes)
-        bn1 = bsr_n1(c)
+        bn1 = bsr_rows(c, 1, BSR_N1_BLOCKS)
+        bsmall = bsr_rows(c, BSR_SMALL_N, BSR_SMALL_BLOCKS)
         sps = [0.5, 0.8, 0.9, 0.95] if a.quick else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
         sw = sweep(c, sps, [1, 2, 4, 8, 32, 128])
-    return {"targets": tg, "sweep": sw, "bsr_n1": bn1, "plans": planner.plans(),
+    return {"targets": tg, "sweep": sw, "bsr_n1": bn1, "bsr_small_batch": bsmall,
+            "plans": planner.plans(),
             "dense": {f"{k[0]}x{k[1]} N={k[2]}": v for k, v in c.dense.items()}}
 
 
@@ -402,7 +414,8 @@ def merge_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
         t["pass"] = t["value"] >= t["need"]
         tg.append(t)
     merged["targets"] = tg
-    for key in ("sweep", "bsr_n1"):  # rows by position: the median speedup's record
+    # rows by position: the median speedup's record
+    for key in ("sweep", "bsr_n1", "bsr_small_batch"):
         merged[key] = []
         for i in range(len(runs[0].get(key, []))):
             recs = [r[key][i] for r in runs]
@@ -491,8 +504,9 @@ def main(argv=None) -> int:
                   if "per_process" in t else "")
         print(f"{t['target']:<58} {t['value']:6.2f}x {t['need']:4.2f}x {verdict} {vf:>8} {gb:>6} "
               f"{t.get('variant') or ''}{spread}")
-    for r in res["bsr_n1"]:
-        label = f"{BSR_N1_SHAPE[0]}x{BSR_N1_SHAPE[1]} BSR {r['block']} 90% N=1 vs best dense"
+    for r in res["bsr_n1"] + res["bsr_small_batch"]:
+        label = (f"{BSR_N1_SHAPE[0]}x{BSR_N1_SHAPE[1]} BSR {r['block']} 90% N={r['N']} "
+                 "vs best dense")
         print(f"{label + ' (not a target)':<58} "
               f"{r['speedup_vs_best']:6.2f}x {r['vs_csr']:5.2f}x vs CSR {r['achieved_GBps']:6.1f} "
               f"{r['variant']}")
@@ -503,7 +517,8 @@ def main(argv=None) -> int:
         "isa_path": _C.cpu_isa(), "cpu_model": info.get("cpu_model"),
         "machine_shared": H.others_loaded(load0, load1, a.threads),
         "plans": res["plans"], "processes": a.processes,
-        "targets": tg, "bsr_n1": res["bsr_n1"], "dense": res["dense"],
+        "targets": tg, "bsr_n1": res["bsr_n1"], "bsr_small_batch": res["bsr_small_batch"],
+        "dense": res["dense"],
         "method": "median wall time; weights rotating over > 2x LLC; baselines from this run"
                   + ("; each target's dense and sparse candidates timed round-robin"
                      if a.interleave else "")

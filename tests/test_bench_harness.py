@@ -246,7 +246,9 @@ def test_bench_cpu_merges_processes_by_median_record():
                "sparse_ms": 10.0 * p + i} for i, v in enumerate(vals)]
         sw = [{"N": 1, "sparsity": 0.9, "speedup_vs_best": vals[0] * 2, "sparse_ms": float(p)}]
         bn1 = [{"block": "4x4", "speedup_vs_best": vals[1] * 3, "variant": f"b{p}"}]
-        runs.append({"targets": tg, "sweep": sw, "bsr_n1": bn1, "plans": {"p": p}, "dense": {}})
+        bsm = [{"block": "2x2", "N": 8, "speedup_vs_best": vals[2] * 4, "variant": f"s{p}"}]
+        runs.append({"targets": tg, "sweep": sw, "bsr_n1": bn1, "bsr_small_batch": bsm,
+                     "plans": {"p": p}, "dense": {}})
     merged = bench_cpu.merge_processes(runs)
     for i, t in enumerate(merged["targets"]):
         col = [values[p][i] for p in range(5)]
@@ -263,6 +265,10 @@ def test_bench_cpu_merges_processes_by_median_record():
     assert b["speedup_vs_best"] == sorted(col1)[2] * 3
     assert b["variant"] == f"b{col1.index(sorted(col1)[2])}"
     assert b["per_process_speedup_vs_best"] == [v * 3 for v in col1]
+    col2 = [values[p][2] for p in range(5)]
+    b = merged["bsr_small_batch"][0]
+    assert b["speedup_vs_best"] == sorted(col2)[2] * 4 and b["N"] == 8
+    assert b["variant"] == f"s{col2.index(sorted(col2)[2])}"
     assert len(merged["plans"]) == 5
     runs[3]["targets"][1]["id"] = "other"
     with pytest.raises(RuntimeError, match="disagree on target 1"):
