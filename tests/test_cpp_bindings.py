@@ -218,6 +218,17 @@ def test_bsr_all_isas_dtypes(isa, vcode, xcode):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_bsr_x_tiles_packed_per_thread(isa):
+    """N > 1 with enough stored values per thread and column of x (>= 16) that each thread packs
+    x into tiles of its own (kernels_impl.h own_x_tiles): 2 and 3 threads, ragged edges, one- and
+    two-vector tiles, against the float64 reference."""
+    rng = np.random.default_rng(17)
+    run_bsr(rng, 203, 301, 4, 4, 24, 0.6, "f32", "f32", isa)
+    run_bsr(rng, 201, 302, 1, 16, 7, 0.7, "bf16", "bf16", isa, threads=3)
+    run_bsr(rng, 97, 515, 2, 2, 5, 0.5, "f16", "f32", isa, threads=2)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_bsr_empty_and_padding_never_read(isa):
     rng = np.random.default_rng(3)
     run_bsr(rng, 16, 16, 4, 4, 1, 0.0, "f32", "f32", isa)  # nnzb = 0

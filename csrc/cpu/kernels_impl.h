@@ -248,10 +248,21 @@ void csr_probe_t(const SpmmParams& p, Probe kind) {
                       });
 }
 
-// Limits of the per-thread x tiles in csr_linear_t: their total size, and the nonzeros a thread
-// must have per column of x it packs.
+// Packed x per thread (csr_linear_t without the K-blocked walk, bsr_linear_t at N > 1). There
+// every multiply-add reads its xt row from L2 at random, and with one packed copy read by both
+// cores the call ran up to 1.6x the time on the Intel 6/167 (CSR N = 4-32: 0.97-1.59x, mostly
+// 1.1-1.25x; BSR N = 4-64 with 1 x 16 to 4 x 4 blocks: 1.02-1.34x, 8 x 8 and 16 x 16 0.99-1.05x;
+// 2 threads, both ISA builds; docs/kernels.md), for one extra packing of x per thread. A thread
+// then packs all of x instead of 1/threads of it, so this is kept to calls where the tiles fit
+// the tile budget, the copies stay within kOwnTilesBytes together and each thread has at least
+// kOwnTilesMinNnzPerColumn multiply-adds per column of x it packs (many-core calls keep the
+// shared copy; only 2 threads were measured). `work` counts the matrix's stored values.
 constexpr int64_t kOwnTilesBytes = 8 << 20;
 constexpr int64_t kOwnTilesMinNnzPerColumn = 16;
+inline bool own_x_tiles(int threads, int64_t xt_floats, int64_t K, int64_t work) {
+  return threads > 1 && xt_floats * 4 <= kTileBytes && threads * xt_floats * 4 <= kOwnTilesBytes &&
+         threads * K * kOwnTilesMinNnzPerColumn <= work;
+}
 
 template <class VT, class PT, class IT>
 void csr_linear_t(const SpmmParams& p) {
@@ -286,17 +297,9 @@ void csr_linear_t(const SpmmParams& p) {
   // Wide tiles (>= 64 batch columns, >= 4 lines per xt row) far beyond L1: K-blocked walk.
   // For narrower tiles the per-visit overhead measured higher than the L2 traffic it saves.
   const bool kb_walk = NT >= 64 && p.K * NT * 4 > 2 * kL1Tile;
-  // Without the K-blocked walk every nonzero reads its xt row from L2 at random. There each
-  // thread packs all of x into tiles of its own when they fit the tile budget: with one packed
-  // copy read by both cores, N = 4-32 ran 0.97-1.59x the time (mostly 1.1-1.25x) on the Intel
-  // 6/167 (2 threads, both ISA builds; docs/kernels.md), for one extra packing of x per thread.
-  // A thread then packs all of x instead of 1/threads of it, so this is kept to calls where its
-  // share of the nonzeros is at least kOwnTilesMinNnzPerColumn per column of x it packs and the
-  // copies stay within kOwnTilesBytes together (many-core calls keep the shared copy; only 2
-  // threads were measured).
-  const bool own_tiles = !kb_walk && threads > 1 && xt_floats * 4 <= kTileBytes &&
-                         threads * xt_floats * 4 <= kOwnTilesBytes &&
-                         threads * p.K * kOwnTilesMinNnzPerColumn <= nnz;
+  // Without the K-blocked walk each thread packs x into tiles of its own where that pays
+  // (own_x_tiles); the walk keeps the shared copy (own copies measured 0.92-0.97x there).
+  const bool own_tiles = !kb_walk && own_x_tiles(threads, xt_floats, p.K, nnz);
   // allocated here: an exception must not leave the parallel region
   Scratch xt_all(static_cast<size_t>(own_tiles ? threads * xt_floats : xt_floats));
   parallel_run(threads, [&](int tid, int nt) {
@@ -495,18 +498,23 @@ void bsr_linear_t(const SpmmParams& p) {
   const int V = imin(choose_v(p.N, kpad), vmax);
   const int64_t NT = V * Vec::W;
   const int64_t ntiles = (p.N + NT - 1) / NT;
-  Scratch xt(static_cast<size_t>(ntiles * kpad * NT));
+  const int64_t xt_floats = ntiles * kpad * NT;
   const int threads = threads_for(p.num_threads, work_per_n * p.N + p.N * p.K);
+  const bool own_tiles = own_x_tiles(threads, xt_floats, kpad, nnzb * r * c);
+  // allocated here: an exception must not leave the parallel region
+  Scratch xt_all(static_cast<size_t>(own_tiles ? threads * xt_floats : xt_floats));
   parallel_run(threads, [&](int tid, int nt) {
-    const int64_t k0 = kpad * tid / nt, k1 = kpad * (tid + 1) / nt;
+    float* xt = xt_all.p + (own_tiles ? tid * xt_floats : 0);
+    const int64_t k0 = own_tiles ? 0 : kpad * tid / nt;
+    const int64_t k1 = own_tiles ? kpad : kpad * (tid + 1) / nt;
     for (int64_t tile = 0; tile < ntiles; ++tile)
-      pack_x_tile(p, xt.p + tile * kpad * NT, static_cast<int>(NT), tile * NT, k0, k1);
-    barrier(nt);
+      pack_x_tile(p, xt + tile * kpad * NT, static_cast<int>(NT), tile * NT, k0, k1);
+    if (!own_tiles) barrier(nt);
     const int64_t b0 = split_point(indptr, Mb, tid, nt), b1 = split_point(indptr, Mb, tid + 1, nt);
     switch (V) {
-      case 4: bsr_batch_rows<4, VT, PT, IT>(p, xt.p, kpad, b0, b1); break;
-      case 2: bsr_batch_rows<2, VT, PT, IT>(p, xt.p, kpad, b0, b1); break;
-      default: bsr_batch_rows<1, VT, PT, IT>(p, xt.p, kpad, b0, b1); break;
+      case 4: bsr_batch_rows<4, VT, PT, IT>(p, xt, kpad, b0, b1); break;
+      case 2: bsr_batch_rows<2, VT, PT, IT>(p, xt, kpad, b0, b1); break;
+      default: bsr_batch_rows<1, VT, PT, IT>(p, xt, kpad, b0, b1); break;
     }
   });
 }
