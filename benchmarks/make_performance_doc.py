@@ -146,7 +146,7 @@ def sweep_table(d: dict[str, Any]) -> list[str]:
     return out
 
 
-def bsr_table(d: dict[str, Any], key: str = "bsr_n1") -> list[str]:
+def bsr_table(d: dict[str, Any], key: str) -> list[str]:
     """BSR (90%, 4096x4096) per block shape, from the record's ``key`` (``bsr_n1``: N = 1;
     ``bsr_small_batch``: N = 8); no rows for runs that did not time it."""
     rows = d.get(key) or []
@@ -278,18 +278,14 @@ def render() -> tuple[str, str]:
         doc += targets_table(d) + [""]
         doc += ["Speedup against the fastest dense path, 4096x4096 fp32 CSR, by sparsity and "
                 "batch N (same run):", ""] + sweep_table(d) + [""]
-        bsr_rows = bsr_table(d)
-        if bsr_rows:
-            doc += ["Block-sparse (BSR) at N = 1, 4096x4096 at 90%, fp32 values, timed in the "
-                    "same rounds as the N = 1 targets (recorded, not a target):", ""]
-            doc += bsr_rows + [""]
-        small = d.get("bsr_small_batch") or []
-        bsr_rows = bsr_table(d, "bsr_small_batch")
-        if bsr_rows:
-            doc += [f"Block-sparse (BSR) at N = {small[0]['N']}, 4096x4096 at 90%, fp32 values, "
-                    "timed in rounds of their own with the dense contenders and CSR (recorded, "
-                    "not a target):", ""]
-            doc += bsr_rows + [""]
+        for key, timed in (("bsr_n1", "in the same rounds as the N = 1 targets"),
+                           ("bsr_small_batch",
+                            "in rounds of their own with the dense contenders and CSR")):
+            bsr_rows = bsr_table(d, key)
+            if bsr_rows:
+                doc += [f"Block-sparse (BSR) at N = {d[key][0].get('N', 1)}, 4096x4096 at 90%, "
+                        f"fp32 values, timed {timed} (recorded, not a target):", ""]
+                doc += bsr_rows + [""]
         headline = [f"4096x4096 layer, C++ kernels, {d['threads']} threads, "
                     f"{d['machine'].get('cpu_model')} ({d['machine'].get('cores_logical')} "
                     f"logical CPUs, {d['machine'].get('sparsekit', {}).get('cpp_isa')}), from "
